@@ -1,0 +1,194 @@
+//! The persistent dirty bitmap directory (header extension 0x23852875): the list of bitmaps,
+//! their flags and where their tables are. Reading bitmap data is left to the change source.
+//!
+//! ```text
+//! directory entry (padded to 8):
+//! 0  bitmap_table_offset  8  bitmap_table_size  12 flags (bit 0 in_use, bit 1 auto)
+//! 16 type (1)  17 granularity_bits  18 name_size  20 extra_data_size  24 extra data, name
+//! ```
+
+use std::fs::File;
+
+use super::extension::BitmapsExtension;
+use super::header::{be_u16, be_u32, be_u64, check_table, Header};
+use crate::image::raw::pread_exact;
+use crate::limits::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES};
+use crate::ImageError;
+
+/// Flag bit 0: the bitmap was not saved cleanly; its content is invalid.
+pub const BME_FLAG_IN_USE: u32 = 1 << 0;
+/// Flag bit 1: the bitmap is enabled and tracks every write.
+pub const BME_FLAG_AUTO: u32 = 1 << 1;
+/// The only bitmap type: dirty tracking.
+pub const BT_DIRTY_TRACKING_BITMAP: u8 = 1;
+/// Bytes of a directory entry before its extra data and name.
+const ENTRY_FIXED_BYTES: usize = 24;
+/// Longest bitmap name QEMU accepts.
+const MAX_NAME_BYTES: usize = 1023;
+/// Largest bitmap data QEMU accepts (`BME_MAX_PHYS_SIZE`).
+const MAX_PHYS_BYTES: u64 = 512 << 20;
+
+/// One entry of the bitmap directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// The bitmap's name.
+    pub name: String,
+    /// Each bit covers `1 << granularity_bits` guest bytes.
+    pub granularity_bits: u8,
+    /// Flag bit 0: not saved cleanly, so the content must not be trusted.
+    pub in_use: bool,
+    /// Flag bit 1: enabled (tracks writes).
+    pub auto: bool,
+    /// Offset of the bitmap table.
+    pub table_offset: u64,
+    /// Entries of the bitmap table.
+    pub table_size: u32,
+    /// All flag bits as stored.
+    pub flags: u32,
+}
+
+/// Reads and checks the bitmap directory that the header's extension names.
+pub(crate) fn read_directory(
+    file: &File,
+    file_len: u64,
+    header: &Header,
+) -> Result<Vec<BitmapInfo>, ImageError> {
+    let Some(ext) = header.bitmaps else {
+        return Ok(Vec::new());
+    };
+    check_extension(&ext, header, file_len)?;
+    let mut dir = vec![0u8; ext.directory_size as usize];
+    pread_exact(file, &mut dir, ext.directory_offset)?;
+    let mut bitmaps = Vec::new();
+    let mut at = 0usize;
+    while at < dir.len() {
+        if bitmaps.len() as u64 >= u64::from(ext.nb_bitmaps) {
+            return Err(ImageError::Invalid(format!(
+                "bitmap directory at {:#x} holds more than nb_bitmaps {} entries",
+                ext.directory_offset, ext.nb_bitmaps
+            )));
+        }
+        let (info, len) = parse_entry(&dir[at..], header, ext.directory_offset + at as u64)?;
+        bitmaps.push(info);
+        at += len;
+    }
+    if bitmaps.len() as u64 != u64::from(ext.nb_bitmaps) {
+        return Err(ImageError::Invalid(format!(
+            "bitmap directory at {:#x} holds {} entries, the extension says {}",
+            ext.directory_offset,
+            bitmaps.len(),
+            ext.nb_bitmaps
+        )));
+    }
+    Ok(bitmaps)
+}
+
+fn check_extension(
+    ext: &BitmapsExtension,
+    header: &Header,
+    file_len: u64,
+) -> Result<(), ImageError> {
+    if ext.data_len != 24 {
+        return Err(ImageError::Invalid(format!(
+            "bitmaps extension is {} bytes long (expected 24)",
+            ext.data_len
+        )));
+    }
+    if ext.nb_bitmaps == 0 || ext.nb_bitmaps > MAX_BITMAPS {
+        return Err(ImageError::Invalid(format!(
+            "bitmaps extension: nb_bitmaps {} is outside 1..={MAX_BITMAPS}",
+            ext.nb_bitmaps
+        )));
+    }
+    let min_size = u64::from(ext.nb_bitmaps) * ENTRY_FIXED_BYTES as u64;
+    if ext.directory_size > MAX_BITMAP_DIRECTORY_BYTES || ext.directory_size < min_size {
+        return Err(ImageError::Invalid(format!(
+            "bitmap directory size {} is outside {min_size}..={MAX_BITMAP_DIRECTORY_BYTES}",
+            ext.directory_size
+        )));
+    }
+    check_table(
+        "bitmap directory",
+        ext.directory_offset,
+        ext.directory_size,
+        header.cluster_size(),
+        file_len,
+    )
+}
+
+/// Parses the entry at the start of `b` (found at file offset `at`); returns it and its
+/// padded length.
+fn parse_entry(b: &[u8], header: &Header, at: u64) -> Result<(BitmapInfo, usize), ImageError> {
+    let bad =
+        |what: String| ImageError::Invalid(format!("bitmap directory entry at {at:#x}: {what}"));
+    if b.len() < ENTRY_FIXED_BYTES {
+        return Err(bad(format!("only {} bytes left in the directory", b.len())));
+    }
+    let (kind, granularity_bits) = (b[16], b[17]);
+    let name_size = usize::from(be_u16(b, 18));
+    let extra = be_u32(b, 20) as usize;
+    let len = (ENTRY_FIXED_BYTES + extra + name_size).div_ceil(8) * 8;
+    if len > b.len() {
+        return Err(bad(format!(
+            "{len} bytes long, past the end of the directory"
+        )));
+    }
+    if kind != BT_DIRTY_TRACKING_BITMAP {
+        return Err(ImageError::Unsupported(format!(
+            "bitmap type {kind} at {at:#x}"
+        )));
+    }
+    if !(9..=31).contains(&granularity_bits) {
+        return Err(bad(format!(
+            "granularity_bits {granularity_bits} outside 9..=31"
+        )));
+    }
+    if name_size == 0 || name_size > MAX_NAME_BYTES {
+        return Err(bad(format!(
+            "name_size {name_size} outside 1..={MAX_NAME_BYTES}"
+        )));
+    }
+    let name_at = ENTRY_FIXED_BYTES + extra;
+    let info = BitmapInfo {
+        name: String::from_utf8_lossy(&b[name_at..name_at + name_size]).into_owned(),
+        granularity_bits,
+        in_use: be_u32(b, 12) & BME_FLAG_IN_USE != 0,
+        auto: be_u32(b, 12) & BME_FLAG_AUTO != 0,
+        table_offset: be_u64(b, 0),
+        table_size: be_u32(b, 8),
+        flags: be_u32(b, 12),
+    };
+    check_bitmap_table(&info, header).map_err(bad)?;
+    Ok((info, len))
+}
+
+/// Checks the table's alignment and size like QEMU's `check_dir_entry`: at most 512 MiB of
+/// bitmap data, and (for a bitmap not in use) enough of it to cover the disk.
+fn check_bitmap_table(info: &BitmapInfo, header: &Header) -> Result<(), String> {
+    let cs = header.cluster_size();
+    if info.table_offset & (cs - 1) != 0 {
+        return Err(format!(
+            "bitmap table offset {:#x} is not cluster-aligned",
+            info.table_offset
+        ));
+    }
+    let phys = u64::from(info.table_size) * cs;
+    if phys > MAX_PHYS_BYTES {
+        return Err(format!(
+            "bitmap table of {} entries is too large",
+            info.table_size
+        ));
+    }
+    // phys * 8 bits of 2^granularity bytes each; saturate: huge coverage is always enough.
+    let covered = (phys * 8).checked_shl(u32::from(info.granularity_bits));
+    let covered = covered
+        .filter(|c| c >> info.granularity_bits == phys * 8)
+        .unwrap_or(u64::MAX);
+    if !info.in_use && covered < header.size {
+        return Err(format!(
+            "bitmap table of {} entries covers {covered} bytes, less than the disk ({})",
+            info.table_size, header.size
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,549 @@
+//! Parser tests: a hand-made image with a comment per header field, then one rejection test
+//! per mutated field, then hostile tables that must fail with an error (never a panic).
+
+use std::io::Write;
+
+use super::header::{Header, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2};
+use super::tables::{QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO};
+use super::{Layer, Qcow2Image};
+use crate::image::{Allocation, BlockSource};
+use crate::ImageError;
+
+const CS: usize = 4096;
+const REFTABLE: u64 = CS as u64;
+const REFBLOCK: u64 = 2 * CS as u64;
+const L1: u64 = 3 * CS as u64;
+const L2: u64 = 4 * CS as u64;
+const DATA: u64 = 5 * CS as u64;
+const SNAPTABLE: u64 = 6 * CS as u64;
+const SNAP_L1: u64 = 7 * CS as u64;
+/// Compressed stream of guest cluster 2, byte-packed 0x10 bytes into this cluster.
+const COMP: u64 = 8 * CS as u64 + 0x10;
+const CLUSTERS: usize = 9;
+
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Cluster 0 of a valid version 3 image with 4 KiB clusters.
+fn header() -> Vec<u8> {
+    let mut h = vec![0u8; CS];
+    h[0..4].copy_from_slice(b"QFI\xfb"); // magic
+    put32(&mut h, 4, 3); // version
+    put64(&mut h, 8, 0); // backing_file_offset: no backing file
+    put32(&mut h, 16, 0); // backing_file_size
+    put32(&mut h, 20, 12); // cluster_bits: 4 KiB
+    put64(&mut h, 24, 1 << 20); // size: 1 MiB
+    put32(&mut h, 32, 0); // crypt_method: none
+    put32(&mut h, 36, 1); // l1_size: one L2 table maps 512 * 4 KiB = 2 MiB
+    put64(&mut h, 40, L1); // l1_table_offset
+    put64(&mut h, 48, REFTABLE); // refcount_table_offset
+    put32(&mut h, 56, 1); // refcount_table_clusters
+    put32(&mut h, 60, 1); // nb_snapshots
+    put64(&mut h, 64, SNAPTABLE); // snapshots_offset
+    put64(&mut h, 72, 0); // incompatible_features
+    put64(&mut h, 80, 0); // compatible_features
+    put64(&mut h, 88, 0); // autoclear_features
+    put32(&mut h, 96, 4); // refcount_order: 16-bit refcounts
+    put32(&mut h, 100, 112); // header_length: what qemu 10 writes
+    h[104] = 0; // compression_type: deflate; 105..112 padding
+    put32(&mut h, 112, 0xE279_2ACA); // extension: backing format (unused without backing)
+    put32(&mut h, 116, 5); // its length
+    h[120..125].copy_from_slice(b"qcow2"); // data, padded to 8
+    put32(&mut h, 128, 0); // end of extensions
+    put32(&mut h, 132, 0);
+    h
+}
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..CS).map(|i| (i as u8 / 3).wrapping_add(seed)).collect()
+}
+
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// The compressed descriptor of the stream at COMP (x = 62 - (12 - 8) = 58).
+fn comp_entry(stream_len: u64) -> u64 {
+    let nsect = (0x10 + stream_len).div_ceil(512) - 1;
+    QCOW_OFLAG_COMPRESSED | (nsect << 58) | COMP
+}
+
+/// A whole image: guest cluster 0 is data, 1 reads as zeros, 2 is compressed; one snapshot
+/// shares the L2 table.
+fn image() -> Vec<u8> {
+    let mut f = header();
+    f.resize(CLUSTERS * CS, 0);
+    put64(&mut f, REFTABLE as usize, REFBLOCK);
+    for c in 0..CLUSTERS {
+        f[REFBLOCK as usize + 2 * c + 1] = 1;
+    }
+    put64(&mut f, L1 as usize, QCOW_OFLAG_COPIED | L2);
+    put64(&mut f, SNAP_L1 as usize, L2);
+    let stream = deflate(&pattern(2));
+    put64(&mut f, L2 as usize, QCOW_OFLAG_COPIED | DATA);
+    put64(&mut f, L2 as usize + 8, QCOW_OFLAG_ZERO);
+    put64(&mut f, L2 as usize + 16, comp_entry(stream.len() as u64));
+    f[DATA as usize..][..CS].copy_from_slice(&pattern(0));
+    f[COMP as usize..][..stream.len()].copy_from_slice(&stream);
+    f
+}
+
+/// Writes the snapshot entry at SNAPTABLE: id "1", name "s", `extra` bytes of extra data.
+fn put_snapshot(f: &mut [u8], extra: u32) {
+    let at = SNAPTABLE as usize;
+    put64(f, at, SNAP_L1); // l1_table_offset
+    put32(f, at + 8, 1); // l1_size
+    f[at + 12..at + 14].copy_from_slice(&1u16.to_be_bytes()); // id_str_size
+    f[at + 14..at + 16].copy_from_slice(&1u16.to_be_bytes()); // name_size
+    put32(f, at + 16, 1_700_000_000); // date_sec
+    put32(f, at + 20, 7); // date_nsec
+    put64(f, at + 24, 42); // vm_clock_nsec
+    put32(f, at + 32, 0); // vm_state_size
+    put32(f, at + 36, extra); // extra_data_size
+    if extra >= 24 {
+        put64(f, at + 40, 0); // vm_state_size_large
+        put64(f, at + 48, 1 << 20); // disk_size
+        put64(f, at + 56, u64::MAX); // icount: -1
+    }
+    let strings = at + 40 + extra as usize;
+    if strings + 2 <= f.len() {
+        f[strings] = b'1'; // id
+        f[strings + 1] = b's'; // name
+    }
+}
+
+fn write_image(bytes: &[u8]) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(bytes).unwrap();
+    f.flush().unwrap();
+    f
+}
+
+fn valid_image() -> Vec<u8> {
+    let mut f = image();
+    put_snapshot(&mut f, 24);
+    f
+}
+
+fn open_bytes(bytes: &[u8]) -> Result<Qcow2Image, ImageError> {
+    let f = write_image(bytes);
+    Qcow2Image::open(f.path())
+}
+
+fn parse(h: &[u8]) -> Result<Header, ImageError> {
+    Header::parse(h, (CLUSTERS * CS) as u64)
+}
+
+/// Asserts that `result` is an error whose message contains `needle`.
+#[track_caller]
+fn assert_err<T: std::fmt::Debug>(result: Result<T, ImageError>, needle: &str) {
+    match result {
+        Ok(v) => panic!("expected an error containing {needle:?}, got {v:?}"),
+        Err(e) => assert!(
+            e.to_string().contains(needle),
+            "{e} does not contain {needle:?}"
+        ),
+    }
+}
+
+fn mutated(edit: impl FnOnce(&mut Vec<u8>)) -> Result<Header, ImageError> {
+    let mut h = header();
+    edit(&mut h);
+    parse(&h)
+}
+
+#[test]
+fn valid_header_parses() {
+    let h = parse(&header()).unwrap();
+    assert_eq!((h.version, h.cluster_bits, h.size), (3, 12, 1 << 20));
+    assert_eq!((h.l1_size, h.l1_table_offset), (1, L1));
+    assert_eq!((h.nb_snapshots, h.snapshots_offset), (1, SNAPTABLE));
+    assert_eq!((h.refcount_order, h.header_length), (4, 112));
+    assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
+    assert_eq!(h.backing_file, None);
+    assert!(!h.extended_l2 && !h.is_dirty() && !h.is_corrupt());
+}
+
+#[test]
+fn version_2_extensions_start_at_byte_72() {
+    let h = mutated(|h| {
+        put32(h, 4, 2); // version 2: no v3 fields, the extensions follow byte 72
+        h[72..112].fill(0);
+        put32(h, 72, 0xE279_2ACA); // backing format extension, read as features if misparsed
+        put32(h, 76, 3);
+        h[80..83].copy_from_slice(b"raw");
+        put64(h, 88, 0); // end of extensions (and a clear autoclear field if misparsed)
+    })
+    .unwrap();
+    assert_eq!((h.version, h.header_length, h.refcount_order), (2, 72, 4));
+    assert_eq!((h.incompatible_features, h.autoclear_features), (0, 0));
+    assert_eq!(h.backing_format.as_deref(), Some("raw"));
+}
+
+#[test]
+fn compression_type_needs_a_header_longer_than_104() {
+    let h = mutated(|h| {
+        put32(h, 100, 104); // header_length 104: byte 104 starts an extension, not the type
+        h[104..136].fill(0);
+        h[104] = 1; // extension type 0x01000000 of length 0, skipped
+    });
+    assert_eq!(h.unwrap().compression_type, super::CompressionType::Deflate);
+}
+
+#[test]
+fn rejects_bad_magic() {
+    assert_err(mutated(|h| h[3] = 0xfc), "bad magic");
+}
+
+#[test]
+fn rejects_version_4() {
+    assert_err(mutated(|h| put32(h, 4, 4)), "version 4");
+}
+
+#[test]
+fn rejects_cluster_bits_8_and_22() {
+    assert_err(mutated(|h| put32(h, 20, 8)), "cluster_bits 8");
+    assert_err(mutated(|h| put32(h, 20, 22)), "cluster_bits 22");
+}
+
+#[test]
+fn rejects_bad_header_length() {
+    assert_err(mutated(|h| put32(h, 100, 100)), "header_length 100");
+    assert_err(mutated(|h| put32(h, 100, 108)), "header_length 108");
+    assert_err(mutated(|h| put32(h, 100, 8192)), "exceeds the cluster size");
+}
+
+#[test]
+fn rejects_unknown_incompatible_bit_by_name() {
+    assert_err(
+        mutated(|h| put64(h, 72, 1 << 5)),
+        "incompatible feature bit 5",
+    );
+    let named = mutated(|h| {
+        put64(h, 72, 1 << 9);
+        put32(h, 128, 0x6803_F857); // feature name table replaces the end marker
+        put32(h, 132, 48);
+        h[136] = 0; // incompatible
+        h[137] = 9; // bit 9
+        h[138..142].copy_from_slice(b"warp");
+    });
+    assert_err(named, "bit 9 (warp)");
+}
+
+#[test]
+fn dirty_and_corrupt_images_are_readable() {
+    let h = mutated(|h| put64(h, 72, 0b11)).unwrap();
+    assert!(h.is_dirty() && h.is_corrupt());
+}
+
+#[test]
+fn rejects_external_data_file() {
+    assert_err(
+        mutated(|h| put64(h, 72, INCOMPAT_DATA_FILE)),
+        "external data file",
+    );
+}
+
+#[test]
+fn rejects_encryption() {
+    assert_err(mutated(|h| put32(h, 32, 1)), "encryption (AES)");
+    assert_err(mutated(|h| put32(h, 32, 2)), "encryption (LUKS)");
+    assert_err(mutated(|h| put32(h, 32, 3)), "crypt_method 3");
+}
+
+#[test]
+fn compression_type_must_agree_with_its_bit() {
+    assert_err(mutated(|h| h[104] = 1), "does not agree");
+    assert_err(mutated(|h| put64(h, 72, 1 << 3)), "does not agree");
+    assert_err(mutated(|h| h[104] = 2), "compression type 2");
+    let zstd = mutated(|h| {
+        h[104] = 1;
+        put64(h, 72, 1 << 3);
+    });
+    assert_eq!(zstd.unwrap().compression_type, super::CompressionType::Zstd);
+}
+
+#[test]
+fn rejects_extended_l2_with_small_clusters() {
+    assert_err(mutated(|h| put64(h, 72, INCOMPAT_EXTL2)), "at least 16 KiB");
+}
+
+#[test]
+fn rejects_bad_refcount_order() {
+    assert_err(mutated(|h| put32(h, 96, 7)), "refcount_order 7");
+}
+
+#[test]
+fn rejects_huge_size() {
+    assert_err(mutated(|h| put64(h, 24, u64::MAX)), "virtual size");
+}
+
+#[test]
+fn rejects_bad_l1_size() {
+    assert_err(mutated(|h| put32(h, 36, u32::MAX)), "l1_size 4294967295");
+    assert_err(mutated(|h| put32(h, 36, 0)), "too small");
+    // 4 MiB entries of 8 bytes: within the 32 MiB limit but far past the end of the file.
+    let past = mutated(|h| put32(h, 36, 4 << 20));
+    assert!(matches!(past, Err(ImageError::PastEnd { .. })), "{past:?}");
+}
+
+#[test]
+fn rejects_unaligned_or_past_end_l1() {
+    assert_err(mutated(|h| put64(h, 40, L1 + 8)), "not aligned");
+    let past = mutated(|h| put64(h, 40, (CLUSTERS * CS) as u64));
+    assert!(matches!(
+        past,
+        Err(ImageError::PastEnd {
+            what: "active L1 table",
+            ..
+        })
+    ));
+    let wrap = mutated(|h| put64(h, 40, u64::MAX - 4095));
+    assert!(matches!(wrap, Err(ImageError::PastEnd { .. })));
+}
+
+#[test]
+fn rejects_bad_refcount_table() {
+    assert_err(mutated(|h| put32(h, 56, 0)), "refcount_table_clusters 0");
+    assert_err(
+        mutated(|h| put32(h, 56, u32::MAX)),
+        "refcount_table_clusters",
+    );
+    assert_err(mutated(|h| put64(h, 48, REFTABLE + 1)), "not aligned");
+}
+
+#[test]
+fn rejects_absurd_snapshot_tables() {
+    assert_err(mutated(|h| put32(h, 60, 1_000_000)), "nb_snapshots 1000000");
+    let many = mutated(|h| put32(h, 60, 65536));
+    assert!(matches!(
+        many,
+        Err(ImageError::PastEnd {
+            what: "snapshot table",
+            ..
+        })
+    ));
+    assert_err(mutated(|h| put64(h, 64, SNAPTABLE + 8)), "not aligned");
+    let past = mutated(|h| put64(h, 64, 1 << 40));
+    assert!(matches!(past, Err(ImageError::PastEnd { .. })));
+}
+
+#[test]
+fn rejects_bad_backing_names() {
+    assert_err(mutated(|h| put64(h, 8, 8192)), "outside cluster 0");
+    let long = mutated(|h| {
+        put64(h, 8, 512);
+        put32(h, 16, 2000);
+    });
+    assert_err(long, "longer than 1023");
+    let edge = mutated(|h| {
+        put64(h, 8, 4000);
+        put32(h, 16, 200);
+    });
+    assert_err(edge, "leaves cluster 0");
+    let ok = mutated(|h| {
+        put64(h, 8, 512);
+        put32(h, 16, 8);
+        h[512..520].copy_from_slice(b"base.img");
+    });
+    assert_eq!(ok.unwrap().backing_file.as_deref(), Some("base.img"));
+}
+
+#[test]
+fn rejects_extensions_that_leave_cluster_0() {
+    assert_err(mutated(|h| put32(h, 116, 5000)), "past offset 4096");
+    assert_err(mutated(|h| put32(h, 116, 16)), "backing format extension");
+}
+
+#[test]
+fn rejects_truncated_files() {
+    assert!(matches!(
+        Header::parse(&header()[..80], 80),
+        Err(ImageError::PastEnd {
+            what: "qcow2 header",
+            ..
+        })
+    ));
+    assert_err(open_bytes(b"QFI"), "bad magic");
+    assert_err(open_bytes(b""), "bad magic");
+}
+
+#[test]
+fn hand_made_image_reads_back() {
+    let f = write_image(&valid_image());
+    let img = Qcow2Image::open(f.path()).unwrap();
+    let snap = &img.snapshots()[0];
+    assert_eq!(
+        (snap.id.as_str(), snap.name.as_str(), snap.disk_size),
+        ("1", "s", 1 << 20)
+    );
+    assert_eq!((snap.date_nsec, snap.vm_clock_nsec), (7, 42));
+    for which in [Layer::Active, Layer::Snapshot(0)] {
+        let layer = img.layer(which).unwrap();
+        let mut buf = vec![0xeeu8; 4 * CS];
+        layer.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf[..CS], pattern(0)[..]);
+        assert!(buf[CS..2 * CS].iter().all(|&b| b == 0));
+        assert_eq!(buf[2 * CS..3 * CS], pattern(2)[..]);
+        assert!(buf[3 * CS..].iter().all(|&b| b == 0));
+        assert_eq!(
+            layer.status(0, u64::MAX).unwrap(),
+            (Allocation::Data, CS as u64)
+        );
+        assert_eq!(layer.status(CS as u64, 1).unwrap(), (Allocation::Zero, 1));
+        assert_eq!(
+            layer.status(2 * CS as u64, u64::MAX).unwrap(),
+            (Allocation::Data, CS as u64)
+        );
+        assert_eq!(
+            layer.status(3 * CS as u64, u64::MAX).unwrap(),
+            (Allocation::Hole, (1 << 20) - 3 * CS as u64)
+        );
+    }
+}
+
+#[test]
+fn rejects_huge_snapshot_extra_data() {
+    let mut f = image();
+    put_snapshot(&mut f, 0x10_0000);
+    assert_err(open_bytes(&f), "extra_data_size 1048576");
+}
+
+#[test]
+fn snapshot_entries_past_the_end_fail() {
+    let mut f = valid_image();
+    put32(&mut f, 60, 2); // two entries, but the file ends inside the second
+    f.truncate(SNAPTABLE as usize + 72 + 30);
+    assert!(matches!(
+        open_bytes(&f),
+        Err(ImageError::PastEnd {
+            what: "snapshot table entry",
+            ..
+        })
+    ));
+    let mut f = image();
+    put_snapshot(&mut f, 24);
+    f.truncate(SNAPTABLE as usize + 40 + 24 + 1); // the file ends inside the name
+    let cut = open_bytes(&f);
+    assert!(matches!(
+        cut,
+        Err(ImageError::PastEnd {
+            what: "snapshot table entry",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn short_snapshot_extra_data_falls_back_to_the_header_size() {
+    let mut f = image();
+    put_snapshot(&mut f, 8);
+    let img = open_bytes(&f).unwrap();
+    assert_eq!(img.snapshots()[0].disk_size, 1 << 20);
+}
+
+#[test]
+fn hostile_tables_give_errors_not_panics() {
+    let read = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut f = valid_image();
+        edit(&mut f);
+        let img = open_bytes(&f)?;
+        let layer = img.layer(Layer::Active)?;
+        let mut buf = vec![0u8; 4 * CS];
+        layer.read_at(&mut buf, 0)
+    };
+    // L1 entry pointing at an unaligned L2 table, or past the end of the file.
+    assert_err(read(&|f| put64(f, L1 as usize, L2 + 512)), "not aligned");
+    assert_err(read(&|f| put64(f, L1 as usize, 1 << 50)), "past the end");
+    // Data cluster past the end of the file, or unaligned.
+    assert_err(read(&|f| put64(f, L2 as usize, 1 << 40)), "past the end");
+    assert_err(read(&|f| put64(f, L2 as usize, DATA + 512)), "not aligned");
+    // Compressed stream past the end of the file, or garbage.
+    assert_err(
+        read(&|f| put64(f, L2 as usize + 16, QCOW_OFLAG_COMPRESSED | (1 << 50))),
+        "past the end",
+    );
+    assert_err(
+        read(&|f| f[COMP as usize..][..64].fill(0xff)),
+        "does not decompress",
+    );
+    // A huge sector count near the end of the file: read up to the end only.
+    let tail = read(&|f| {
+        put64(
+            f,
+            L2 as usize + 16,
+            QCOW_OFLAG_COMPRESSED | (15 << 58) | COMP,
+        )
+    });
+    assert!(tail.is_ok(), "{tail:?}");
+}
+
+#[test]
+fn status_does_not_read_data_clusters() {
+    let mut f = valid_image();
+    put64(&mut f, L2 as usize, 1 << 40); // data cluster far past the end
+    let img = open_bytes(&f).unwrap();
+    let layer = img.layer(Layer::Active).unwrap();
+    assert_eq!(layer.status(0, 10).unwrap(), (Allocation::Data, 10));
+    assert!(layer.status(1 << 20, 1).is_err());
+}
+
+#[test]
+fn backing_loop_stops_at_the_depth_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("self.qcow2");
+    let mut f = valid_image();
+    put64(&mut f, 8, 512); // backing_file_offset
+    put32(&mut f, 16, 10); // backing_file_size
+    f[512..522].copy_from_slice(b"self.qcow2");
+    std::fs::write(&path, &f).unwrap();
+    let img = Qcow2Image::open(&path).unwrap();
+    assert_eq!(img.backing_path().unwrap(), path);
+    assert_err(img.layer(Layer::Active), "deeper than 64");
+}
+
+#[test]
+fn missing_backing_file_is_an_open_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("top.qcow2");
+    let mut f = valid_image();
+    put64(&mut f, 8, 512);
+    put32(&mut f, 16, 7);
+    f[512..519].copy_from_slice(b"nothere");
+    std::fs::write(&path, &f).unwrap();
+    let img = Qcow2Image::open(&path).unwrap();
+    assert!(matches!(
+        img.layer(Layer::Active),
+        Err(ImageError::Open { .. })
+    ));
+}
+
+#[test]
+fn snapshot_l1_shorter_than_its_disk_is_unallocated_beyond() {
+    let mut f = valid_image();
+    put64(
+        &mut f,
+        SNAPTABLE as usize + 48,
+        crate::limits::MAX_VIRTUAL_BYTES,
+    ); // disk_size
+    let img = open_bytes(&f).unwrap();
+    let snap = img.layer(Layer::Snapshot(0)).unwrap();
+    assert_eq!(snap.size(), 1 << 56);
+    assert_eq!(snap.l1().len(), 1);
+    // One step over 2^41 L2 ranges: no loop in proportion to the disk size.
+    let rest = (1u64 << 56) - (3 * CS as u64);
+    assert_eq!(
+        snap.status(3 * CS as u64, u64::MAX).unwrap(),
+        (Allocation::Hole, rest)
+    );
+    let mut buf = [0xffu8; 64];
+    snap.read_at(&mut buf, (1 << 56) - 64).unwrap();
+    assert_eq!(buf, [0u8; 64]);
+}

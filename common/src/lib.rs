@@ -1,0 +1,21 @@
+//! Shared pieces of blkdelta: the stream format, extents, the image digest and block image
+//! access (raw files, block devices and the qcow2 reader).
+//!
+//! `send` and `receive` never depend on each other; they meet only in the types of this crate.
+//!
+//! ```
+//! use blkdelta_common::extent::{Extent, ExtentKind};
+//! let e = Extent::new(0, 4096, ExtentKind::Data);
+//! assert_eq!(e.end(), 4096);
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod digest;
+pub mod error;
+pub mod extent;
+pub mod image;
+pub mod limits;
+pub mod progress;
+pub mod stream;
+
+pub use error::{ImageError, StreamError};

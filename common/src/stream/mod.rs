@@ -1,0 +1,87 @@
+//! The blkdelta stream, version 1: a preamble, then framed records.
+//!
+//! ```text
+//! preamble   89 42 4C 4B 0D 0A 1A 0A  "\x89BLK\r\n\x1a\n"   magic (catches text-mode mangling)
+//!            01 00 00 00                                     u32 LE format version
+//! frame      u8 type | u8 flags | u16 reserved (0) | u32 LE body_len | body[body_len]
+//!            header, then data / zero / discard / snapshot-end records, then one end record
+//! ```
+//!
+//! Bodies are bincode 2 (serde, little endian, fixed-width integers); a data body is its fixed
+//! fields followed by the payload. The full layout, byte by byte, is in `docs/STREAM.md`.
+
+mod header;
+mod reader;
+mod record;
+mod writer;
+
+pub use header::{SnapRef, SourceInfo, StreamHeader, Transition};
+pub use reader::StreamReader;
+pub use record::{
+    encode_chunk, Compression, DataRecord, EndRecord, Record, RecordType, SnapshotEnd,
+    DATA_FIXED_BYTES,
+};
+pub use writer::StreamWriter;
+
+/// The first eight bytes of every stream.
+pub const MAGIC: [u8; 8] = [0x89, b'B', b'L', b'K', b'\r', b'\n', 0x1a, b'\n'];
+
+/// The format version this build writes and reads.
+pub const VERSION: u32 = 1;
+
+/// Bytes of a frame header (type, flags, reserved, body length).
+pub const FRAME_HEADER_BYTES: usize = 8;
+
+/// Bytes of the end record's frame (frame header, record count, stream hash).
+pub const END_FRAME_BYTES: u64 = (FRAME_HEADER_BYTES + 8 + 32) as u64;
+
+/// Frame flag: a reader that does not know the record type may skip the record.
+pub const FLAG_OPTIONAL: u8 = 0x01;
+
+/// The bincode configuration of every record body.
+pub(crate) fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_little_endian()
+        .with_fixed_int_encoding()
+        .with_limit::<{ crate::limits::MAX_HEADER_BYTES as usize }>()
+}
+
+/// Encodes a record body with the stream's bincode configuration.
+pub(crate) fn encode_body<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(value, bincode_config())
+        .expect("encoding plain structs into a Vec cannot fail")
+}
+
+/// Decodes a record body, requiring that it is consumed exactly.
+pub(crate) fn decode_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<(T, usize), String> {
+    bincode::serde::decode_from_slice(body, bincode_config())
+        .map_err(|e| format!("{what} record does not decode: {e}"))
+}
+
+#[cfg(test)]
+mod tests;
+
+/// A fresh random 16-byte identity (stream ids, states without a durable identity).
+pub fn random_id() -> [u8; 16] {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let mut h = blake3::Hasher::new();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    h.update(&now.as_nanos().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    let local = 0u8;
+    h.update(&(std::ptr::addr_of!(local) as usize).to_le_bytes());
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let mut seed = [0u8; 16];
+        if std::io::Read::read_exact(&mut f, &mut seed).is_ok() {
+            h.update(&seed);
+        }
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    id
+}

@@ -1,0 +1,357 @@
+//! Round trips, the golden stream, and one rejection test per broken rule.
+
+use super::*;
+use crate::limits::CHUNK_BYTES;
+use crate::StreamError;
+
+fn header(transitions: Vec<Transition>) -> StreamHeader {
+    StreamHeader {
+        stream_id: [0x11; 16],
+        virtual_size: transitions.last().unwrap().virtual_size,
+        source: SourceInfo {
+            kind: "qcow2".into(),
+            name: "vm.qcow2".into(),
+        },
+        transitions,
+        total_extents: 3,
+        total_data_bytes: 4096,
+        total_zero_bytes: 8192,
+    }
+}
+
+fn snap(name: &str, b: u8) -> SnapRef {
+    SnapRef {
+        name: name.into(),
+        guid: [b; 16],
+    }
+}
+
+fn one_transition() -> StreamHeader {
+    header(vec![Transition {
+        from: Some(snap("s1", 1)),
+        to: snap("s2", 2),
+        virtual_size: 4 * CHUNK_BYTES,
+    }])
+}
+
+fn end_of(h: &StreamHeader, i: usize) -> SnapshotEnd {
+    SnapshotEnd {
+        transition: i as u32,
+        name: h.transitions[i].to.name.clone(),
+        guid: h.transitions[i].to.guid,
+        virtual_size: h.transitions[i].virtual_size,
+        digest: None,
+        prefix_hash: [0; 32],
+    }
+}
+
+/// A tiny stream: one compressible data record, one zero, one discard.
+fn tiny_stream() -> Vec<u8> {
+    let h = one_transition();
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.data(&encode_chunk(0, &[0xab; 4096], 3).unwrap()).unwrap();
+    w.zero(4096, 4096).unwrap();
+    w.discard(CHUNK_BYTES, 4096).unwrap();
+    w.snapshot_end(&end_of(&h, 0)).unwrap();
+    w.finish().unwrap()
+}
+
+fn read_all(bytes: &[u8]) -> Result<Vec<Record>, StreamError> {
+    let mut r = StreamReader::new(bytes)?;
+    let mut out = Vec::new();
+    while let Some(rec) = r.next_record()? {
+        if let Record::Data(d) = &rec {
+            d.plain(r.record_position())?;
+        }
+        out.push(rec);
+    }
+    Ok(out)
+}
+
+#[test]
+fn round_trip() {
+    let bytes = tiny_stream();
+    let recs = read_all(&bytes).unwrap();
+    assert_eq!(recs.len(), 5);
+    let Record::Data(d) = &recs[0] else {
+        panic!("not data: {:?}", recs[0])
+    };
+    assert_eq!(d.compression, Compression::Zstd);
+    assert_eq!(d.plain(0).unwrap(), vec![0xab; 4096]);
+    assert_eq!(
+        recs[1],
+        Record::Zero {
+            offset: 4096,
+            len: 4096
+        }
+    );
+    assert!(matches!(recs[4], Record::End(EndRecord { records: 5, .. })));
+}
+
+#[test]
+fn incompressible_chunk_is_stored_plain() {
+    let mut noise = vec![0u8; 4096];
+    blake3::Hasher::new().finalize_xof().fill(&mut noise);
+    let rec = encode_chunk(0, &noise, 19).unwrap();
+    assert_eq!(rec.compression, Compression::None);
+    assert_eq!(rec.payload, noise);
+    let plain = encode_chunk(0, &[1; 100], 0).unwrap();
+    assert_eq!(plain.compression, Compression::None);
+}
+
+/// Freezes the wire format: any change to these bytes is a format change (bump VERSION).
+#[test]
+fn golden_bytes() {
+    let h = header(vec![Transition {
+        from: None,
+        to: snap("s1", 1),
+        virtual_size: 8192,
+    }]);
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.data(&encode_chunk(0, b"blkdelta", 0).unwrap()).unwrap();
+    w.discard(4096, 4096).unwrap();
+    w.snapshot_end(&end_of(&h, 0)).unwrap();
+    let bytes = w.finish().unwrap();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, GOLDEN_HEX);
+}
+
+const GOLDEN_HEX: &str = concat!(
+    "89424c4b0d0a1a0a0100000001000000780000001111111111111111111111111111111100200000",
+    "00000000050000000000000071636f77320800000000000000766d2e71636f773201000000000000",
+    "00000200000000000000733101010101010101010101010101010101002000000000000003000000",
+    "00000000001000000000000000200000000000000200000035000000000000000000000008000000",
+    "00dcc890caafa1378fa2be6bf06b4615909e63a0ffb8cade284300ed3431046719626c6b64656c74",
+    "61040000001000000000100000000000000010000000000000050000004700000000000000020000",
+    "00000000007331010101010101010101010101010101010020000000000000003a3bedbb02275271",
+    "1b4727b886de2b5b31765914da5eb759f1ed389cebc6926306000000280000000400000000000000",
+    "e02d39957bcdf8ace263f54bd2045f67cf07eb85c25be1ea718b48eb0828ec72",
+);
+
+fn expect_corrupt(bytes: &[u8], needle: &str) {
+    match read_all(bytes) {
+        Err(e) => assert!(e.to_string().contains(needle), "{e} lacks '{needle}'"),
+        Ok(_) => panic!("accepted a stream that should fail with '{needle}'"),
+    }
+}
+
+#[test]
+fn rejects_bad_magic_and_text_mode_mangling() {
+    let mut b = tiny_stream();
+    b[0] = b'X';
+    expect_corrupt(&b, "not a blkdelta stream");
+    let mut b = tiny_stream();
+    b.splice(4..6, [b'\n']);
+    expect_corrupt(&b, "text-mode");
+}
+
+#[test]
+fn rejects_other_version() {
+    let mut b = tiny_stream();
+    b[8] = 2;
+    expect_corrupt(&b, "unsupported stream version 2");
+}
+
+#[test]
+fn rejects_truncation_anywhere() {
+    let b = tiny_stream();
+    for cut in [0, 5, 12, 20, b.len() / 2, b.len() - 1] {
+        let err = read_all(&b[..cut]).unwrap_err();
+        assert!(matches!(err, StreamError::Truncated(_)), "cut {cut}: {err}");
+    }
+}
+
+#[test]
+fn rejects_flipped_payload_byte() {
+    let mut b = tiny_stream();
+    let data_payload = 12 + 8 + header_body_len(&b) + 8 + DATA_FIXED_BYTES + 4;
+    b[data_payload] ^= 0x40;
+    let err = read_all(&b).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StreamError::Checksum { .. } | StreamError::Corrupt { .. }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn rejects_flipped_hash_in_end_record() {
+    let mut b = tiny_stream();
+    let n = b.len();
+    b[n - 1] ^= 1;
+    assert!(matches!(read_all(&b), Err(StreamError::StreamHash)));
+}
+
+#[test]
+fn rejects_flipped_header_byte_by_stream_hash() {
+    let mut b = tiny_stream();
+    b[20] ^= 0x01; // first byte of the stream id
+    assert!(matches!(read_all(&b), Err(StreamError::StreamHash)));
+}
+
+fn header_body_len(b: &[u8]) -> usize {
+    u32::from_le_bytes(b[16..20].try_into().unwrap()) as usize
+}
+
+fn stream_with(h: &StreamHeader, f: impl FnOnce(&mut StreamWriter<Vec<u8>>)) -> Vec<u8> {
+    let mut w = StreamWriter::new(Vec::new(), h).unwrap();
+    f(&mut w);
+    w.finish().unwrap()
+}
+
+#[test]
+fn rejects_unsorted_and_overlapping_records() {
+    let h = one_transition();
+    let b = stream_with(&h, |w| {
+        w.zero(8192, 4096).unwrap();
+        w.zero(0, 4096).unwrap();
+        w.snapshot_end(&end_of(&h, 0)).unwrap();
+    });
+    expect_corrupt(&b, "overlaps or precedes");
+    let b = stream_with(&h, |w| {
+        w.zero(0, 8192).unwrap();
+        w.discard(4096, 4096).unwrap();
+        w.snapshot_end(&end_of(&h, 0)).unwrap();
+    });
+    expect_corrupt(&b, "overlaps or precedes");
+}
+
+#[test]
+fn rejects_ranges_past_the_virtual_size() {
+    let h = one_transition();
+    let b = stream_with(&h, |w| {
+        w.zero(4 * CHUNK_BYTES - 10, 11).unwrap();
+        w.snapshot_end(&end_of(&h, 0)).unwrap();
+    });
+    expect_corrupt(&b, "outside the virtual size");
+    let b = stream_with(&h, |w| {
+        w.discard(u64::MAX - 1, 4).unwrap();
+        w.snapshot_end(&end_of(&h, 0)).unwrap();
+    });
+    expect_corrupt(&b, "outside the virtual size");
+}
+
+#[test]
+fn rejects_data_crossing_a_chunk_boundary() {
+    let h = one_transition();
+    let b = stream_with(&h, |w| {
+        w.data(&encode_chunk(CHUNK_BYTES - 2, &[1; 4], 0).unwrap())
+            .unwrap();
+        w.snapshot_end(&end_of(&h, 0)).unwrap();
+    });
+    expect_corrupt(&b, "crosses a 1 MiB boundary");
+}
+
+#[test]
+fn rejects_missing_snapshot_end_and_wrong_snapshot_end() {
+    let h = one_transition();
+    let b = stream_with(&h, |w| w.zero(0, 1).unwrap());
+    expect_corrupt(&b, "end record after 0 of 1 transitions");
+    let b = stream_with(&h, |w| {
+        let mut e = end_of(&h, 0);
+        e.guid = [9; 16];
+        w.snapshot_end(&e).unwrap();
+    });
+    expect_corrupt(&b, "does not close transition 0");
+}
+
+#[test]
+fn rejects_bytes_after_the_end_record() {
+    let mut b = tiny_stream();
+    let again = b.clone();
+    b.extend_from_slice(&again[12..40]);
+    expect_corrupt(&b, "bytes after the end record");
+}
+
+#[test]
+fn rejects_huge_body_length_without_allocating() {
+    let mut b = tiny_stream();
+    let at = 12 + 8 + header_body_len(&b) + 4;
+    b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    expect_corrupt(&b, "record body of 4294967295 bytes");
+}
+
+#[test]
+fn unknown_records_skip_only_when_optional() {
+    let mut b = tiny_stream();
+    let at = 12 + 8 + header_body_len(&b);
+    b[at] = 0x70;
+    expect_corrupt(&b, "unknown record type 112");
+    // An optional unknown record is skipped (the stream hash still covers it).
+    let h = one_transition();
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.raw_frame(0x70, FLAG_OPTIONAL, b"future").unwrap();
+    w.snapshot_end(&end_of(&h, 0)).unwrap();
+    let with_optional = w.finish().unwrap();
+    assert_eq!(read_all(&with_optional).unwrap().len(), 2);
+}
+
+#[test]
+fn rejects_inconsistent_transitions_in_header() {
+    let h = header(vec![
+        Transition {
+            from: Some(snap("a", 1)),
+            to: snap("b", 2),
+            virtual_size: 10,
+        },
+        Transition {
+            from: Some(snap("x", 7)),
+            to: snap("c", 3),
+            virtual_size: 10,
+        },
+    ]);
+    let err = h.validate().unwrap_err();
+    assert!(
+        err.contains("does not start where transition 0 ends"),
+        "{err}"
+    );
+    assert!(StreamWriter::new(Vec::new(), &h).is_err());
+}
+
+#[test]
+fn rejects_a_damaged_zero_record_at_the_next_snapshot_end() {
+    let h = header(vec![
+        Transition {
+            from: Some(snap("s1", 1)),
+            to: snap("s2", 2),
+            virtual_size: 4 * CHUNK_BYTES,
+        },
+        Transition {
+            from: Some(snap("s2", 2)),
+            to: snap("s3", 3),
+            virtual_size: 4 * CHUNK_BYTES,
+        },
+    ]);
+    let mut b = stream_with(&h, |w| {
+        w.zero(4096, 4096).unwrap();
+        w.snapshot_end(&end_of(&h, 0)).unwrap();
+        w.snapshot_end(&end_of(&h, 1)).unwrap();
+    });
+    let zero_body = 12 + 8 + header_body_len(&b) + 8;
+    b[zero_body + 1] ^= 0x01; // offset 4096 becomes 4352: still a valid range
+    let mut r = StreamReader::new(b.as_slice()).unwrap();
+    assert!(matches!(
+        r.next_record(),
+        Ok(Some(Record::Zero { offset: 4352, .. }))
+    ));
+    assert!(matches!(r.next_record(), Err(StreamError::StreamHash)));
+}
+
+#[test]
+fn writer_refuses_a_header_the_reader_would_reject() {
+    let mut h = one_transition();
+    h.transitions[0].to.name = "x".repeat(crate::limits::MAX_NAME_BYTES + 1);
+    assert!(StreamWriter::new(Vec::new(), &h).is_err());
+}
+
+#[test]
+fn rejects_empty_ranges_by_name() {
+    let h = one_transition();
+    let b = stream_with(&h, |w| {
+        w.zero(0, 0).unwrap();
+        w.snapshot_end(&end_of(&h, 0)).unwrap();
+    });
+    expect_corrupt(&b, "empty range");
+}

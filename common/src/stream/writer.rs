@@ -1,0 +1,125 @@
+//! Writes a stream: preamble, header, records, end.
+
+use std::io::Write;
+
+use super::record::{RangeBody, RecordType};
+use super::{encode_body, DataRecord, EndRecord, SnapshotEnd, StreamHeader, MAGIC, VERSION};
+use crate::limits::MAX_HEADER_BYTES;
+use crate::StreamError;
+
+/// Frames records onto a byte sink, keeping the running stream hash.
+pub struct StreamWriter<W: Write> {
+    inner: W,
+    hasher: blake3::Hasher,
+    records: u64,
+    bytes: u64,
+}
+
+impl<W: Write> StreamWriter<W> {
+    /// Writes the preamble and the header, refusing a header that a reader would reject.
+    pub fn new(inner: W, header: &StreamHeader) -> Result<Self, StreamError> {
+        let body = encode_body(header);
+        let invalid = |reason| StreamError::Corrupt { offset: 12, reason };
+        header.validate().map_err(invalid)?;
+        if body.len() > MAX_HEADER_BYTES as usize {
+            return Err(invalid(format!(
+                "header of {} bytes (limit {MAX_HEADER_BYTES})",
+                body.len()
+            )));
+        }
+        let mut w = StreamWriter {
+            inner,
+            hasher: blake3::Hasher::new(),
+            records: 0,
+            bytes: 0,
+        };
+        let mut preamble = MAGIC.to_vec();
+        preamble.extend_from_slice(&VERSION.to_le_bytes());
+        w.put(&preamble)?;
+        w.frame(RecordType::Header, &[&body])?;
+        Ok(w)
+    }
+
+    /// Writes a data record.
+    pub fn data(&mut self, rec: &DataRecord) -> Result<(), StreamError> {
+        let fields = encode_body(&rec.fields());
+        self.frame(RecordType::Data, &[&fields, &rec.payload])
+    }
+
+    /// Writes a zero record.
+    pub fn zero(&mut self, offset: u64, len: u64) -> Result<(), StreamError> {
+        self.frame(
+            RecordType::Zero,
+            &[&encode_body(&RangeBody { offset, len })],
+        )
+    }
+
+    /// Writes a discard record.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), StreamError> {
+        self.frame(
+            RecordType::Discard,
+            &[&encode_body(&RangeBody { offset, len })],
+        )
+    }
+
+    /// Writes a snapshot-end record; its `prefix_hash` is filled in here.
+    pub fn snapshot_end(&mut self, rec: &SnapshotEnd) -> Result<(), StreamError> {
+        let rec = SnapshotEnd {
+            prefix_hash: *self.hasher.finalize().as_bytes(),
+            ..rec.clone()
+        };
+        self.frame(RecordType::SnapshotEnd, &[&encode_body(&rec)])
+    }
+
+    /// Bytes written so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Writes the end record, flushes, and returns the sink.
+    pub fn finish(mut self) -> Result<W, StreamError> {
+        let end = EndRecord {
+            records: self.records,
+            stream_hash: *self.hasher.finalize().as_bytes(),
+        };
+        self.frame(RecordType::End, &[&encode_body(&end)])?;
+        self.inner.flush().map_err(StreamError::Write)?;
+        Ok(self.inner)
+    }
+
+    fn frame(&mut self, kind: RecordType, parts: &[&[u8]]) -> Result<(), StreamError> {
+        self.frame_bytes(kind as u8, 0, parts)
+    }
+
+    /// Writes a frame of any type and flags (tests of unknown and optional records).
+    #[cfg(test)]
+    pub(crate) fn raw_frame(
+        &mut self,
+        kind: u8,
+        flags: u8,
+        body: &[u8],
+    ) -> Result<(), StreamError> {
+        self.frame_bytes(kind, flags, &[body])
+    }
+
+    fn frame_bytes(&mut self, kind: u8, flags: u8, parts: &[&[u8]]) -> Result<(), StreamError> {
+        let body_len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut head = [0u8; super::FRAME_HEADER_BYTES];
+        head[0] = kind;
+        head[1] = flags;
+        head[4..8].copy_from_slice(&(body_len as u32).to_le_bytes());
+        self.put(&head)?;
+        for p in parts {
+            self.put(p)?;
+        }
+        self.records += 1;
+        Ok(())
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<(), StreamError> {
+        self.inner.write_all(bytes).map_err(StreamError::Write)?;
+        self.hasher.update(bytes);
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+}

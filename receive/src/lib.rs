@@ -1,0 +1,75 @@
+//! The receiving side of blkdelta: targets, the apply pipeline and the replica's state.
+//!
+//! A stream is applied to a [`target::Target`] (a raw file or a block device). Before the first
+//! write the replica is marked in progress in its state file; each snapshot-end record is made
+//! durable (data synced, then the state replaced atomically), so an interrupted apply leaves the
+//! replica marked in progress, never reported as holding a snapshot it does not hold.
+//!
+//! ```no_run
+//! use blkdelta_receive::{apply::{receive, ReceiveOptions}, target::open_target};
+//! let file = std::fs::File::open("delta.bd").unwrap();
+//! let stream = blkdelta_common::stream::StreamReader::new(std::io::BufReader::new(file)).unwrap();
+//! let path = std::path::Path::new("/srv/vm.raw");
+//! let mut target = open_target(path, None).unwrap();
+//! let state = blkdelta_receive::state::default_state_path(path, target.is_block_device());
+//! let none = blkdelta_common::progress::NoProgress;
+//! receive(stream, target.as_mut(), &state, &ReceiveOptions::default(), &none).unwrap();
+//! ```
+
+pub mod apply;
+pub mod state;
+pub mod target;
+
+use std::io;
+use std::path::PathBuf;
+
+use blkdelta_common::StreamError;
+
+/// Errors of the receiving side.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The stream is unreadable, corrupt or truncated.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// Opening or creating the target failed.
+    #[error("cannot open target {path}: {source}")]
+    OpenTarget {
+        /// The target path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// An operation on the target failed.
+    #[error("{op} at offset {offset} (+{len} bytes) on the target failed: {source}")]
+    Target {
+        /// What was being done (write, zero, discard, flush, resize).
+        op: &'static str,
+        /// Disk offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The target cannot hold the stream's virtual size.
+    #[error("target holds {target} bytes but the stream needs {needed}")]
+    TooSmall {
+        /// Target size.
+        target: u64,
+        /// Size needed.
+        needed: u64,
+    },
+    /// Reading or writing the replica state failed.
+    #[error("replica state {path}: {reason}")]
+    State {
+        /// The state file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The replica does not hold the stream's base; nothing was written.
+    #[error("{0} (nothing written; --force overrides)")]
+    Refused(String),
+}

@@ -1,0 +1,185 @@
+//! The replica's state: which snapshot it holds and whether an apply is in progress.
+//!
+//! Kept as JSON beside the replica (`<file>.blkdelta`) or, for a block device, under
+//! `/var/lib/blkdelta` (or `$BLKDELTA_STATE_DIR`). Every update is atomic: a temporary file is
+//! written and synced, renamed over the old state, and the directory is synced.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use blkdelta_common::digest::to_hex;
+use blkdelta_common::stream::SnapRef;
+use serde::{Deserialize, Serialize};
+
+use crate::ReceiveError;
+
+/// A snapshot as the state names it (GUID in hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateSnap {
+    /// Snapshot name.
+    pub name: String,
+    /// GUID, 32 hex digits.
+    pub guid: String,
+}
+
+impl From<&SnapRef> for StateSnap {
+    fn from(s: &SnapRef) -> Self {
+        StateSnap {
+            name: s.name.clone(),
+            guid: to_hex(&s.guid),
+        }
+    }
+}
+
+impl StateSnap {
+    /// Whether this is the state `s` (GUIDs compared).
+    pub fn is(&self, s: &SnapRef) -> bool {
+        self.guid == to_hex(&s.guid)
+    }
+}
+
+/// An apply that has started and not yet reached its last snapshot-end record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InProgress {
+    /// The stream being applied (hex).
+    pub stream_id: String,
+    /// The state the replica held when the current transition started (`None`: a full stream).
+    pub from: Option<StateSnap>,
+    /// The state the current transition produces.
+    pub to: StateSnap,
+    /// Index of the current transition in the stream.
+    pub transition: u32,
+    /// Disk offset below which this transition's writes are durable.
+    pub durable_offset: u64,
+}
+
+/// What a replica holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaState {
+    /// Format of this file.
+    pub format: u32,
+    /// Kind of the source the replica copies (`qcow2`, `raw`).
+    pub source_kind: String,
+    /// Name of the source the replica copies.
+    pub source_name: String,
+    /// Virtual size of the replica.
+    pub virtual_size: u64,
+    /// The snapshot the replica holds; `None` while an apply is in progress.
+    pub snapshot: Option<StateSnap>,
+    /// The apply in progress, if any.
+    pub in_progress: Option<InProgress>,
+    /// Seconds since the epoch of the last update.
+    pub updated_unix: u64,
+}
+
+/// Where the state of `target` lives when `--state` does not say.
+pub fn default_state_path(target: &Path, is_block_device: bool) -> PathBuf {
+    if !is_block_device {
+        let mut name = target.as_os_str().to_owned();
+        name.push(".blkdelta");
+        return PathBuf::from(name);
+    }
+    let dir = std::env::var_os("BLKDELTA_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/blkdelta"));
+    let canon = fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
+    let flat: String = canon
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .replace('/', "_");
+    dir.join(format!("{flat}.state"))
+}
+
+fn state_err(path: &Path, reason: impl ToString) -> ReceiveError {
+    ReceiveError::State {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Reads the state at `path`; `Ok(None)` when there is none.
+pub fn load(path: &Path) -> Result<Option<ReplicaState>, ReceiveError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(state_err(path, e)),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| state_err(path, format!("unreadable: {e}")))
+}
+
+/// Replaces the state at `path` atomically and durably.
+pub fn save(path: &Path, state: &ReplicaState) -> Result<(), ReceiveError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&dir).map_err(|e| state_err(path, e))?;
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let mut text = serde_json::to_string_pretty(state).map_err(|e| state_err(path, e))?;
+    text.push('\n');
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(&dir)?.sync_all()
+    };
+    write().map_err(|e| state_err(path, e))
+}
+
+/// Seconds since the epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_then_load_round_trips_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.raw.blkdelta");
+        assert_eq!(load(&path).unwrap(), None);
+        let st = ReplicaState {
+            format: 1,
+            source_kind: "qcow2".into(),
+            source_name: "vm.qcow2".into(),
+            virtual_size: 42,
+            snapshot: Some(StateSnap {
+                name: "s1".into(),
+                guid: "00".repeat(16),
+            }),
+            in_progress: None,
+            updated_unix: 1,
+        };
+        save(&path, &st).unwrap();
+        assert_eq!(load(&path).unwrap(), Some(st));
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn default_paths() {
+        assert_eq!(
+            default_state_path(Path::new("/srv/vm.raw"), false),
+            PathBuf::from("/srv/vm.raw.blkdelta")
+        );
+        let p = default_state_path(Path::new("/nonexistent/dev/x"), true);
+        assert!(p.to_string_lossy().ends_with("nonexistent_dev_x.state"));
+    }
+
+    #[test]
+    fn garbage_state_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        fs::write(&path, b"{not json").unwrap();
+        assert!(load(&path).unwrap_err().to_string().contains("unreadable"));
+    }
+}

@@ -1,0 +1,99 @@
+//! A raw image file: created sparse when missing, grown or shrunk to the stream's size.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+
+use rustix::fs::FallocateFlags;
+
+use super::{pwrite_all, sync_data, try_fallocate, write_zeroes_plain, Target};
+use crate::ReceiveError;
+
+/// A regular file holding a raw replica.
+#[derive(Debug)]
+pub struct FileTarget {
+    file: File,
+    size: u64,
+    fresh: bool,
+}
+
+impl FileTarget {
+    /// Opens `path` for writing, creating it (sparse, `initial_size` bytes) when missing.
+    pub fn open(path: &Path, initial_size: Option<u64>) -> Result<Self, ReceiveError> {
+        let open_err = |source| ReceiveError::OpenTarget {
+            path: path.to_path_buf(),
+            source,
+        };
+        let created = !path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(open_err)?;
+        let mut size = file.metadata().map_err(open_err)?.len();
+        let fresh = created || size == 0;
+        if let (true, Some(s)) = (fresh, initial_size) {
+            file.set_len(s).map_err(open_err)?;
+            size = s;
+        }
+        Ok(FileTarget { file, size, fresh })
+    }
+}
+
+impl Target for FileTarget {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn capacity(&self) -> Option<u64> {
+        None
+    }
+
+    fn set_size(&mut self, size: u64) -> Result<(), ReceiveError> {
+        if size != self.size {
+            self.file
+                .set_len(size)
+                .map_err(|source| ReceiveError::Target {
+                    op: "resize",
+                    offset: size,
+                    len: 0,
+                    source,
+                })?;
+            self.size = size;
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), ReceiveError> {
+        pwrite_all(&self.file, buf, offset)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError> {
+        let zero = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
+        if try_fallocate(&self.file, zero, offset, len, "zero")? {
+            return Ok(());
+        }
+        self.discard(offset, len)
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError> {
+        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        if try_fallocate(&self.file, punch, offset, len, "discard")? {
+            return Ok(());
+        }
+        write_zeroes_plain(&self.file, offset, len)
+    }
+
+    fn flush(&mut self) -> Result<(), ReceiveError> {
+        sync_data(&self.file)
+    }
+
+    fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    fn is_block_device(&self) -> bool {
+        false
+    }
+}

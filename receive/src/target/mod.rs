@@ -1,0 +1,122 @@
+//! Targets a stream is applied to: raw image files and block devices.
+
+mod blockdev;
+mod file;
+
+pub use blockdev::BlockDevTarget;
+pub use file::FileTarget;
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+use crate::ReceiveError;
+
+/// A writable virtual disk.
+pub trait Target {
+    /// Current size in bytes.
+    fn size(&self) -> u64;
+    /// The largest size the target can take, `None` when it can grow (a file).
+    fn capacity(&self) -> Option<u64>;
+    /// Makes the target hold `size` bytes (grows or shrinks a file; a device must be large enough).
+    fn set_size(&mut self, size: u64) -> Result<(), ReceiveError>;
+    /// Writes `buf` at `offset`.
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), ReceiveError>;
+    /// Makes `[offset, offset+len)` read as zeros, keeping it allocated where that is cheap.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError>;
+    /// Makes `[offset, offset+len)` read as zeros, deallocating it where the target can.
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError>;
+    /// Makes every write so far durable.
+    fn flush(&mut self) -> Result<(), ReceiveError>;
+    /// Whether the target was created empty by this run (it reads as zeros everywhere).
+    fn is_fresh(&self) -> bool;
+    /// Whether the target is a block device.
+    fn is_block_device(&self) -> bool;
+}
+
+/// Opens `path` as a target: a block device as it is, a regular file created sparse if missing.
+/// `initial_size` sets the size of a file created here.
+pub fn open_target(
+    path: &Path,
+    initial_size: Option<u64>,
+) -> Result<Box<dyn Target>, ReceiveError> {
+    let is_dev = std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    if is_dev {
+        Ok(Box::new(BlockDevTarget::open(path)?))
+    } else {
+        Ok(Box::new(FileTarget::open(path, initial_size)?))
+    }
+}
+
+/// Writes zeros over a range with plain writes, in bounded pieces (the last fallback).
+pub(crate) fn write_zeroes_plain(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> Result<(), ReceiveError> {
+    use std::os::unix::fs::FileExt;
+    const PIECE: u64 = 1 << 20;
+    let zeros = vec![0u8; PIECE.min(len) as usize];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = PIECE.min(offset + len - pos) as usize;
+        file.write_all_at(&zeros[..n], pos)
+            .map_err(|source| ReceiveError::Target {
+                op: "zero write",
+                offset: pos,
+                len: n as u64,
+                source,
+            })?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Syncs data of `file`, naming the failure.
+pub(crate) fn sync_data(file: &std::fs::File) -> Result<(), ReceiveError> {
+    file.sync_data().map_err(|source| ReceiveError::Target {
+        op: "flush",
+        offset: 0,
+        len: 0,
+        source,
+    })
+}
+
+/// Writes `buf` at `offset` of `file`, naming the failure.
+pub(crate) fn pwrite_all(
+    file: &std::fs::File,
+    buf: &[u8],
+    offset: u64,
+) -> Result<(), ReceiveError> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(buf, offset)
+        .map_err(|source| ReceiveError::Target {
+            op: "write",
+            offset,
+            len: buf.len() as u64,
+            source,
+        })
+}
+
+/// Tries `fallocate` with `flags` on a range; `false` when the kernel or filesystem refuses
+/// the mode (so the caller falls back), an error for anything else.
+pub(crate) fn try_fallocate(
+    file: &std::fs::File,
+    flags: rustix::fs::FallocateFlags,
+    offset: u64,
+    len: u64,
+    op: &'static str,
+) -> Result<bool, ReceiveError> {
+    use rustix::io::Errno;
+    match rustix::fs::fallocate(file, flags, offset, len) {
+        Ok(()) => Ok(true),
+        Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL | Errno::NODEV) => Ok(false),
+        Err(e) => Err(ReceiveError::Target {
+            op,
+            offset,
+            len,
+            source: e.into(),
+        }),
+    }
+}

@@ -1,0 +1,289 @@
+//! The send pipeline: change list → chunker → parallel read, hash and compress → framer.
+//!
+//! ```text
+//! planner thread : source.changes() ─► chunks (≤ 1 MiB, 1 MiB-aligned) ─► jobs ─┐
+//! workers (N)    : read chunk, all-zero? → zero record, else blake3 + zstd  ◄───┘
+//! this thread    : records in plan order ─► StreamWriter ─► out
+//! ```
+//! Order is kept by queueing, for every chunk, a one-shot receiver in plan order; the queue is
+//! bounded, so memory is bounded by the chunks in flight, never by the image or delta size.
+
+use std::io::Write;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use blkdelta_common::extent::{Extent, ExtentKind, ExtentSink, Totals};
+use blkdelta_common::image::BlockSource;
+use blkdelta_common::limits::CHUNK_BYTES;
+use blkdelta_common::stream::{
+    encode_chunk, random_id, DataRecord, SnapshotEnd, StreamHeader, StreamWriter, END_FRAME_BYTES,
+};
+use blkdelta_common::ImageError;
+
+use crate::{ChangeSource, Progress, SendError};
+
+/// How to send.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// zstd level for payloads; 0 stores them plain.
+    pub level: i32,
+    /// Worker threads for reading, hashing and compressing.
+    pub threads: usize,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            level: 3,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// What a finished send wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendSummary {
+    /// Stream bytes written.
+    pub stream_bytes: u64,
+    /// Data records written.
+    pub data_records: u64,
+    /// Plain bytes carried by data records.
+    pub data_bytes: u64,
+    /// Bytes covered by zero and discard records.
+    pub zero_bytes: u64,
+}
+
+/// One record-to-be, in plan order.
+enum Planned {
+    Data(Receiver<Result<Chunk, SendError>>),
+    Zero(u64, u64),
+    Discard(u64, u64),
+    SnapshotEnd(usize),
+}
+
+/// A worker's result for one chunk.
+enum Chunk {
+    Data(DataRecord),
+    Zero(u64, u64),
+}
+
+struct Job {
+    reader: Arc<dyn BlockSource>,
+    offset: u64,
+    len: u64,
+    level: i32,
+    reply: SyncSender<Result<Chunk, SendError>>,
+}
+
+/// Computes the totals of every transition, from metadata only.
+pub fn plan_totals(source: &dyn ChangeSource) -> Result<Totals, SendError> {
+    let mut totals = Totals::default();
+    for i in 0..source.transitions().len() {
+        source.changes(i, &mut totals)?;
+    }
+    Ok(totals)
+}
+
+/// Builds the stream header of `source` with the totals of a first metadata pass.
+pub fn make_header(source: &dyn ChangeSource, totals: &Totals) -> StreamHeader {
+    let transitions = source.transitions().to_vec();
+    StreamHeader {
+        stream_id: random_id(),
+        virtual_size: transitions.last().map_or(0, |t| t.virtual_size),
+        source: source.info(),
+        transitions,
+        total_extents: totals.extents,
+        total_data_bytes: totals.data_bytes,
+        total_zero_bytes: totals.zero_bytes,
+    }
+}
+
+/// Sends every transition of `source` as one stream to `out`.
+pub fn send<W: Write>(
+    source: &dyn ChangeSource,
+    opts: &SendOptions,
+    out: W,
+    progress: &dyn Progress,
+) -> Result<SendSummary, SendError> {
+    let totals = plan_totals(source)?;
+    let header = make_header(source, &totals);
+    progress.start(totals.data_bytes + totals.zero_bytes);
+    let mut writer = StreamWriter::new(out, &header)?;
+    let threads = opts.threads.max(1);
+    let (plan_tx, plan_rx) = sync_channel::<Planned>(threads * 4);
+    let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let mut summary = SendSummary::default();
+    let result = std::thread::scope(|s| {
+        for _ in 0..threads {
+            let rx = Arc::clone(&job_rx);
+            s.spawn(move || worker(&rx));
+        }
+        let planner = s.spawn(move || plan(source, opts.level, plan_tx, job_tx));
+        let written = write_in_order(&plan_rx, &header, &mut writer, &mut summary, progress);
+        drop(plan_rx);
+        let planned = planner.join().expect("planner does not panic");
+        written.and(planned)
+    });
+    result?;
+    summary.stream_bytes = writer.bytes_written() + END_FRAME_BYTES;
+    writer.finish()?;
+    progress.finish();
+    Ok(summary)
+}
+
+fn worker_gone() -> SendError {
+    SendError::Source("a send worker stopped without a result".into())
+}
+
+fn worker(rx: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = match rx.lock().expect("not poisoned").recv() {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        let result = encode_job(&job);
+        let _ = job.reply.send(result);
+    }
+}
+
+fn encode_job(job: &Job) -> Result<Chunk, SendError> {
+    let mut buf = vec![0u8; job.len as usize];
+    job.reader.read_at(&mut buf, job.offset)?;
+    if buf.iter().all(|&b| b == 0) {
+        return Ok(Chunk::Zero(job.offset, job.len));
+    }
+    Ok(Chunk::Data(encode_chunk(job.offset, &buf, job.level)?))
+}
+
+/// Walks the change lists and queues one planned record per chunk or range.
+fn plan(
+    source: &dyn ChangeSource,
+    level: i32,
+    plan_tx: SyncSender<Planned>,
+    job_tx: SyncSender<Job>,
+) -> Result<(), SendError> {
+    for index in 0..source.transitions().len() {
+        let mut sink = Planner {
+            reader: source.reader(index),
+            level,
+            plan_tx: &plan_tx,
+            job_tx: &job_tx,
+        };
+        match source.changes(index, &mut sink) {
+            // The writer stopped: its own error is the one to report.
+            Err(SendError::Image(ImageError::Cancelled)) => return Ok(()),
+            other => other?,
+        }
+        if plan_tx.send(Planned::SnapshotEnd(index)).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+struct Planner<'a> {
+    reader: Arc<dyn BlockSource>,
+    level: i32,
+    plan_tx: &'a SyncSender<Planned>,
+    job_tx: &'a SyncSender<Job>,
+}
+
+impl Planner<'_> {
+    fn queue(&self, planned: Planned) -> Result<(), ImageError> {
+        self.plan_tx
+            .send(planned)
+            .map_err(|_| ImageError::Cancelled)
+    }
+}
+
+impl ExtentSink for Planner<'_> {
+    fn push(&mut self, e: Extent) -> Result<(), ImageError> {
+        match e.kind {
+            ExtentKind::Zero => return self.queue(Planned::Zero(e.offset, e.len)),
+            ExtentKind::Discard => return self.queue(Planned::Discard(e.offset, e.len)),
+            ExtentKind::Data => {}
+        }
+        let mut pos = e.offset;
+        while pos < e.end() {
+            let len = (CHUNK_BYTES - pos % CHUNK_BYTES).min(e.end() - pos);
+            let (reply, rx) = sync_channel(1);
+            self.queue(Planned::Data(rx))?;
+            let job = Job {
+                reader: Arc::clone(&self.reader),
+                offset: pos,
+                len,
+                level: self.level,
+                reply,
+            };
+            self.job_tx.send(job).map_err(|_| ImageError::Cancelled)?;
+            pos += len;
+        }
+        Ok(())
+    }
+}
+
+/// Writes planned records in order, merging adjacent zero ranges into one record.
+fn write_in_order<W: Write>(
+    plan_rx: &Receiver<Planned>,
+    header: &StreamHeader,
+    writer: &mut StreamWriter<W>,
+    summary: &mut SendSummary,
+    progress: &dyn Progress,
+) -> Result<(), SendError> {
+    let mut zero: Option<(u64, u64)> = None;
+    let flush_zero = |w: &mut StreamWriter<W>, z: &mut Option<(u64, u64)>| match z.take() {
+        Some((off, len)) => w.zero(off, len),
+        None => Ok(()),
+    };
+    for planned in plan_rx.iter() {
+        let zero_range = match planned {
+            Planned::Data(rx) => match rx.recv().map_err(|_| worker_gone())?? {
+                Chunk::Zero(off, len) => Some((off, len)),
+                Chunk::Data(rec) => {
+                    flush_zero(writer, &mut zero)?;
+                    writer.data(&rec)?;
+                    summary.data_records += 1;
+                    summary.data_bytes += u64::from(rec.len);
+                    progress.advance(u64::from(rec.len));
+                    None
+                }
+            },
+            Planned::Zero(off, len) => Some((off, len)),
+            Planned::Discard(off, len) => {
+                flush_zero(writer, &mut zero)?;
+                writer.discard(off, len)?;
+                summary.zero_bytes += len;
+                progress.advance(len);
+                None
+            }
+            Planned::SnapshotEnd(i) => {
+                flush_zero(writer, &mut zero)?;
+                let t = &header.transitions[i];
+                writer.snapshot_end(&SnapshotEnd {
+                    transition: i as u32,
+                    name: t.to.name.clone(),
+                    guid: t.to.guid,
+                    virtual_size: t.virtual_size,
+                    digest: None,
+                    prefix_hash: [0; 32],
+                })?;
+                None
+            }
+        };
+        if let Some((off, len)) = zero_range {
+            summary.zero_bytes += len;
+            progress.advance(len);
+            zero = match zero {
+                Some((zo, zl)) if zo + zl == off => Some((zo, zl + len)),
+                Some(prev) => {
+                    writer.zero(prev.0, prev.1)?;
+                    Some((off, len))
+                }
+                None => Some((off, len)),
+            };
+        }
+    }
+    flush_zero(writer, &mut zero)?;
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! A full stream of one disk state: every range, as data, zero or discard, from allocation
+//! status alone (holes are never read).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink};
+use blkdelta_common::image::raw::RawImage;
+use blkdelta_common::image::{Allocation, BlockSource};
+use blkdelta_common::stream::{random_id, SnapRef, SourceInfo, Transition};
+
+use super::ChangeSource;
+use crate::SendError;
+
+/// Pushes every range of `src` within `[offset, end)` as an extent of its allocation kind.
+pub fn push_status(
+    src: &dyn BlockSource,
+    offset: u64,
+    end: u64,
+    sink: &mut dyn ExtentSink,
+) -> Result<(), SendError> {
+    let mut pos = offset;
+    while pos < end {
+        let (alloc, len) = src.status(pos, end - pos)?;
+        let len = len.clamp(1, end - pos);
+        let kind = match alloc {
+            Allocation::Data => ExtentKind::Data,
+            Allocation::Zero => ExtentKind::Zero,
+            Allocation::Hole => ExtentKind::Discard,
+        };
+        sink.push(Extent::new(pos, len, kind))?;
+        pos += len;
+    }
+    Ok(())
+}
+
+/// A full stream of a single state: a raw image, a block device, or one qcow2 layer.
+pub struct FullSource {
+    src: Arc<dyn BlockSource>,
+    info: SourceInfo,
+    transitions: Vec<Transition>,
+}
+
+impl FullSource {
+    /// A full stream of `src`, producing the state `to`.
+    pub fn new(src: Arc<dyn BlockSource>, info: SourceInfo, to: SnapRef) -> Self {
+        let transitions = vec![Transition {
+            from: None,
+            to,
+            virtual_size: src.size(),
+        }];
+        FullSource {
+            src,
+            info,
+            transitions,
+        }
+    }
+
+    /// A full stream of a raw file or block device. It has no durable identity, so the state
+    /// it produces is named after the file and gets a fresh GUID.
+    pub fn raw(path: &Path) -> Result<Self, SendError> {
+        let img = RawImage::open(path)?;
+        let name = file_name(path);
+        let info = SourceInfo {
+            kind: "raw".into(),
+            name: name.clone(),
+        };
+        let to = SnapRef {
+            name,
+            guid: random_id(),
+        };
+        Ok(FullSource::new(Arc::new(img), info, to))
+    }
+}
+
+/// The last component of a path, for display in a stream header.
+pub fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+impl ChangeSource for FullSource {
+    fn info(&self) -> SourceInfo {
+        self.info.clone()
+    }
+
+    fn transitions(&self) -> &[Transition] {
+        &self.transitions
+    }
+
+    fn changes(&self, _index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
+        let mut c = Coalescer::new(sink);
+        push_status(self.src.as_ref(), 0, self.src.size(), &mut c)?;
+        c.finish()?;
+        Ok(())
+    }
+
+    fn reader(&self, _index: usize) -> Arc<dyn BlockSource> {
+        Arc::clone(&self.src)
+    }
+}

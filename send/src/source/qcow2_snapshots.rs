@@ -1,0 +1,300 @@
+//! qcow2 internal snapshots: full streams of one snapshot and incrementals between two, found
+//! by comparing L1/L2 tables.
+//!
+//! Clusters shared between snapshots are never rewritten in place (their refcount forces copy
+//! on write), so equal table entries mean equal content: an equal L1 entry skips its whole L2
+//! range unread, and only clusters (or subclusters) whose L2 entries differ are looked at.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use blkdelta_common::extent::{Coalescer, ExtentSink};
+use blkdelta_common::image::qcow2::tables::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
+};
+use blkdelta_common::image::qcow2::{L2Table, Layer, Qcow2Image, Qcow2Layer, Snapshot};
+use blkdelta_common::image::BlockSource;
+use blkdelta_common::stream::{random_id, SnapRef, SourceInfo, Transition};
+
+use super::full::{file_name, push_status};
+use super::ChangeSource;
+use crate::SendError;
+
+/// Which states of a qcow2 image to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotSpec {
+    /// The active layer, in full.
+    Active,
+    /// One snapshot, in full.
+    Snapshot(String),
+    /// From one snapshot to a later one, through every snapshot between them.
+    Range {
+        /// The base snapshot (the replica holds it).
+        from: String,
+        /// The last snapshot sent.
+        to: String,
+    },
+}
+
+impl SnapshotSpec {
+    /// Parses what follows `@`: `SNAP` or `FROM..TO`.
+    pub fn parse(s: &str) -> Result<Self, SendError> {
+        match s.split_once("..") {
+            Some((from, to)) if !from.is_empty() && !to.is_empty() => Ok(SnapshotSpec::Range {
+                from: from.into(),
+                to: to.into(),
+            }),
+            Some(_) => Err(SendError::Source(format!(
+                "'{s}': a range needs both ends, FROM..TO"
+            ))),
+            None if s.is_empty() => Err(SendError::Source("empty snapshot name after '@'".into())),
+            None => Ok(SnapshotSpec::Snapshot(s.into())),
+        }
+    }
+}
+
+/// One transition and the layers it compares.
+struct Step {
+    from: Option<Qcow2Layer>,
+    to: Qcow2Layer,
+}
+
+/// A stream of a qcow2 image's snapshots (or its active layer).
+pub struct Qcow2Snapshots {
+    name: String,
+    steps: Vec<Step>,
+    transitions: Vec<Transition>,
+}
+
+fn snap_ref(s: &Snapshot) -> SnapRef {
+    SnapRef {
+        name: s.name.clone(),
+        guid: s.guid(),
+    }
+}
+
+impl Qcow2Snapshots {
+    /// Opens `path` and resolves the snapshots `spec` names.
+    pub fn open(path: &Path, spec: &SnapshotSpec) -> Result<Self, SendError> {
+        let image = Qcow2Image::open(path)?;
+        let mut steps = Vec::new();
+        let mut transitions = Vec::new();
+        match spec {
+            SnapshotSpec::Active => {
+                let to = image.layer(Layer::Active)?;
+                transitions.push(Transition {
+                    from: None,
+                    to: SnapRef {
+                        name: format!("{}@active", file_name(path)),
+                        guid: random_id(),
+                    },
+                    virtual_size: to.size(),
+                });
+                steps.push(Step { from: None, to });
+            }
+            SnapshotSpec::Snapshot(name) => {
+                let i = image.find_snapshot(name)?;
+                let to = image.layer(Layer::Snapshot(i))?;
+                transitions.push(Transition {
+                    from: None,
+                    to: snap_ref(&image.snapshots()[i]),
+                    virtual_size: to.size(),
+                });
+                steps.push(Step { from: None, to });
+            }
+            SnapshotSpec::Range { from, to } => {
+                let (fi, ti) = (image.find_snapshot(from)?, image.find_snapshot(to)?);
+                if fi >= ti {
+                    return Err(SendError::Source(format!(
+                        "snapshot '{from}' is not older than '{to}'"
+                    )));
+                }
+                let snaps = image.snapshots();
+                for i in fi..ti {
+                    let to_layer = image.layer(Layer::Snapshot(i + 1))?;
+                    transitions.push(Transition {
+                        from: Some(snap_ref(&snaps[i])),
+                        to: snap_ref(&snaps[i + 1]),
+                        virtual_size: to_layer.size(),
+                    });
+                    steps.push(Step {
+                        from: Some(image.layer(Layer::Snapshot(i))?),
+                        to: to_layer,
+                    });
+                }
+            }
+        }
+        Ok(Qcow2Snapshots {
+            name: file_name(path),
+            steps,
+            transitions,
+        })
+    }
+}
+
+impl ChangeSource for Qcow2Snapshots {
+    fn info(&self) -> SourceInfo {
+        SourceInfo {
+            kind: "qcow2".into(),
+            name: self.name.clone(),
+        }
+    }
+
+    fn transitions(&self) -> &[Transition] {
+        &self.transitions
+    }
+
+    fn changes(&self, index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
+        let step = &self.steps[index];
+        let mut c = Coalescer::new(sink);
+        match &step.from {
+            None => push_status(&step.to, 0, step.to.size(), &mut c)?,
+            Some(from) => diff_layers(from, &step.to, &mut c)?,
+        }
+        c.finish()?;
+        Ok(())
+    }
+
+    fn reader(&self, index: usize) -> Arc<dyn BlockSource> {
+        Arc::new(self.steps[index].to.clone())
+    }
+}
+
+/// Pushes the ranges of `to` whose L1/L2 entries differ from `from`'s, classified by `to`'s
+/// allocation status. Ranges past `from`'s size that `to` leaves unallocated are not sent:
+/// the receiver grows the replica with zeros.
+pub fn diff_layers(
+    from: &Qcow2Layer,
+    to: &Qcow2Layer,
+    sink: &mut dyn ExtentSink,
+) -> Result<(), SendError> {
+    let g = to.geometry();
+    if from.geometry() != g {
+        return Err(SendError::Source(
+            "snapshots with different geometry".into(),
+        ));
+    }
+    let cluster = 1u64 << g.cluster_bits;
+    let span = cluster * g.l2_entries;
+    let size = to.size();
+    for i in 0..size.div_ceil(span) as usize {
+        let ea = from.l1().get(i).copied().unwrap_or(0);
+        let eb = to.l1().get(i).copied().unwrap_or(0);
+        if ea & L1E_OFFSET_MASK == eb & L1E_OFFSET_MASK {
+            continue;
+        }
+        let la = from.read_l2(ea)?;
+        let lb = to.read_l2(eb)?;
+        let base = i as u64 * span;
+        let mut emit = |off: u64, len: u64| -> Result<(), SendError> {
+            let end = (off + len).min(size);
+            if off < end {
+                push_status(to, off, end, &mut *sink)?;
+            }
+            Ok(())
+        };
+        for j in 0..g.l2_entries as usize {
+            let off = base + j as u64 * cluster;
+            if off >= size {
+                break;
+            }
+            let (a, b) = (entry(&la, j), entry(&lb, j));
+            for (first, count) in changed_runs(a, b, g.extended_l2) {
+                let sub = cluster / SUBCLUSTERS;
+                let (start, len) = if g.extended_l2 {
+                    (off + first * sub, count * sub)
+                } else {
+                    (off, cluster)
+                };
+                emit(start, len)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+const SUBCLUSTERS: u64 = 32;
+
+fn entry(table: &Option<L2Table>, j: usize) -> (u64, u64) {
+    table.as_ref().map_or((0, 0), |t| t.entry(j))
+}
+
+/// The runs of subclusters (first, count) that differ between two L2 entries; for standard
+/// entries a differing cluster is the single run (0, 1).
+fn changed_runs(a: (u64, u64), b: (u64, u64), extended: bool) -> Vec<(u64, u64)> {
+    let (wa, wb) = (a.0 & !QCOW_OFLAG_COPIED, b.0 & !QCOW_OFLAG_COPIED);
+    if !extended {
+        return if wa == wb { vec![] } else { vec![(0, 1)] };
+    }
+    if (wa, a.1) == (wb, b.1) {
+        return vec![];
+    }
+    if (wa | wb) & QCOW_OFLAG_COMPRESSED != 0 {
+        return vec![(0, SUBCLUSTERS)];
+    }
+    let state = |w: u64, bm: u64, i: u64| {
+        let alloc = (bm >> i) & 1;
+        let zero = (bm >> (32 + i)) & 1;
+        (
+            alloc,
+            zero,
+            if alloc == 1 { w & L2E_OFFSET_MASK } else { 0 },
+        )
+    };
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for i in 0..SUBCLUSTERS {
+        if state(wa, a.1, i) == state(wb, b.1, i) {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == i => *count += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_parses_snapshot_and_range() {
+        assert_eq!(
+            SnapshotSpec::parse("mon").unwrap(),
+            SnapshotSpec::Snapshot("mon".into())
+        );
+        assert_eq!(
+            SnapshotSpec::parse("mon..fri").unwrap(),
+            SnapshotSpec::Range {
+                from: "mon".into(),
+                to: "fri".into()
+            }
+        );
+        assert!(SnapshotSpec::parse("mon..").is_err());
+        assert!(SnapshotSpec::parse("").is_err());
+    }
+
+    #[test]
+    fn standard_entries_compare_without_the_copied_bit() {
+        let e = 0x50000u64;
+        assert!(changed_runs((e | QCOW_OFLAG_COPIED, 0), (e, 0), false).is_empty());
+        assert_eq!(changed_runs((e, 0), (e | 1, 0), false), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn extended_entries_compare_per_subcluster() {
+        // COW of a 2k write at 0x1000 (64k clusters) copies subclusters 0 and 2 to a new cluster.
+        let old = (0x50000u64, 0xffff_ffffu64);
+        let new = (0x70000u64, 0x7u64);
+        assert_eq!(changed_runs(old, new, true), vec![(0, 32)]);
+        // zeroing subcluster 0 of a full cluster in place
+        let zeroed = (0x50000u64, 0x0000_0001_ffff_fffeu64);
+        assert_eq!(changed_runs(old, zeroed, true), vec![(0, 1)]);
+        // a write -z of 8k into an unallocated cluster
+        assert_eq!(
+            changed_runs((0, 0), (0, 0x0000_000f_0000_0000), true),
+            vec![(0, 4)]
+        );
+    }
+}

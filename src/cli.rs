@@ -1,0 +1,126 @@
+//! Command-line arguments: one clap struct per subcommand.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Incremental block-level replication of qcow2 images, raw images and block devices.
+#[derive(Debug, Parser)]
+#[command(name = "blkdelta", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a stream of a source's changes to stdout (never a terminal) or a file.
+    Send(SendArgs),
+    /// Apply a stream from stdin or a file to a raw image file or a block device.
+    Receive(ReceiveArgs),
+    /// Print the content digest of a disk: a qcow2 snapshot, a raw file or a block device.
+    Checksum(ChecksumArgs),
+    /// Print one line per record of a stream.
+    Dump(DumpArgs),
+    /// Print what a replica holds.
+    Status(StatusArgs),
+    /// List a qcow2 image's snapshots and bitmaps.
+    List(ListArgs),
+}
+
+/// Progress and verbosity switches shared by the long-running commands.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct ProgressArgs {
+    /// Show progress on stderr even when it is not a terminal.
+    #[arg(long, conflicts_with = "quiet")]
+    pub progress: bool,
+    /// Show no progress and no summary.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `blkdelta send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// IMAGE.qcow2@SNAP (full), IMAGE.qcow2@FROM..TO (incremental), IMAGE.qcow2 (active layer),
+    /// or a raw file or block device (full).
+    pub source: String,
+    /// Write the stream to FILE instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// zstd level for payloads, 0 to store them plain.
+    #[arg(short = 'l', long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=22))]
+    pub level: i32,
+    /// Worker threads for reading, hashing and compressing (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
+}
+
+/// `blkdelta receive`.
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// A raw image file (created sparse if missing) or a block device.
+    pub target: PathBuf,
+    /// Read the stream from FILE instead of stdin.
+    #[arg(short, long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Where the replica's state lives (default: TARGET.blkdelta for a file,
+    /// /var/lib/blkdelta/ for a device).
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<PathBuf>,
+    /// Apply even if the replica does not hold the stream's base, or holds unknown data.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
+}
+
+/// `blkdelta checksum`.
+#[derive(Debug, Args)]
+pub struct ChecksumArgs {
+    /// IMAGE.qcow2[@SNAP], a raw file or a block device.
+    pub image: String,
+    /// Replica state of a block device, whose virtual size bounds the digest.
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+}
+
+/// `blkdelta dump`.
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    /// The stream file (default: stdin).
+    pub file: Option<PathBuf>,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blkdelta status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The replica: a raw image file or a block device.
+    pub target: PathBuf,
+    /// Where the replica's state lives (as for receive).
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<PathBuf>,
+    /// Print the state as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blkdelta list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// A qcow2 image.
+    pub image: PathBuf,
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
+}

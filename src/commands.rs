@@ -1,0 +1,246 @@
+//! One function per subcommand.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, IsTerminal, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use blkdelta_common::digest::{image_digest, to_hex};
+use blkdelta_common::image::qcow2::{Layer, Qcow2Image};
+use blkdelta_common::image::raw::RawImage;
+use blkdelta_common::image::{probe_format, BlockSource, Format};
+use blkdelta_common::stream::{Record, StreamReader};
+use blkdelta_receive::apply::{receive, ReceiveOptions};
+use blkdelta_receive::state::{self, default_state_path};
+use blkdelta_receive::target::open_target;
+use blkdelta_send::pipeline::{send, SendOptions};
+use blkdelta_send::source::open_source;
+
+use crate::cli::{ChecksumArgs, Command, ListArgs, ReceiveArgs, SendArgs, StatusArgs};
+use crate::{progress, UsageError};
+
+mod report;
+
+/// Writing to stdout failed because its reader went away.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Runs a subcommand.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Send(a) => cmd_send(a),
+        Command::Receive(a) => cmd_receive(a),
+        Command::Checksum(a) => cmd_checksum(a),
+        Command::Dump(a) => print_out(|out| report::dump(a, out)),
+        Command::Status(a) => print_out(|out| cmd_status(a, out)),
+        Command::List(a) => print_out(|out| cmd_list(a, out)),
+    }
+}
+
+/// Runs `f` with a buffered stdout, turning a broken pipe into [`StdoutClosed`].
+fn print_out(f: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+    let mut out = BufWriter::new(io::stdout().lock());
+    let result = f(&mut out).and_then(|()| out.flush().map_err(anyhow::Error::from));
+    match result {
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe) =>
+        {
+            Err(StdoutClosed.into())
+        }
+        other => other,
+    }
+}
+
+fn threads(t: Option<u16>) -> usize {
+    t.map_or_else(
+        || std::thread::available_parallelism().map_or(2, |n| n.get()),
+        usize::from,
+    )
+}
+
+fn cmd_send(a: SendArgs) -> Result<()> {
+    let source = open_source(&a.source).with_context(|| format!("cannot send {}", a.source))?;
+    let opts = SendOptions {
+        level: a.level,
+        threads: threads(a.threads),
+    };
+    let progress = progress::make(a.progress, "send");
+    let summary = match &a.output {
+        Some(path) => {
+            let file =
+                File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+            let out = BufWriter::with_capacity(1 << 20, &file);
+            let s = send(source.as_ref(), &opts, out, progress.as_ref())?;
+            file.sync_all()
+                .with_context(|| format!("cannot sync {}", path.display()))?;
+            s
+        }
+        None => {
+            if io::stdout().is_terminal() {
+                return Err(UsageError(
+                    "refusing to write a stream to a terminal: redirect stdout or use -o FILE"
+                        .into(),
+                )
+                .into());
+            }
+            let out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
+            send(source.as_ref(), &opts, out, progress.as_ref())?
+        }
+    };
+    if !a.progress.quiet && (a.progress.progress || io::stderr().is_terminal()) {
+        eprintln!(
+            "sent {} data bytes in {} records, {} bytes zeroed or discarded; stream {} bytes",
+            summary.data_bytes, summary.data_records, summary.zero_bytes, summary.stream_bytes
+        );
+    }
+    Ok(())
+}
+
+fn cmd_receive(a: ReceiveArgs) -> Result<()> {
+    let input: Box<dyn Read> = match &a.input {
+        Some(p) => Box::new(File::open(p).with_context(|| format!("cannot open {}", p.display()))?),
+        None if io::stdin().is_terminal() => {
+            return Err(UsageError(
+                "refusing to read a stream from a terminal: pipe one in or use -i FILE".into(),
+            )
+            .into())
+        }
+        None => Box::new(io::stdin().lock()),
+    };
+    let reader = StreamReader::new(BufReader::with_capacity(1 << 20, input))?;
+    let mut target = open_target(&a.target, None)?;
+    let state_path = a
+        .state
+        .clone()
+        .unwrap_or_else(|| default_state_path(&a.target, target.is_block_device()));
+    let opts = ReceiveOptions { force: a.force };
+    let progress = progress::make(a.progress, "receive");
+    match receive(
+        reader,
+        target.as_mut(),
+        &state_path,
+        &opts,
+        progress.as_ref(),
+    ) {
+        Ok(summary) => {
+            if !a.progress.quiet && (a.progress.progress || io::stderr().is_terminal()) {
+                eprintln!(
+                    "received {} data bytes, {} bytes zeroed or discarded; replica holds '{}'",
+                    summary.data_bytes,
+                    summary.zero_bytes,
+                    summary.snapshots.last().map_or("", String::as_str)
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let in_progress = state::load(&state_path)
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.in_progress.is_some());
+            if in_progress {
+                bail!(
+                    "{e}; the replica is marked in progress: apply the same stream again to finish \
+                     (blkdelta status {})",
+                    a.target.display()
+                );
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Opens `IMAGE[@SNAP]` as a block source.
+fn open_image(spec: &str, state_path: Option<&Path>) -> Result<Arc<dyn BlockSource>> {
+    let (path, snap) = if Path::new(spec).exists() {
+        (Path::new(spec), None)
+    } else if let Some((p, s)) = spec.rsplit_once('@') {
+        (Path::new(p), Some(s))
+    } else {
+        (Path::new(spec), None)
+    };
+    match (probe_format(path)?, snap) {
+        (Format::Qcow2, snap) => {
+            let img = Qcow2Image::open(path)?;
+            let layer = match snap {
+                Some(s) => Layer::Snapshot(img.find_snapshot(s)?),
+                None => Layer::Active,
+            };
+            Ok(Arc::new(img.layer(layer)?))
+        }
+        (Format::Raw, Some(_)) => bail!("{}: a raw image has no snapshots", path.display()),
+        (Format::Raw, None) => {
+            let mut raw = RawImage::open(path)?;
+            if raw.is_block_device() {
+                let sp = state_path
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| default_state_path(path, true));
+                if let Some(st) = state::load(&sp)? {
+                    raw.limit_size(st.virtual_size);
+                }
+            }
+            Ok(Arc::new(raw))
+        }
+    }
+}
+
+fn cmd_checksum(a: ChecksumArgs) -> Result<()> {
+    let src = open_image(&a.image, a.state.as_deref())
+        .with_context(|| format!("cannot checksum {}", a.image))?;
+    let digest = image_digest(src.as_ref(), threads(a.threads))?;
+    print_out(|out| {
+        writeln!(out, "{}  {}", to_hex(&digest), a.image)?;
+        Ok(())
+    })
+}
+
+fn cmd_status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {
+    let is_dev = RawImage::open(&a.target).is_ok_and(|r| r.is_block_device());
+    let path = a
+        .state
+        .clone()
+        .unwrap_or_else(|| default_state_path(&a.target, is_dev));
+    let Some(st) = state::load(&path)? else {
+        bail!(
+            "{} is not a blkdelta replica (no state at {})",
+            a.target.display(),
+            path.display()
+        );
+    };
+    report::status(&a, &st, &path, out)
+}
+
+fn cmd_list(a: ListArgs, out: &mut dyn Write) -> Result<()> {
+    let img =
+        Qcow2Image::open(&a.image).with_context(|| format!("cannot list {}", a.image.display()))?;
+    report::list(&img, a.json, out)
+}
+
+/// Reads a stream for `dump`.
+fn open_stream(file: Option<&Path>) -> Result<StreamReader<Box<dyn Read>>> {
+    let input: Box<dyn Read> = match file {
+        Some(p) => Box::new(BufReader::new(
+            File::open(p).with_context(|| format!("cannot open {}", p.display()))?,
+        )),
+        None => Box::new(BufReader::new(io::stdin().lock())),
+    };
+    Ok(StreamReader::new(input)?)
+}
+
+/// Verifies a data record's payload (used by dump so a corrupt stream never dumps cleanly).
+fn verify(rec: &Record, at: u64) -> Result<()> {
+    if let Record::Data(d) = rec {
+        d.plain(at)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! Text and JSON output of `dump`, `status` and `list`.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Result;
+use blkdelta_common::digest::to_hex;
+use blkdelta_common::image::qcow2::Qcow2Image;
+use blkdelta_common::stream::{Compression, Record, SnapRef, StreamHeader};
+use blkdelta_receive::state::ReplicaState;
+use serde_json::{json, Value};
+
+use super::{open_stream, verify};
+use crate::cli::{DumpArgs, StatusArgs};
+
+fn snap_json(s: &SnapRef) -> Value {
+    json!({ "name": s.name, "guid": to_hex(&s.guid) })
+}
+
+fn header_json(h: &StreamHeader) -> Value {
+    let transitions: Vec<Value> = h
+        .transitions
+        .iter()
+        .map(|t| {
+            json!({
+                "from": t.from.as_ref().map(snap_json),
+                "to": snap_json(&t.to),
+                "virtual_size": t.virtual_size,
+            })
+        })
+        .collect();
+    json!({
+        "record": "header",
+        "stream_id": to_hex(&h.stream_id),
+        "source_kind": h.source.kind,
+        "source_name": h.source.name,
+        "virtual_size": h.virtual_size,
+        "transitions": transitions,
+        "total_extents": h.total_extents,
+        "total_data_bytes": h.total_data_bytes,
+        "total_zero_bytes": h.total_zero_bytes,
+    })
+}
+
+fn record_json(rec: &Record, at: u64) -> Value {
+    match rec {
+        Record::Data(d) => json!({
+            "record": "data", "at": at, "offset": d.offset, "len": d.len,
+            "compression": match d.compression { Compression::None => "none", Compression::Zstd => "zstd" },
+            "payload_len": d.payload.len(), "hash": to_hex(&d.hash),
+        }),
+        Record::Zero { offset, len } => {
+            json!({ "record": "zero", "at": at, "offset": offset, "len": len })
+        }
+        Record::Discard { offset, len } => {
+            json!({ "record": "discard", "at": at, "offset": offset, "len": len })
+        }
+        Record::SnapshotEnd(e) => json!({
+            "record": "snapshot-end", "at": at, "transition": e.transition, "name": e.name,
+            "guid": to_hex(&e.guid), "virtual_size": e.virtual_size,
+            "digest": e.digest.map(|d| to_hex(&d)),
+            "prefix_hash": to_hex(&e.prefix_hash),
+        }),
+        Record::End(e) => json!({
+            "record": "end", "at": at, "records": e.records,
+            "stream_hash": to_hex(&e.stream_hash), "verified": true,
+        }),
+    }
+}
+
+/// Formats a JSON record as one `key=value` line.
+fn text_line(v: &Value) -> String {
+    let obj = v.as_object().expect("records are objects");
+    let mut line = obj["record"].as_str().unwrap_or("?").to_string();
+    for (k, val) in obj.iter().filter(|(k, _)| *k != "record") {
+        let shown = match val {
+            Value::String(s) => s.clone(),
+            Value::Null => "-".into(),
+            Value::Array(items) => items
+                .iter()
+                .map(transition_text)
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
+        };
+        line.push_str(&format!(" {k}={shown}"));
+    }
+    line
+}
+
+fn transition_text(t: &Value) -> String {
+    let name = |s: &Value| s["name"].as_str().map_or("-".to_string(), str::to_string);
+    format!("{}->{}", name(&t["from"]), name(&t["to"]))
+}
+
+/// `blkdelta dump`.
+pub fn dump(a: DumpArgs, out: &mut dyn Write) -> Result<()> {
+    let mut reader = open_stream(a.file.as_deref())?;
+    let emit = |out: &mut dyn Write, v: Value| -> Result<()> {
+        if a.json {
+            writeln!(out, "{v}")?;
+        } else {
+            writeln!(out, "{}", text_line(&v))?;
+        }
+        Ok(())
+    };
+    emit(out, header_json(reader.header()))?;
+    while let Some(rec) = reader.next_record()? {
+        let at = reader.record_position();
+        verify(&rec, at)?;
+        emit(out, record_json(&rec, at))?;
+    }
+    Ok(())
+}
+
+/// `blkdelta status`.
+pub fn status(a: &StatusArgs, st: &ReplicaState, path: &Path, out: &mut dyn Write) -> Result<()> {
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(st)?)?;
+        return Ok(());
+    }
+    writeln!(out, "replica:      {}", a.target.display())?;
+    writeln!(out, "state file:   {}", path.display())?;
+    writeln!(out, "source:       {} {}", st.source_kind, st.source_name)?;
+    writeln!(out, "virtual size: {}", st.virtual_size)?;
+    match (&st.snapshot, &st.in_progress) {
+        (_, Some(p)) => {
+            let from = p
+                .from
+                .as_ref()
+                .map_or("(full)".to_string(), |f| format!("'{}'", f.name));
+            writeln!(
+                out,
+                "state:        in progress, {from} -> '{}' (transition {}, durable below offset {})",
+                p.to.name, p.transition, p.durable_offset
+            )?;
+            writeln!(
+                out,
+                "              holds no complete snapshot; apply the same stream again to finish"
+            )?;
+        }
+        (Some(s), None) => writeln!(
+            out,
+            "state:        holds snapshot '{}' (guid {})",
+            s.name, s.guid
+        )?,
+        (None, None) => writeln!(out, "state:        holds no snapshot")?,
+    }
+    Ok(())
+}
+
+/// UTC `YYYY-MM-DD HH:MM:SS` of seconds since the epoch.
+pub fn utc_date(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// `blkdelta list`.
+pub fn list(img: &Qcow2Image, as_json: bool, out: &mut dyn Write) -> Result<()> {
+    let bitmaps = img.bitmaps()?;
+    if as_json {
+        let snaps: Vec<Value> = img
+            .snapshots()
+            .iter()
+            .map(|s| {
+                json!({ "id": s.id, "name": s.name, "guid": to_hex(&s.guid()),
+                        "virtual_size": s.disk_size, "date_sec": s.date_sec, "date_nsec": s.date_nsec })
+            })
+            .collect();
+        let bms: Vec<Value> = bitmaps
+            .iter()
+            .map(|b| {
+                json!({ "name": b.name, "granularity": 1u64 << b.granularity_bits,
+                        "in_use": b.in_use, "auto": b.auto })
+            })
+            .collect();
+        writeln!(out, "{}", json!({ "snapshots": snaps, "bitmaps": bms }))?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<4} {:<20} {:<32} {:>14} DATE (UTC)",
+        "ID", "NAME", "GUID", "SIZE"
+    )?;
+    for s in img.snapshots() {
+        writeln!(
+            out,
+            "{:<4} {:<20} {:<32} {:>14} {}",
+            s.id,
+            s.name,
+            to_hex(&s.guid()),
+            s.disk_size,
+            utc_date(u64::from(s.date_sec))
+        )?;
+    }
+    if !bitmaps.is_empty() {
+        writeln!(out, "bitmaps:")?;
+        for b in &bitmaps {
+            let mut flags = vec![if b.auto { "enabled" } else { "disabled" }];
+            if b.in_use {
+                flags.push("in-use (invalid)");
+            }
+            writeln!(
+                out,
+                "  {:<20} granularity {:>8} {}",
+                b.name,
+                1u64 << b.granularity_bits,
+                flags.join(", ")
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_date;
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_date(1_795_305_599), "2026-11-21 23:59:59");
+    }
+}

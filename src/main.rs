@@ -1,0 +1,50 @@
+//! `blkdelta`: the command line. Parsing, then one function per subcommand; everything a
+//! library user could want lives in the `blkdelta-common`, `-send` and `-receive` crates.
+
+mod cli;
+mod commands;
+mod progress;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// An error that is the caller's mistake rather than a failure: exit status 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match commands::run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => report(&err),
+    }
+}
+
+/// Prints one `blkdelta:` line for `err` and picks the exit status.
+fn report(err: &anyhow::Error) -> ExitCode {
+    if is_stdout_broken_pipe(err) {
+        // The reader of our output went away: that is its choice, not our failure.
+        return ExitCode::SUCCESS;
+    }
+    let line = format!("{err:#}").replace('\n', " ");
+    let _ = writeln!(std::io::stderr(), "blkdelta: {line}");
+    if err.downcast_ref::<UsageError>().is_some() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn is_stdout_broken_pipe(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<commands::StdoutClosed>().is_some()
+}

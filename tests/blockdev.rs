@@ -1,0 +1,119 @@
+//! Receiving into a block device (a loop device), and checksums across formats.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+/// A loop device over a file, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &std::path::Path) -> Option<Loop> {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "SKIPPED: losetup cannot attach a loop device here: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(Loop(String::from_utf8(out.stdout).ok()?.trim().to_string()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn seed_and_incremental_into_a_loop_device() {
+    if !have("qemu-img") || !have("losetup") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = s.qcow2("vm.qcow2", "32M", "");
+    let r = s.random_file("r", 2 << 20, 7);
+    qemu_io(
+        &img,
+        &[
+            format!("write -s {} 0 2M", r.display()),
+            "write -P 0x9 20M 1M".into(),
+        ],
+    );
+    snapshot(&img, "s1");
+    qemu_io(
+        &img,
+        &[
+            "write -z 0 1M".into(),
+            "discard 20M 1M".into(),
+            "write -P 0x4 30M 64k".into(),
+        ],
+    );
+    snapshot(&img, "s2");
+
+    // A backing file larger than the image, full of old data: the replica must still match.
+    let backing = s.path("dev.img");
+    std::fs::write(&backing, vec![0xeeu8; 40 << 20]).unwrap();
+    let Some(dev) = Loop::attach(&backing) else {
+        return;
+    };
+    let state = s.path("dev.state");
+    let st = state.to_str().unwrap();
+    let devp = std::path::Path::new(&dev.0);
+
+    // Unknown data on the device: a seed needs --force.
+    let seed = s.path("seed.bd");
+    send_to_file(&format!("{}@s1", img.display()), &seed);
+    let out = receive_file(&seed, devp, &["--state", st]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(receive_file(&seed, devp, &["--state", st, "--force"])
+        .status
+        .success());
+    let e1 = s.path("s1.raw");
+    export(&img, Some("s1"), &e1);
+    assert_same_prefix(devp, &e1);
+
+    pipe(&format!("{}@s1..s2", img.display()), devp, &["--state", st]);
+    let e2 = s.path("s2.raw");
+    export(&img, Some("s2"), &e2);
+    assert_same_prefix(devp, &e2);
+
+    let d = checksum(&format!("{}@s2", img.display()), &[]);
+    assert_eq!(d, checksum(&dev.0, &["--state", st]));
+    assert_eq!(d, checksum(e2.to_str().unwrap(), &[]));
+    let status = blkdelta_ok(&["status", &dev.0, "--state", st]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("holds snapshot 's2'"));
+}
+
+#[test]
+fn device_too_small_is_refused() {
+    if !have("qemu-img") || !have("losetup") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = s.qcow2("vm.qcow2", "32M", "");
+    snapshot(&img, "s1");
+    let backing = s.path("small.img");
+    std::fs::write(&backing, vec![0u8; 8 << 20]).unwrap();
+    let Some(dev) = Loop::attach(&backing) else {
+        return;
+    };
+    let seed = s.path("seed.bd");
+    send_to_file(&format!("{}@s1", img.display()), &seed);
+    let state = s.path("dev.state");
+    let out = receive_file(
+        &seed,
+        std::path::Path::new(&dev.0),
+        &["--state", state.to_str().unwrap(), "--force"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs 33554432"));
+}

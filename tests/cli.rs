@@ -1,0 +1,213 @@
+//! The command-line contract: exit codes, one-line errors, base checks, list, dump, status.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+
+fn three_snapshots(s: &Scratch) -> PathBuf {
+    let img = s.qcow2("vm.qcow2", "16M", "");
+    qemu_io(&img, &["write -P 0x1 0 1M".into()]);
+    snapshot(&img, "s1");
+    qemu_io(&img, &["write -P 0x2 1M 1M".into()]);
+    snapshot(&img, "s2");
+    qemu_io(&img, &["write -P 0x3 2M 1M".into()]);
+    snapshot(&img, "s3");
+    img
+}
+
+fn one_error_line(out: &std::process::Output) -> String {
+    let err = String::from_utf8(out.stderr.clone()).unwrap();
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("blkdelta: "), "{err}");
+    err
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = blkdelta(&["send"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = blkdelta(&["frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn missing_snapshot_is_one_line_and_exit_1() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = three_snapshots(&s);
+    let out = blkdelta(&[
+        "send",
+        &format!("{}@nope", img.display()),
+        "-o",
+        "/dev/null",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(one_error_line(&out).contains("nope"));
+    let out = blkdelta(&[
+        "send",
+        &format!("{}@s3..s1", img.display()),
+        "-o",
+        "/dev/null",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(one_error_line(&out).contains("not older"));
+}
+
+#[test]
+fn wrong_base_is_refused_before_any_write() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = three_snapshots(&s);
+    let replica = s.path("r.raw");
+    pipe(&format!("{}@s1", img.display()), &replica, &[]);
+    let before = std::fs::read(&replica).unwrap();
+    let stream = s.path("s2s3.bd");
+    send_to_file(&format!("{}@s2..s3", img.display()), &stream);
+    let out = receive_file(&stream, &replica, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = one_error_line(&out);
+    assert!(err.contains("'s1'") && err.contains("'s2'"), "{err}");
+    assert_eq!(std::fs::read(&replica).unwrap(), before);
+    // --force applies it anyway.
+    let out = receive_file(&stream, &replica, &["--force"]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn full_stream_over_unknown_data_needs_force() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = three_snapshots(&s);
+    let target = s.path("precious.raw");
+    std::fs::write(&target, vec![7u8; 1 << 20]).unwrap();
+    let stream = s.path("seed.bd");
+    send_to_file(&format!("{}@s1", img.display()), &stream);
+    let out = receive_file(&stream, &target, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    one_error_line(&out);
+    assert_eq!(std::fs::read(&target).unwrap(), vec![7u8; 1 << 20]);
+    let out = receive_file(&stream, &target, &["--force"]);
+    assert!(out.status.success());
+    let e = s.path("s1.raw");
+    export(&img, Some("s1"), &e);
+    assert_same_file(&target, &e);
+}
+
+#[test]
+fn corrupt_payload_is_never_written_and_leaves_the_replica_in_progress() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = three_snapshots(&s);
+    let replica = s.path("r.raw");
+    pipe(&format!("{}@s1", img.display()), &replica, &[]);
+    let before = std::fs::read(&replica).unwrap();
+    let stream = s.path("inc.bd");
+    send_to_file(&format!("{}@s1..s2", img.display()), &stream);
+    let mut bytes = std::fs::read(&stream).unwrap();
+    let n = bytes.len();
+    bytes[n - 200] ^= 0xff; // inside the last data payload
+    std::fs::write(&stream, &bytes).unwrap();
+    let out = receive_file(&stream, &replica, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = one_error_line(&out);
+    assert!(err.contains("checksum") || err.contains("corrupt"), "{err}");
+    assert_eq!(std::fs::read(&replica).unwrap(), before);
+    let status = blkdelta_ok(&["status", replica.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(!text.contains("holds snapshot 's2'"), "{text}");
+}
+
+#[test]
+fn truncated_stream_is_detected() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = three_snapshots(&s);
+    let stream = s.path("seed.bd");
+    send_to_file(&format!("{}@s1..s3", img.display()), &stream);
+    let bytes = std::fs::read(&stream).unwrap();
+    std::fs::write(&stream, &bytes[..bytes.len() - 10]).unwrap();
+    let out = blkdelta(&["dump", stream.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(one_error_line(&out).contains("truncated"));
+}
+
+#[test]
+fn list_shows_snapshots_and_bitmaps() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = three_snapshots(&s);
+    run(std::process::Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&img)
+        .arg("daily"));
+    let out = blkdelta_ok(&["list", img.to_str().unwrap()]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    for name in ["s1", "s2", "s3", "daily", "16777216"] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    let out = blkdelta_ok(&["list", "--json", img.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["snapshots"].as_array().unwrap().len(), 3);
+    assert_eq!(v["bitmaps"][0]["name"], "daily");
+    // GUIDs are stable across invocations and distinct.
+    let again = blkdelta_ok(&["list", "--json", img.to_str().unwrap()]);
+    let w: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(v["snapshots"], w["snapshots"]);
+    assert_ne!(v["snapshots"][0]["guid"], v["snapshots"][1]["guid"]);
+}
+
+#[test]
+fn dump_json_has_one_object_per_record() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = three_snapshots(&s);
+    let stream = s.path("inc.bd");
+    send_to_file(&format!("{}@s1..s3", img.display()), &stream);
+    let out = blkdelta_ok(&["dump", "--json", stream.to_str().unwrap()]);
+    let records: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records[0]["record"], "header");
+    assert_eq!(records[0]["transitions"].as_array().unwrap().len(), 2);
+    assert_eq!(records.last().unwrap()["record"], "end");
+    let data: u64 = records
+        .iter()
+        .filter(|r| r["record"] == "data")
+        .map(|r| r["len"].as_u64().unwrap())
+        .sum();
+    assert_eq!(data, 2 << 20);
+    assert_eq!(records[0]["total_data_bytes"].as_u64(), Some(2 << 20));
+}
+
+#[test]
+fn stdin_stream_and_file_stream_agree() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = three_snapshots(&s);
+    let (a, b) = (s.path("a.raw"), s.path("b.raw"));
+    pipe(&format!("{}@s2", img.display()), &a, &[]);
+    let stream = s.path("s2.bd");
+    send_to_file(&format!("{}@s2", img.display()), &stream);
+    assert!(receive_file(&stream, &b, &[]).status.success());
+    assert_same_file(&a, &b);
+}

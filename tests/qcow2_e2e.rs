@@ -1,0 +1,251 @@
+//! End to end: qcow2 snapshots → stream → raw replica, compared with qemu's own export.
+
+mod common;
+
+use common::*;
+
+/// Builds an image with three snapshots holding random and patterned writes, zero writes,
+/// discards and compressed clusters, then a further write to the active layer.
+fn build_history(s: &Scratch, opts: &str, cluster: u64) -> std::path::PathBuf {
+    let img = s.qcow2("vm.qcow2", "64M", opts);
+    let r1 = s.random_file("r1", 2 << 20, 1);
+    let r2 = s.random_file("r2", 1 << 20, 2);
+    let r3 = s.random_file("r3", 3 << 20, 3);
+    let (r1, r2, r3) = (r1.display(), r2.display(), r3.display());
+    let c = cluster;
+    qemu_io(
+        &img,
+        &[
+            format!("write -s {r1} 0 2M"),
+            "write -P 0x11 5M 300k".into(),
+            format!("write -c -P 0x22 {} {c}", 8 << 20),
+            format!("write -P 0x33 {} 4097", (40 << 20) + 3),
+        ],
+    );
+    snapshot(&img, "s1");
+    qemu_io(
+        &img,
+        &[
+            format!("write -s {r2} 1M 1M"),
+            "write -z 5M 64k".into(),
+            "discard 0 512k".into(),
+            "write -P 0x44 20000 7000".into(),
+            format!("write -c -P 0x55 {} {c}", 16 << 20),
+            "write -z 40M 1M".into(),
+        ],
+    );
+    snapshot(&img, "s2");
+    qemu_io(
+        &img,
+        &[
+            format!("discard {} {c}", 8 << 20),
+            format!("write -s {r3} 30M 3M"),
+            "write -P 0x66 63M 1M".into(),
+        ],
+    );
+    snapshot(&img, "s3");
+    qemu_io(&img, &["write -P 0x77 0 1M".into()]);
+    img
+}
+
+/// Seed s1, then s1..s3 incrementally; the replica equals qemu's export at each step and the
+/// digests agree across formats.
+fn seed_then_incremental(opts: &str, cluster: u64) {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = build_history(&s, opts, cluster);
+    let replica = s.path("replica.raw");
+    let (e1, e3) = (s.path("s1.raw"), s.path("s3.raw"));
+    export(&img, Some("s1"), &e1);
+    export(&img, Some("s3"), &e3);
+    let spec = |snap: &str| format!("{}@{snap}", img.display());
+
+    pipe(&spec("s1"), &replica, &[]);
+    assert_same_file(&replica, &e1);
+    let status = blkdelta_ok(&["status", replica.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("holds snapshot 's1'"));
+
+    pipe(&spec("s1..s3"), &replica, &[]);
+    assert_same_file(&replica, &e3);
+    let status = blkdelta_ok(&["status", replica.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("holds snapshot 's3'"));
+
+    let d = checksum(&spec("s3"), &[]);
+    assert_eq!(d, checksum(replica.to_str().unwrap(), &[]));
+    assert_eq!(d, checksum(e3.to_str().unwrap(), &[]));
+    assert_ne!(d, checksum(&spec("s1"), &[]));
+}
+
+#[test]
+fn history_64k_clusters() {
+    seed_then_incremental("", 64 << 10);
+}
+
+#[test]
+fn history_512_byte_clusters() {
+    seed_then_incremental("cluster_size=512", 512);
+}
+
+#[test]
+fn history_2m_clusters() {
+    seed_then_incremental("cluster_size=2M", 2 << 20);
+}
+
+#[test]
+fn history_extended_l2() {
+    seed_then_incremental("extended_l2=on,cluster_size=64k", 64 << 10);
+}
+
+#[test]
+fn history_zstd_compression_type() {
+    seed_then_incremental("compression_type=zstd", 64 << 10);
+}
+
+#[test]
+fn history_v2_image() {
+    seed_then_incremental("compat=0.10", 64 << 10);
+}
+
+#[test]
+fn incremental_carries_every_snapshot_between_and_skips_deleted_ones() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = build_history(&s, "", 64 << 10);
+    qemu_io(&img, &["write -P 0x88 2M 1M".into()]);
+    snapshot(&img, "s4");
+    delete_snapshot(&img, "s2");
+    let stream = s.path("d.bd");
+    send_to_file(&format!("{}@s1..s4", img.display()), &stream);
+    let dump = blkdelta_ok(&["dump", stream.to_str().unwrap()]);
+    let text = String::from_utf8(dump.stdout).unwrap();
+    let ends: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("snapshot-end"))
+        .collect();
+    assert_eq!(ends.len(), 2, "{text}");
+    assert!(ends[0].contains("name=s3") && ends[1].contains("name=s4"));
+
+    let replica = s.path("replica.raw");
+    pipe(&format!("{}@s1", img.display()), &replica, &[]);
+    let out = receive_file(&stream, &replica, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e4 = s.path("s4.raw");
+    export(&img, Some("s4"), &e4);
+    assert_same_file(&replica, &e4);
+}
+
+#[test]
+fn grown_image_grows_the_replica() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = s.qcow2("vm.qcow2", "32M", "");
+    qemu_io(&img, &["write -P 0x1 0 1M".into()]);
+    snapshot(&img, "small");
+    run(std::process::Command::new("qemu-img")
+        .args(["resize", "-q"])
+        .arg(&img)
+        .arg("48M"));
+    qemu_io(
+        &img,
+        &["write -P 0x2 40M 1M".into(), "write -P 0x3 0 4k".into()],
+    );
+    snapshot(&img, "big");
+    let replica = s.path("replica.raw");
+    pipe(&format!("{}@small", img.display()), &replica, &[]);
+    assert_eq!(std::fs::metadata(&replica).unwrap().len(), 32 << 20);
+    pipe(&format!("{}@small..big", img.display()), &replica, &[]);
+    let e = s.path("big.raw");
+    export(&img, Some("big"), &e);
+    assert_same_file(&replica, &e);
+}
+
+#[test]
+fn active_layer_full_send() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = build_history(&s, "", 64 << 10);
+    let replica = s.path("active.raw");
+    pipe(img.to_str().unwrap(), &replica, &[]);
+    let e = s.path("active-export.raw");
+    export(&img, None, &e);
+    assert_same_file(&replica, &e);
+    assert_eq!(
+        checksum(img.to_str().unwrap(), &[]),
+        checksum(replica.to_str().unwrap(), &[])
+    );
+}
+
+#[test]
+fn big_sparse_seed_is_small_and_stays_sparse() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = s.qcow2("big.qcow2", "8G", "");
+    let r = s.random_file("r", 4 << 20, 9);
+    qemu_io(
+        &img,
+        &[
+            format!("write -s {} 1G 4M", r.display()),
+            "write -P 0x5a 7G 1M".into(),
+        ],
+    );
+    snapshot(&img, "s1");
+    let stream = s.path("seed.bd");
+    let bytes = send_to_file(&format!("{}@s1", img.display()), &stream);
+    assert!(
+        bytes < (5 << 20) + (64 << 10),
+        "seed stream is {bytes} bytes"
+    );
+    let replica = s.path("replica.raw");
+    let out = receive_file(&stream, &replica, &[]);
+    assert!(out.status.success());
+    assert_eq!(std::fs::metadata(&replica).unwrap().len(), 8 << 30);
+    let used = allocated_bytes(&replica);
+    assert!(used < 16 << 20, "replica allocates {used} bytes");
+    assert_eq!(
+        checksum(&format!("{}@s1", img.display()), &[]),
+        checksum(replica.to_str().unwrap(), &[])
+    );
+}
+
+#[test]
+fn small_change_makes_a_small_stream() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = s.qcow2("vm.qcow2", "1G", "");
+    let r = s.random_file("r", 64 << 20, 4);
+    qemu_io(&img, &[format!("write -s {} 0 64M", r.display())]);
+    snapshot(&img, "s1");
+    let w = s.random_file("w", 64 << 10, 5);
+    qemu_io(
+        &img,
+        &[
+            format!("write -s {} 3M 64k", w.display()),
+            format!("write -s {} 900M 4k", w.display()),
+        ],
+    );
+    snapshot(&img, "s2");
+    let stream = s.path("inc.bd");
+    let bytes = send_to_file(&format!("{}@s1..s2", img.display()), &stream);
+    // Two changed 64 KiB clusters of random data, plus headers.
+    assert!(
+        bytes < 2 * (64 << 10) + 4096,
+        "incremental stream is {bytes} bytes"
+    );
+    assert!(bytes > 64 << 10, "incremental stream is {bytes} bytes");
+}
