@@ -211,3 +211,54 @@ fn stdin_stream_and_file_stream_agree() {
     assert!(receive_file(&stream, &b, &[]).status.success());
     assert_same_file(&a, &b);
 }
+
+#[test]
+fn progress_lines_on_request_and_silence_with_q() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = three_snapshots(&s);
+    let stream = s.path("p.bd");
+    let out = blkdelta_ok(&[
+        "send",
+        "--progress",
+        &format!("{}@s1..s3", img.display()),
+        "-o",
+        stream.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("send 2.00 MiB of 2.00 MiB"), "{err}");
+    assert!(err.contains("sent 2097152 data bytes"), "{err}");
+    let replica = s.path("r.raw");
+    let out = blkdelta_ok(&[
+        "receive",
+        "-q",
+        "-i",
+        stream.to_str().unwrap(),
+        replica.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(out.stderr.is_empty());
+}
+
+#[test]
+fn send_refuses_a_terminal() {
+    if !have("qemu-img") || !have("script") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = three_snapshots(&s);
+    // `script` gives the command a pseudo-terminal as stdout.
+    let cmd = format!("{} send {}@s1", bin().display(), img.display());
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("refusing to write a stream to a terminal"),
+        "{text}"
+    );
+    assert_eq!(out.status.code(), Some(2));
+}

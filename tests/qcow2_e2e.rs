@@ -249,3 +249,95 @@ fn small_change_makes_a_small_stream() {
     );
     assert!(bytes > 64 << 10, "incremental stream is {bytes} bytes");
 }
+
+#[test]
+fn vmstate_beyond_the_disk_is_never_sent() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = s.qcow2("vm.qcow2", "16M", "");
+    // `write -b` writes the VM state area, stored in guest clusters past the disk's L1 range.
+    qemu_io(
+        &img,
+        &["write -P 1 0 1M".into(), "write -b -P 9 0 2M".into()],
+    );
+    snapshot(&img, "a");
+    qemu_io(
+        &img,
+        &["write -b -P 7 0 1M".into(), "write -P 2 1M 1M".into()],
+    );
+    snapshot(&img, "b");
+    let stream = s.path("ab.bd");
+    send_to_file(&format!("{}@a..b", img.display()), &stream);
+    let out = blkdelta_ok(&["dump", "--json", stream.to_str().unwrap()]);
+    let head: serde_json::Value = serde_json::from_str(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(head["total_data_bytes"].as_u64(), Some(1 << 20));
+    let replica = s.path("r.raw");
+    pipe(&format!("{}@a", img.display()), &replica, &[]);
+    assert!(receive_file(&stream, &replica, &[]).status.success());
+    let e = s.path("b.raw");
+    export(&img, Some("b"), &e);
+    assert_same_file(&replica, &e);
+}
+
+#[test]
+fn overlay_snapshots_read_through_the_backing_file() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let base = s.qcow2("base.qcow2", "32M", "");
+    let r = s.random_file("r", 4 << 20, 21);
+    qemu_io(
+        &base,
+        &[
+            format!("write -s {} 0 4M", r.display()),
+            "write -P 0x3c 20M 2M".into(),
+        ],
+    );
+    let raw_base = s.path("base.raw");
+    export(&base, None, &raw_base);
+    for (name, backing, fmt) in [
+        ("over.qcow2", "base.qcow2", "qcow2"),
+        ("over-raw.qcow2", "base.raw", "raw"),
+    ] {
+        let top = s.path(name);
+        // A relative backing name, resolved against the overlay's directory.
+        run(std::process::Command::new("qemu-img")
+            .current_dir(s.dir.path())
+            .args([
+                "create", "-q", "-f", "qcow2", "-b", backing, "-F", fmt, name,
+            ]));
+        qemu_io(
+            &top,
+            &["write -P 0x11 1M 64k".into(), "write -z 20M 64k".into()],
+        );
+        snapshot(&top, "t1");
+        qemu_io(
+            &top,
+            &["write -P 0x22 2M 1M".into(), "discard 1M 64k".into()],
+        );
+        snapshot(&top, "t2");
+        let replica = s.path(&format!("{name}.replica"));
+        pipe(&format!("{}@t1", top.display()), &replica, &[]);
+        let e1 = s.path(&format!("{name}.t1"));
+        export(&top, Some("t1"), &e1);
+        assert_same_file(&replica, &e1);
+        pipe(&format!("{}@t1..t2", top.display()), &replica, &[]);
+        let e2 = s.path(&format!("{name}.t2"));
+        export(&top, Some("t2"), &e2);
+        assert_same_file(&replica, &e2);
+        assert_eq!(
+            checksum(&format!("{}@t2", top.display()), &[]),
+            checksum(e2.to_str().unwrap(), &[])
+        );
+    }
+}

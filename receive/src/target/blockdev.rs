@@ -17,8 +17,8 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 #[derive(Debug)]
 pub struct BlockDevTarget {
     file: File,
+    device_bytes: u64,
     size: u64,
-    virtual_size: u64,
 }
 
 impl BlockDevTarget {
@@ -33,11 +33,12 @@ impl BlockDevTarget {
             .write(true)
             .open(path)
             .map_err(open_err)?;
-        let size = rustix::fs::seek(&file, SeekFrom::End(0)).map_err(|e| open_err(e.into()))?;
+        let device_bytes =
+            rustix::fs::seek(&file, SeekFrom::End(0)).map_err(|e| open_err(e.into()))?;
         Ok(BlockDevTarget {
             file,
-            size,
-            virtual_size: size,
+            device_bytes,
+            size: device_bytes,
         })
     }
 
@@ -52,21 +53,21 @@ impl BlockDevTarget {
 
 impl Target for BlockDevTarget {
     fn size(&self) -> u64 {
-        self.virtual_size
+        self.size
     }
 
     fn capacity(&self) -> Option<u64> {
-        Some(self.size)
+        Some(self.device_bytes)
     }
 
     fn set_size(&mut self, size: u64) -> Result<(), ReceiveError> {
-        if size > self.size {
+        if size > self.device_bytes {
             return Err(ReceiveError::TooSmall {
-                target: self.size,
+                target: self.device_bytes,
                 needed: size,
             });
         }
-        self.virtual_size = size;
+        self.size = size;
         Ok(())
     }
 

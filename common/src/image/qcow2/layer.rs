@@ -149,6 +149,13 @@ pub(crate) fn read_l1(
 }
 
 impl Qcow2Layer {
+    /// The image this layer belongs to.
+    pub fn image(&self) -> super::Qcow2Image {
+        super::Qcow2Image {
+            inner: self.inner.image.clone(),
+        }
+    }
+
     /// Which layer of the image this is.
     pub fn which(&self) -> Layer {
         self.inner.which

@@ -547,3 +547,41 @@ fn snapshot_l1_shorter_than_its_disk_is_unallocated_beyond() {
     snap.read_at(&mut buf, (1 << 56) - 64).unwrap();
     assert_eq!(buf, [0u8; 64]);
 }
+
+#[test]
+fn mutated_metadata_never_panics() {
+    let base = valid_image();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.qcow2");
+    // Bytes worth mutating: the header, the L1 and L2 tables, the snapshot table.
+    let regions = [
+        (0, 200),
+        (L1 as usize, 16),
+        (L2 as usize, 32),
+        (SNAPTABLE as usize, 72),
+    ];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..400 {
+        let mut f = base.clone();
+        for _ in 0..3 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let (start, len) = regions[(x % 4) as usize];
+            f[start + (x >> 8) as usize % len] = (x >> 40) as u8;
+        }
+        std::fs::write(&path, &f).unwrap();
+        let Ok(img) = Qcow2Image::open(&path) else {
+            continue;
+        };
+        let _ = img.bitmaps();
+        for which in [Layer::Active, Layer::Snapshot(0)] {
+            let Ok(layer) = img.layer(which) else {
+                continue;
+            };
+            let len = layer.size().min(1 << 20) as usize;
+            let _ = layer.read_at(&mut vec![0u8; len], 0);
+            let _ = layer.status(0, u64::MAX);
+        }
+    }
+}
