@@ -47,6 +47,14 @@ pub enum ImageError {
     /// A named snapshot does not exist.
     #[error("no snapshot named or numbered '{0}'")]
     NoSuchSnapshot(String),
+    /// Several snapshots carry the name asked for.
+    #[error("snapshot name '{name}' is ambiguous (ids {ids}): name the snapshot by id")]
+    AmbiguousSnapshot {
+        /// The name asked for.
+        name: String,
+        /// The ids of the snapshots carrying it, comma-separated.
+        ids: String,
+    },
     /// A compressed cluster does not decompress.
     #[error("compressed cluster at host offset {offset} does not decompress: {reason}")]
     Decompress {

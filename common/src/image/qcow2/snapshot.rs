@@ -190,17 +190,39 @@ fn build(
 }
 
 /// Index of the snapshot called `name_or_id`: by name first, then by id.
+/// A name shared by several snapshots is refused rather than guessed: a replica must never
+/// be brought to the wrong one.
 pub(crate) fn find(snapshots: &[Snapshot], name_or_id: &str) -> Result<usize, ImageError> {
-    snapshots
-        .iter()
-        .position(|s| s.name == name_or_id)
-        .or_else(|| snapshots.iter().position(|s| s.id == name_or_id))
-        .ok_or_else(|| ImageError::NoSuchSnapshot(name_or_id.to_owned()))
+    let named: Vec<usize> = (0..snapshots.len())
+        .filter(|&i| snapshots[i].name == name_or_id)
+        .collect();
+    match named.as_slice() {
+        [i] => Ok(*i),
+        [] => snapshots
+            .iter()
+            .position(|s| s.id == name_or_id)
+            .ok_or_else(|| ImageError::NoSuchSnapshot(name_or_id.to_owned())),
+        many => {
+            let ids: Vec<&str> = many.iter().map(|&i| snapshots[i].id.as_str()).collect();
+            Err(ImageError::AmbiguousSnapshot {
+                name: name_or_id.to_owned(),
+                ids: ids.join(", "),
+            })
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_shared_by_two_snapshots_is_refused() {
+        let snaps = [snap("1", "a"), snap("2", "b"), snap("3", "b")];
+        let err = find(&snaps, "b").unwrap_err().to_string();
+        assert!(err.contains("ambiguous (ids 2, 3)"), "{err}");
+        assert_eq!(find(&snaps, "3").unwrap(), 2);
+    }
 
     fn snap(id: &str, name: &str) -> Snapshot {
         Snapshot {
