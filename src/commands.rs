@@ -11,11 +11,12 @@ use blkdelta_common::image::qcow2::{Layer, Qcow2Image};
 use blkdelta_common::image::raw::RawImage;
 use blkdelta_common::image::{probe_format, BlockSource, Format};
 use blkdelta_common::stream::{Record, StreamReader};
-use blkdelta_receive::apply::{receive, ReceiveOptions};
+use blkdelta_receive::apply::{describe, receive_path, ReceiveOptions};
+use blkdelta_receive::plan::TargetProbe;
 use blkdelta_receive::state::{self, default_state_path};
-use blkdelta_receive::target::open_target;
 use blkdelta_send::pipeline::{send, SendOptions};
 use blkdelta_send::source::open_source;
+use blkdelta_send::SendError;
 
 use crate::cli::{ChecksumArgs, Command, ListArgs, ReceiveArgs, SendArgs, StatusArgs};
 use crate::{progress, UsageError};
@@ -69,7 +70,10 @@ fn threads(t: Option<u16>) -> usize {
 }
 
 fn cmd_send(a: SendArgs) -> Result<()> {
-    let source = open_source(&a.source).with_context(|| format!("cannot send {}", a.source))?;
+    let source = open_source(&a.source).map_err(|e| match e {
+        SendError::Usage(m) => anyhow::Error::new(UsageError(m)),
+        other => anyhow::Error::new(other).context(format!("cannot send {}", a.source)),
+    })?;
     let opts = SendOptions {
         level: a.level,
         threads: threads(a.threads),
@@ -118,45 +122,39 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
         None => Box::new(io::stdin().lock()),
     };
     let reader = StreamReader::new(BufReader::with_capacity(1 << 20, input))?;
-    let mut target = open_target(&a.target, None)?;
+    let is_dev = TargetProbe::of(&a.target)?.is_block_device;
     let state_path = a
         .state
         .clone()
-        .unwrap_or_else(|| default_state_path(&a.target, target.is_block_device()));
+        .unwrap_or_else(|| default_state_path(&a.target, is_dev));
     let opts = ReceiveOptions { force: a.force };
     let progress = progress::make(a.progress, "receive");
-    match receive(
+    let result = receive_path(
         reader,
-        target.as_mut(),
-        &state_path,
+        &a.target,
+        Some(&state_path),
         &opts,
         progress.as_ref(),
-    ) {
+    );
+    let held = state::load(&state_path).ok().flatten();
+    match result {
         Ok(summary) => {
             if !a.progress.quiet && (a.progress.progress || io::stderr().is_terminal()) {
                 eprintln!(
-                    "received {} data bytes, {} bytes zeroed or discarded; replica holds '{}'",
+                    "received {} data bytes, {} bytes zeroed or discarded; replica holds {}",
                     summary.data_bytes,
                     summary.zero_bytes,
-                    summary.snapshots.last().map_or("", String::as_str)
+                    held.as_ref().map(describe).unwrap_or_default()
                 );
             }
             Ok(())
         }
-        Err(e) => {
-            let in_progress = state::load(&state_path)
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.in_progress.is_some());
-            if in_progress {
-                bail!(
-                    "{e}; the replica is marked in progress: apply the same stream again to finish \
-                     (blkdelta status {})",
-                    a.target.display()
-                );
-            }
-            Err(e.into())
-        }
+        Err(e) if held.is_some_and(|s| s.in_progress.is_some()) => bail!(
+            "{e}; the replica is marked in progress: apply the same stream again to finish \
+             (blkdelta status {})",
+            a.target.display()
+        ),
+        Err(e) => Err(e.into()),
     }
 }
 

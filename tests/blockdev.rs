@@ -117,3 +117,45 @@ fn device_too_small_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs 33554432"));
 }
+
+/// A device is larger than the replica; a grown image must not show the device's old bytes.
+#[test]
+fn growing_onto_a_device_zeroes_the_grown_range() {
+    if !have("qemu-img") || !have("losetup") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = s.qcow2("vm.qcow2", "1M", "");
+    qemu_io(&img, &["write -P 0x5 0 64k".into()]);
+    snapshot(&img, "small");
+    run(Command::new("qemu-img")
+        .args(["resize", "-q"])
+        .arg(&img)
+        .arg("2M"));
+    snapshot(&img, "big");
+    let backing = s.path("dev.img");
+    std::fs::write(&backing, vec![0xeeu8; 4 << 20]).unwrap();
+    let Some(dev) = Loop::attach(&backing) else {
+        return;
+    };
+    let state = s.path("dev.state");
+    let st = state.to_str().unwrap();
+    let devp = std::path::Path::new(&dev.0);
+    pipe(
+        &format!("{}@small", img.display()),
+        devp,
+        &["--state", st, "--force"],
+    );
+    pipe(
+        &format!("{}@small..big", img.display()),
+        devp,
+        &["--state", st],
+    );
+    let e = s.path("big.raw");
+    export(&img, Some("big"), &e);
+    assert_same_prefix(devp, &e);
+    assert_eq!(
+        checksum(&format!("{}@big", img.display()), &[]),
+        checksum(&dev.0, &["--state", st])
+    );
+}

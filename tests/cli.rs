@@ -25,11 +25,33 @@ fn one_error_line(out: &std::process::Output) -> String {
 }
 
 #[test]
-fn usage_errors_exit_2() {
-    let out = blkdelta(&["send"]);
-    assert_eq!(out.status.code(), Some(2));
-    let out = blkdelta(&["frobnicate"]);
-    assert_eq!(out.status.code(), Some(2));
+fn usage_errors_are_one_line_and_exit_2() {
+    for args in [
+        &["send"][..],
+        &["frobnicate"],
+        &["send", "--level", "99", "x"],
+        &["send", "vm.qcow2@a..", "-o", "/dev/null"],
+    ] {
+        let out = blkdelta(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        one_error_line(&out);
+    }
+}
+
+/// Freezes the help texts: a change to the CLI shows up here.
+#[test]
+fn help_texts_are_as_documented() {
+    for (args, golden) in [
+        (&["--help"][..], include_str!("golden/help.txt")),
+        (&["send", "--help"], include_str!("golden/send-help.txt")),
+        (
+            &["receive", "--help"],
+            include_str!("golden/receive-help.txt"),
+        ),
+    ] {
+        let out = blkdelta_ok(args);
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), golden, "{args:?}");
+    }
 }
 
 #[test]
@@ -53,7 +75,7 @@ fn missing_snapshot_is_one_line_and_exit_1() {
         "-o",
         "/dev/null",
     ]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(one_error_line(&out).contains("not older"));
 }
 

@@ -341,3 +341,34 @@ fn overlay_snapshots_read_through_the_backing_file() {
         );
     }
 }
+
+/// A shrink to a size inside a cluster keeps the cluster's tail, and a later grow shows it
+/// again: the grown range must be sent even though its L2 entry did not change.
+#[test]
+fn grow_after_an_unaligned_shrink_shows_the_old_tail() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = s.qcow2("g.qcow2", "1M", "");
+    qemu_io(&img, &["write -P 0xaa 960k 64k".into()]);
+    snapshot(&img, "s0");
+    let resize = |args: &[&str]| {
+        run(std::process::Command::new("qemu-img")
+            .args(["resize", "-q"])
+            .args(args)
+            .arg(&img)
+            .arg(if args.is_empty() { "1M" } else { "992k" }));
+    };
+    resize(&["--shrink"]);
+    snapshot(&img, "s1");
+    resize(&[]);
+    snapshot(&img, "s2");
+    let replica = s.path("r.raw");
+    pipe(&format!("{}@s0", img.display()), &replica, &[]);
+    pipe(&format!("{}@s0..s2", img.display()), &replica, &[]);
+    let e = s.path("s2.raw");
+    export(&img, Some("s2"), &e);
+    assert_same_file(&replica, &e);
+    assert_eq!(std::fs::read(&e).unwrap()[992 << 10], 0xaa);
+}

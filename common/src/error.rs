@@ -7,7 +7,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// Opening the image failed.
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open {
         /// The image path.
         path: PathBuf,
@@ -16,7 +16,7 @@ pub enum ImageError {
         source: io::Error,
     },
     /// Reading the image failed at an offset.
-    #[error("read of {len} bytes at offset {offset} failed: {source}")]
+    #[error("read of {len} bytes at offset {offset} failed")]
     Read {
         /// Byte offset in the file.
         offset: u64,
@@ -82,10 +82,10 @@ pub enum ImageError {
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     /// Reading the stream failed.
-    #[error("reading the stream failed: {0}")]
+    #[error("reading the stream failed")]
     Read(#[source] io::Error),
     /// Writing the stream failed.
-    #[error("writing the stream failed: {0}")]
+    #[error("writing the stream failed")]
     Write(#[source] io::Error),
     /// The stream does not start with the blkdelta magic.
     #[error("not a blkdelta stream (bad magic {0:02x?}){hint}", hint = magic_hint(.0))]

@@ -1,5 +1,5 @@
-//! Applies a stream to a target: checks the base, verifies every record before writing it, and
-//! makes each snapshot-end durable before recording it in the replica's state.
+//! Applies a stream to a target: verifies every record before writing it, and makes each
+//! snapshot-end durable before recording it in the replica's state.
 
 use std::io::Read;
 use std::path::Path;
@@ -8,20 +8,23 @@ use blkdelta_common::digest::to_hex;
 use blkdelta_common::progress::Progress;
 use blkdelta_common::stream::{Record, StreamHeader, StreamReader};
 
-use crate::state::{self, InProgress, ReplicaState, StateSnap};
-use crate::target::Target;
+use crate::plan::{plan, Plan, TargetProbe};
+use crate::state::{self, default_state_path, InProgress, ReplicaState, StateSnap};
+use crate::target::{open_target, Target};
 use crate::ReceiveError;
 
 /// How to receive.
 #[derive(Debug, Clone, Default)]
 pub struct ReceiveOptions {
-    /// Apply even when the replica does not hold the stream's base.
+    /// Apply every transition even when the replica does not hold the stream's base.
     pub force: bool,
 }
 
 /// What an apply did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReceiveSummary {
+    /// Transitions read and verified but not applied (the replica was past them).
+    pub skipped_transitions: usize,
     /// Data records written.
     pub data_records: u64,
     /// Plain bytes written.
@@ -32,53 +35,11 @@ pub struct ReceiveSummary {
     pub snapshots: Vec<String>,
 }
 
-/// Checks that a stream may be applied to a replica in state `prior`.
-pub fn check_base(
-    header: &StreamHeader,
-    prior: Option<&ReplicaState>,
-    target_fresh: bool,
-) -> Result<(), ReceiveError> {
-    let first = &header.transitions[0];
-    match (&first.from, prior) {
-        (None, _) if target_fresh => Ok(()),
-        (None, Some(st))
-            if st.source_kind == header.source.kind && st.source_name == header.source.name =>
-        {
-            Ok(())
-        }
-        (None, _) => Err(ReceiveError::Refused(format!(
-            "the target holds data that is not a replica of {} '{}'; a full stream would overwrite it",
-            header.source.kind, header.source.name
-        ))),
-        (Some(from), None) => Err(ReceiveError::Refused(format!(
-            "the target is not a blkdelta replica (no state); the stream needs snapshot '{}' ({})",
-            from.name,
-            to_hex(&from.guid)
-        ))),
-        (Some(from), Some(st)) => {
-            let holds = st.snapshot.as_ref().is_some_and(|s| s.is(from));
-            let resuming = st
-                .in_progress
-                .as_ref()
-                .is_some_and(|p| p.from.as_ref().is_some_and(|s| s.is(from)));
-            if holds || resuming {
-                return Ok(());
-            }
-            Err(ReceiveError::Refused(format!(
-                "the replica holds {} but the stream starts from '{}' ({})",
-                describe(st),
-                from.name,
-                to_hex(&from.guid)
-            )))
-        }
-    }
-}
-
 /// A one-phrase description of what a replica holds.
 pub fn describe(st: &ReplicaState) -> String {
     match (&st.snapshot, &st.in_progress) {
         (_, Some(p)) => format!(
-            "an unfinished apply ({} → '{}')",
+            "an unfinished apply ({} -> '{}')",
             p.from
                 .as_ref()
                 .map_or("full".to_string(), |f| format!("'{}'", f.name)),
@@ -89,47 +50,63 @@ pub fn describe(st: &ReplicaState) -> String {
     }
 }
 
-/// Applies the stream `reader` has opened (its header read) to `target`, keeping the replica
-/// state at `state_path`.
+/// Receives the stream `reader` has opened into the raw file or block device at `path`: takes
+/// the replica's lock, checks its state, and only then opens (or creates) the target.
+pub fn receive_path<R: Read>(
+    reader: StreamReader<R>,
+    path: &Path,
+    state_path: Option<&Path>,
+    opts: &ReceiveOptions,
+    progress: &dyn Progress,
+) -> Result<ReceiveSummary, ReceiveError> {
+    let probe = TargetProbe::of(path)?;
+    let state_path = state_path
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| default_state_path(path, probe.is_block_device));
+    let _lock = state::lock(&state_path)?;
+    let prior = state::load(&state_path)?;
+    let plan = plan(reader.header(), prior, &probe, opts.force)?;
+    let mut target = open_target(path)?;
+    receive(reader, target.as_mut(), &state_path, plan, progress)
+}
+
+/// Applies the stream `reader` has opened to `target` as `plan` says, keeping the replica
+/// state at `state_path`. The caller holds the replica's lock.
 pub fn receive<R: Read>(
     mut reader: StreamReader<R>,
     target: &mut dyn Target,
     state_path: &Path,
-    opts: &ReceiveOptions,
+    plan: Plan,
     progress: &dyn Progress,
 ) -> Result<ReceiveSummary, ReceiveError> {
     let header = reader.header().clone();
-    if let Some(capacity) = target.capacity() {
-        let needed = header.transitions.iter().map(|t| t.virtual_size).max();
-        if let Some(needed) = needed.filter(|&n| n > capacity) {
-            return Err(ReceiveError::TooSmall {
-                target: capacity,
-                needed,
-            });
-        }
-    }
-    let prior = state::load(state_path)?;
-    if !opts.force {
-        check_base(&header, prior.as_ref(), target.is_fresh())?;
-    }
+    let state = plan.prior.clone().unwrap_or_else(|| ReplicaState {
+        format: 1,
+        source_kind: String::new(),
+        source_name: String::new(),
+        virtual_size: target.size(),
+        snapshot: None,
+        in_progress: None,
+        updated_unix: 0,
+    });
     let mut run = Apply {
         header: &header,
         state_path,
-        skip_zeroing: target.is_fresh() && header.is_full(),
+        skip_zeroing: plan.fresh && header.is_full(),
+        first: plan.first,
         transition: 0,
         started: false,
-        state: ReplicaState {
-            format: 1,
-            source_kind: header.source.kind.clone(),
-            source_name: header.source.name.clone(),
-            virtual_size: target.size(),
-            snapshot: prior.as_ref().and_then(|p| p.snapshot.clone()),
-            in_progress: None,
-            updated_unix: state::now_unix(),
+        state,
+        summary: ReceiveSummary {
+            skipped_transitions: plan.first,
+            ..ReceiveSummary::default()
         },
-        summary: ReceiveSummary::default(),
     };
-    progress.start(header.total_data_bytes + header.total_zero_bytes);
+    progress.start(
+        header
+            .total_data_bytes
+            .saturating_add(header.total_zero_bytes),
+    );
     run.begin_transition(target)?;
     while let Some(rec) = reader.next_record()? {
         let at = reader.record_position();
@@ -144,6 +121,7 @@ struct Apply<'a> {
     header: &'a StreamHeader,
     state_path: &'a Path,
     skip_zeroing: bool,
+    first: usize,
     transition: usize,
     started: bool,
     state: ReplicaState,
@@ -151,19 +129,23 @@ struct Apply<'a> {
 }
 
 impl Apply<'_> {
+    /// Whether the records of the current transition are written (not only verified).
+    fn applying(&self) -> bool {
+        self.transition >= self.first
+    }
+
     /// Marks the current transition in progress (once) before its first change to the target.
     fn mark_started(&mut self) -> Result<(), ReceiveError> {
         if self.started {
             return Ok(());
         }
         let t = &self.header.transitions[self.transition];
+        self.state.source_kind = self.header.source.kind.clone();
+        self.state.source_name = self.header.source.name.clone();
+        self.state.snapshot = None;
         self.state.in_progress = Some(InProgress {
             stream_id: to_hex(&self.header.stream_id),
-            from: self
-                .state
-                .snapshot
-                .take()
-                .or_else(|| t.from.as_ref().map(StateSnap::from)),
+            from: t.from.as_ref().map(StateSnap::from),
             to: StateSnap::from(&t.to),
             transition: self.transition as u32,
             durable_offset: 0,
@@ -175,6 +157,9 @@ impl Apply<'_> {
 
     /// Resizes the target for the transition that starts now.
     fn begin_transition(&mut self, target: &mut dyn Target) -> Result<(), ReceiveError> {
+        if !self.applying() {
+            return Ok(());
+        }
         let Some(t) = self.header.transitions.get(self.transition) else {
             return Ok(());
         };
@@ -196,15 +181,19 @@ impl Apply<'_> {
         match rec {
             Record::Data(d) => {
                 let plain = d.plain(at)?;
-                self.mark_started()?;
-                target.write_at(&plain, d.offset)?;
-                self.summary.data_records += 1;
-                self.summary.data_bytes += plain.len() as u64;
-                progress.advance(plain.len() as u64);
+                let len = plain.len() as u64;
+                if self.applying() {
+                    self.mark_started()?;
+                    target.write_at(&plain, d.offset)?;
+                    self.summary.data_records += 1;
+                    self.summary.data_bytes += len;
+                }
+                progress.advance(len);
             }
             Record::Zero { offset, len } | Record::Discard { offset, len } => {
                 let discard = matches!(rec, Record::Discard { .. });
-                if !(self.skip_zeroing && self.transition == 0) {
+                let skip = self.skip_zeroing && self.transition == 0;
+                if self.applying() && !skip {
                     self.mark_started()?;
                     if discard {
                         target.discard(offset, len)?;
@@ -212,25 +201,43 @@ impl Apply<'_> {
                         target.write_zeroes(offset, len)?;
                     }
                 }
-                self.summary.zero_bytes += len;
+                if self.applying() {
+                    self.summary.zero_bytes = self.summary.zero_bytes.saturating_add(len);
+                }
                 progress.advance(len);
             }
             Record::SnapshotEnd(end) => {
-                target.flush()?;
-                self.state.in_progress = None;
-                self.state.snapshot = Some(StateSnap {
-                    name: end.name.clone(),
-                    guid: to_hex(&end.guid),
-                });
-                self.state.virtual_size = end.virtual_size;
-                self.save()?;
-                self.summary.snapshots.push(end.name);
+                if self.applying() {
+                    self.reached(&end.name, &end.guid, end.virtual_size, target)?;
+                }
                 self.transition += 1;
                 self.started = false;
                 self.begin_transition(target)?;
             }
             Record::End(_) => {}
         }
+        Ok(())
+    }
+
+    /// The current transition's `to` state is complete: make it durable, then record it.
+    fn reached(
+        &mut self,
+        name: &str,
+        guid: &[u8; 16],
+        virtual_size: u64,
+        target: &mut dyn Target,
+    ) -> Result<(), ReceiveError> {
+        target.flush()?;
+        self.state.source_kind = self.header.source.kind.clone();
+        self.state.source_name = self.header.source.name.clone();
+        self.state.in_progress = None;
+        self.state.snapshot = Some(StateSnap {
+            name: name.to_string(),
+            guid: to_hex(guid),
+        });
+        self.state.virtual_size = virtual_size;
+        self.save()?;
+        self.summary.snapshots.push(name.to_string());
         Ok(())
     }
 

@@ -6,17 +6,16 @@
 //! replica marked in progress, never reported as holding a snapshot it does not hold.
 //!
 //! ```no_run
-//! use blkdelta_receive::{apply::{receive, ReceiveOptions}, target::open_target};
+//! use blkdelta_receive::apply::{receive_path, ReceiveOptions};
 //! let file = std::fs::File::open("delta.bd").unwrap();
 //! let stream = blkdelta_common::stream::StreamReader::new(std::io::BufReader::new(file)).unwrap();
 //! let path = std::path::Path::new("/srv/vm.raw");
-//! let mut target = open_target(path, None).unwrap();
-//! let state = blkdelta_receive::state::default_state_path(path, target.is_block_device());
 //! let none = blkdelta_common::progress::NoProgress;
-//! receive(stream, target.as_mut(), &state, &ReceiveOptions::default(), &none).unwrap();
+//! receive_path(stream, path, None, &ReceiveOptions::default(), &none).unwrap();
 //! ```
 
 pub mod apply;
+pub mod plan;
 pub mod state;
 pub mod target;
 
@@ -32,7 +31,7 @@ pub enum ReceiveError {
     #[error(transparent)]
     Stream(#[from] StreamError),
     /// Opening or creating the target failed.
-    #[error("cannot open target {path}: {source}")]
+    #[error("cannot open target {path}")]
     OpenTarget {
         /// The target path.
         path: PathBuf,
@@ -41,7 +40,7 @@ pub enum ReceiveError {
         source: io::Error,
     },
     /// An operation on the target failed.
-    #[error("{op} at offset {offset} (+{len} bytes) on the target failed: {source}")]
+    #[error("{op} at offset {offset} (+{len} bytes) on the target failed")]
     Target {
         /// What was being done (write, zero, discard, flush, resize).
         op: &'static str,

@@ -83,8 +83,10 @@ pub fn default_state_path(target: &Path, is_block_device: bool) -> PathBuf {
     let dir = std::env::var_os("BLKDELTA_STATE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/lib/blkdelta"));
-    let canon = fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
-    let flat: String = canon
+    // The path as given (made absolute, symlinks kept): /dev/vg/lv is stable where the
+    // /dev/dm-N it points to is not.
+    let abs = std::path::absolute(target).unwrap_or_else(|_| target.to_path_buf());
+    let flat: String = abs
         .to_string_lossy()
         .trim_start_matches('/')
         .replace('/', "_");
@@ -132,6 +134,38 @@ pub fn save(path: &Path, state: &ReplicaState) -> Result<(), ReceiveError> {
     write().map_err(|e| state_err(path, e))
 }
 
+/// An exclusive hold on a replica, released on drop: two receives never apply at once.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+/// Takes the replica's lock (`<state>.lock`, `flock`), failing at once if another process
+/// holds it.
+pub fn lock(state_path: &Path) -> Result<StateLock, ReceiveError> {
+    use rustix::fs::FlockOperation;
+    let mut name = state_path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| state_err(state_path, e))?;
+    }
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| state_err(state_path, e))?;
+    match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(StateLock { _file: file }),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(state_err(
+            state_path,
+            "another blkdelta receive is applying to this replica",
+        )),
+        Err(e) => Err(state_err(state_path, e)),
+    }
+}
+
 /// Seconds since the epoch.
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
@@ -173,6 +207,17 @@ mod tests {
         );
         let p = default_state_path(Path::new("/nonexistent/dev/x"), true);
         assert!(p.to_string_lossy().ends_with("nonexistent_dev_x.state"));
+    }
+
+    #[test]
+    fn a_second_lock_on_the_same_replica_fails_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.raw.blkdelta");
+        let first = lock(&path).unwrap();
+        let err = lock(&path).unwrap_err().to_string();
+        assert!(err.contains("another blkdelta receive"), "{err}");
+        drop(first);
+        lock(&path).unwrap();
     }
 
     #[test]

@@ -30,7 +30,10 @@ pub enum SendError {
     /// Writing the stream failed.
     #[error(transparent)]
     Stream(#[from] StreamError),
-    /// The source specification is not usable.
+    /// The source cannot be sent.
     #[error("{0}")]
     Source(String),
+    /// The source is named wrongly on the command line (a usage error).
+    #[error("{0}")]
+    Usage(String),
 }

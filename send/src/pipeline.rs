@@ -9,6 +9,7 @@
 //! bounded, so memory is bounded by the chunks in flight, never by the image or delta size.
 
 use std::io::Write;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
@@ -119,10 +120,15 @@ pub fn send<W: Write>(
             let rx = Arc::clone(&job_rx);
             s.spawn(move || worker(&rx));
         }
+        // Only the workers hold the job queue: if they all stop, the planner's sends fail
+        // instead of blocking forever.
+        drop(job_rx);
         let planner = s.spawn(move || plan(source, opts.level, plan_tx, job_tx));
         let written = write_in_order(&plan_rx, &header, &mut writer, &mut summary, progress);
         drop(plan_rx);
-        let planned = planner.join().expect("planner does not panic");
+        let planned = planner
+            .join()
+            .unwrap_or_else(|_| Err(SendError::Source("the change planner panicked".into())));
         written.and(planned)
     });
     result?;
@@ -138,11 +144,18 @@ fn worker_gone() -> SendError {
 
 fn worker(rx: &Mutex<Receiver<Job>>) {
     loop {
-        let job = match rx.lock().expect("not poisoned").recv() {
-            Ok(job) => job,
-            Err(_) => return,
+        let next = rx.lock().map(|queue| queue.recv());
+        let Ok(Ok(job)) = next else {
+            return;
         };
-        let result = encode_job(&job);
+        // A panic (a reader bug on a hostile image) becomes this chunk's error, so the writer
+        // reports it instead of waiting for a reply that never comes.
+        let result = catch_unwind(AssertUnwindSafe(|| encode_job(&job))).unwrap_or_else(|_| {
+            Err(SendError::Source(format!(
+                "reading the chunk at offset {} failed unexpectedly",
+                job.offset
+            )))
+        });
         let _ = job.reply.send(result);
     }
 }
@@ -287,3 +300,6 @@ fn write_in_order<W: Write>(
     flush_zero(writer, &mut zero)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

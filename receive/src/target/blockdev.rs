@@ -13,6 +13,10 @@ use crate::ReceiveError;
 /// `BLKZEROOUT`, `_IO(0x12, 127)`: zero a byte range `[start, len]` of a block device.
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
+/// Alignment of fallocate and BLKZEROOUT ranges on a block device (its logical block size is
+/// at most 4096 and divides it).
+const SECTOR_BYTES: u64 = 4096;
+
 /// A block device holding a raw replica.
 #[derive(Debug)]
 pub struct BlockDevTarget {
@@ -42,6 +46,32 @@ impl BlockDevTarget {
         })
     }
 
+    /// Zeroes a range: the sector-unaligned head and tail by plain writes (the device refuses
+    /// unaligned fallocate and BLKZEROOUT), the aligned middle by `fallocate(mode)`, then
+    /// `BLKZEROOUT`, then plain writes.
+    fn zero_aligned(
+        &self,
+        offset: u64,
+        len: u64,
+        mode: FallocateFlags,
+    ) -> Result<(), ReceiveError> {
+        let end = offset + len;
+        let start = offset.next_multiple_of(SECTOR_BYTES).min(end);
+        let stop = (end / SECTOR_BYTES * SECTOR_BYTES).max(start);
+        write_zeroes_plain(&self.file, offset, start - offset)?;
+        write_zeroes_plain(&self.file, stop, end - stop)?;
+        if stop == start {
+            return Ok(());
+        }
+        let flags = mode | FallocateFlags::KEEP_SIZE;
+        if try_fallocate(&self.file, flags, start, stop - start, "zero")?
+            || self.blkzeroout(start, stop - start)
+        {
+            return Ok(());
+        }
+        write_zeroes_plain(&self.file, start, stop - start)
+    }
+
     fn blkzeroout(&self, offset: u64, len: u64) -> bool {
         let range: [u64; 2] = [offset, len];
         // SAFETY: BLKZEROOUT reads a `[u64; 2]` through the pointer, which stays valid for the
@@ -67,6 +97,12 @@ impl Target for BlockDevTarget {
                 needed: size,
             });
         }
+        if size > self.size {
+            // The grown range holds whatever the device held before: it must read as zeros.
+            let old = self.size;
+            self.size = size;
+            self.write_zeroes(old, size - old)?;
+        }
         self.size = size;
         Ok(())
     }
@@ -76,28 +112,16 @@ impl Target for BlockDevTarget {
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError> {
-        let zero = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
-        if try_fallocate(&self.file, zero, offset, len, "zero")? || self.blkzeroout(offset, len) {
-            return Ok(());
-        }
-        write_zeroes_plain(&self.file, offset, len)
+        self.zero_aligned(offset, len, FallocateFlags::ZERO_RANGE)
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError> {
         // PUNCH_HOLE on a block device unmaps and guarantees zeros on read.
-        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        if try_fallocate(&self.file, punch, offset, len, "discard")? {
-            return Ok(());
-        }
-        self.write_zeroes(offset, len)
+        self.zero_aligned(offset, len, FallocateFlags::PUNCH_HOLE)
     }
 
     fn flush(&mut self) -> Result<(), ReceiveError> {
         sync_data(&self.file)
-    }
-
-    fn is_fresh(&self) -> bool {
-        false
     }
 
     fn is_block_device(&self) -> bool {

@@ -13,17 +13,15 @@ use crate::ReceiveError;
 pub struct FileTarget {
     file: File,
     size: u64,
-    fresh: bool,
 }
 
 impl FileTarget {
-    /// Opens `path` for writing, creating it (sparse, `initial_size` bytes) when missing.
-    pub fn open(path: &Path, initial_size: Option<u64>) -> Result<Self, ReceiveError> {
+    /// Opens `path` for writing, creating it empty when missing.
+    pub fn open(path: &Path) -> Result<Self, ReceiveError> {
         let open_err = |source| ReceiveError::OpenTarget {
             path: path.to_path_buf(),
             source,
         };
-        let created = !path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -31,13 +29,8 @@ impl FileTarget {
             .truncate(false)
             .open(path)
             .map_err(open_err)?;
-        let mut size = file.metadata().map_err(open_err)?.len();
-        let fresh = created || size == 0;
-        if let (true, Some(s)) = (fresh, initial_size) {
-            file.set_len(s).map_err(open_err)?;
-            size = s;
-        }
-        Ok(FileTarget { file, size, fresh })
+        let size = file.metadata().map_err(open_err)?.len();
+        Ok(FileTarget { file, size })
     }
 }
 
@@ -87,10 +80,6 @@ impl Target for FileTarget {
 
     fn flush(&mut self) -> Result<(), ReceiveError> {
         sync_data(&self.file)
-    }
-
-    fn is_fresh(&self) -> bool {
-        self.fresh
     }
 
     fn is_block_device(&self) -> bool {

@@ -27,25 +27,20 @@ pub trait Target {
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError>;
     /// Makes every write so far durable.
     fn flush(&mut self) -> Result<(), ReceiveError>;
-    /// Whether the target was created empty by this run (it reads as zeros everywhere).
-    fn is_fresh(&self) -> bool;
     /// Whether the target is a block device.
     fn is_block_device(&self) -> bool;
 }
 
-/// Opens `path` as a target: a block device as it is, a regular file created sparse if missing.
-/// `initial_size` sets the size of a file created here.
-pub fn open_target(
-    path: &Path,
-    initial_size: Option<u64>,
-) -> Result<Box<dyn Target>, ReceiveError> {
+/// Opens `path` as a target: a block device as it is, a regular file created (empty, sparse)
+/// if missing.
+pub fn open_target(path: &Path) -> Result<Box<dyn Target>, ReceiveError> {
     let is_dev = std::fs::metadata(path)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
     if is_dev {
         Ok(Box::new(BlockDevTarget::open(path)?))
     } else {
-        Ok(Box::new(FileTarget::open(path, initial_size)?))
+        Ok(Box::new(FileTarget::open(path)?))
     }
 }
 

@@ -44,10 +44,10 @@ impl SnapshotSpec {
                 from: from.into(),
                 to: to.into(),
             }),
-            Some(_) => Err(SendError::Source(format!(
+            Some(_) => Err(SendError::Usage(format!(
                 "'{s}': a range needs both ends, FROM..TO"
             ))),
-            None if s.is_empty() => Err(SendError::Source("empty snapshot name after '@'".into())),
+            None if s.is_empty() => Err(SendError::Usage("empty snapshot name after '@'".into())),
             None => Ok(SnapshotSpec::Snapshot(s.into())),
         }
     }
@@ -105,7 +105,7 @@ impl Qcow2Snapshots {
             SnapshotSpec::Range { from, to } => {
                 let (fi, ti) = (image.find_snapshot(from)?, image.find_snapshot(to)?);
                 if fi >= ti {
-                    return Err(SendError::Source(format!(
+                    return Err(SendError::Usage(format!(
                         "snapshot '{from}' is not older than '{to}'"
                     )));
                 }
@@ -160,9 +160,10 @@ impl ChangeSource for Qcow2Snapshots {
     }
 }
 
-/// Pushes the ranges of `to` whose L1/L2 entries differ from `from`'s, classified by `to`'s
-/// allocation status. Ranges past `from`'s size that `to` leaves unallocated are not sent:
-/// the receiver grows the replica with zeros.
+/// Pushes the ranges of `to` that may differ from `from`, classified by `to`'s allocation
+/// status: within the size both share, the ranges whose L1/L2 entries differ; past `from`'s
+/// size, everything `to` has (a shrink to a size inside a cluster keeps that cluster's tail,
+/// which a later grow shows again, so equal entries there prove nothing).
 pub fn diff_layers(
     from: &Qcow2Layer,
     to: &Qcow2Layer,
@@ -174,40 +175,45 @@ pub fn diff_layers(
             "snapshots with different geometry".into(),
         ));
     }
-    let cluster = 1u64 << g.cluster_bits;
-    let span = cluster * g.l2_entries;
-    let size = to.size();
-    for i in 0..size.div_ceil(span) as usize {
+    let shared = from.size().min(to.size());
+    let span = (1u64 << g.cluster_bits) * g.l2_entries;
+    for i in 0..shared.div_ceil(span) as usize {
         let ea = from.l1().get(i).copied().unwrap_or(0);
         let eb = to.l1().get(i).copied().unwrap_or(0);
-        if ea & L1E_OFFSET_MASK == eb & L1E_OFFSET_MASK {
-            continue;
+        if ea & L1E_OFFSET_MASK != eb & L1E_OFFSET_MASK {
+            let tables = (from.read_l2(ea)?, to.read_l2(eb)?);
+            diff_l2(to, i as u64 * span, shared, &tables, sink)?;
         }
-        let la = from.read_l2(ea)?;
-        let lb = to.read_l2(eb)?;
-        let base = i as u64 * span;
-        let mut emit = |off: u64, len: u64| -> Result<(), SendError> {
-            let end = (off + len).min(size);
-            if off < end {
-                push_status(to, off, end, &mut *sink)?;
-            }
-            Ok(())
-        };
-        for j in 0..g.l2_entries as usize {
-            let off = base + j as u64 * cluster;
-            if off >= size {
-                break;
-            }
-            let (a, b) = (entry(&la, j), entry(&lb, j));
-            for (first, count) in changed_runs(a, b, g.extended_l2) {
-                let sub = cluster / SUBCLUSTERS;
-                let (start, len) = if g.extended_l2 {
-                    (off + first * sub, count * sub)
-                } else {
-                    (off, cluster)
-                };
-                emit(start, len)?;
-            }
+    }
+    if to.size() > shared {
+        push_status(to, shared, to.size(), sink)?;
+    }
+    Ok(())
+}
+
+/// Pushes the changed ranges of one L2 range starting at guest offset `base`, below `limit`.
+fn diff_l2(
+    to: &Qcow2Layer,
+    base: u64,
+    limit: u64,
+    (la, lb): &(Option<L2Table>, Option<L2Table>),
+    sink: &mut dyn ExtentSink,
+) -> Result<(), SendError> {
+    let g = to.geometry();
+    let cluster = 1u64 << g.cluster_bits;
+    let sub = cluster / SUBCLUSTERS;
+    for j in 0..g.l2_entries as usize {
+        let off = base + j as u64 * cluster;
+        if off >= limit {
+            break;
+        }
+        for (first, count) in changed_runs(entry(la, j), entry(lb, j), g.extended_l2) {
+            let (start, len) = if g.extended_l2 {
+                (off + first * sub, count * sub)
+            } else {
+                (off, cluster)
+            };
+            push_status(to, start, (start + len).min(limit), sink)?;
         }
     }
     Ok(())

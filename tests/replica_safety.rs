@@ -1,0 +1,163 @@
+//! What the receiver accepts and refuses around interrupted and stale replicas.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn history(s: &Scratch) -> PathBuf {
+    let img = s.qcow2("vm.qcow2", "16M", "");
+    let r = s.random_file("r", 4 << 20, 3);
+    qemu_io(&img, &[format!("write -s {} 0 4M", r.display())]);
+    snapshot(&img, "s0");
+    qemu_io(&img, &["write -P 0x1 4M 2M".into()]);
+    snapshot(&img, "s1");
+    qemu_io(&img, &["write -P 0x2 8M 2M".into(), "write -z 0 1M".into()]);
+    snapshot(&img, "s2");
+    img
+}
+
+fn spec(img: &Path, snaps: &str) -> String {
+    format!("{}@{snaps}", img.display())
+}
+
+fn status_text(replica: &Path) -> String {
+    String::from_utf8(blkdelta_ok(&["status", replica.to_str().unwrap()]).stdout).unwrap()
+}
+
+/// The stream position of record `n` (0 = header) of the given type, from `dump --json`.
+fn record_at(stream: &Path, kind: &str, n: usize) -> usize {
+    let out = blkdelta_ok(&["dump", "--json", stream.to_str().unwrap()]);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["record"] == kind)
+        .nth(n)
+        .unwrap()["at"]
+        .as_u64()
+        .unwrap() as usize
+}
+
+fn truncated_copy(stream: &Path, len: usize, out: &Path) {
+    let bytes = std::fs::read(stream).unwrap();
+    std::fs::write(out, &bytes[..len]).unwrap();
+}
+
+fn assert_replica_is(img: &Path, snap: &str, replica: &Path, s: &Scratch) {
+    let e = s.path(&format!("{snap}.export"));
+    export(img, Some(snap), &e);
+    assert_same_file(replica, &e);
+}
+
+#[test]
+fn reapplying_an_interrupted_multi_snapshot_stream_finishes_it() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = history(&s);
+    let replica = s.path("r.raw");
+    pipe(&spec(&img, "s0"), &replica, &[]);
+    let stream = s.path("s0s2.bd");
+    send_to_file(&spec(&img, "s0..s2"), &stream);
+    // Cut inside the second transition: s1 was reached, s1 -> s2 was under way.
+    let cut = s.path("cut.bd");
+    truncated_copy(&stream, record_at(&stream, "data", 3) + 100, &cut);
+    let out = receive_file(&cut, &replica, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("apply the same stream again"), "{err}");
+    let st = status_text(&replica);
+    assert!(st.contains("in progress, 's1' -> 's2'"), "{st}");
+    assert!(!st.contains("holds snapshot"), "{st}");
+
+    let out = receive_file(&stream, &replica, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(status_text(&replica).contains("holds snapshot 's2'"));
+    assert_replica_is(&img, "s2", &replica, &s);
+    // Applying it once more changes nothing and succeeds.
+    assert!(receive_file(&stream, &replica, &[]).status.success());
+    assert_replica_is(&img, "s2", &replica, &s);
+}
+
+#[test]
+fn an_interrupted_full_stream_is_not_finished_by_an_incremental() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = history(&s);
+    let replica = s.path("r.raw");
+    pipe(&spec(&img, "s0"), &replica, &[]);
+    let reseed = s.path("s2.bd");
+    send_to_file(&spec(&img, "s2"), &reseed);
+    let cut = s.path("cut.bd");
+    truncated_copy(&reseed, record_at(&reseed, "data", 1) + 10, &cut);
+    assert_eq!(
+        receive_file(&cut, &replica, &["--force"]).status.code(),
+        Some(1)
+    );
+    let inc = s.path("s0s1.bd");
+    send_to_file(&spec(&img, "s0..s1"), &inc);
+    let out = receive_file(&inc, &replica, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unfinished apply (full -> 's2')"));
+    // The full stream itself finishes the job.
+    assert!(receive_file(&reseed, &replica, &[]).status.success());
+    assert_replica_is(&img, "s2", &replica, &s);
+}
+
+#[test]
+fn a_replaced_or_resized_replica_file_is_refused() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = history(&s);
+    let replica = s.path("r.raw");
+    pipe(&spec(&img, "s0"), &replica, &[]);
+    let inc = s.path("s0s1.bd");
+    send_to_file(&spec(&img, "s0..s1"), &inc);
+
+    std::fs::remove_file(&replica).unwrap();
+    let out = receive_file(&inc, &replica, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing or empty"));
+    assert!(
+        !replica.exists(),
+        "a refused receive must not create the target"
+    );
+
+    pipe(&spec(&img, "s0"), &replica, &[]);
+    std::fs::File::options()
+        .write(true)
+        .open(&replica)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let out = receive_file(&inc, &replica, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("changed outside blkdelta"));
+}
+
+#[test]
+fn a_stream_the_replica_is_already_past_is_verified_and_skipped() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = history(&s);
+    let replica = s.path("r.raw");
+    pipe(&spec(&img, "s0"), &replica, &[]);
+    pipe(&spec(&img, "s0..s1"), &replica, &[]);
+    // s0..s2 starts before what the replica holds: its first transition is only verified.
+    pipe(&spec(&img, "s0..s2"), &replica, &[]);
+    assert_replica_is(&img, "s2", &replica, &s);
+    assert!(status_text(&replica).contains("holds snapshot 's2'"));
+}
