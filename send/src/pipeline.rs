@@ -96,6 +96,7 @@ pub fn make_header(source: &dyn ChangeSource, totals: &Totals) -> StreamHeader {
         total_extents: totals.extents,
         total_data_bytes: totals.data_bytes,
         total_zero_bytes: totals.zero_bytes,
+        resume_offset: 0,
     }
 }
 

@@ -39,6 +39,7 @@ fn header_json(h: &StreamHeader) -> Value {
         "total_extents": h.total_extents,
         "total_data_bytes": h.total_data_bytes,
         "total_zero_bytes": h.total_zero_bytes,
+        "resume_offset": h.resume_offset,
     })
 }
 

@@ -50,6 +50,9 @@ pub struct StreamHeader {
     pub total_data_bytes: u64,
     /// Bytes covered by zero and discard records.
     pub total_zero_bytes: u64,
+    /// A resumed stream: the first transition's records start at this disk offset, below
+    /// which the replica already holds them (0 for a stream that is not resumed).
+    pub resume_offset: u64,
 }
 
 impl StreamHeader {
@@ -85,6 +88,12 @@ impl StreamHeader {
                     i - 1
                 ));
             }
+        }
+        if self.resume_offset > self.transitions[0].virtual_size {
+            return Err(format!(
+                "resume offset {} past the first transition's virtual size {}",
+                self.resume_offset, self.transitions[0].virtual_size
+            ));
         }
         let last = self.transitions.last().expect("not empty");
         if last.virtual_size != self.virtual_size {

@@ -75,6 +75,7 @@ impl<R: Read> StreamReader<R> {
             return Err(r.corrupt("header record has trailing bytes".into()));
         }
         header.validate().map_err(|e| r.corrupt(e))?;
+        r.next_free = header.resume_offset;
         r.header = header;
         Ok(r)
     }
@@ -337,5 +338,6 @@ fn placeholder_header() -> StreamHeader {
         total_extents: 0,
         total_data_bytes: 0,
         total_zero_bytes: 0,
+        resume_offset: 0,
     }
 }
