@@ -50,12 +50,23 @@ pub struct SendArgs {
     /// Write the stream to FILE instead of stdout.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Read even if a QEMU writer (a running VM) holds the image, as qemu-img -U: safe for
+    /// internal snapshots, not for the active layer.
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
     /// zstd level for payloads, 0 to store them plain.
     #[arg(short = 'l', long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=22))]
     pub level: i32,
     /// Worker threads for reading, hashing and compressing (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
+    /// Resume an interrupted receive: start where the token `blkdelta status TARGET` printed
+    /// says (SOURCE as it was first sent).
+    #[arg(long, value_name = "TOKEN")]
+    pub resume: Option<String>,
+    /// Print the plan (transitions, extents, bytes) from metadata, without reading data.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub progress: ProgressArgs,
 }
@@ -75,6 +86,13 @@ pub struct ReceiveArgs {
     /// Apply even if the replica does not hold the stream's base, or holds unknown data.
     #[arg(long)]
     pub force: bool,
+    /// Save the old contents of every range the stream overwrites into FILE, a stream that
+    /// rolls the replica back (one incremental transition; FILE must not exist).
+    #[arg(long, value_name = "FILE")]
+    pub undo: Option<PathBuf>,
+    /// Read and verify the whole stream and check it against the replica; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub progress: ProgressArgs,
 }
@@ -84,6 +102,10 @@ pub struct ReceiveArgs {
 pub struct ChecksumArgs {
     /// IMAGE.qcow2[@SNAP], a raw file or a block device.
     pub image: String,
+    /// Read even if a QEMU writer (a running VM) holds the image, as qemu-img -U: safe for
+    /// internal snapshots, not for the active layer.
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
     /// Replica state of a block device, whose virtual size bounds the digest.
     #[arg(long, value_name = "PATH")]
     pub state: Option<PathBuf>,
@@ -120,6 +142,10 @@ pub struct StatusArgs {
 pub struct ListArgs {
     /// A qcow2 image.
     pub image: PathBuf,
+    /// Read even if a QEMU writer (a running VM) holds the image, as qemu-img -U: safe for
+    /// internal snapshots, not for the active layer.
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
     /// Print as JSON.
     #[arg(long)]
     pub json: bool,

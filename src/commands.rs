@@ -9,13 +9,14 @@ use anyhow::{bail, Context, Result};
 use blkdelta_common::digest::{image_digest, to_hex};
 use blkdelta_common::image::qcow2::{Layer, Qcow2Image};
 use blkdelta_common::image::raw::RawImage;
-use blkdelta_common::image::{probe_format, BlockSource, Format};
+use blkdelta_common::image::{probe_format, BlockSource, Format, OpenOptions};
+use blkdelta_common::stream::ResumeToken;
 use blkdelta_common::stream::{Record, StreamReader};
 use blkdelta_receive::apply::{describe, receive_path, ReceiveOptions};
 use blkdelta_receive::plan::TargetProbe;
 use blkdelta_receive::state::{self, default_state_path};
 use blkdelta_send::pipeline::{send, SendOptions};
-use blkdelta_send::source::open_source;
+use blkdelta_send::source::{open_source_with, Resumed};
 use blkdelta_send::SendError;
 
 use crate::cli::{ChecksumArgs, Command, ListArgs, ReceiveArgs, SendArgs, StatusArgs};
@@ -62,6 +63,11 @@ fn print_out(f: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     }
 }
 
+/// How `--force-share` opens images.
+fn share(force_share: bool) -> OpenOptions {
+    OpenOptions { force_share }
+}
+
 fn threads(t: Option<u16>) -> usize {
     t.map_or_else(
         || std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -70,10 +76,19 @@ fn threads(t: Option<u16>) -> usize {
 }
 
 fn cmd_send(a: SendArgs) -> Result<()> {
-    let source = open_source(&a.source).map_err(|e| match e {
+    let usage_or = |e: SendError| match e {
         SendError::Usage(m) => anyhow::Error::new(UsageError(m)),
         other => anyhow::Error::new(other).context(format!("cannot send {}", a.source)),
-    })?;
+    };
+    let share = share(a.force_share);
+    let mut source = open_source_with(&a.source, &share).map_err(usage_or)?;
+    if let Some(token) = &a.resume {
+        let token = ResumeToken::parse(token).map_err(UsageError)?;
+        source = Box::new(Resumed::new(source, &token).map_err(usage_or)?);
+    }
+    if a.dry_run {
+        return print_out(|out| report::send_plan(source.as_ref(), out));
+    }
     let opts = SendOptions {
         level: a.level,
         threads: threads(a.threads),
@@ -127,7 +142,11 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
         .state
         .clone()
         .unwrap_or_else(|| default_state_path(&a.target, is_dev));
-    let opts = ReceiveOptions { force: a.force };
+    let opts = ReceiveOptions {
+        force: a.force,
+        undo: a.undo.clone(),
+        dry_run: a.dry_run,
+    };
     let progress = progress::make(a.progress, "receive");
     let result = receive_path(
         reader,
@@ -138,6 +157,7 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
     );
     let held = state::load(&state_path).ok().flatten();
     match result {
+        Ok(summary) if a.dry_run => print_out(|out| report::dry_receive(&summary, out)),
         Ok(summary) => {
             if !a.progress.quiet && (a.progress.progress || io::stderr().is_terminal()) {
                 eprintln!(
@@ -159,7 +179,11 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
 }
 
 /// Opens `IMAGE[@SNAP]` as a block source.
-fn open_image(spec: &str, state_path: Option<&Path>) -> Result<Arc<dyn BlockSource>> {
+fn open_image(
+    spec: &str,
+    state_path: Option<&Path>,
+    options: &OpenOptions,
+) -> Result<Arc<dyn BlockSource>> {
     let (path, snap) = if Path::new(spec).exists() {
         (Path::new(spec), None)
     } else if let Some((p, s)) = spec.rsplit_once('@') {
@@ -169,7 +193,7 @@ fn open_image(spec: &str, state_path: Option<&Path>) -> Result<Arc<dyn BlockSour
     };
     match (probe_format(path)?, snap) {
         (Format::Qcow2, snap) => {
-            let img = Qcow2Image::open(path)?;
+            let img = Qcow2Image::open_with(path, options)?;
             let layer = match snap {
                 Some(s) => Layer::Snapshot(img.find_snapshot(s)?),
                 None => Layer::Active,
@@ -178,7 +202,7 @@ fn open_image(spec: &str, state_path: Option<&Path>) -> Result<Arc<dyn BlockSour
         }
         (Format::Raw, Some(_)) => bail!("{}: a raw image has no snapshots", path.display()),
         (Format::Raw, None) => {
-            let mut raw = RawImage::open(path)?;
+            let mut raw = RawImage::open_with(path, options)?;
             if raw.is_block_device() {
                 let sp = state_path
                     .map(Path::to_path_buf)
@@ -193,7 +217,7 @@ fn open_image(spec: &str, state_path: Option<&Path>) -> Result<Arc<dyn BlockSour
 }
 
 fn cmd_checksum(a: ChecksumArgs) -> Result<()> {
-    let src = open_image(&a.image, a.state.as_deref())
+    let src = open_image(&a.image, a.state.as_deref(), &share(a.force_share))
         .with_context(|| format!("cannot checksum {}", a.image))?;
     let digest = image_digest(src.as_ref(), threads(a.threads))?;
     print_out(|out| {
@@ -203,7 +227,7 @@ fn cmd_checksum(a: ChecksumArgs) -> Result<()> {
 }
 
 fn cmd_status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {
-    let is_dev = RawImage::open(&a.target).is_ok_and(|r| r.is_block_device());
+    let is_dev = TargetProbe::of(&a.target).is_ok_and(|t| t.is_block_device);
     let path = a
         .state
         .clone()
@@ -219,8 +243,8 @@ fn cmd_status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {
 }
 
 fn cmd_list(a: ListArgs, out: &mut dyn Write) -> Result<()> {
-    let img =
-        Qcow2Image::open(&a.image).with_context(|| format!("cannot list {}", a.image.display()))?;
+    let img = Qcow2Image::open_with(&a.image, &share(a.force_share))
+        .with_context(|| format!("cannot list {}", a.image.display()))?;
     report::list(&img, a.json, out)
 }
 

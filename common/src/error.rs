@@ -66,6 +66,23 @@ pub enum ImageError {
     /// The consumer of a walk stopped (a writer failed); the walk ends quietly.
     #[error("stopped: the consumer of the change list went away")]
     Cancelled,
+    /// Another process holds QEMU image locks that forbid reading the image.
+    #[error("{} {conflict}", .path.display())]
+    InUse {
+        /// The image (or backing file) path.
+        path: PathBuf,
+        /// What the other process's locks say.
+        conflict: crate::image::lock::LockConflict,
+    },
+    /// Taking or testing QEMU's image locks failed.
+    #[error("cannot lock {} (QEMU image locks)", .path.display())]
+    Lock {
+        /// The image (or backing file) path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// A guest read past the virtual size.
     #[error("guest read at {offset} (+{len} bytes) past the virtual size {size}")]
     OutOfRange {

@@ -1,26 +1,39 @@
-//! Applies a stream to a target: verifies every record before writing it, and makes each
-//! snapshot-end durable before recording it in the replica's state.
+//! Applies a stream to a target: verifies every record before writing it, checkpoints the
+//! durable offset as it goes, saves pre-images first when asked for an undo stream, and makes
+//! each snapshot-end durable before recording it in the replica's state.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use blkdelta_common::digest::to_hex;
 use blkdelta_common::progress::Progress;
 use blkdelta_common::stream::{Record, StreamHeader, StreamReader};
 
-use crate::plan::{plan, Plan, TargetProbe};
+use crate::plan::{plan, Plan, TargetProbe, UndoMode};
 use crate::state::{self, default_state_path, InProgress, ReplicaState, StateSnap};
-use crate::target::{open_target, Target};
+use crate::target::{open_target, DryTarget, Target};
+use crate::undo::{undo_header, UndoWriter};
 use crate::ReceiveError;
+
+/// Applied bytes between two checkpoints of the durable offset (a sync and a state update).
+pub const CHECKPOINT_BYTES: u64 = 256 << 20;
+
+/// With an undo stream, bytes of records gathered before their pre-images are saved and
+/// synced together (bounds memory and the number of syncs).
+const UNDO_BATCH_BYTES: u64 = 32 << 20;
 
 /// How to receive.
 #[derive(Debug, Clone, Default)]
 pub struct ReceiveOptions {
     /// Apply every transition even when the replica does not hold the stream's base.
     pub force: bool,
+    /// Save the old contents of every overwritten range into this undo stream.
+    pub undo: Option<PathBuf>,
+    /// Read and verify everything, touch nothing.
+    pub dry_run: bool,
 }
 
-/// What an apply did.
+/// What an apply did (or, in a dry run, would do).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReceiveSummary {
     /// Transitions read and verified but not applied (the replica was past them).
@@ -29,7 +42,7 @@ pub struct ReceiveSummary {
     pub data_records: u64,
     /// Plain bytes written.
     pub data_bytes: u64,
-    /// Bytes zeroed or discarded (skipped on a fresh target).
+    /// Bytes zeroed or discarded (none for the holes of a full stream on a fresh target).
     pub zero_bytes: u64,
     /// Names of the snapshots reached, in order.
     pub snapshots: Vec<String>,
@@ -51,7 +64,8 @@ pub fn describe(st: &ReplicaState) -> String {
 }
 
 /// Receives the stream `reader` has opened into the raw file or block device at `path`: takes
-/// the replica's lock, checks its state, and only then opens (or creates) the target.
+/// the replica's lock, checks its state, and only then opens (or creates) the target. A dry
+/// run checks the same things and reads the whole stream, touching nothing.
 pub fn receive_path<R: Read>(
     reader: StreamReader<R>,
     path: &Path,
@@ -63,19 +77,28 @@ pub fn receive_path<R: Read>(
     let state_path = state_path
         .map(Path::to_path_buf)
         .unwrap_or_else(|| default_state_path(path, probe.is_block_device));
+    if opts.dry_run {
+        let prior = state::load(&state_path)?;
+        let plan = Plan {
+            undo: None,
+            ..plan(reader.header(), prior, &probe, opts)?
+        };
+        let mut target = DryTarget::new(probe.size);
+        return receive(reader, &mut target, None, plan, progress);
+    }
     let _lock = state::lock(&state_path)?;
     let prior = state::load(&state_path)?;
-    let plan = plan(reader.header(), prior, &probe, opts.force)?;
+    let plan = plan(reader.header(), prior, &probe, opts)?;
     let mut target = open_target(path)?;
-    receive(reader, target.as_mut(), &state_path, plan, progress)
+    receive(reader, target.as_mut(), Some(&state_path), plan, progress)
 }
 
 /// Applies the stream `reader` has opened to `target` as `plan` says, keeping the replica
-/// state at `state_path`. The caller holds the replica's lock.
+/// state at `state_path` (none: a dry run). The caller holds the replica's lock.
 pub fn receive<R: Read>(
     mut reader: StreamReader<R>,
     target: &mut dyn Target,
-    state_path: &Path,
+    state_path: Option<&Path>,
     plan: Plan,
     progress: &dyn Progress,
 ) -> Result<ReceiveSummary, ReceiveError> {
@@ -94,9 +117,14 @@ pub fn receive<R: Read>(
         state_path,
         skip_zeroing: plan.fresh && header.is_full(),
         first: plan.first,
+        undo_plan: plan.undo.clone(),
         transition: 0,
         started: false,
         state,
+        undo: None,
+        pending: Vec::new(),
+        pending_bytes: 0,
+        since_checkpoint: 0,
         summary: ReceiveSummary {
             skipped_transitions: plan.first,
             ..ReceiveSummary::default()
@@ -116,15 +144,36 @@ pub fn receive<R: Read>(
     Ok(run.summary)
 }
 
+/// A verified record waiting to be written.
+enum Pending {
+    Data(u64, Vec<u8>),
+    Zero(u64, u64),
+    Discard(u64, u64),
+}
+
+impl Pending {
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Pending::Data(off, bytes) => (*off, bytes.len() as u64),
+            Pending::Zero(off, len) | Pending::Discard(off, len) => (*off, *len),
+        }
+    }
+}
+
 /// The state of one apply.
 struct Apply<'a> {
     header: &'a StreamHeader,
-    state_path: &'a Path,
+    state_path: Option<&'a Path>,
     skip_zeroing: bool,
     first: usize,
+    undo_plan: Option<(PathBuf, UndoMode)>,
     transition: usize,
     started: bool,
     state: ReplicaState,
+    undo: Option<UndoWriter>,
+    pending: Vec<Pending>,
+    pending_bytes: u64,
+    since_checkpoint: u64,
     summary: ReceiveSummary,
 }
 
@@ -134,12 +183,24 @@ impl Apply<'_> {
         self.transition >= self.first
     }
 
-    /// Marks the current transition in progress (once) before its first change to the target.
-    fn mark_started(&mut self) -> Result<(), ReceiveError> {
+    /// Marks the current transition in progress (once) before its first change to the target,
+    /// and opens the undo stream while the target still holds `from`.
+    fn mark_started(&mut self, target: &dyn Target) -> Result<(), ReceiveError> {
         if self.started {
             return Ok(());
         }
         let t = &self.header.transitions[self.transition];
+        if let Some((path, mode)) = &self.undo_plan {
+            let header = undo_header(t, &self.header.source, target.size());
+            self.undo = Some(match mode {
+                UndoMode::Create => UndoWriter::create(path, header)?,
+                UndoMode::Continue => UndoWriter::resume(path, &header)?,
+            });
+        }
+        let durable = match &self.state.in_progress {
+            Some(p) if p.to.is(&t.to) => p.durable_offset,
+            _ => self.header.resume_offset,
+        };
         self.state.source_kind = self.header.source.kind.clone();
         self.state.source_name = self.header.source.name.clone();
         self.state.snapshot = None;
@@ -148,14 +209,16 @@ impl Apply<'_> {
             from: t.from.as_ref().map(StateSnap::from),
             to: StateSnap::from(&t.to),
             transition: self.transition as u32,
-            durable_offset: 0,
+            durable_offset: durable,
+            undo: self.undo_plan.as_ref().map(|(p, _)| absolute_display(p)),
         });
         self.save()?;
         self.started = true;
         Ok(())
     }
 
-    /// Resizes the target for the transition that starts now.
+    /// Grows the target for the transition that starts now (a shrink waits for its end, so
+    /// an undo stream can save the tail first).
     fn begin_transition(&mut self, target: &mut dyn Target) -> Result<(), ReceiveError> {
         if !self.applying() {
             return Ok(());
@@ -163,8 +226,8 @@ impl Apply<'_> {
         let Some(t) = self.header.transitions.get(self.transition) else {
             return Ok(());
         };
-        if target.size() != t.virtual_size {
-            self.mark_started()?;
+        if t.virtual_size > target.size() {
+            self.mark_started(target)?;
             target.set_size(t.virtual_size)?;
             self.state.virtual_size = t.virtual_size;
         }
@@ -178,48 +241,103 @@ impl Apply<'_> {
         target: &mut dyn Target,
         progress: &dyn Progress,
     ) -> Result<(), ReceiveError> {
-        match rec {
+        let pending = match rec {
             Record::Data(d) => {
                 let plain = d.plain(at)?;
-                let len = plain.len() as u64;
-                if self.applying() {
-                    self.mark_started()?;
-                    target.write_at(&plain, d.offset)?;
-                    self.summary.data_records += 1;
-                    self.summary.data_bytes += len;
-                }
-                progress.advance(len);
+                progress.advance(plain.len() as u64);
+                Pending::Data(d.offset, plain)
             }
-            Record::Zero { offset, len } | Record::Discard { offset, len } => {
-                let discard = matches!(rec, Record::Discard { .. });
-                let skip = self.skip_zeroing && self.transition == 0;
-                if self.applying() && !skip {
-                    self.mark_started()?;
-                    if discard {
-                        target.discard(offset, len)?;
-                    } else {
-                        target.write_zeroes(offset, len)?;
-                    }
-                }
-                if self.applying() {
-                    self.summary.zero_bytes = self.summary.zero_bytes.saturating_add(len);
-                }
+            Record::Zero { offset, len } => {
                 progress.advance(len);
+                Pending::Zero(offset, len)
+            }
+            Record::Discard { offset, len } => {
+                progress.advance(len);
+                Pending::Discard(offset, len)
             }
             Record::SnapshotEnd(end) => {
                 if self.applying() {
+                    self.flush_pending(target)?;
                     self.reached(&end.name, &end.guid, end.virtual_size, target)?;
                 }
                 self.transition += 1;
                 self.started = false;
-                self.begin_transition(target)?;
+                return self.begin_transition(target);
             }
-            Record::End(_) => {}
+            Record::End(_) => return Ok(()),
+        };
+        let zeroing = !matches!(pending, Pending::Data(..));
+        if !self.applying() || (zeroing && self.skip_zeroing && self.transition == 0) {
+            return Ok(());
+        }
+        self.pending_bytes += if zeroing { 0 } else { pending.range().1 };
+        self.pending.push(pending);
+        if self.undo.is_none() && self.undo_plan.is_none()
+            || self.pending_bytes >= UNDO_BATCH_BYTES
+            || self.pending.len() >= 4096
+        {
+            self.flush_pending(target)?;
         }
         Ok(())
     }
 
-    /// The current transition's `to` state is complete: make it durable, then record it.
+    /// Writes the gathered records; with an undo stream, their pre-images are saved and synced
+    /// first. Checkpoints the durable offset every [`CHECKPOINT_BYTES`].
+    fn flush_pending(&mut self, target: &mut dyn Target) -> Result<(), ReceiveError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.mark_started(target)?;
+        if let Some(undo) = &mut self.undo {
+            let reader = target.reader();
+            for p in &self.pending {
+                let (off, len) = p.range();
+                if let Some(r) = &reader {
+                    undo.save(r, off, len)?;
+                }
+            }
+            undo.sync()?;
+        }
+        let mut end = 0;
+        for p in self.pending.drain(..) {
+            let (off, len) = p.range();
+            match p {
+                Pending::Data(off, bytes) => {
+                    target.write_at(&bytes, off)?;
+                    self.summary.data_records += 1;
+                    self.summary.data_bytes += len;
+                }
+                Pending::Zero(off, len) => {
+                    target.write_zeroes(off, len)?;
+                    self.summary.zero_bytes = self.summary.zero_bytes.saturating_add(len);
+                }
+                Pending::Discard(off, len) => {
+                    target.discard(off, len)?;
+                    self.summary.zero_bytes = self.summary.zero_bytes.saturating_add(len);
+                }
+            }
+            end = off + len;
+            self.since_checkpoint = self.since_checkpoint.saturating_add(len);
+        }
+        self.pending_bytes = 0;
+        if self.since_checkpoint >= CHECKPOINT_BYTES {
+            self.checkpoint(end, target)?;
+        }
+        Ok(())
+    }
+
+    /// Syncs the target and records that the current transition is durable below `end`.
+    fn checkpoint(&mut self, end: u64, target: &mut dyn Target) -> Result<(), ReceiveError> {
+        target.flush()?;
+        if let Some(p) = &mut self.state.in_progress {
+            p.durable_offset = end;
+        }
+        self.since_checkpoint = 0;
+        self.save()
+    }
+
+    /// The current transition's `to` state is complete: shrink if it shrank (saving the tail
+    /// first), make it durable, then record it.
     fn reached(
         &mut self,
         name: &str,
@@ -227,7 +345,18 @@ impl Apply<'_> {
         virtual_size: u64,
         target: &mut dyn Target,
     ) -> Result<(), ReceiveError> {
+        if target.size() > virtual_size {
+            self.mark_started(target)?;
+            if let (Some(undo), Some(r)) = (&mut self.undo, target.reader()) {
+                undo.save(&r, virtual_size, target.size() - virtual_size)?;
+                undo.sync()?;
+            }
+            target.set_size(virtual_size)?;
+        }
         target.flush()?;
+        if let Some(undo) = self.undo.take() {
+            undo.finish()?;
+        }
         self.state.source_kind = self.header.source.kind.clone();
         self.state.source_name = self.header.source.name.clone();
         self.state.in_progress = None;
@@ -236,13 +365,25 @@ impl Apply<'_> {
             guid: to_hex(guid),
         });
         self.state.virtual_size = virtual_size;
+        self.since_checkpoint = 0;
         self.save()?;
         self.summary.snapshots.push(name.to_string());
         Ok(())
     }
 
     fn save(&mut self) -> Result<(), ReceiveError> {
+        let Some(path) = self.state_path else {
+            return Ok(());
+        };
         self.state.updated_unix = state::now_unix();
-        state::save(self.state_path, &self.state)
+        state::save(path, &self.state)
     }
+}
+
+/// A path made absolute (symlinks kept), as the state records it.
+pub(crate) fn absolute_display(p: &Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }

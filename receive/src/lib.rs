@@ -18,6 +18,7 @@ pub mod apply;
 pub mod plan;
 pub mod state;
 pub mod target;
+pub mod undo;
 
 use std::io;
 use std::path::PathBuf;
@@ -64,6 +65,14 @@ pub enum ReceiveError {
     #[error("replica state {path}: {reason}")]
     State {
         /// The state file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Writing or continuing the undo stream failed.
+    #[error("undo stream {path}: {reason}")]
+    Undo {
+        /// The undo file.
         path: PathBuf,
         /// What went wrong.
         reason: String,

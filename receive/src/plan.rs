@@ -8,11 +8,12 @@
 //! so applying the same multi-snapshot stream again finishes an interrupted apply.
 
 use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use blkdelta_common::digest::to_hex;
 use blkdelta_common::stream::{SnapRef, StreamHeader, Transition};
 
+use crate::apply::ReceiveOptions;
 use crate::state::{InProgress, ReplicaState, StateSnap};
 use crate::ReceiveError;
 
@@ -74,6 +75,15 @@ impl TargetProbe {
     }
 }
 
+/// How the undo stream is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UndoMode {
+    /// A new undo stream (the file must not exist).
+    Create,
+    /// The undo stream of the interrupted apply this one finishes.
+    Continue,
+}
+
 /// How a stream is to be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -83,6 +93,8 @@ pub struct Plan {
     pub fresh: bool,
     /// The replica's state before this apply.
     pub prior: Option<ReplicaState>,
+    /// The undo stream to write, and how to open it.
+    pub undo: Option<(PathBuf, UndoMode)>,
 }
 
 fn same(state: Option<&StateSnap>, snap: Option<&SnapRef>) -> bool {
@@ -98,12 +110,12 @@ fn named(s: &SnapRef) -> String {
 }
 
 /// Decides how `header`'s stream applies to a target in state `prior`; refuses, naming both
-/// sides, when it does not. `force` applies every transition whatever the replica holds.
+/// sides, when it does not. `--force` applies every transition whatever the replica holds.
 pub fn plan(
     header: &StreamHeader,
     prior: Option<ReplicaState>,
     probe: &TargetProbe,
-    force: bool,
+    opts: &ReceiveOptions,
 ) -> Result<Plan, ReceiveError> {
     if probe.is_block_device {
         let needed = header.transitions.iter().map(|t| t.virtual_size).max();
@@ -115,16 +127,84 @@ pub fn plan(
         }
     }
     let fresh = probe.is_empty();
-    let first = if force {
+    let first = if opts.force {
         0
     } else {
         first_transition(header, prior.as_ref(), probe)?
     };
+    let in_progress = prior.as_ref().and_then(|p| p.in_progress.as_ref());
+    if let (false, Some(p), 0) = (opts.force, in_progress, first) {
+        check_resume_offset(header, p)?;
+    }
+    let undo = undo_plan(header, first, in_progress, opts)?;
     Ok(Plan {
         first,
         fresh,
         prior,
+        undo,
     })
+}
+
+/// A resumed stream lacks its first transition's records below its resume offset: the replica
+/// must already hold them durably.
+fn check_resume_offset(header: &StreamHeader, p: &InProgress) -> Result<(), ReceiveError> {
+    if header.resume_offset > p.durable_offset {
+        return Err(ReceiveError::Refused(format!(
+            "the stream resumes at offset {} but the replica is durable only below {}",
+            header.resume_offset, p.durable_offset
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the undo rules: one incremental transition; a new file for a new apply; the same
+/// file to finish an interrupted apply that had one.
+fn undo_plan(
+    header: &StreamHeader,
+    first: usize,
+    in_progress: Option<&InProgress>,
+    opts: &ReceiveOptions,
+) -> Result<Option<(PathBuf, UndoMode)>, ReceiveError> {
+    let refuse = |why: String| Err(ReceiveError::Refused(why));
+    let resuming = in_progress.filter(|p| {
+        header
+            .transitions
+            .get(first)
+            .is_some_and(|t| p.to.is(&t.to))
+    });
+    let Some(path) = &opts.undo else {
+        return match resuming.and_then(|p| p.undo.as_ref()) {
+            Some(u) if !opts.force => refuse(format!(
+                "the interrupted apply writes the undo stream {u}: pass --undo {u} to finish it"
+            )),
+            _ => Ok(None),
+        };
+    };
+    let applied = &header.transitions[first.min(header.transitions.len())..];
+    match applied {
+        [] => return Ok(None),
+        [t] if t.from.is_some() => {}
+        _ => return refuse(format!(
+            "--undo takes a stream that applies one incremental transition; this one applies {} \
+                 (send the range one snapshot at a time)",
+            applied.len()
+        )),
+    }
+    match resuming {
+        Some(p) if p.undo.as_deref() == Some(&*crate::apply::absolute_display(path)) => {
+            Ok(Some((path.clone(), UndoMode::Continue)))
+        }
+        Some(_) => refuse(format!(
+            "the interrupted apply did not write {}: its old contents are partly overwritten \
+             already; finish it without --undo",
+            path.display()
+        )),
+        None if path.exists() => refuse(format!(
+            "the undo file {} exists already: choose another",
+            path.display()
+        )),
+        None => Ok(Some((path.clone(), UndoMode::Create))),
+    }
 }
 
 fn first_transition(

@@ -52,6 +52,36 @@ pub struct InProgress {
     pub transition: u32,
     /// Disk offset below which this transition's writes are durable.
     pub durable_offset: u64,
+    /// The undo stream this apply writes, if any: finishing the apply must continue it.
+    #[serde(default)]
+    pub undo: Option<String>,
+}
+
+impl InProgress {
+    /// The resume token of this apply: where `send --resume` starts.
+    pub fn token(&self) -> Option<blkdelta_common::stream::ResumeToken> {
+        let from = match &self.from {
+            Some(f) => Some(from_hex16(&f.guid)?),
+            None => None,
+        };
+        Some(blkdelta_common::stream::ResumeToken {
+            from,
+            to: from_hex16(&self.to.guid)?,
+            offset: self.durable_offset,
+        })
+    }
+}
+
+/// Parses 32 hex digits.
+fn from_hex16(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
 }
 
 /// What a replica holds.

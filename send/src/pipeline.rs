@@ -79,10 +79,23 @@ struct Job {
 /// Computes the totals of every transition, from metadata only.
 pub fn plan_totals(source: &dyn ChangeSource) -> Result<Totals, SendError> {
     let mut totals = Totals::default();
-    for i in 0..source.transitions().len() {
-        source.changes(i, &mut totals)?;
+    for t in plan_transitions(source)? {
+        totals.extents += t.extents;
+        totals.data_bytes += t.data_bytes;
+        totals.zero_bytes += t.zero_bytes;
     }
     Ok(totals)
+}
+
+/// The totals of each transition, from metadata only (what `send --dry-run` shows).
+pub fn plan_transitions(source: &dyn ChangeSource) -> Result<Vec<Totals>, SendError> {
+    (0..source.transitions().len())
+        .map(|i| {
+            let mut totals = Totals::default();
+            source.changes(i, &mut totals)?;
+            Ok(totals)
+        })
+        .collect()
 }
 
 /// Builds the stream header of `source` with the totals of a first metadata pass.
@@ -96,7 +109,7 @@ pub fn make_header(source: &dyn ChangeSource, totals: &Totals) -> StreamHeader {
         total_extents: totals.extents,
         total_data_bytes: totals.data_bytes,
         total_zero_bytes: totals.zero_bytes,
-        resume_offset: 0,
+        resume_offset: source.resume_offset(),
     }
 }
 

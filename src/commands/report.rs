@@ -7,7 +7,10 @@ use anyhow::Result;
 use blkdelta_common::digest::to_hex;
 use blkdelta_common::image::qcow2::Qcow2Image;
 use blkdelta_common::stream::{Compression, Record, SnapRef, StreamHeader};
+use blkdelta_receive::apply::ReceiveSummary;
 use blkdelta_receive::state::ReplicaState;
+use blkdelta_send::pipeline::plan_transitions;
+use blkdelta_send::ChangeSource;
 use serde_json::{json, Value};
 
 use super::{open_stream, verify};
@@ -239,4 +242,60 @@ mod tests {
         assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
         assert_eq!(utc_date(1_795_305_599), "2026-11-21 23:59:59");
     }
+}
+
+/// `blkdelta send --dry-run`: the plan, from metadata alone.
+pub fn send_plan(source: &dyn ChangeSource, out: &mut dyn Write) -> Result<()> {
+    let plans = plan_transitions(source)?;
+    let info = source.info();
+    writeln!(out, "source: {} {}", info.kind, info.name)?;
+    if source.resume_offset() > 0 {
+        writeln!(out, "resumes at offset {}", source.resume_offset())?;
+    }
+    for (t, p) in source.transitions().iter().zip(&plans) {
+        let from = t
+            .from
+            .as_ref()
+            .map_or("(full)".to_string(), |f| format!("'{}'", f.name));
+        writeln!(
+            out,
+            "{from} -> '{}': {} extents, {} data bytes, {} bytes zeroed or discarded, virtual size {}",
+            t.to.name, p.extents, p.data_bytes, p.zero_bytes, t.virtual_size
+        )?;
+    }
+    let data: u64 = plans.iter().map(|p| p.data_bytes).sum();
+    writeln!(
+        out,
+        "total: {data} data bytes at most (all-zero chunks are sent as zero records)"
+    )?;
+    Ok(())
+}
+
+/// `blkdelta receive --dry-run`: what the stream would do to the replica.
+pub fn dry_receive(s: &ReceiveSummary, out: &mut dyn Write) -> Result<()> {
+    writeln!(
+        out,
+        "dry run: the stream is intact and applies to this replica"
+    )?;
+    if s.skipped_transitions > 0 {
+        writeln!(
+            out,
+            "would skip {} transition(s) the replica is past",
+            s.skipped_transitions
+        )?;
+    }
+    writeln!(
+        out,
+        "would write {} data bytes in {} records and zero or discard {} bytes, reaching {}",
+        s.data_bytes,
+        s.data_records,
+        s.zero_bytes,
+        s.snapshots
+            .iter()
+            .map(|n| format!("'{n}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    writeln!(out, "nothing was written")?;
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! Every image is seen through [`BlockSource`]: a virtual size, positioned reads of guest bytes,
 //! and an allocation status, so that readers skip ranges that hold nothing.
 
+pub mod lock;
 pub mod qcow2;
 pub mod raw;
 
@@ -13,6 +14,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::ImageError;
+
+/// How to open an image for reading.
+///
+/// The default is the safe one: take QEMU's reader locks and refuse an image (or backing file)
+/// that a writer holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Read even if a writer holds the image, as `qemu-img -U` (`--force-share`) does: take
+    /// and test only the locks that option does (see [`lock`]).
+    pub force_share: bool,
+}
 
 /// How a range of a virtual disk is backed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -9,7 +9,8 @@ use std::path::Path;
 
 use rustix::fs::SeekFrom;
 
-use super::{check_range, Allocation, BlockSource};
+use super::lock::lock_for_read;
+use super::{check_range, Allocation, BlockSource, OpenOptions};
 use crate::ImageError;
 
 /// A raw image file or block device opened read-only.
@@ -21,17 +22,25 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// Opens `path` read-only; its size is the file length or the device size.
+    /// Opens `path` read-only with the default [`OpenOptions`] (QEMU's reader locks); its size
+    /// is the file length or the device size.
     pub fn open(path: &Path) -> Result<Self, ImageError> {
+        Self::open_with(path, &OpenOptions::default())
+    }
+
+    /// Opens `path` read-only, taking QEMU's reader locks as `options` say: they are held
+    /// until the image is dropped.
+    pub fn open_with(path: &Path, options: &OpenOptions) -> Result<Self, ImageError> {
         let open_err = |source| ImageError::Open {
             path: path.to_path_buf(),
             source,
         };
         let file = File::open(path).map_err(open_err)?;
+        lock_for_read(&file, path, options)?;
         Self::from_file(file).map_err(open_err)
     }
 
-    /// Wraps an open file or block device.
+    /// Wraps an open file or block device (taking no locks).
     pub fn from_file(file: File) -> std::io::Result<Self> {
         let meta = file.metadata()?;
         let is_block_device = meta.file_type().is_block_device();

@@ -13,6 +13,7 @@
 mod header;
 mod reader;
 mod record;
+mod token;
 mod writer;
 
 pub use header::{SnapRef, SourceInfo, StreamHeader, Transition};
@@ -21,6 +22,7 @@ pub use record::{
     encode_chunk, Compression, DataRecord, EndRecord, Record, RecordType, SnapshotEnd,
     DATA_FIXED_BYTES,
 };
+pub use token::ResumeToken;
 pub use writer::StreamWriter;
 
 /// The first eight bytes of every stream.

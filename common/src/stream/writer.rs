@@ -40,6 +40,18 @@ impl<W: Write> StreamWriter<W> {
         Ok(w)
     }
 
+    /// Continues a stream whose first `bytes` bytes (`records` complete records, the header
+    /// included) are already in `inner`, and whose hash so far is `hasher`: appending to an
+    /// interrupted stream.
+    pub fn continue_after(inner: W, hasher: blake3::Hasher, records: u64, bytes: u64) -> Self {
+        StreamWriter {
+            inner,
+            hasher,
+            records,
+            bytes,
+        }
+    }
+
     /// Writes a data record.
     pub fn data(&mut self, rec: &DataRecord) -> Result<(), StreamError> {
         let fields = encode_body(&rec.fields());
@@ -74,6 +86,12 @@ impl<W: Write> StreamWriter<W> {
     /// Bytes written so far.
     pub fn bytes_written(&self) -> u64 {
         self.bytes
+    }
+
+    /// Flushes the sink and returns it, to sync it (a stream that must be durable as it goes).
+    pub fn flush_inner(&mut self) -> Result<&mut W, StreamError> {
+        self.inner.flush().map_err(StreamError::Write)?;
+        Ok(&mut self.inner)
     }
 
     /// Writes the end record, flushes, and returns the sink.

@@ -8,6 +8,8 @@ use std::path::Path;
 use rustix::fs::{FallocateFlags, SeekFrom};
 
 use super::{pwrite_all, sync_data, try_fallocate, write_zeroes_plain, Target};
+use blkdelta_common::image::raw::RawImage;
+
 use crate::ReceiveError;
 
 /// `BLKZEROOUT`, `_IO(0x12, 127)`: zero a byte range `[start, len]` of a block device.
@@ -126,5 +128,9 @@ impl Target for BlockDevTarget {
 
     fn is_block_device(&self) -> bool {
         true
+    }
+
+    fn reader(&self) -> Option<RawImage> {
+        RawImage::from_file(self.file.try_clone().ok()?).ok()
     }
 }

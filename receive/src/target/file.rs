@@ -6,6 +6,8 @@ use std::path::Path;
 use rustix::fs::FallocateFlags;
 
 use super::{pwrite_all, sync_data, try_fallocate, write_zeroes_plain, Target};
+use blkdelta_common::image::raw::RawImage;
+
 use crate::ReceiveError;
 
 /// A regular file holding a raw replica.
@@ -84,5 +86,9 @@ impl Target for FileTarget {
 
     fn is_block_device(&self) -> bool {
         false
+    }
+
+    fn reader(&self) -> Option<RawImage> {
+        RawImage::from_file(self.file.try_clone().ok()?).ok()
     }
 }

@@ -9,6 +9,8 @@ pub use file::FileTarget;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
+use blkdelta_common::image::raw::RawImage;
+
 use crate::ReceiveError;
 
 /// A writable virtual disk.
@@ -29,6 +31,53 @@ pub trait Target {
     fn flush(&mut self) -> Result<(), ReceiveError>;
     /// Whether the target is a block device.
     fn is_block_device(&self) -> bool;
+    /// A reader of the target's current contents (for pre-images), or `None` when the target
+    /// cannot be read back.
+    fn reader(&self) -> Option<RawImage>;
+}
+
+/// A target that takes every operation and writes nothing: what a dry run applies to.
+#[derive(Debug)]
+pub struct DryTarget {
+    size: u64,
+}
+
+impl DryTarget {
+    /// A dry target that starts `size` bytes long.
+    pub fn new(size: u64) -> Self {
+        DryTarget { size }
+    }
+}
+
+impl Target for DryTarget {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn capacity(&self) -> Option<u64> {
+        None
+    }
+    fn set_size(&mut self, size: u64) -> Result<(), ReceiveError> {
+        self.size = size;
+        Ok(())
+    }
+    fn write_at(&mut self, _: &[u8], _: u64) -> Result<(), ReceiveError> {
+        Ok(())
+    }
+    fn write_zeroes(&mut self, _: u64, _: u64) -> Result<(), ReceiveError> {
+        Ok(())
+    }
+    fn discard(&mut self, _: u64, _: u64) -> Result<(), ReceiveError> {
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), ReceiveError> {
+        Ok(())
+    }
+    fn is_block_device(&self) -> bool {
+        false
+    }
+    fn reader(&self) -> Option<RawImage> {
+        None
+    }
 }
 
 /// Opens `path` as a target: a block device as it is, a regular file created (empty, sparse)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink};
 use blkdelta_common::image::raw::RawImage;
-use blkdelta_common::image::{Allocation, BlockSource};
+use blkdelta_common::image::{Allocation, BlockSource, OpenOptions};
 use blkdelta_common::stream::{random_id, SnapRef, SourceInfo, Transition};
 
 use super::ChangeSource;
@@ -59,7 +59,12 @@ impl FullSource {
     /// A full stream of a raw file or block device. It has no durable identity, so the state
     /// it produces is named after the file and gets a fresh GUID.
     pub fn raw(path: &Path) -> Result<Self, SendError> {
-        let img = RawImage::open(path)?;
+        Self::raw_with(path, &OpenOptions::default())
+    }
+
+    /// [`FullSource::raw`], with QEMU's image locks taken (or not) as `options` say.
+    pub fn raw_with(path: &Path, options: &OpenOptions) -> Result<Self, SendError> {
+        let img = RawImage::open_with(path, options)?;
         let name = file_name(path);
         let info = SourceInfo {
             kind: "raw".into(),

@@ -13,7 +13,7 @@ use blkdelta_common::image::qcow2::tables::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
 };
 use blkdelta_common::image::qcow2::{L2Table, Layer, Qcow2Image, Qcow2Layer, Snapshot};
-use blkdelta_common::image::BlockSource;
+use blkdelta_common::image::{BlockSource, OpenOptions};
 use blkdelta_common::stream::{random_id, SnapRef, SourceInfo, Transition};
 
 use super::full::{file_name, push_status};
@@ -74,9 +74,19 @@ fn snap_ref(s: &Snapshot) -> SnapRef {
 }
 
 impl Qcow2Snapshots {
-    /// Opens `path` and resolves the snapshots `spec` names.
+    /// Opens `path` and resolves the snapshots `spec` names, refusing an image a QEMU writer
+    /// holds.
     pub fn open(path: &Path, spec: &SnapshotSpec) -> Result<Self, SendError> {
-        let image = Qcow2Image::open(path)?;
+        Self::open_with(path, spec, &OpenOptions::default())
+    }
+
+    /// [`Qcow2Snapshots::open`], with QEMU's image locks taken (or not) as `options` say.
+    pub fn open_with(
+        path: &Path,
+        spec: &SnapshotSpec,
+        options: &OpenOptions,
+    ) -> Result<Self, SendError> {
+        let image = Qcow2Image::open_with(path, options)?;
         let mut steps = Vec::new();
         let mut transitions = Vec::new();
         match spec {

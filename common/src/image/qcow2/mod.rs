@@ -47,8 +47,9 @@ pub use layer::{L2Table, Qcow2Layer};
 pub use snapshot::Snapshot;
 pub use tables::Geometry;
 
+use super::lock::lock_for_read;
 use super::raw::{pread_exact, RawImage};
-use super::{probe_format, BlockSource, Format};
+use super::{probe_format, BlockSource, Format, OpenOptions};
 use crate::limits::MAX_BACKING_DEPTH;
 use crate::ImageError;
 
@@ -79,6 +80,8 @@ pub(crate) struct ImageInner {
     snapshots: Vec<Snapshot>,
     /// How many images above this one in the backing chain (0 for the image opened).
     depth: usize,
+    /// How the image was opened: the backing chain is opened the same way.
+    options: OpenOptions,
     /// The backing source, opened on first use.
     backing: Mutex<Option<Arc<dyn BlockSource>>>,
 }
@@ -95,17 +98,30 @@ impl std::fmt::Debug for Qcow2Image {
 
 impl Qcow2Image {
     /// Opens and validates a qcow2 image: its header, extensions and snapshot table. The
-    /// backing file is opened by [`Qcow2Image::layer`].
+    /// backing file is opened by [`Qcow2Image::layer`]. Takes QEMU's reader locks, as
+    /// [`Qcow2Image::open_with`] does with the default [`OpenOptions`].
     pub fn open(path: &Path) -> Result<Qcow2Image, ImageError> {
-        Self::open_at_depth(path, 0)
+        Self::open_with(path, &OpenOptions::default())
     }
 
-    fn open_at_depth(path: &Path, depth: usize) -> Result<Qcow2Image, ImageError> {
+    /// Opens an image, taking QEMU's reader locks on it, and later on each file of its
+    /// backing chain, as `options` say. They are held until the last clone of the image and
+    /// of its layers is dropped.
+    pub fn open_with(path: &Path, options: &OpenOptions) -> Result<Qcow2Image, ImageError> {
+        Self::open_at_depth(path, 0, options)
+    }
+
+    fn open_at_depth(
+        path: &Path,
+        depth: usize,
+        options: &OpenOptions,
+    ) -> Result<Qcow2Image, ImageError> {
         let open_err = |source| ImageError::Open {
             path: path.to_path_buf(),
             source,
         };
         let file = File::open(path).map_err(open_err)?;
+        lock_for_read(&file, path, options)?;
         // Seeking to the end gives the size of block devices too.
         let file_len = rustix::fs::seek(&file, SeekFrom::End(0)).map_err(|e| open_err(e.into()))?;
         let header = read_header(&file, file_len)?;
@@ -118,6 +134,7 @@ impl Qcow2Image {
                 header,
                 snapshots,
                 depth,
+                options: *options,
                 backing: Mutex::new(None),
             }),
         })
@@ -234,6 +251,7 @@ impl Qcow2Image {
             &path,
             self.inner.header.backing_format.as_deref(),
             self.inner.depth + 1,
+            &self.inner.options,
         )?;
         *slot = Some(source.clone());
         Ok(Some(source))
@@ -257,6 +275,7 @@ fn open_backing(
     path: &Path,
     format: Option<&str>,
     depth: usize,
+    options: &OpenOptions,
 ) -> Result<Arc<dyn BlockSource>, ImageError> {
     if depth > MAX_BACKING_DEPTH {
         return Err(ImageError::Invalid(format!(
@@ -276,7 +295,9 @@ fn open_backing(
         None => probe_format(path)?,
     };
     Ok(match format {
-        Format::Qcow2 => Arc::new(Qcow2Image::open_at_depth(path, depth)?.layer(Layer::Active)?),
-        Format::Raw => Arc::new(RawImage::open(path)?),
+        Format::Qcow2 => {
+            Arc::new(Qcow2Image::open_at_depth(path, depth, options)?.layer(Layer::Active)?)
+        }
+        Format::Raw => Arc::new(RawImage::open_with(path, options)?),
     })
 }

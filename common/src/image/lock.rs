@@ -1,0 +1,409 @@
+//! QEMU's image locks, taken and checked the way QEMU's `file-posix` driver does for a reader.
+//!
+//! A QEMU process that opens an image file announces its permissions with shared OFD
+//! byte-range locks (`F_OFD_SETLK`, `F_RDLCK`) on single bytes of the file, one pair of bytes
+//! per permission bit `i` (`block/file-posix.c`, `raw_apply_lock_bytes`):
+//!
+//! ```text
+//! byte 100 + i   "I hold permission i"            i = 0 consistent read, 1 write,
+//! byte 200 + i   "I do not share permission i"        2 write unchanged, 3 resize
+//! ```
+//!
+//! An opener then tests, with `F_OFD_GETLK` for a write lock, that no other open file holds
+//! byte `200 + i` for a permission it wants, nor byte `100 + i` for a permission it does not
+//! share (`raw_check_lock_bytes`). Checked against qemu 10 with `/proc/locks`:
+//!
+//! ```text
+//!                                       locks              tests
+//! writer (a VM, qemu-io, the daemon)    100 101 103 201 203
+//! reader (qemu-img convert, qemu-io -r) 100 201 203        200 101 103
+//! reader with -U (force share)          100                200
+//! ```
+//!
+//! So a reader refuses an image a writer or resizer holds, and a writer cannot start while a
+//! reader holds its locks (it finds byte 201 taken). With force share only byte 100 is
+//! taken, which no ordinary writer minds, and only byte 200 is tested: nobody, not even
+//! `qemu-img -U`, reads an image whose builder shares no consistent reads (a block job's
+//! target). The locks belong to the open file description: they last as long as the `File`
+//! and go away when it is closed, so an image that keeps its `File` keeps its locks.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use super::OpenOptions;
+use crate::ImageError;
+
+/// First of QEMU's "holds permission i" bytes (`RAW_LOCK_PERM_BASE`).
+const PERM_BASE: u64 = 100;
+/// First of QEMU's "does not share permission i" bytes (`RAW_LOCK_SHARED_BASE`).
+const SHARED_BASE: u64 = 200;
+/// `BLK_PERM_CONSISTENT_READ` is bit 0.
+const CONSISTENT_READ: u64 = 0;
+/// `BLK_PERM_WRITE` is bit 1.
+const WRITE: u64 = 1;
+/// `BLK_PERM_RESIZE` is bit 3.
+const RESIZE: u64 = 3;
+
+/// Bytes a consistent reader locks: it reads, and shares neither writing nor resizing.
+const READER_TAKES: [u64; 3] = [
+    PERM_BASE + CONSISTENT_READ,
+    SHARED_BASE + WRITE,
+    SHARED_BASE + RESIZE,
+];
+/// Bytes a consistent reader tests: nobody refuses it reads, nobody writes or resizes.
+const READER_TESTS: [u64; 3] = [
+    SHARED_BASE + CONSISTENT_READ,
+    PERM_BASE + WRITE,
+    PERM_BASE + RESIZE,
+];
+
+/// Why another process's locks forbid reading an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockConflict {
+    /// Another process holds write permission (byte 101): a running VM, most likely.
+    Writer,
+    /// Another process holds resize permission (byte 103).
+    Resizer,
+    /// Another process shares no consistent reads (byte 200): it is building the image.
+    NoConsistentRead,
+    /// Another process holds an exclusive lock on one of QEMU's lock bytes (not QEMU's doing).
+    Exclusive {
+        /// The byte offset of the lock.
+        byte: u64,
+    },
+}
+
+impl LockConflict {
+    /// The conflict a lock found on a tested `byte` means.
+    fn of_tested(byte: u64) -> Self {
+        match byte {
+            b if b == PERM_BASE + WRITE => LockConflict::Writer,
+            b if b == PERM_BASE + RESIZE => LockConflict::Resizer,
+            _ => LockConflict::NoConsistentRead,
+        }
+    }
+}
+
+/// What `--force-share` does to a running image, said once for every message that offers it.
+const FORCE_SHARE_HINT: &str = "pass --force-share to read it anyway (internal snapshots do not \
+     change and read safely unless deleted meanwhile; the active layer may change while it is \
+     read and come out inconsistent)";
+
+impl std::fmt::Display for LockConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockConflict::Writer => write!(
+                f,
+                "is in use by a writer (a running VM?): QEMU holds its write lock; stop the VM, \
+                 or {FORCE_SHARE_HINT}"
+            ),
+            LockConflict::Resizer => write!(
+                f,
+                "is in use by a process that may resize it: QEMU holds its resize lock; stop \
+                 it, or {FORCE_SHARE_HINT}"
+            ),
+            LockConflict::NoConsistentRead => f.write_str(
+                "is being written by a process that lets nobody read it (a QEMU block job \
+                 building it?): its content is not consistent until that ends, and \
+                 --force-share does not override this, as with qemu-img -U",
+            ),
+            LockConflict::Exclusive { byte } => write!(
+                f,
+                "is locked by another process (an exclusive lock on QEMU's lock byte {byte}); \
+                 stop it and retry"
+            ),
+        }
+    }
+}
+
+/// Takes QEMU's reader locks on `file` (opened read-only from `path`) and checks that no
+/// other process holds the image in a way that forbids reading it. With
+/// [`OpenOptions::force_share`], takes and tests only what `qemu-img -U` does.
+///
+/// The locks last as long as `file` stays open. On a filesystem without OFD locks, reads
+/// proceed unlocked, as QEMU's do.
+pub fn lock_for_read(file: &File, path: &Path, options: &OpenOptions) -> Result<(), ImageError> {
+    let (takes, tests): (&[u64], &[u64]) = if options.force_share {
+        (&READER_TAKES[..1], &READER_TESTS[..1])
+    } else {
+        (&READER_TAKES, &READER_TESTS)
+    };
+    let in_use = |conflict| ImageError::InUse {
+        path: path.to_path_buf(),
+        conflict,
+    };
+    let lock_err = |source| ImageError::Lock {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Lock first, then test, as QEMU does: of a reader and a writer starting together, at
+    // least one sees the other.
+    for &byte in takes {
+        match ofd::read_lock(file, byte) {
+            Ok(()) => {}
+            Err(e) if unsupported(&e) => return Ok(()),
+            Err(e) if busy(&e) => return Err(in_use(LockConflict::Exclusive { byte })),
+            Err(e) => return Err(lock_err(e)),
+        }
+    }
+    for &byte in tests {
+        match ofd::held_by_other(file, byte) {
+            Ok(false) => {}
+            Ok(true) => return Err(in_use(LockConflict::of_tested(byte))),
+            Err(e) if unsupported(&e) => return Ok(()),
+            Err(e) => return Err(lock_err(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Errors meaning "this filesystem has no OFD locks" (QEMU then proceeds unlocked).
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOTSUP | libc::ENOLCK | libc::ENOSYS)
+    )
+}
+
+/// Errors meaning "another process holds a conflicting lock".
+fn busy(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES))
+}
+
+/// The two `fcntl` calls, on one byte each.
+mod ofd {
+    #![allow(unsafe_code)]
+
+    use super::{AsRawFd, File};
+    use std::io;
+
+    /// A `struct flock` for the single byte at `byte`.
+    fn one_byte(l_type: libc::c_int, byte: u64) -> io::Result<libc::flock> {
+        let start = libc::off_t::try_from(byte).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: `flock` is a C struct of integers (and, on some targets, integer padding):
+        // all zeros is a valid value, and OFD locks require `l_pid` to be 0.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = l_type as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = start;
+        fl.l_len = 1;
+        Ok(fl)
+    }
+
+    /// Takes a shared lock on one byte for the open file description of `file`.
+    pub(super) fn read_lock(file: &File, byte: u64) -> io::Result<()> {
+        set_lock(file, libc::F_RDLCK, byte)
+    }
+
+    /// Takes an exclusive lock on one byte (`file` must be open for writing): only the
+    /// tests do, playing a non-QEMU lock holder.
+    #[cfg(test)]
+    pub(super) fn write_lock(file: &File, byte: u64) -> io::Result<()> {
+        set_lock(file, libc::F_WRLCK, byte)
+    }
+
+    fn set_lock(file: &File, l_type: libc::c_int, byte: u64) -> io::Result<()> {
+        let fl = one_byte(l_type, byte)?;
+        // SAFETY: F_OFD_SETLK reads a `struct flock` through the pointer, which points to a
+        // live, initialised value for the duration of the call; the fd is open.
+        let rc =
+            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, std::ptr::from_ref(&fl)) };
+        if rc == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether another open file description holds any lock on one byte, found as QEMU does
+    /// (`qemu_lock_fd_test`): by asking whether a write lock could be taken there. Our own
+    /// locks on `file` never count.
+    pub(super) fn held_by_other(file: &File, byte: u64) -> io::Result<bool> {
+        let mut fl = one_byte(libc::F_WRLCK, byte)?;
+        // SAFETY: F_OFD_GETLK reads and overwrites the `struct flock` the pointer designates,
+        // which is live, initialised and exclusively borrowed for the call; the fd is open.
+        let rc = unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_OFD_GETLK,
+                std::ptr::from_mut(&mut fl),
+            )
+        };
+        if rc == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file to lock, and a way to open it again as another open file description.
+    fn image() -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4096).unwrap();
+        f
+    }
+
+    fn reopen(f: &tempfile::NamedTempFile) -> File {
+        File::open(f.path()).unwrap()
+    }
+
+    const SHARE: OpenOptions = OpenOptions { force_share: true };
+    const LOCK: OpenOptions = OpenOptions { force_share: false };
+
+    /// Whether this filesystem answers OFD lock queries; a test that needs it skips loudly.
+    fn have_ofd(f: &tempfile::NamedTempFile) -> bool {
+        let ok = ofd::held_by_other(&reopen(f), 100).is_ok();
+        if !ok {
+            eprintln!("SKIPPED: the temporary directory's filesystem has no OFD locks");
+        }
+        ok
+    }
+
+    /// Takes the locks QEMU's writer takes (100 101 103 201 203), as a VM does.
+    fn qemu_writer(f: &tempfile::NamedTempFile) -> File {
+        let w = reopen(f);
+        for byte in [100, 101, 103, 201, 203] {
+            ofd::read_lock(&w, byte).unwrap();
+        }
+        w
+    }
+
+    #[test]
+    fn a_writer_cannot_start_while_we_read() {
+        let f = image();
+        if !have_ofd(&f) {
+            return;
+        }
+        let reader = reopen(&f);
+        lock_for_read(&reader, f.path(), &LOCK).unwrap();
+        // QEMU's writer tests 200+i for what it holds (0, 1, 3) and 100+i for what it does
+        // not share (1, 3): it finds our "write not shared" and "resize not shared" bytes.
+        let writer = reopen(&f);
+        assert!(ofd::held_by_other(&writer, 201).unwrap());
+        assert!(ofd::held_by_other(&writer, 203).unwrap());
+        for free in [101, 103, 200] {
+            assert!(!ofd::held_by_other(&writer, free).unwrap(), "{free}");
+        }
+        // Closing the reader's file releases everything.
+        drop(reader);
+        assert!(!ofd::held_by_other(&writer, 201).unwrap());
+    }
+
+    #[test]
+    fn readers_share_even_within_one_process() {
+        let f = image();
+        if !have_ofd(&f) {
+            return;
+        }
+        let (a, b) = (reopen(&f), reopen(&f));
+        lock_for_read(&a, f.path(), &LOCK).unwrap();
+        lock_for_read(&b, f.path(), &LOCK).unwrap();
+        lock_for_read(&reopen(&f), f.path(), &SHARE).unwrap();
+    }
+
+    #[test]
+    fn a_writer_blocks_us_unless_force_share() {
+        let f = image();
+        if !have_ofd(&f) {
+            return;
+        }
+        let _vm = qemu_writer(&f);
+        let err = lock_for_read(&reopen(&f), f.path(), &LOCK).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ImageError::InUse {
+                    conflict: LockConflict::Writer,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let line = err.to_string();
+        assert!(
+            line.contains("--force-share") && !line.contains('\n'),
+            "{line}"
+        );
+        lock_for_read(&reopen(&f), f.path(), &SHARE).unwrap();
+    }
+
+    #[test]
+    fn a_resizer_blocks_us() {
+        let f = image();
+        if !have_ofd(&f) {
+            return;
+        }
+        let r = reopen(&f);
+        ofd::read_lock(&r, 103).unwrap();
+        let err = lock_for_read(&reopen(&f), f.path(), &LOCK).unwrap_err();
+        assert!(matches!(
+            err,
+            ImageError::InUse {
+                conflict: LockConflict::Resizer,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn unshared_consistent_read_blocks_even_force_share() {
+        let f = image();
+        if !have_ofd(&f) {
+            return;
+        }
+        let builder = reopen(&f);
+        ofd::read_lock(&builder, 200).unwrap();
+        for options in [LOCK, SHARE] {
+            let err = lock_for_read(&reopen(&f), f.path(), &options).unwrap_err();
+            assert!(matches!(
+                err,
+                ImageError::InUse {
+                    conflict: LockConflict::NoConsistentRead,
+                    ..
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn force_share_takes_only_the_read_byte() {
+        let f = image();
+        if !have_ofd(&f) {
+            return;
+        }
+        let reader = reopen(&f);
+        lock_for_read(&reader, f.path(), &SHARE).unwrap();
+        let other = reopen(&f);
+        assert!(ofd::held_by_other(&other, 100).unwrap());
+        for free in [101, 103, 200, 201, 203] {
+            assert!(!ofd::held_by_other(&other, free).unwrap(), "{free}");
+        }
+    }
+
+    #[test]
+    fn an_exclusive_lock_on_a_byte_we_take_is_a_conflict() {
+        let f = image();
+        if !have_ofd(&f) {
+            return;
+        }
+        let other = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(f.path())
+            .unwrap();
+        ofd::write_lock(&other, 201).unwrap();
+        let err = lock_for_read(&reopen(&f), f.path(), &LOCK).unwrap_err();
+        assert!(matches!(
+            err,
+            ImageError::InUse {
+                conflict: LockConflict::Exclusive { byte: 201 },
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,235 @@
+//! The undo stream: the old contents of every range an apply overwrites, saved (and synced)
+//! before the range is written, as a stream of the same format going back from `to` to `from`.
+//! Applying it to the replica rolls it back; applying the original stream again replays it.
+//!
+//! An interrupted apply leaves an undo stream without its snapshot-end and end records. Passing
+//! the same `--undo FILE` when finishing the apply continues that file: its complete records are
+//! kept, the ranges they cover are not saved again, and the stream is closed at the end.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use blkdelta_common::image::raw::RawImage;
+use blkdelta_common::image::{Allocation, BlockSource};
+use blkdelta_common::limits::CHUNK_BYTES;
+use blkdelta_common::stream::{
+    encode_chunk, random_id, Record, SnapshotEnd, SourceInfo, StreamHeader, StreamReader,
+    StreamWriter, Transition,
+};
+
+use crate::ReceiveError;
+
+/// Writes the undo stream of one transition.
+pub struct UndoWriter {
+    path: PathBuf,
+    writer: StreamWriter<BufWriter<File>>,
+    header: StreamHeader,
+    /// Disk offset below which every range that may be written is already saved.
+    saved_upto: u64,
+    /// Size of the replica before the transition: nothing at or past it needs saving.
+    old_size: u64,
+}
+
+fn undo_err(path: &Path, reason: impl ToString) -> ReceiveError {
+    ReceiveError::Undo {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The undo header for `forward`, applied to a replica of `old_size` bytes.
+pub fn undo_header(forward: &Transition, source: &SourceInfo, old_size: u64) -> StreamHeader {
+    let from = forward
+        .from
+        .clone()
+        .expect("undo applies to incremental transitions");
+    StreamHeader {
+        stream_id: random_id(),
+        virtual_size: old_size,
+        source: source.clone(),
+        transitions: vec![Transition {
+            from: Some(forward.to.clone()),
+            to: from,
+            virtual_size: old_size,
+        }],
+        total_extents: 0,
+        total_data_bytes: 0,
+        total_zero_bytes: 0,
+        resume_offset: 0,
+    }
+}
+
+impl UndoWriter {
+    /// Starts a new undo stream at `path`, which must not exist.
+    pub fn create(path: &Path, header: StreamHeader) -> Result<Self, ReceiveError> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| undo_err(path, e))?;
+        let writer = StreamWriter::new(BufWriter::with_capacity(1 << 20, file), &header)?;
+        let old_size = header.virtual_size;
+        let mut w = UndoWriter {
+            path: path.to_path_buf(),
+            writer,
+            header,
+            saved_upto: 0,
+            old_size,
+        };
+        w.sync()?;
+        Ok(w)
+    }
+
+    /// Continues the interrupted undo stream at `path`, which must be for the same transition
+    /// (`from`, `to` and size of `expected`).
+    pub fn resume(path: &Path, expected: &StreamHeader) -> Result<Self, ReceiveError> {
+        let scan = scan(path)?;
+        let (want, have) = (&expected.transitions[0], &scan.header.transitions[0]);
+        if want.from != have.from || want.to != have.to || want.virtual_size != have.virtual_size {
+            return Err(undo_err(
+                path,
+                "it is the undo stream of another transition",
+            ));
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| undo_err(path, e))?;
+        let hasher = hash_prefix(&mut file, scan.valid_bytes).map_err(|e| undo_err(path, e))?;
+        file.set_len(scan.valid_bytes)
+            .and_then(|()| file.seek(SeekFrom::End(0)).map(|_| ()))
+            .map_err(|e| undo_err(path, e))?;
+        let writer = StreamWriter::continue_after(
+            BufWriter::with_capacity(1 << 20, file),
+            hasher,
+            scan.records,
+            scan.valid_bytes,
+        );
+        let old_size = scan.header.virtual_size;
+        Ok(UndoWriter {
+            path: path.to_path_buf(),
+            writer,
+            header: scan.header,
+            saved_upto: scan.saved_upto,
+            old_size,
+        })
+    }
+
+    /// Saves the current contents of `[offset, offset+len)` of the replica (read through
+    /// `replica`), except what an earlier call or run already saved.
+    pub fn save(&mut self, replica: &RawImage, offset: u64, len: u64) -> Result<(), ReceiveError> {
+        let start = offset.max(self.saved_upto);
+        let end = (offset + len).min(self.old_size).min(replica.size());
+        let mut pos = start;
+        while pos < end {
+            let (alloc, n) = replica
+                .status(pos, end - pos)
+                .map_err(|e| undo_err(&self.path, e))?;
+            let n = n.clamp(1, end - pos);
+            match alloc {
+                Allocation::Hole => self.writer.discard(pos, n)?,
+                Allocation::Zero => self.writer.zero(pos, n)?,
+                Allocation::Data => self.save_data(replica, pos, n)?,
+            }
+            pos += n;
+        }
+        self.saved_upto = self.saved_upto.max(offset + len);
+        Ok(())
+    }
+
+    fn save_data(&mut self, replica: &RawImage, offset: u64, len: u64) -> Result<(), ReceiveError> {
+        let mut buf = Vec::new();
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (CHUNK_BYTES - pos % CHUNK_BYTES).min(offset + len - pos);
+            buf.resize(n as usize, 0);
+            replica
+                .read_at(&mut buf, pos)
+                .map_err(|e| undo_err(&self.path, e))?;
+            if buf.iter().all(|&b| b == 0) {
+                self.writer.zero(pos, n)?;
+            } else {
+                self.writer.data(&encode_chunk(pos, &buf, 3)?)?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Makes everything saved so far durable.
+    pub fn sync(&mut self) -> Result<(), ReceiveError> {
+        let file = self.writer.flush_inner()?.get_ref();
+        file.sync_data().map_err(|e| undo_err(&self.path, e))
+    }
+
+    /// Closes the undo stream: the replica now holds the forward transition's `to`.
+    pub fn finish(mut self) -> Result<(), ReceiveError> {
+        let t = &self.header.transitions[0];
+        self.writer.snapshot_end(&SnapshotEnd {
+            transition: 0,
+            name: t.to.name.clone(),
+            guid: t.to.guid,
+            virtual_size: t.virtual_size,
+            digest: None,
+            prefix_hash: [0; 32],
+        })?;
+        let file = self.writer.finish()?;
+        let file = file
+            .into_inner()
+            .map_err(|e| undo_err(&self.path, e.error()))?;
+        file.sync_all().map_err(|e| undo_err(&self.path, e))
+    }
+}
+
+/// What an interrupted undo stream holds.
+struct Scan {
+    header: StreamHeader,
+    records: u64,
+    valid_bytes: u64,
+    saved_upto: u64,
+}
+
+/// Reads an undo stream up to its first incomplete record.
+fn scan(path: &Path) -> Result<Scan, ReceiveError> {
+    let file = File::open(path).map_err(|e| undo_err(path, e))?;
+    let mut reader = StreamReader::new(std::io::BufReader::new(file))
+        .map_err(|e| undo_err(path, format!("not an undo stream: {e}")))?;
+    let header = reader.header().clone();
+    let mut scan = Scan {
+        header,
+        records: 1,
+        valid_bytes: reader.position(),
+        saved_upto: 0,
+    };
+    loop {
+        match reader.next_record() {
+            Ok(Some(Record::Data(d))) if d.plain(reader.record_position()).is_ok() => {
+                scan.saved_upto = d.offset + u64::from(d.len);
+            }
+            Ok(Some(Record::Zero { offset, len } | Record::Discard { offset, len })) => {
+                scan.saved_upto = offset + len;
+            }
+            Ok(Some(Record::SnapshotEnd(_) | Record::End(_))) => {
+                return Err(undo_err(
+                    path,
+                    "it is complete already: choose another file",
+                ));
+            }
+            _ => return Ok(scan),
+        }
+        scan.records += 1;
+        scan.valid_bytes = reader.position();
+    }
+}
+
+fn hash_prefix(file: &mut File, len: u64) -> std::io::Result<blake3::Hasher> {
+    let mut hasher = blake3::Hasher::new();
+    file.seek(SeekFrom::Start(0))?;
+    let copied = std::io::copy(&mut file.take(len), &mut hasher)?;
+    if copied != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(hasher)
+}

@@ -1,0 +1,120 @@
+//! Resuming a send: the stream starts at the transition a resume token names, at the offset
+//! below which the replica already holds that transition's records.
+
+use std::sync::Arc;
+
+use blkdelta_common::extent::{Extent, ExtentSink};
+use blkdelta_common::image::BlockSource;
+use blkdelta_common::stream::{ResumeToken, SourceInfo, Transition};
+use blkdelta_common::ImageError;
+
+use super::ChangeSource;
+use crate::SendError;
+
+/// A change source that starts at one of another source's transitions, part way through it.
+pub struct Resumed {
+    inner: Box<dyn ChangeSource>,
+    first: usize,
+    offset: u64,
+}
+
+impl Resumed {
+    /// Starts `inner` where `token` says; refuses a token for another image or transition.
+    pub fn new(inner: Box<dyn ChangeSource>, token: &ResumeToken) -> Result<Self, SendError> {
+        let first = inner
+            .transitions()
+            .iter()
+            .position(|t| t.from.as_ref().map(|f| f.guid) == token.from && t.to.guid == token.to)
+            .ok_or_else(|| {
+                SendError::Usage(
+                    "the resume token is for another image or another transition than SOURCE \
+                     carries"
+                        .into(),
+                )
+            })?;
+        if token.offset > inner.transitions()[first].virtual_size {
+            return Err(SendError::Usage(
+                "the resume token's offset lies past its transition's virtual size".into(),
+            ));
+        }
+        Ok(Resumed {
+            inner,
+            first,
+            offset: token.offset,
+        })
+    }
+}
+
+impl ChangeSource for Resumed {
+    fn info(&self) -> SourceInfo {
+        self.inner.info()
+    }
+
+    fn transitions(&self) -> &[Transition] {
+        &self.inner.transitions()[self.first..]
+    }
+
+    fn changes(&self, index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
+        if index > 0 {
+            return self.inner.changes(self.first + index, sink);
+        }
+        let mut clipped = StartAt {
+            inner: sink,
+            offset: self.offset,
+        };
+        self.inner.changes(self.first, &mut clipped)
+    }
+
+    fn reader(&self, index: usize) -> Arc<dyn BlockSource> {
+        self.inner.reader(self.first + index)
+    }
+
+    fn resume_offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+/// Passes on only what lies at or after `offset`.
+struct StartAt<'a> {
+    inner: &'a mut dyn ExtentSink,
+    offset: u64,
+}
+
+impl ExtentSink for StartAt<'_> {
+    fn push(&mut self, e: Extent) -> Result<(), ImageError> {
+        if e.end() <= self.offset {
+            return Ok(());
+        }
+        let start = e.offset.max(self.offset);
+        self.inner.push(Extent::new(start, e.end() - start, e.kind))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blkdelta_common::extent::ExtentKind;
+
+    #[test]
+    fn start_at_clips_and_drops() {
+        let mut out: Vec<Extent> = Vec::new();
+        let mut s = StartAt {
+            inner: &mut out,
+            offset: 100,
+        };
+        for e in [
+            Extent::new(0, 50, ExtentKind::Data),
+            Extent::new(50, 100, ExtentKind::Zero),
+            Extent::new(200, 10, ExtentKind::Discard),
+        ] {
+            s.push(e).unwrap();
+        }
+        assert_eq!(
+            out,
+            vec![
+                Extent::new(100, 50, ExtentKind::Zero),
+                Extent::new(200, 10, ExtentKind::Discard)
+            ]
+        );
+    }
+}
