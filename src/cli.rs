@@ -93,6 +93,9 @@ pub struct ReceiveArgs {
     /// Read and verify the whole stream and check it against the replica; write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Bytes applied between two checkpoints of the resume point (tests use small values).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub checkpoint_bytes: u64,
     #[command(flatten)]
     pub progress: ProgressArgs,
 }

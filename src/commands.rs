@@ -146,6 +146,7 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
         force: a.force,
         undo: a.undo.clone(),
         dry_run: a.dry_run,
+        checkpoint_bytes: a.checkpoint_bytes,
     };
     let progress = progress::make(a.progress, "receive");
     let result = receive_path(

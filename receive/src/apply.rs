@@ -31,6 +31,8 @@ pub struct ReceiveOptions {
     pub undo: Option<PathBuf>,
     /// Read and verify everything, touch nothing.
     pub dry_run: bool,
+    /// Applied bytes between checkpoints of the durable offset (0: [`CHECKPOINT_BYTES`]).
+    pub checkpoint_bytes: u64,
 }
 
 /// What an apply did (or, in a dry run, would do).
@@ -118,6 +120,7 @@ pub fn receive<R: Read>(
         skip_zeroing: plan.fresh && header.is_full(),
         first: plan.first,
         undo_plan: plan.undo.clone(),
+        checkpoint_bytes: plan.checkpoint_bytes,
         transition: 0,
         started: false,
         state,
@@ -167,6 +170,7 @@ struct Apply<'a> {
     skip_zeroing: bool,
     first: usize,
     undo_plan: Option<(PathBuf, UndoMode)>,
+    checkpoint_bytes: u64,
     transition: usize,
     started: bool,
     state: ReplicaState,
@@ -273,7 +277,7 @@ impl Apply<'_> {
         self.pending_bytes += if zeroing { 0 } else { pending.range().1 };
         self.pending.push(pending);
         if self.undo.is_none() && self.undo_plan.is_none()
-            || self.pending_bytes >= UNDO_BATCH_BYTES
+            || self.pending_bytes >= UNDO_BATCH_BYTES.min(self.checkpoint_bytes)
             || self.pending.len() >= 4096
         {
             self.flush_pending(target)?;
@@ -320,7 +324,7 @@ impl Apply<'_> {
             self.since_checkpoint = self.since_checkpoint.saturating_add(len);
         }
         self.pending_bytes = 0;
-        if self.since_checkpoint >= CHECKPOINT_BYTES {
+        if self.since_checkpoint >= self.checkpoint_bytes {
             self.checkpoint(end, target)?;
         }
         Ok(())

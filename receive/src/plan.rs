@@ -95,6 +95,8 @@ pub struct Plan {
     pub prior: Option<ReplicaState>,
     /// The undo stream to write, and how to open it.
     pub undo: Option<(PathBuf, UndoMode)>,
+    /// Applied bytes between checkpoints of the durable offset.
+    pub checkpoint_bytes: u64,
 }
 
 fn same(state: Option<&StateSnap>, snap: Option<&SnapRef>) -> bool {
@@ -133,21 +135,34 @@ pub fn plan(
         first_transition(header, prior.as_ref(), probe)?
     };
     let in_progress = prior.as_ref().and_then(|p| p.in_progress.as_ref());
-    if let (false, Some(p), 0) = (opts.force, in_progress, first) {
-        check_resume_offset(header, p)?;
+    if !opts.force && first == 0 && header.resume_offset > 0 {
+        check_resume_offset(header, in_progress)?;
     }
     let undo = undo_plan(header, first, in_progress, opts)?;
+    let checkpoint_bytes = match opts.checkpoint_bytes {
+        0 => crate::apply::CHECKPOINT_BYTES,
+        n => n,
+    };
     Ok(Plan {
         first,
         fresh,
         prior,
         undo,
+        checkpoint_bytes,
     })
 }
 
 /// A resumed stream lacks its first transition's records below its resume offset: the replica
-/// must already hold them durably.
-fn check_resume_offset(header: &StreamHeader, p: &InProgress) -> Result<(), ReceiveError> {
+/// must be part way through that transition and already hold them durably.
+fn check_resume_offset(header: &StreamHeader, p: Option<&InProgress>) -> Result<(), ReceiveError> {
+    let t = &header.transitions[0];
+    let Some(p) = p.filter(|p| p.to.is(&t.to)) else {
+        return Err(ReceiveError::Refused(format!(
+            "the stream resumes transition '{}' at offset {}, but the replica is not part way \
+             through it",
+            t.to.name, header.resume_offset
+        )));
+    };
     if header.resume_offset > p.durable_offset {
         return Err(ReceiveError::Refused(format!(
             "the stream resumes at offset {} but the replica is durable only below {}",
@@ -184,11 +199,13 @@ fn undo_plan(
     match applied {
         [] => return Ok(None),
         [t] if t.from.is_some() => {}
-        _ => return refuse(format!(
+        _ => {
+            return refuse(format!(
             "--undo takes a stream that applies one incremental transition; this one applies {} \
                  (send the range one snapshot at a time)",
             applied.len()
-        )),
+        ))
+        }
     }
     match resuming {
         Some(p) if p.undo.as_deref() == Some(&*crate::apply::absolute_display(path)) => {

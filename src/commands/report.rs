@@ -142,6 +142,17 @@ pub fn status(a: &StatusArgs, st: &ReplicaState, path: &Path, out: &mut dyn Writ
                 out,
                 "              holds no complete snapshot; apply the same stream again to finish"
             )?;
+            if let Some(token) = p.token() {
+                writeln!(out, "resume token: {token}")?;
+                writeln!(
+                    out,
+                    "              or: blkdelta send --resume {token} SOURCE | blkdelta receive {}",
+                    a.target.display()
+                )?;
+            }
+            if let Some(u) = &p.undo {
+                writeln!(out, "undo stream:  {u} (pass --undo {u} to finish)")?;
+            }
         }
         (Some(s), None) => writeln!(
             out,
@@ -232,18 +243,6 @@ pub fn list(img: &Qcow2Image, as_json: bool, out: &mut dyn Write) -> Result<()> 
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::utc_date;
-
-    #[test]
-    fn dates() {
-        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
-        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
-        assert_eq!(utc_date(1_795_305_599), "2026-11-21 23:59:59");
-    }
-}
-
 /// `blkdelta send --dry-run`: the plan, from metadata alone.
 pub fn send_plan(source: &dyn ChangeSource, out: &mut dyn Write) -> Result<()> {
     let plans = plan_transitions(source)?;
@@ -298,4 +297,16 @@ pub fn dry_receive(s: &ReceiveSummary, out: &mut dyn Write) -> Result<()> {
     )?;
     writeln!(out, "nothing was written")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_date;
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_date(1_795_305_599), "2026-11-21 23:59:59");
+    }
 }
