@@ -171,8 +171,9 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
             Ok(())
         }
         Err(e) if held.is_some_and(|s| s.in_progress.is_some()) => bail!(
-            "{e}; the replica is marked in progress: apply the same stream again to finish \
-             (blkdelta status {})",
+            "{:#}; the replica is marked in progress: apply the same stream again, or resume \
+             with the token 'blkdelta status {}' prints",
+            anyhow::Error::new(e),
             a.target.display()
         ),
         Err(e) => Err(e.into()),
