@@ -87,9 +87,9 @@ impl LockConflict {
 }
 
 /// What `--force-share` does to a running image, said once for every message that offers it.
-const FORCE_SHARE_HINT: &str = "pass --force-share to read it anyway (internal snapshots do not \
-     change and read safely unless deleted meanwhile; the active layer may change while it is \
-     read and come out inconsistent)";
+const FORCE_SHARE_HINT: &str = "pass --force-share to read it anyway (safe for internal \
+     snapshots, which do not change unless deleted meanwhile; the active layer may change while \
+     it is read)";
 
 impl std::fmt::Display for LockConflict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

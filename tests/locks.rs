@@ -1,0 +1,317 @@
+//! QEMU's image locks, end to end: a writer (qemu-storage-daemon, qemu-io) holding an image
+//! makes send, checksum and list refuse it unless `--force-share`; a read-only holder does not;
+//! and while blkdelta reads an image, QEMU cannot start writing it.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use blkdelta_common::image::qcow2::Qcow2Image;
+use common::*;
+
+/// QEMU's lock byte for "holds write permission" (`RAW_LOCK_PERM_BASE` + `BLK_PERM_WRITE`).
+const WRITE_BYTE: u64 = 101;
+/// QEMU's lock byte for "holds consistent read permission".
+const READ_BYTE: u64 = 100;
+
+/// A QEMU process holding an image open; killed and reaped when dropped, so that no process
+/// outlives its test, even a failed one.
+struct Holder {
+    child: Child,
+}
+
+impl Holder {
+    /// Starts `cmd` and waits until it holds QEMU lock `byte` on `img`.
+    fn start(cmd: &mut Command, img: &Path, byte: u64) -> Holder {
+        let child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut holder = Holder { child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !lock_held(img, byte) {
+            if let Some(status) = holder.child.try_wait().unwrap() {
+                let mut err = String::new();
+                let _ =
+                    std::io::Read::read_to_string(holder.child.stderr.as_mut().unwrap(), &mut err);
+                panic!("{cmd:?} exited ({status}) before locking {img:?}: {err}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{cmd:?} did not lock byte {byte} of {img:?} (no OFD locks in /proc/locks?)"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        holder
+    }
+
+    /// A qemu-storage-daemon with the image as a qcow2 node: a writer, as a VM is.
+    fn storage_daemon(img: &Path) -> Holder {
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f,filename={}",
+                img.display()
+            ))
+            .args(["--blockdev", "driver=qcow2,node-name=q,file=f"]);
+        Holder::start(&mut cmd, img, WRITE_BYTE)
+    }
+
+    /// qemu-io reading commands from a pipe kept open: a writer, or a reader with `-r`.
+    fn qemu_io(img: &Path, read_only: bool) -> Holder {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "qcow2"]);
+        if read_only {
+            cmd.arg("-r");
+        }
+        let byte = if read_only { READ_BYTE } else { WRITE_BYTE };
+        Holder::start(cmd.arg(img), img, byte)
+    }
+
+    /// Checks the holder still answers (it held the image through the test).
+    fn still_there(&mut self) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "length").unwrap();
+        let mut line = String::new();
+        BufReader::new(self.child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("MiB"), "qemu-io answered {line:?}");
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether some process holds an OFD lock covering `byte` of `img`, from `/proc/locks`
+/// (`N: OFDLCK ADVISORY READ -1 MAJ:MIN:INODE START END`).
+fn lock_held(img: &Path, byte: u64) -> bool {
+    let ino = format!(":{}", std::fs::metadata(img).unwrap().ino());
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    locks.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some(i) = f.iter().position(|t| t.ends_with(&ino)) else {
+            return false;
+        };
+        let start = f.get(i + 1).and_then(|s| s.parse::<u64>().ok());
+        let end = f.get(i + 2).map(|e| e.parse::<u64>().unwrap_or(u64::MAX));
+        line.contains("OFDLCK") && start.is_some_and(|s| s <= byte) && end >= Some(byte)
+    })
+}
+
+fn have_qemu() -> bool {
+    have("qemu-img") && have("qemu-io") && have("qemu-storage-daemon")
+}
+
+/// An image with two snapshots of different content, and data in the active layer.
+fn image(s: &Scratch) -> PathBuf {
+    let img = s.qcow2("vm.qcow2", "16M", "");
+    qemu_io(&img, &["write -P 0x1 0 2M".into()]);
+    snapshot(&img, "s1");
+    qemu_io(&img, &["write -P 0x2 1M 2M".into()]);
+    snapshot(&img, "s2");
+    qemu_io(&img, &["write -P 0x3 4M 1M".into()]);
+    img
+}
+
+fn at(img: &Path, snaps: &str) -> String {
+    format!("{}@{snaps}", img.display())
+}
+
+/// qemu's raw export of a snapshot of an image in use (`qemu-img convert -U`).
+fn export_shared(img: &Path, snap: &str, out: &Path) {
+    run(Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-l"])
+        .arg(format!("snapshot.name={snap}"))
+        .args(["-O", "raw"])
+        .arg(img)
+        .arg(out));
+}
+
+/// Asserts a refusal: exit 1, one `blkdelta:` line naming the writer and `--force-share`.
+fn assert_refused(out: &Output, names: &Path) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("blkdelta: "), "{err}");
+    let name = names.display().to_string();
+    for word in [name.as_str(), "writer", "write lock", "--force-share"] {
+        assert!(err.contains(word), "no {word:?} in: {err}");
+    }
+}
+
+#[test]
+fn send_refuses_an_image_a_writer_holds() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    let img = image(&s);
+    let _vm = Holder::storage_daemon(&img);
+    let stream = s.path("s1.bd");
+    for snaps in ["s1", "s1..s2"] {
+        let out = blkdelta(&["send", &at(&img, snaps), "-o", stream.to_str().unwrap()]);
+        assert_refused(&out, &img);
+        assert!(!stream.exists(), "a refused send created its output");
+    }
+    let out = blkdelta(&[
+        "send",
+        img.to_str().unwrap(),
+        "-o",
+        stream.to_str().unwrap(),
+    ]);
+    assert_refused(&out, &img);
+}
+
+#[test]
+fn force_share_sends_what_qemu_exports_of_a_running_image() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    let img = image(&s);
+    let _vm = Holder::storage_daemon(&img);
+    let (full, incr) = (s.path("s1.bd"), s.path("s1-s2.bd"));
+    blkdelta_ok(&[
+        "send",
+        "-q",
+        "-U",
+        &at(&img, "s1"),
+        "-o",
+        full.to_str().unwrap(),
+    ]);
+    blkdelta_ok(&[
+        "send",
+        "-q",
+        "--force-share",
+        &at(&img, "s1..s2"),
+        "-o",
+        incr.to_str().unwrap(),
+    ]);
+    let (replica, oracle) = (s.path("replica.raw"), s.path("oracle.raw"));
+    let out = receive_file(&full, &replica, &[]);
+    assert!(out.status.success(), "{out:?}");
+    export_shared(&img, "s1", &oracle);
+    assert_same_file(&replica, &oracle);
+    let out = receive_file(&incr, &replica, &[]);
+    assert!(out.status.success(), "{out:?}");
+    export_shared(&img, "s2", &oracle);
+    assert_same_file(&replica, &oracle);
+}
+
+#[test]
+fn checksum_and_list_refuse_a_writer_unless_force_share() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    let img = image(&s);
+    let oracle = s.path("s1.raw");
+    export_shared(&img, "s1", &oracle);
+    let mut vm = Holder::qemu_io(&img, false);
+    let spec = at(&img, "s1");
+    assert_refused(&blkdelta(&["checksum", &spec]), &img);
+    assert_refused(&blkdelta(&["list", img.to_str().unwrap()]), &img);
+    assert_eq!(
+        checksum(&spec, &["-U"]),
+        checksum(oracle.to_str().unwrap(), &[])
+    );
+    let out = blkdelta_ok(&["list", "--force-share", img.to_str().unwrap()]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("s1") && text.contains("s2"), "{text}");
+    vm.still_there();
+}
+
+#[test]
+fn a_read_only_holder_does_not_block() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    let img = image(&s);
+    let mut reader = Holder::qemu_io(&img, true);
+    assert!(!lock_held(&img, WRITE_BYTE));
+    let stream = s.path("s1.bd");
+    send_to_file(&at(&img, "s1"), &stream);
+    let oracle = s.path("s1.raw");
+    export_shared(&img, "s1", &oracle);
+    let replica = s.path("replica.raw");
+    assert!(receive_file(&stream, &replica, &[]).status.success());
+    assert_same_file(&replica, &oracle);
+    checksum(&at(&img, "s2"), &[]);
+    blkdelta_ok(&["list", img.to_str().unwrap()]);
+    reader.still_there();
+}
+
+#[test]
+fn qemu_cannot_start_writing_while_blkdelta_reads() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    let img = image(&s);
+    let write = |img: &Path| {
+        Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0x9 0 4k"])
+            .arg(img)
+            .output()
+            .unwrap()
+    };
+    let held = Qcow2Image::open(&img).unwrap();
+    let out = write(&img);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "qemu-io wrote under our locks");
+    assert!(err.contains("\"write\" lock"), "{err}");
+    // Readers share: qemu-img convert (without -U) still reads it.
+    export(&img, Some("s1"), &s.path("s1.raw"));
+    drop(held);
+    let out = write(&img);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_writer_on_the_backing_file_blocks_the_overlay() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    let base = s.qcow2("base.qcow2", "16M", "");
+    qemu_io(&base, &["write -P 0x5 0 4M".into()]);
+    let top = s.qcow2(
+        "top.qcow2",
+        "16M",
+        &format!("backing_file={},backing_fmt=qcow2", base.display()),
+    );
+    qemu_io(&top, &["write -P 0x6 1M 1M".into()]);
+    snapshot(&top, "s1");
+    let _writer = Holder::qemu_io(&base, false);
+    let out = blkdelta(&["send", &at(&top, "s1"), "-o", "/dev/null"]);
+    assert_refused(&out, &base);
+    let stream = s.path("s1.bd");
+    blkdelta_ok(&[
+        "send",
+        "-q",
+        "-U",
+        &at(&top, "s1"),
+        "-o",
+        stream.to_str().unwrap(),
+    ]);
+    let (replica, oracle) = (s.path("replica.raw"), s.path("oracle.raw"));
+    assert!(receive_file(&stream, &replica, &[]).status.success());
+    export_shared(&top, "s1", &oracle);
+    assert_same_file(&replica, &oracle);
+}
