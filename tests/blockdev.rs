@@ -159,3 +159,58 @@ fn growing_onto_a_device_zeroes_the_grown_range() {
         checksum(&dev.0, &["--state", st])
     );
 }
+
+/// An undo stream taken on a device covers the replica, not the whole (larger) device.
+#[test]
+fn undo_on_a_device_rolls_back_the_replica() {
+    if !have("qemu-img") || !have("losetup") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = s.qcow2("vm.qcow2", "4M", "");
+    qemu_io(&img, &["write -P 0x5 0 4M".into()]);
+    snapshot(&img, "a");
+    qemu_io(&img, &["write -P 0x6 1M 1M".into(), "discard 3M 1M".into()]);
+    snapshot(&img, "b");
+    let backing = s.path("dev.img");
+    std::fs::write(&backing, vec![0xeeu8; 16 << 20]).unwrap();
+    let Some(dev) = Loop::attach(&backing) else {
+        return;
+    };
+    let state = s.path("dev.state");
+    let st = state.to_str().unwrap();
+    let devp = std::path::Path::new(&dev.0);
+    pipe(
+        &format!("{}@a", img.display()),
+        devp,
+        &["--state", st, "--force"],
+    );
+    let undo = s.path("undo.bd");
+    let stream = s.path("ab.bd");
+    send_to_file(&format!("{}@a..b", img.display()), &stream);
+    let out = receive_file(
+        &stream,
+        devp,
+        &["--state", st, "--undo", undo.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = blkdelta_ok(&["dump", "--json", undo.to_str().unwrap()]);
+    let head: serde_json::Value = serde_json::from_str(
+        String::from_utf8(dump.stdout)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(head["virtual_size"].as_u64(), Some(4 << 20));
+    assert!(receive_file(&undo, devp, &["--state", st]).status.success());
+    assert_eq!(
+        checksum(&format!("{}@a", img.display()), &[]),
+        checksum(&dev.0, &["--state", st])
+    );
+}

@@ -326,3 +326,50 @@ fn dry_runs_touch_nothing() {
     assert_eq!(out.status.code(), Some(1));
     assert_same_file(&replica, &export_of(&img, "s0", &s));
 }
+
+#[test]
+fn an_interrupted_growing_apply_is_finished_by_reapplying() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = s.qcow2("vm.qcow2", "8M", "");
+    qemu_io(&img, &["write -P 0x1 0 8M".into()]);
+    snapshot(&img, "small");
+    run(std::process::Command::new("qemu-img")
+        .args(["resize", "-q"])
+        .arg(&img)
+        .arg("24M"));
+    let r = s.random_file("r", 12 << 20, 8);
+    qemu_io(&img, &[format!("write -s {} 10M 12M", r.display())]);
+    snapshot(&img, "grown");
+    let stream = s.path("grow.bd");
+    send_to_file(&spec(&img, "small..grown"), &stream);
+    let part = s.path("part.bd");
+    cut(&stream, 0.5, &part);
+    for with_undo in [false, true] {
+        let replica = s.path(&format!("r{with_undo}.raw"));
+        pipe(&spec(&img, "small"), &replica, &[]);
+        let undo = s.path(&format!("u{with_undo}.bd"));
+        let mut args = vec!["--checkpoint-bytes", "1048576"];
+        if with_undo {
+            args.extend(["--undo", undo.to_str().unwrap()]);
+        }
+        assert_eq!(receive_file(&part, &replica, &args).status.code(), Some(1));
+        assert_eq!(std::fs::metadata(&replica).unwrap().len(), 24 << 20);
+        let out = receive_file(&stream, &replica, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_same_file(&replica, &export_of(&img, "grown", &s));
+        if with_undo {
+            assert!(receive_file(&undo, &replica, &[]).status.success());
+            assert_eq!(
+                checksum(replica.to_str().unwrap(), &[]),
+                checksum(&spec(&img, "small"), &[])
+            );
+        }
+    }
+}

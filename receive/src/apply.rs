@@ -105,6 +105,12 @@ pub fn receive<R: Read>(
     progress: &dyn Progress,
 ) -> Result<ReceiveSummary, ReceiveError> {
     let header = reader.header().clone();
+    if let Some(prior) = plan.prior.as_ref().filter(|_| target.is_block_device()) {
+        // A device is larger than the replica it holds: its size is the replica's.
+        if prior.virtual_size <= target.size() {
+            target.set_size(prior.virtual_size)?;
+        }
+    }
     let state = plan.prior.clone().unwrap_or_else(|| ReplicaState {
         format: 1,
         source_kind: String::new(),
@@ -203,7 +209,8 @@ impl Apply<'_> {
         }
         let durable = match &self.state.in_progress {
             Some(p) if p.to.is(&t.to) => p.durable_offset,
-            _ => self.header.resume_offset,
+            _ if self.transition == 0 => self.header.resume_offset,
+            _ => 0,
         };
         self.state.source_kind = self.header.source.kind.clone();
         self.state.source_name = self.header.source.name.clone();
@@ -234,6 +241,7 @@ impl Apply<'_> {
             self.mark_started(target)?;
             target.set_size(t.virtual_size)?;
             self.state.virtual_size = t.virtual_size;
+            self.save()?;
         }
         Ok(())
     }

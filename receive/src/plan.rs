@@ -256,7 +256,8 @@ fn first_transition(
             crate::apply::describe(st)
         ));
     }
-    if !probe.is_block_device && probe.size != st.virtual_size {
+    // While an apply is in progress the size may be part way through a change.
+    if !probe.is_block_device && st.in_progress.is_none() && probe.size != st.virtual_size {
         return refuse(format!(
             "the target is {} bytes but its state says {}: it was changed outside blkdelta",
             probe.size, st.virtual_size

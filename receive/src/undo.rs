@@ -86,7 +86,8 @@ impl UndoWriter {
     pub fn resume(path: &Path, expected: &StreamHeader) -> Result<Self, ReceiveError> {
         let scan = scan(path)?;
         let (want, have) = (&expected.transitions[0], &scan.header.transitions[0]);
-        if want.from != have.from || want.to != have.to || want.virtual_size != have.virtual_size {
+        // The size is the file's: the target may have grown or shrunk since it was written.
+        if want.from != have.from || want.to != have.to {
             return Err(undo_err(
                 path,
                 "it is the undo stream of another transition",
