@@ -45,8 +45,36 @@ pub struct ProgressArgs {
 #[derive(Debug, Args)]
 pub struct SendArgs {
     /// IMAGE.qcow2@SNAP (full), IMAGE.qcow2@FROM..TO (incremental), IMAGE.qcow2 (active layer),
-    /// or a raw file or block device (full).
+    /// or a raw file or block device (full; holes are skipped).
     pub source: String,
+    /// Send what the persistent dirty bitmap NAME of IMAGE.qcow2 recorded (data from the
+    /// active layer; the image must not be in use).
+    #[arg(long, value_name = "NAME", help_heading = "Change sources")]
+    pub bitmap: Option<String>,
+    /// With --bitmap: accept a disabled bitmap (one that stopped recording writes).
+    #[arg(long, requires = "bitmap", help_heading = "Change sources")]
+    pub allow_disabled: bool,
+    /// Send what the overlays above BASE (a file in SOURCE's backing chain) changed.
+    #[arg(long, value_name = "BASE", help_heading = "Change sources")]
+    pub since: Option<PathBuf>,
+    /// Send the ranges MAP lists: thin_delta XML, era_invalidate XML, or "OFFSET LENGTH" lines
+    /// in bytes.
+    #[arg(long, value_name = "MAP", help_heading = "Change sources")]
+    pub changed_blocks: Option<PathBuf>,
+    /// Size of an era block in bytes, for era_invalidate maps.
+    #[arg(long, value_name = "BYTES", help_heading = "Change sources")]
+    pub era_block_size: Option<u64>,
+    /// Send what differs between OLD and SOURCE, found by reading both.
+    #[arg(long, value_name = "OLD", help_heading = "Change sources")]
+    pub compare: Option<PathBuf>,
+    /// Name of the state the replica must hold, for sources without an identity of their own
+    /// (default: the bitmap's name, BASE's or OLD's file name, SOURCE's file name for maps).
+    #[arg(long, value_name = "NAME", help_heading = "Change sources")]
+    pub from_name: Option<String>,
+    /// Name of the state the stream produces (default: as --from-name for bitmaps and maps,
+    /// SOURCE's file name for --since and --compare).
+    #[arg(long, value_name = "NAME", help_heading = "Change sources")]
+    pub to_name: Option<String>,
     /// Write the stream to FILE instead of stdout.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,

@@ -16,7 +16,7 @@ use blkdelta_receive::apply::{describe, receive_path, ReceiveOptions};
 use blkdelta_receive::plan::TargetProbe;
 use blkdelta_receive::state::{self, default_state_path};
 use blkdelta_send::pipeline::{send, SendOptions};
-use blkdelta_send::source::{open_source_with, Resumed};
+use blkdelta_send::source::{open_source_opts, Resumed, SourceOptions};
 use blkdelta_send::SendError;
 
 use crate::cli::{ChecksumArgs, Command, ListArgs, ReceiveArgs, SendArgs, StatusArgs};
@@ -80,8 +80,18 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         SendError::Usage(m) => anyhow::Error::new(UsageError(m)),
         other => anyhow::Error::new(other).context(format!("cannot send {}", a.source)),
     };
-    let share = share(a.force_share);
-    let mut source = open_source_with(&a.source, &share).map_err(usage_or)?;
+    let opts = SourceOptions {
+        open: share(a.force_share),
+        from_name: a.from_name.clone(),
+        to_name: a.to_name.clone(),
+        bitmap: a.bitmap.clone(),
+        allow_disabled: a.allow_disabled,
+        since: a.since.clone(),
+        changed_blocks: a.changed_blocks.clone(),
+        era_block_bytes: a.era_block_size,
+        compare_old: a.compare.clone(),
+    };
+    let mut source = open_source_opts(&a.source, &opts).map_err(usage_or)?;
     if let Some(token) = &a.resume {
         let token = ResumeToken::parse(token).map_err(UsageError)?;
         source = Box::new(Resumed::new(source, &token).map_err(usage_or)?);
@@ -160,7 +170,14 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
     match result {
         Ok(summary) if a.dry_run => print_out(|out| report::dry_receive(&summary, out)),
         Ok(summary) => {
-            if !a.progress.quiet && (a.progress.progress || io::stderr().is_terminal()) {
+            if summary.snapshots.is_empty() && !a.progress.quiet {
+                // Never silent: a stream the replica is already past was verified, not applied.
+                eprintln!(
+                    "note: the replica already holds {}; the stream was verified and nothing \
+                     was written",
+                    held.as_ref().map(describe).unwrap_or_default()
+                );
+            } else if !a.progress.quiet && (a.progress.progress || io::stderr().is_terminal()) {
                 eprintln!(
                     "received {} data bytes, {} bytes zeroed or discarded; replica holds {}",
                     summary.data_bytes,

@@ -81,8 +81,15 @@ fn reapplying_an_interrupted_multi_snapshot_stream_finishes_it() {
     );
     assert!(status_text(&replica).contains("holds snapshot 's2'"));
     assert_replica_is(&img, "s2", &replica, &s);
-    // Applying it once more changes nothing and succeeds.
-    assert!(receive_file(&stream, &replica, &[]).status.success());
+    // Applying it once more changes nothing, succeeds, and says so.
+    let again = blkdelta_ok(&[
+        "receive",
+        "-i",
+        stream.to_str().unwrap(),
+        replica.to_str().unwrap(),
+    ]);
+    let note = String::from_utf8_lossy(&again.stderr);
+    assert!(note.contains("already holds 's2'"), "{note}");
     assert_replica_is(&img, "s2", &replica, &s);
 }
 

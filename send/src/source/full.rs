@@ -7,7 +7,7 @@ use std::sync::Arc;
 use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink};
 use blkdelta_common::image::raw::RawImage;
 use blkdelta_common::image::{Allocation, BlockSource, OpenOptions};
-use blkdelta_common::stream::{random_id, SnapRef, SourceInfo, Transition};
+use blkdelta_common::stream::{SnapRef, SourceInfo, Transition};
 
 use super::ChangeSource;
 use crate::SendError;
@@ -57,7 +57,8 @@ impl FullSource {
     }
 
     /// A full stream of a raw file or block device. It has no durable identity, so the state
-    /// it produces is named after the file and gets a fresh GUID.
+    /// it produces is the one named after the file (see [`super::identity::named`]), which
+    /// change maps and comparisons of the same file start from by default.
     pub fn raw(path: &Path) -> Result<Self, SendError> {
         Self::raw_with(path, &OpenOptions::default())
     }
@@ -70,11 +71,11 @@ impl FullSource {
             kind: "raw".into(),
             name: name.clone(),
         };
-        let to = SnapRef {
-            name,
-            guid: random_id(),
-        };
-        Ok(FullSource::new(Arc::new(img), info, to))
+        Ok(FullSource::new(
+            Arc::new(img),
+            info,
+            super::identity::named(&name),
+        ))
     }
 }
 
@@ -103,5 +104,49 @@ impl ChangeSource for FullSource {
 
     fn reader(&self, _index: usize) -> Arc<dyn BlockSource> {
         Arc::clone(&self.src)
+    }
+}
+
+/// A full stream whose state is named on the command line (`--to-name`) instead of by the
+/// source (a raw file, a device, or a qcow2 active layer has no durable identity).
+pub struct Renamed {
+    inner: Box<dyn ChangeSource>,
+    transitions: Vec<Transition>,
+}
+
+impl FullSource {
+    /// Gives the single full transition of `inner` the state `to`.
+    pub fn renamed(
+        inner: Box<dyn ChangeSource>,
+        to: SnapRef,
+    ) -> Result<Box<dyn ChangeSource>, SendError> {
+        let mut transitions = inner.transitions().to_vec();
+        match transitions.as_mut_slice() {
+            [t] if t.from.is_none() => t.to = to,
+            _ => {
+                return Err(SendError::Usage(
+                    "--to-name names the state of a full stream".into(),
+                ))
+            }
+        }
+        Ok(Box::new(Renamed { inner, transitions }))
+    }
+}
+
+impl ChangeSource for Renamed {
+    fn info(&self) -> SourceInfo {
+        self.inner.info()
+    }
+
+    fn transitions(&self) -> &[Transition] {
+        &self.transitions
+    }
+
+    fn changes(&self, index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
+        self.inner.changes(index, sink)
+    }
+
+    fn reader(&self, index: usize) -> Arc<dyn BlockSource> {
+        self.inner.reader(index)
     }
 }

@@ -1,6 +1,11 @@
 //! Change sources: what a stream carries and which extents changed in each transition.
 
+mod backing_chain;
+mod bitmap;
+mod changemap;
+mod compare;
 mod full;
+pub mod identity;
 mod qcow2_snapshots;
 mod resume;
 
@@ -8,7 +13,7 @@ pub use full::FullSource;
 pub use qcow2_snapshots::{Qcow2Snapshots, SnapshotSpec};
 pub use resume::Resumed;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use blkdelta_common::extent::ExtentSink;
@@ -35,6 +40,79 @@ pub trait ChangeSource: Send + Sync {
     /// Where the first transition's records start (non-zero for a resumed send).
     fn resume_offset(&self) -> u64 {
         0
+    }
+}
+
+/// What `send` is asked for beyond SOURCE: the change source to use and the names of states
+/// without a durable identity.
+#[derive(Debug, Clone, Default)]
+pub struct SourceOptions {
+    /// QEMU image locks (`--force-share`).
+    pub open: OpenOptions,
+    /// Name of the base state (`--from-name`) for sources without durable identities.
+    pub from_name: Option<String>,
+    /// Name of the state produced (`--to-name`).
+    pub to_name: Option<String>,
+    /// Send what persistent dirty bitmap NAME recorded (`--bitmap`).
+    pub bitmap: Option<String>,
+    /// Accept a disabled bitmap (`--allow-disabled`).
+    pub allow_disabled: bool,
+    /// Send what the overlays above BASE changed (`--since`).
+    pub since: Option<PathBuf>,
+    /// Send the ranges a change map lists (`--changed-blocks`).
+    pub changed_blocks: Option<PathBuf>,
+    /// Size of an era block in bytes, for era_invalidate maps (`--era-block-size`).
+    pub era_block_bytes: Option<u64>,
+    /// Send what differs from OLD, by content (`--compare`).
+    pub compare_old: Option<PathBuf>,
+}
+
+/// Opens the source `send` is asked for: SOURCE alone (see [`open_source`]) or with one of
+/// `--bitmap`, `--since`, `--changed-blocks`, `--compare`.
+pub fn open_source_opts(
+    spec: &str,
+    opts: &SourceOptions,
+) -> Result<Box<dyn ChangeSource>, SendError> {
+    let chosen = [
+        opts.bitmap.is_some(),
+        opts.since.is_some(),
+        opts.changed_blocks.is_some(),
+        opts.compare_old.is_some(),
+    ];
+    if chosen.iter().filter(|&&c| c).count() > 1 {
+        return Err(SendError::Usage(
+            "--bitmap, --since, --changed-blocks and --compare exclude each other".into(),
+        ));
+    }
+    let path = Path::new(spec);
+    if let Some(name) = &opts.bitmap {
+        return bitmap::open(path, name, opts);
+    }
+    if let Some(base) = &opts.since {
+        return backing_chain::open(path, base, opts);
+    }
+    if let Some(map) = &opts.changed_blocks {
+        return changemap::open(map, path, opts);
+    }
+    if let Some(old) = &opts.compare_old {
+        return compare::open(old, path, opts);
+    }
+    if opts.from_name.is_some() {
+        return Err(SendError::Usage(
+            "--from-name names the base of --bitmap, --since, --changed-blocks or --compare".into(),
+        ));
+    }
+    if opts.to_name.is_some() && !path.exists() {
+        return Err(SendError::Usage(
+            "--to-name names a state without an identity of its own (a raw file, a device, an \
+             active layer); a snapshot has one"
+                .into(),
+        ));
+    }
+    let source = open_source_with(spec, &opts.open)?;
+    match &opts.to_name {
+        Some(name) => FullSource::renamed(source, identity::named(name)),
+        None => Ok(source),
     }
 }
 

@@ -1,13 +1,25 @@
-//! The persistent dirty bitmap directory (header extension 0x23852875): the list of bitmaps,
-//! their flags and where their tables are. Reading bitmap data is left to the change source.
+//! Persistent dirty bitmaps (header extension 0x23852875). This file reads the directory: the
+//! list of bitmaps, their flags and where their tables are. [`table`] reads one bitmap's
+//! table and data as sorted dirty byte ranges.
 //!
 //! ```text
-//! directory entry (padded to 8):
-//! 0  bitmap_table_offset  8  bitmap_table_size  12 flags (bit 0 in_use, bit 1 auto)
-//! 16 type (1)  17 granularity_bits  18 name_size  20 extra_data_size  24 extra data, name
+//! bitmaps extension ──► directory, one entry per bitmap (each padded to 8):
+//!   0  bitmap_table_offset  8  bitmap_table_size  12 flags (bit 0 in_use, bit 1 auto)
+//!   16 type (1)  17 granularity_bits  18 name_size  20 extra_data_size  24 extra data, name
+//! bitmap table (u64 per data cluster) ──► data cluster | all zeros | all ones
+//! data: bit n (byte n/8, bit n%8, LSB first) covers guest bytes [n*gran, (n+1)*gran)
 //! ```
+//!
+//! The layout is QEMU's `docs/interop/qcow2.rst` ("Bitmaps"); QEMU's own checks
+//! (`block/qcow2-bitmap.c`) are followed where the text leaves room.
+
+mod table;
+#[cfg(test)]
+mod tests;
 
 use std::fs::File;
+
+pub use table::{table_entry, BitmapGeometry, DirtyBitmap, TableEntry};
 
 use super::extension::BitmapsExtension;
 use super::header::{be_u16, be_u32, be_u64, check_table, Header};
@@ -19,14 +31,20 @@ use crate::ImageError;
 pub const BME_FLAG_IN_USE: u32 = 1 << 0;
 /// Flag bit 1: the bitmap is enabled and tracks every write.
 pub const BME_FLAG_AUTO: u32 = 1 << 1;
+/// Flag bits QEMU does not know (it refuses bit 2, extra_data_compatible, too).
+pub const BME_RESERVED_FLAGS: u32 = !(BME_FLAG_IN_USE | BME_FLAG_AUTO);
 /// The only bitmap type: dirty tracking.
 pub const BT_DIRTY_TRACKING_BITMAP: u8 = 1;
+/// Smallest granularity_bits QEMU accepts (512 bytes per bit).
+pub const MIN_GRANULARITY_BITS: u8 = 9;
+/// Largest granularity_bits QEMU accepts (2 GiB per bit).
+pub const MAX_GRANULARITY_BITS: u8 = 31;
 /// Bytes of a directory entry before its extra data and name.
 const ENTRY_FIXED_BYTES: usize = 24;
 /// Longest bitmap name QEMU accepts.
 const MAX_NAME_BYTES: usize = 1023;
 /// Largest bitmap data QEMU accepts (`BME_MAX_PHYS_SIZE`).
-const MAX_PHYS_BYTES: u64 = 512 << 20;
+pub const MAX_BITMAP_DATA_BYTES: u64 = 512 << 20;
 
 /// One entry of the bitmap directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,8 +63,9 @@ pub struct BitmapInfo {
     pub table_size: u32,
     /// All flag bits as stored.
     pub flags: u32,
+    /// Bytes of extra data before the name (QEMU writes none and refuses a bitmap with some).
+    pub extra_data_size: u32,
 }
-
 /// Reads and checks the bitmap directory that the header's extension names.
 pub(crate) fn read_directory(
     file: &File,
@@ -117,49 +136,64 @@ fn check_extension(
 }
 
 /// Parses the entry at the start of `b` (found at file offset `at`); returns it and its
-/// padded length.
+/// padded length. The name is read first, so later errors can name the bitmap.
 fn parse_entry(b: &[u8], header: &Header, at: u64) -> Result<(BitmapInfo, usize), ImageError> {
+    let (name, len) = entry_name(b, at)?;
+    let bad = |what: String| {
+        ImageError::Invalid(format!(
+            "bitmap '{name}' (directory entry at {at:#x}): {what}"
+        ))
+    };
+    let (kind, granularity_bits) = (b[16], b[17]);
+    if kind != BT_DIRTY_TRACKING_BITMAP {
+        return Err(ImageError::Unsupported(format!(
+            "bitmap '{name}' has type {kind} (only type 1, dirty tracking, exists)"
+        )));
+    }
+    if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&granularity_bits) {
+        return Err(bad(format!(
+            "granularity_bits {granularity_bits} outside \
+             {MIN_GRANULARITY_BITS}..={MAX_GRANULARITY_BITS}"
+        )));
+    }
+    let flags = be_u32(b, 12);
+    let info = BitmapInfo {
+        name: name.clone(),
+        granularity_bits,
+        in_use: flags & BME_FLAG_IN_USE != 0,
+        auto: flags & BME_FLAG_AUTO != 0,
+        table_offset: be_u64(b, 0),
+        table_size: be_u32(b, 8),
+        flags,
+        extra_data_size: be_u32(b, 20),
+    };
+    check_bitmap_table(&info, header).map_err(bad)?;
+    Ok((info, len))
+}
+
+/// The name of the entry at the start of `b`, and the entry's padded length.
+fn entry_name(b: &[u8], at: u64) -> Result<(String, usize), ImageError> {
     let bad =
         |what: String| ImageError::Invalid(format!("bitmap directory entry at {at:#x}: {what}"));
     if b.len() < ENTRY_FIXED_BYTES {
         return Err(bad(format!("only {} bytes left in the directory", b.len())));
     }
-    let (kind, granularity_bits) = (b[16], b[17]);
     let name_size = usize::from(be_u16(b, 18));
     let extra = be_u32(b, 20) as usize;
+    if name_size == 0 || name_size > MAX_NAME_BYTES {
+        return Err(bad(format!(
+            "name_size {name_size} outside 1..={MAX_NAME_BYTES}"
+        )));
+    }
     let len = (ENTRY_FIXED_BYTES + extra + name_size).div_ceil(8) * 8;
     if len > b.len() {
         return Err(bad(format!(
             "{len} bytes long, past the end of the directory"
         )));
     }
-    if kind != BT_DIRTY_TRACKING_BITMAP {
-        return Err(ImageError::Unsupported(format!(
-            "bitmap type {kind} at {at:#x}"
-        )));
-    }
-    if !(9..=31).contains(&granularity_bits) {
-        return Err(bad(format!(
-            "granularity_bits {granularity_bits} outside 9..=31"
-        )));
-    }
-    if name_size == 0 || name_size > MAX_NAME_BYTES {
-        return Err(bad(format!(
-            "name_size {name_size} outside 1..={MAX_NAME_BYTES}"
-        )));
-    }
     let name_at = ENTRY_FIXED_BYTES + extra;
-    let info = BitmapInfo {
-        name: String::from_utf8_lossy(&b[name_at..name_at + name_size]).into_owned(),
-        granularity_bits,
-        in_use: be_u32(b, 12) & BME_FLAG_IN_USE != 0,
-        auto: be_u32(b, 12) & BME_FLAG_AUTO != 0,
-        table_offset: be_u64(b, 0),
-        table_size: be_u32(b, 8),
-        flags: be_u32(b, 12),
-    };
-    check_bitmap_table(&info, header).map_err(bad)?;
-    Ok((info, len))
+    let name = String::from_utf8_lossy(&b[name_at..name_at + name_size]).into_owned();
+    Ok((name, len))
 }
 
 /// Checks the table's alignment and size like QEMU's `check_dir_entry`: at most 512 MiB of
@@ -173,7 +207,7 @@ fn check_bitmap_table(info: &BitmapInfo, header: &Header) -> Result<(), String> 
         ));
     }
     let phys = u64::from(info.table_size) * cs;
-    if phys > MAX_PHYS_BYTES {
+    if phys > MAX_BITMAP_DATA_BYTES {
         return Err(format!(
             "bitmap table of {} entries is too large",
             info.table_size

@@ -24,6 +24,11 @@ use crate::ImageError;
 /// Bytes of L2 tables each layer keeps cached (at least two tables).
 const L2_CACHE_BYTES: u64 = 4 << 20;
 
+/// Most (sub)clusters one lookup merges into a run. A table of a uniform kind has up to 4M
+/// of them (2 MiB clusters with extended L2), and `status` merges up to 1024 lookups: without
+/// this bound one call could examine 4G entries of a table that many L1 entries share.
+const MAX_LOOKUP_UNITS: u32 = 1024;
+
 /// One L2 table: `l2_entries` entries, each a standard word and (with extended L2) a
 /// subcluster bitmap word.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -246,7 +251,8 @@ impl Qcow2Layer {
 
     /// Finds how the guest bytes at `offset` are stored, and for how many bytes (at least 1,
     /// at most `max_len`, which the caller keeps within the virtual size) the same holds.
-    /// Runs stop at the end of an L2 table, except runs of unallocated L1 entries.
+    /// Runs stop at the end of an L2 table, except runs of unallocated L1 entries, and after
+    /// [`MAX_LOOKUP_UNITS`] (sub)clusters.
     pub(crate) fn lookup(&self, offset: u64, max_len: u64) -> Result<(Piece, u64), ImageError> {
         let g = self.inner.geometry;
         let range = g.l2_range_bytes();
@@ -273,7 +279,9 @@ impl Qcow2Layer {
         let table_end = (l1_index as u64 + 1) * range;
         let limit = max_len.min(table_end - offset);
         let (first, mut len) = self.unit_at(&table, offset)?;
-        while len < limit {
+        let mut units = 1;
+        while len < limit && units < MAX_LOOKUP_UNITS {
+            units += 1;
             let (next, n) = self.unit_at(&table, offset + len)?;
             if !first.continued_by(len, next) {
                 break;

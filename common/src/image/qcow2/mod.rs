@@ -29,6 +29,7 @@ mod decompress;
 pub mod extension;
 pub mod header;
 mod layer;
+mod own;
 mod read;
 mod snapshot;
 pub mod tables;
@@ -41,9 +42,10 @@ use std::sync::{Arc, Mutex};
 
 use rustix::fs::SeekFrom;
 
-pub use bitmap::BitmapInfo;
+pub use bitmap::{table_entry, BitmapGeometry, BitmapInfo, DirtyBitmap, TableEntry};
 pub use header::{CompressionType, Header};
 pub use layer::{L2Table, Qcow2Layer};
+pub use own::OwnAllocation;
 pub use snapshot::Snapshot;
 pub use tables::Geometry;
 

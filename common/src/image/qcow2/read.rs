@@ -72,20 +72,30 @@ impl Qcow2Layer {
         Ok(data)
     }
 
-    /// The status of one lookup run at `offset` (at most `max_len` bytes).
-    fn status_once(&self, offset: u64, max_len: u64) -> Result<(Allocation, u64), ImageError> {
+    /// The status of one lookup run at `offset` (at most `max_len` bytes), or `None` when
+    /// the run would need the backing file's status and `backing_asked` says it was already
+    /// asked during this `status` call.
+    fn status_once(
+        &self,
+        offset: u64,
+        max_len: u64,
+        backing_asked: &mut bool,
+    ) -> Result<Option<(Allocation, u64)>, ImageError> {
         let (piece, len) = self.lookup(offset, max_len)?;
-        match piece {
-            Piece::Host(_) | Piece::Compressed { .. } => Ok((Allocation::Data, len)),
-            Piece::Zero => Ok((Allocation::Zero, len)),
+        Ok(Some(match piece {
+            Piece::Host(_) | Piece::Compressed { .. } => (Allocation::Data, len),
+            Piece::Zero => (Allocation::Zero, len),
             Piece::Unallocated => match &self.inner.backing {
                 Some(b) if offset < b.size() => {
+                    if std::mem::replace(backing_asked, true) {
+                        return Ok(None);
+                    }
                     let (a, n) = b.status(offset, len.min(b.size() - offset))?;
-                    Ok((a, n.clamp(1, len)))
+                    (a, n.clamp(1, len))
                 }
-                _ => Ok((Allocation::Hole, len)),
+                _ => (Allocation::Hole, len),
             },
-        }
+        }))
     }
 }
 
@@ -120,14 +130,25 @@ impl BlockSource for Qcow2Layer {
     /// Data for normal and compressed (sub)clusters, Zero for zero ones, and for unallocated
     /// ones the backing file's status (Hole without one, or past its end). Consecutive runs of
     /// the same kind are merged (with a bounded amount of work per call); only metadata is read.
+    ///
+    /// The backing file is asked at most once per call: each merges up to
+    /// [`MAX_STATUS_STEPS`] lookups of its own, so asking it for every unallocated run would
+    /// make one call cost `MAX_STATUS_STEPS` to the power of the chain's depth.
     fn status(&self, offset: u64, max_len: u64) -> Result<(Allocation, u64), ImageError> {
         check_range(offset, 1, self.inner.size)?;
         let limit = max_len.min(self.inner.size - offset).max(1);
-        let (kind, mut len) = self.status_once(offset, limit)?;
+        let mut backing_asked = false;
+        let (kind, mut len) = self
+            .status_once(offset, limit, &mut backing_asked)?
+            .expect("the first run may ask the backing file");
         let mut steps = 1;
         while len < limit && steps < MAX_STATUS_STEPS {
             steps += 1;
-            let (next, n) = self.status_once(offset + len, limit - len)?;
+            let Some((next, n)) =
+                self.status_once(offset + len, limit - len, &mut backing_asked)?
+            else {
+                break;
+            };
             if next != kind {
                 break;
             }
