@@ -1,0 +1,1460 @@
+//! Fault injection, end to end. The receiver is SIGKILLed at many points of a multi-snapshot
+//! stream; the stream is truncated and altered byte by byte; the target's filesystem fills up
+//! or turns read-only. After each fault the exit is non-zero with a one-line error, `status`
+//! tells the truth (a snapshot it says the replica holds is byte for byte qemu's export of that
+//! snapshot; otherwise it says "in progress" and names no held snapshot), and re-applying the
+//! stream, or resuming it from the token `status` prints, gives exactly the last snapshot.
+//!
+//! Tests that mount filesystems need root; they skip loudly (`SKIPPED: ...`) when mounting is
+//! impossible. Mounts and child processes are undone by guards, even when a test fails.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SNAPS: [&str; 4] = ["s0", "s1", "s2", "s3"];
+const MIB: u64 = 1 << 20;
+/// `--checkpoint-bytes` for frequent checkpoints of the durable offset.
+const CKPT: [&str; 2] = ["--checkpoint-bytes", "1048576"];
+
+// ---------------------------------------------------------------------------------------------
+// The fixture: an image with four snapshots, its streams, qemu's exports, the record positions.
+// ---------------------------------------------------------------------------------------------
+
+/// One record of `blkdelta dump --json`: its type, where its frame starts and ends.
+struct Rec {
+    kind: String,
+    at: u64,
+    end: u64,
+    json: serde_json::Value,
+}
+
+/// Where the header's fields lie in the stream.
+#[derive(Default)]
+struct HeaderPos {
+    stream_id: usize,
+    from_guid: Vec<Option<usize>>,
+    to_name: Vec<usize>,
+    to_guid: Vec<usize>,
+}
+
+struct Fixture {
+    s: Scratch,
+    img: PathBuf,
+    /// Full stream of `s0` (the seed).
+    seed: PathBuf,
+    /// `IMG@s0..s3`: three transitions.
+    stream: PathBuf,
+    bytes: Vec<u8>,
+    /// qemu's raw exports of s0..s3.
+    exports: Vec<PathBuf>,
+    /// Every record after the header, in order.
+    recs: Vec<Rec>,
+    header: HeaderPos,
+}
+
+impl Fixture {
+    /// A 32 MiB qcow2 image (`compat` 1.1: zero records; 0.10: discard records) with snapshots
+    /// s0..s3, each step writing a few MiB of random data, zeros, discards and a pattern; with
+    /// `extra_mib`, a 64 MiB image with that many more random MiB per step in an area of its
+    /// own.
+    fn new(compat: &str, extra_mib: u64) -> Fixture {
+        let s = Scratch::new();
+        let size = if extra_mib > 0 { "64M" } else { "32M" };
+        let img = s.qcow2("vm.qcow2", size, &format!("compat={compat}"));
+        let rnd = |name: &str, mib: u64, seed: u64| {
+            s.random_file(name, (mib * MIB) as usize, seed)
+                .display()
+                .to_string()
+        };
+        let steps: [Vec<String>; 4] = [
+            vec![
+                format!("write -s {} 0 6M", rnd("r0", 6, 11)),
+                "write -P 0x11 24M 1M".into(),
+            ],
+            vec![
+                format!("write -s {} 4M 3M", rnd("r1", 3, 12)),
+                "write -z 0 1M".into(),
+                "discard 24M 1M".into(),
+                "write -P 0x22 10M 512k".into(),
+            ],
+            vec![
+                format!("write -s {} 8M 3M", rnd("r2", 3, 13)),
+                "discard 1M 1M".into(),
+                "write -z 5M 512k".into(),
+                "write -P 0x33 0 64k".into(),
+            ],
+            vec![
+                format!("write -s {} 16M 3M", rnd("r3", 3, 14)),
+                "write -z 8M 1M".into(),
+                "discard 4M 1M".into(),
+                "write -P 0x44 28M 1M".into(),
+            ],
+        ];
+        for (k, step) in steps.iter().enumerate() {
+            let mut cmds = step.clone();
+            if k > 0 && extra_mib > 0 {
+                let e = rnd(&format!("e{k}"), extra_mib, 20 + k as u64);
+                cmds.push(format!(
+                    "write -s {e} {}M {extra_mib}M",
+                    32 + (k as u64 - 1) * 10
+                ));
+            }
+            qemu_io(&img, &cmds);
+            snapshot(&img, SNAPS[k]);
+        }
+        let exports = SNAPS
+            .iter()
+            .map(|n| {
+                let e = s.path(&format!("{n}.export"));
+                export(&img, Some(n), &e);
+                e
+            })
+            .collect();
+        let seed = s.path("s0.bd");
+        send_to_file(&format!("{}@s0", img.display()), &seed);
+        let stream = s.path("s0s3.bd");
+        send_to_file(&format!("{}@s0..s3", img.display()), &stream);
+        let bytes = std::fs::read(&stream).unwrap();
+        let recs = records(&stream, bytes.len() as u64);
+        let header = header_positions(&bytes, &recs);
+        let f = Fixture {
+            s,
+            img,
+            seed,
+            stream,
+            bytes,
+            exports,
+            recs,
+            header,
+        };
+        assert_eq!(f.ends().len(), 3, "three snapshot-end records");
+        assert_eq!(f.recs.last().unwrap().kind, "end");
+        f
+    }
+
+    fn spec(&self, snaps: &str) -> String {
+        format!("{}@{snaps}", self.img.display())
+    }
+
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    /// The snapshot-end records, one per transition.
+    fn ends(&self) -> Vec<&Rec> {
+        self.recs
+            .iter()
+            .filter(|r| r.kind == "snapshot-end")
+            .collect()
+    }
+
+    fn end_record(&self) -> &Rec {
+        self.recs.last().unwrap()
+    }
+
+    /// Where the header frame ends (the first record starts).
+    fn header_end(&self) -> u64 {
+        self.recs[0].at
+    }
+
+    /// The data, zero and discard records of transition `t`.
+    fn changes(&self, t: usize) -> Vec<&Rec> {
+        let start = if t == 0 {
+            self.header_end()
+        } else {
+            self.ends()[t - 1].end
+        };
+        let stop = self.ends()[t].at;
+        self.recs
+            .iter()
+            .filter(|r| r.at >= start && r.at < stop && r.kind != "snapshot-end")
+            .collect()
+    }
+
+    /// The `n`th record of type `kind` in transition `t`.
+    fn rec(&self, t: usize, kind: &str, n: usize) -> &Rec {
+        self.changes(t)
+            .into_iter()
+            .filter(|r| r.kind == kind)
+            .nth(n)
+            .unwrap_or_else(|| panic!("no {kind} record #{n} in transition {t}"))
+    }
+
+    /// What a receiver that saw the first `prefix` bytes (and failed at the next record)
+    /// leaves behind, starting from a replica holding s0: every snapshot-end inside the prefix
+    /// is reached, and the transition after the last one is in progress once any of its
+    /// change records is complete.
+    fn expected_after(&self, prefix: u64) -> Truth {
+        let ends = self.ends();
+        let reached = ends.iter().filter(|e| e.end <= prefix).count();
+        if reached == ends.len() {
+            return Truth::Holds(reached);
+        }
+        if self.changes(reached).iter().any(|r| r.end <= prefix) {
+            Truth::InProgress(reached + 1)
+        } else {
+            Truth::Holds(reached)
+        }
+    }
+
+    /// A replica in the scratch directory holding s0, with its state: a copy of one seeded
+    /// once (seeding syncs; copying does not), with nothing of an earlier replica left.
+    fn fresh_replica(&self, name: &str) -> PathBuf {
+        let seeded = self.s.path("seeded.raw");
+        if !seeded.exists() {
+            self.seed_into(&seeded, &[]);
+        }
+        let r = self.s.path(name);
+        for suffix in ["", ".blkdelta", ".blkdelta.lock", ".blkdelta.tmp"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", r.display()));
+        }
+        self.copy_replica(&seeded, name)
+    }
+
+    /// Seeds `replica` with s0 and checks that status says so.
+    fn seed_into(&self, replica: &Path, state: &[&str]) {
+        let out = receive_file(&self.seed, replica, state);
+        assert!(
+            out.status.success(),
+            "seed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(self.truth(replica, state, None), Truth::Holds(0));
+    }
+
+    /// Checks that `status` tells the truth about `replica` and returns what it says. A held
+    /// snapshot must be byte for byte qemu's export; "in progress" must name no held snapshot.
+    /// With `fed`, the receiver saw only that many bytes of the stream (from a replica holding
+    /// s0): it cannot have reached or started anything past them.
+    fn truth(&self, replica: &Path, state: &[&str], fed: Option<u64>) -> Truth {
+        self.truth_full(replica, state, fed).0
+    }
+
+    /// As [`Fixture::truth`], also returning the durable offset and the resume token of an
+    /// apply in progress.
+    fn truth_full(
+        &self,
+        replica: &Path,
+        state: &[&str],
+        fed: Option<u64>,
+    ) -> (Truth, u64, Option<String>) {
+        let st = status_text(replica, state);
+        let line = st
+            .lines()
+            .find(|l| l.starts_with("state:"))
+            .unwrap_or_else(|| panic!("no state line in:\n{st}"));
+        if line.contains("in progress") {
+            assert!(
+                !st.contains("holds snapshot"),
+                "in progress and holding a snapshot:\n{st}"
+            );
+            let from = quoted_after(line, "in progress, '");
+            let to = quoted_after(line, "-> '")
+                .unwrap_or_else(|| panic!("no target snapshot in: {line}"));
+            let durable: u64 = line
+                .split("durable below offset ")
+                .nth(1)
+                .and_then(|r| r.trim_end_matches(')').parse().ok())
+                .unwrap_or_else(|| panic!("no durable offset in: {line}"));
+            let token = st
+                .lines()
+                .find_map(|l| l.strip_prefix("resume token: "))
+                .map(str::to_string);
+            let to_index = SNAPS.iter().position(|n| *n == to);
+            if let (Some(f), Some(t)) = (from.and_then(|f| snap_index(&f)), to_index) {
+                assert_eq!(f + 1, t, "in progress between unrelated snapshots: {line}");
+            }
+            if let (Some(t), Some(fed)) = (to_index.filter(|&t| t > 0), fed) {
+                let first = self.changes(t - 1)[0];
+                assert!(
+                    first.end <= fed,
+                    "in progress towards '{to}' though the receiver saw only {fed} bytes, \
+                     short of that transition's first record (ends at {}):\n{st}",
+                    first.end
+                );
+            }
+            // An unparseable target name (a damaged header) is in progress all the same.
+            (
+                Truth::InProgress(to_index.unwrap_or(usize::MAX)),
+                durable,
+                token,
+            )
+        } else {
+            let name = quoted_after(line, "holds snapshot '")
+                .unwrap_or_else(|| panic!("status says neither held nor in progress:\n{st}"));
+            let k = snap_index(&name)
+                .unwrap_or_else(|| panic!("status claims a snapshot the stream never had:\n{st}"));
+            assert_same_file(replica, &self.exports[k]);
+            if let (true, Some(fed)) = (k > 0, fed) {
+                let end = self.ends()[k - 1].end;
+                assert!(
+                    end <= fed,
+                    "status holds '{name}' though the receiver saw only {fed} bytes, short of \
+                     its snapshot-end (ends at {end})"
+                );
+            }
+            (Truth::Holds(k), 0, None)
+        }
+    }
+
+    /// Applies the intact stream again: it succeeds and the replica is exactly s3.
+    fn reapply_gives_s3(&self, replica: &Path, state: &[&str]) {
+        let out = receive_file(&self.stream, replica, state);
+        assert!(
+            out.status.success(),
+            "re-applying the intact stream failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(self.truth(replica, state, None), Truth::Holds(3));
+    }
+
+    /// `blkdelta send --resume TOKEN IMG@s0..s3 | blkdelta receive REPLICA`: exactly s3.
+    fn resume_gives_s3(&self, replica: &Path, state: &[&str], token: &str) {
+        let out = send_pipe_receive(
+            &["send", "-q", "--resume", token, &self.spec("s0..s3")],
+            replica,
+            state,
+        );
+        assert!(
+            out.status.success(),
+            "resuming with {token} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(self.truth(replica, state, None), Truth::Holds(3));
+    }
+
+    /// Copies a replica and its state file (the state names no path of its own).
+    fn copy_replica(&self, replica: &Path, name: &str) -> PathBuf {
+        let copy = self.s.path(name);
+        std::fs::copy(replica, &copy).unwrap();
+        std::fs::copy(state_of(replica), state_of(&copy)).unwrap();
+        copy
+    }
+}
+
+/// What `status` says a replica holds: a snapshot (index into s0..s3), or an apply in progress
+/// towards one (`usize::MAX` when the name is not one of the stream's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Truth {
+    Holds(usize),
+    InProgress(usize),
+}
+
+fn snap_index(name: &str) -> Option<usize> {
+    SNAPS.iter().position(|n| *n == name)
+}
+
+/// The text between `prefix` + and the next `'`.
+fn quoted_after(line: &str, prefix: &str) -> Option<String> {
+    let rest = line.split_once(prefix)?.1;
+    Some(rest.split_once('\'')?.0.to_string())
+}
+
+fn state_of(replica: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.blkdelta", replica.display()))
+}
+
+fn status_text(replica: &Path, state: &[&str]) -> String {
+    let mut args = vec!["status", replica.to_str().unwrap()];
+    args.extend_from_slice(state);
+    String::from_utf8(blkdelta_ok(&args).stdout).unwrap()
+}
+
+/// The records of `dump --json`, each with where its frame ends.
+fn records(stream: &Path, len: u64) -> Vec<Rec> {
+    let out = blkdelta_ok(&["dump", "--json", stream.to_str().unwrap()]);
+    let values: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(values[0]["record"], "header");
+    let mut recs: Vec<Rec> = values[1..]
+        .iter()
+        .map(|v| Rec {
+            kind: v["record"].as_str().unwrap().to_string(),
+            at: v["at"].as_u64().unwrap(),
+            end: 0,
+            json: v.clone(),
+        })
+        .collect();
+    for i in 0..recs.len() {
+        recs[i].end = recs.get(i + 1).map_or(len, |n| n.at);
+    }
+    recs
+}
+
+/// Parses the header body (docs/STREAM.md) for the positions of its fields, checking them
+/// against what `dump` says.
+fn header_positions(b: &[u8], recs: &[Rec]) -> HeaderPos {
+    let u64_at = |p: usize| u64::from_le_bytes(b[p..p + 8].try_into().unwrap()) as usize;
+    let mut h = HeaderPos {
+        stream_id: 20,
+        ..HeaderPos::default()
+    };
+    let mut p = 20 + 16 + 8;
+    p += 8 + u64_at(p); // source.kind
+    p += 8 + u64_at(p); // source.name
+    let count = u64_at(p);
+    p += 8;
+    for _ in 0..count {
+        let tag = b[p];
+        p += 1;
+        if tag == 1 {
+            p += 8 + u64_at(p);
+            h.from_guid.push(Some(p));
+            p += 16;
+        } else {
+            h.from_guid.push(None);
+        }
+        h.to_name.push(p + 8);
+        p += 8 + u64_at(p);
+        h.to_guid.push(p);
+        p += 16 + 8;
+    }
+    // Three totals and the resume offset (a field docs/STREAM.md does not list yet) follow.
+    assert_eq!(p + 32, recs[0].at as usize, "header parsed to its end");
+    for (t, name) in SNAPS[1..].iter().enumerate() {
+        assert_eq!(&b[h.to_name[t]..h.to_name[t] + 2], name.as_bytes());
+        let guid = recs
+            .iter()
+            .filter(|r| r.kind == "snapshot-end")
+            .nth(t)
+            .unwrap()
+            .json["guid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(hex(&b[h.to_guid[t]..h.to_guid[t] + 16]), guid);
+    }
+    h
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Checks for the failure contract: exit status 1 and one line on stderr starting `blkdelta:`.
+fn one_line_error(out: &Output, what: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{what}: exit {:?}, stderr: {err}",
+        out.status
+    );
+    assert!(err.starts_with("blkdelta: "), "{what}: {err}");
+    assert!(err.ends_with('\n'), "{what}: {err:?}");
+    assert_eq!(err.lines().count(), 1, "{what}: multi-line error:\n{err}");
+    assert!(!err.contains("panicked"), "{what}: {err}");
+    err
+}
+
+/// `blkdelta SEND_ARGS | blkdelta receive -q TARGET RECV_EXTRA` through a real pipe; returns
+/// the receiver's output after checking the sender succeeded.
+fn send_pipe_receive(send_args: &[&str], target: &Path, recv_extra: &[&str]) -> Output {
+    let mut sender = Command::new(bin())
+        .args(send_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = sender.stdout.take().unwrap();
+    let recv = Command::new(bin())
+        .args(["receive", "-q"])
+        .arg(target)
+        .args(recv_extra)
+        .stdin(stdout)
+        .output()
+        .unwrap();
+    let sent = sender.wait_with_output().unwrap();
+    assert!(
+        sent.status.success(),
+        "send {send_args:?} failed: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    recv
+}
+
+/// The bytes `[off, off+len)` of a file.
+fn read_range(p: &Path, off: u64, len: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; len as usize];
+    std::fs::File::open(p)
+        .unwrap()
+        .read_exact_at(&mut buf, off)
+        .unwrap();
+    buf
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. SIGKILL at several points.
+// ---------------------------------------------------------------------------------------------
+
+/// A receiver reading from a pipe the test feeds; SIGKILLed and reaped when dropped.
+struct Receiver {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Receiver {
+    fn start(replica: &Path, extra: &[&str]) -> Receiver {
+        let mut child = Command::new(bin())
+            .args(["receive", "-q"])
+            .arg(replica)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        Receiver { child, stdin }
+    }
+
+    /// Feeds `bytes` in 64 KiB pieces, pausing after every MiB: the receiver reads at our pace.
+    fn feed(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().unwrap();
+        for (i, piece) in bytes.chunks(64 << 10).enumerate() {
+            if let Err(e) = stdin.write_all(piece) {
+                let err = self.stderr_after_exit();
+                panic!("the receiver stopped reading ({e}): {err}");
+            }
+            if i % 16 == 15 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+
+    /// Panics with the receiver's stderr if it has exited.
+    fn assert_running(&mut self, what: &str) {
+        if self.child.try_wait().unwrap().is_some() {
+            let err = self.stderr_after_exit();
+            panic!("{what}: the receiver exited before it was killed: {err}");
+        }
+    }
+
+    fn stderr_after_exit(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut err = String::new();
+        if let Some(e) = self.child.stderr.as_mut() {
+            let _ = std::io::Read::read_to_string(e, &mut err);
+        }
+        err
+    }
+
+    /// Bytes written to the pipe that the receiver has not read yet.
+    fn unread(&self) -> i32 {
+        let fd = self.stdin.as_ref().unwrap().as_raw_fd();
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int through the pointer, which is valid for writes.
+        let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+        assert_eq!(rc, 0, "FIONREAD on the pipe");
+        n
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the test waits for between feeding and killing.
+enum Wait {
+    /// Kill at once: the receiver is busy with what it was just given.
+    Now,
+    /// Until the receiver has read everything fed and had time to apply it.
+    Settle,
+    /// Until `status` satisfies the predicate (the receiver recorded something).
+    Status(fn(&str) -> bool),
+}
+
+struct KillPoint {
+    what: String,
+    fed: u64,
+    /// Close stdin after feeding (the receiver may finish before the kill).
+    close: bool,
+    checkpoints: bool,
+    wait: Wait,
+    /// What status must say after the kill, when the point determines it.
+    expect: Option<Truth>,
+    /// The point waited for a checkpoint: the durable offset is above 0.
+    checkpointed: bool,
+}
+
+fn polls(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn holds(name: &'static str) -> fn(&str) -> bool {
+    match name {
+        "s1" => |st| st.contains("holds snapshot 's1'"),
+        "s2" => |st| st.contains("holds snapshot 's2'"),
+        "s3" => |st| st.contains("holds snapshot 's3'"),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn sigkill_at_many_points_of_a_multi_snapshot_stream() {
+    if !have("qemu-img") {
+        return;
+    }
+    let f = Fixture::new("1.1", 0);
+    let ends = f.ends();
+    let len = f.len();
+    let mut points = vec![
+        KillPoint {
+            what: "inside transition 0, in its first data payload".into(),
+            fed: f.rec(0, "data", 0).at + 300_000,
+            close: false,
+            checkpoints: true,
+            wait: Wait::Status(|st| st.contains("in progress, 's0' -> 's1'")),
+            checkpointed: false,
+            expect: Some(Truth::InProgress(1)),
+        },
+        KillPoint {
+            what: "inside transition 0, after a checkpoint".into(),
+            fed: f.rec(0, "data", 2).at + 1000,
+            close: false,
+            checkpoints: true,
+            wait: Wait::Status(|st| {
+                st.contains("'s0' -> 's1'") && !st.contains("durable below offset 0)")
+            }),
+            checkpointed: true,
+            expect: Some(Truth::InProgress(1)),
+        },
+        KillPoint {
+            what: "just before s1's snapshot-end".into(),
+            fed: ends[0].at,
+            close: false,
+            checkpoints: false,
+            wait: Wait::Settle,
+            checkpointed: false,
+            expect: Some(Truth::InProgress(1)),
+        },
+        KillPoint {
+            what: "inside s1's snapshot-end frame".into(),
+            fed: ends[0].at + 30,
+            close: false,
+            checkpoints: false,
+            wait: Wait::Settle,
+            checkpointed: false,
+            expect: Some(Truth::InProgress(1)),
+        },
+        KillPoint {
+            what: "right after s1's snapshot-end".into(),
+            fed: ends[0].end,
+            close: false,
+            checkpoints: false,
+            wait: Wait::Status(holds("s1")),
+            checkpointed: false,
+            expect: Some(Truth::Holds(1)),
+        },
+        KillPoint {
+            what: "right after s2's snapshot-end".into(),
+            fed: ends[1].end,
+            close: false,
+            checkpoints: true,
+            wait: Wait::Status(holds("s2")),
+            checkpointed: false,
+            expect: Some(Truth::Holds(2)),
+        },
+        KillPoint {
+            what: "inside the last transition, after a checkpoint".into(),
+            fed: f.rec(2, "data", 1).at + 300_000,
+            close: false,
+            checkpoints: true,
+            wait: Wait::Status(|st| {
+                st.contains("'s2' -> 's3'") && !st.contains("durable below offset 0)")
+            }),
+            checkpointed: true,
+            expect: Some(Truth::InProgress(3)),
+        },
+        KillPoint {
+            what: "everything but the end record".into(),
+            fed: f.end_record().at,
+            close: false,
+            checkpoints: false,
+            wait: Wait::Status(holds("s3")),
+            checkpointed: false,
+            expect: Some(Truth::Holds(3)),
+        },
+        KillPoint {
+            what: "the whole stream, stdin still open".into(),
+            fed: len,
+            close: false,
+            checkpoints: true,
+            wait: Wait::Status(holds("s3")),
+            checkpointed: false,
+            expect: Some(Truth::Holds(3)),
+        },
+        KillPoint {
+            what: "the whole stream, stdin closed, killed at once".into(),
+            fed: len,
+            close: true,
+            checkpoints: false,
+            wait: Wait::Now,
+            checkpointed: false,
+            expect: None,
+        },
+    ];
+    for pct in [20, 45, 70, 95] {
+        points.push(KillPoint {
+            what: format!("at once after {pct}% of the stream"),
+            fed: len * pct / 100,
+            close: false,
+            checkpoints: pct % 10 == 5,
+            wait: Wait::Now,
+            checkpointed: false,
+            expect: None,
+        });
+    }
+
+    let mut resumed = 0;
+    for p in &points {
+        let what = format!("kill {} (byte {} of {len})", p.what, p.fed);
+        let replica = f.fresh_replica("r.raw");
+        let mut rx = Receiver::start(&replica, if p.checkpoints { &CKPT } else { &[] });
+        rx.feed(&f.bytes[..p.fed as usize]);
+        if p.close {
+            drop(rx.stdin.take());
+        }
+        match p.wait {
+            Wait::Now => {}
+            Wait::Settle => {
+                polls(
+                    || {
+                        rx.assert_running(&what);
+                        rx.unread() == 0
+                    },
+                    &what,
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Wait::Status(pred) => polls(
+                || {
+                    rx.assert_running(&what);
+                    pred(&status_text(&replica, &[]))
+                },
+                &what,
+            ),
+        }
+        let _ = rx.child.kill();
+        let exit = rx.child.wait().unwrap();
+        if p.close {
+            assert!(
+                exit.signal() == Some(9) || exit.success(),
+                "{what}: {exit:?}"
+            );
+        } else {
+            assert_eq!(exit.signal(), Some(9), "{what}: not killed mid-stream");
+        }
+        drop(rx);
+
+        let (truth, durable, token) = f.truth_full(&replica, &[], Some(p.fed));
+        if let Some(want) = p.expect {
+            assert_eq!(truth, want, "{what}");
+        }
+        if p.close && exit.success() {
+            assert_eq!(truth, Truth::Holds(3), "{what}: exited 0");
+        }
+        if p.checkpointed {
+            assert!(durable > 0, "{what}: no checkpoint recorded");
+        }
+        if let (Truth::InProgress(_), Some(token)) = (truth, &token) {
+            // Resume a copy from the token; finish the original by re-applying the stream.
+            let copy = f.copy_replica(&replica, "resumed.raw");
+            f.resume_gives_s3(&copy, &[], token);
+            resumed += 1;
+        } else {
+            assert!(
+                !matches!(truth, Truth::InProgress(_)),
+                "{what}: in progress without a resume token"
+            );
+        }
+        f.reapply_gives_s3(&replica, &[]);
+    }
+    assert!(resumed >= 3, "only {resumed} kills left a resumable apply");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Truncation.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn truncated_streams_fail_and_leave_a_truthful_recoverable_replica() {
+    if !have("qemu-img") {
+        return;
+    }
+    let f = Fixture::new("1.1", 0);
+    let len = f.len();
+    let h = f.header_end();
+    // Inside the preamble and the header, every 5% of the stream, and at the edges of the
+    // snapshot-end and end records.
+    let mut cuts: Vec<u64> = vec![0, 7, 12, 19, 36, h / 2, h - 1, h];
+    cuts.extend((1..20).map(|i| len * i / 20));
+    for e in f.ends() {
+        cuts.extend([e.at + 9, e.end - 1, e.end]);
+    }
+    cuts.extend([f.end_record().at + 8, len - 1]);
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut resumed = 0;
+    for (i, &cut) in cuts.iter().enumerate() {
+        let what = format!("cut at byte {cut} of {len}");
+        let replica = f.fresh_replica("r.raw");
+        let part = f.s.path("part.bd");
+        std::fs::write(&part, &f.bytes[..cut as usize]).unwrap();
+        // Frequent checkpoints (slow: a sync per MiB) where the resume token is used.
+        let extra: &[&str] = if i % 3 == 0 { &CKPT } else { &[] };
+        let out = receive_file(&part, &replica, extra);
+        let err = one_line_error(&out, &what);
+        assert!(
+            err.contains(&format!("truncated after {cut} bytes")),
+            "{what}: {err}"
+        );
+        let (truth, _, token) = f.truth_full(&replica, &[], Some(cut));
+        assert_eq!(truth, f.expected_after(cut), "{what}");
+        if let (Truth::InProgress(_), Some(token)) = (truth, &token) {
+            assert!(err.contains("marked in progress"), "{what}: {err}");
+            if i % 3 == 0 {
+                let copy = f.copy_replica(&replica, "resumed.raw");
+                f.resume_gives_s3(&copy, &[], token);
+                resumed += 1;
+            }
+        }
+        f.reapply_gives_s3(&replica, &[]);
+    }
+    assert!(resumed >= 3, "only {resumed} resumes tried");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Byte flips.
+// ---------------------------------------------------------------------------------------------
+
+/// One altered byte: where, how, and the stream position at which the receiver must notice.
+struct Flip {
+    what: &'static str,
+    pos: u64,
+    xor: u8,
+    caught_at: u64,
+    /// A data record whose bytes must never reach the replica: (offset, len, transition).
+    unwritten: Option<(u64, u64, usize)>,
+}
+
+fn data_range(r: &Rec) -> (u64, u64) {
+    (
+        r.json["offset"].as_u64().unwrap(),
+        r.json["len"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn flipped_bytes_are_caught_and_never_recorded_as_a_snapshot() {
+    if !have("qemu-img") {
+        return;
+    }
+    let f = Fixture::new("1.1", 0);
+    let ends = f.ends();
+    let end = f.end_record();
+    let h = &f.header;
+    let plain = f
+        .changes(1)
+        .into_iter()
+        .filter(|r| r.kind == "data" && r.json["compression"] == "none")
+        .nth(1)
+        .expect("a plain data record in transition 1");
+    let zstd = f
+        .changes(0)
+        .into_iter()
+        .find(|r| r.kind == "data" && r.json["compression"] == "zstd")
+        .expect("a zstd data record in transition 0");
+    let hashed = f.rec(2, "data", 0);
+    let zero = f.rec(0, "zero", 0);
+    let data_flip = |what, r: &Rec, pos: u64, t| {
+        let (off, len) = data_range(r);
+        Flip {
+            what,
+            pos,
+            xor: 0x04,
+            caught_at: r.at,
+            unwritten: Some((off, len, t)),
+        }
+    };
+    let flips = vec![
+        Flip {
+            what: "magic",
+            pos: 1,
+            xor: 0x20,
+            caught_at: 0,
+            unwritten: None,
+        },
+        Flip {
+            what: "version",
+            pos: 8,
+            xor: 0x02,
+            caught_at: 0,
+            unwritten: None,
+        },
+        Flip {
+            what: "stream id",
+            pos: h.stream_id as u64 + 5,
+            xor: 0x01,
+            caught_at: ends[0].at,
+            unwritten: None,
+        },
+        Flip {
+            // Transition 1's from names it too: the header is refused.
+            what: "transition 0's to name",
+            pos: h.to_name[0] as u64,
+            xor: 0x01,
+            caught_at: 0,
+            unwritten: None,
+        },
+        Flip {
+            what: "the last transition's to name",
+            pos: h.to_name[2] as u64 + 1,
+            xor: 0x01,
+            caught_at: ends[0].at,
+            unwritten: None,
+        },
+        Flip {
+            what: "transition 0's from GUID",
+            pos: h.from_guid[0].unwrap() as u64 + 3,
+            xor: 0x80,
+            caught_at: 0,
+            unwritten: None,
+        },
+        Flip {
+            what: "the last transition's to GUID",
+            pos: h.to_guid[2] as u64 + 15,
+            xor: 0x01,
+            caught_at: ends[0].at,
+            unwritten: None,
+        },
+        data_flip(
+            "a plain data payload",
+            plain,
+            plain.at + 8 + 45 + 777_777,
+            1,
+        ),
+        data_flip(
+            "a zstd data payload",
+            zstd,
+            zstd.at + 8 + 45 + zstd.json["payload_len"].as_u64().unwrap() / 2,
+            0,
+        ),
+        data_flip("a data record's hash", hashed, hashed.at + 8 + 13 + 31, 2),
+        data_flip("a data record's body length", plain, plain.at + 5, 1),
+        Flip {
+            what: "a zero record's offset (out of range)",
+            pos: zero.at + 8 + 7,
+            xor: 0x01,
+            caught_at: zero.at,
+            unwritten: None,
+        },
+        Flip {
+            what: "a zero record's length (out of range)",
+            pos: zero.at + 16 + 6,
+            xor: 0x40,
+            caught_at: zero.at,
+            unwritten: None,
+        },
+        Flip {
+            what: "a zero record's type (unknown, not optional)",
+            pos: zero.at,
+            xor: 0x0c,
+            caught_at: zero.at,
+            unwritten: None,
+        },
+        Flip {
+            what: "s1's snapshot-end GUID",
+            pos: ends[0].at + 8 + 12 + 2 + 4,
+            xor: 0x10,
+            caught_at: ends[0].at,
+            unwritten: None,
+        },
+        Flip {
+            what: "s2's snapshot-end prefix hash",
+            pos: ends[1].end - 7,
+            xor: 0x01,
+            caught_at: ends[1].at,
+            unwritten: None,
+        },
+        Flip {
+            what: "s3's snapshot-end transition index",
+            pos: ends[2].at + 8,
+            xor: 0x01,
+            caught_at: ends[2].at,
+            unwritten: None,
+        },
+        Flip {
+            what: "the end record's stream hash",
+            pos: end.at + 16 + 20,
+            xor: 0x01,
+            caught_at: end.at,
+            unwritten: None,
+        },
+        Flip {
+            what: "the end record's record count",
+            pos: end.at + 8,
+            xor: 0x01,
+            caught_at: end.at,
+            unwritten: None,
+        },
+    ];
+    let bad = f.s.path("bad.bd");
+    for (i, flip) in flips.iter().enumerate() {
+        let what = format!("flip of {} at byte {}", flip.what, flip.pos);
+        let mut bytes = f.bytes.clone();
+        bytes[flip.pos as usize] ^= flip.xor;
+        std::fs::write(&bad, &bytes).unwrap();
+        let replica = f.fresh_replica("r.raw");
+        let extra: &[&str] = if i % 2 == 0 { &CKPT } else { &[] };
+        let out = receive_file(&bad, &replica, extra);
+        one_line_error(&out, &what);
+        let truth = f.truth(&replica, &[], None);
+        assert_eq!(truth, f.expected_after(flip.caught_at), "{what}");
+        if let Some((off, len, t)) = flip.unwritten {
+            assert!(
+                read_range(&replica, off, len) == read_range(&f.exports[t], off, len),
+                "{what}: bytes of the damaged record reached the replica"
+            );
+        }
+        f.reapply_gives_s3(&replica, &[]);
+    }
+
+    // Trailing garbage after the end record is an altered stream too.
+    let mut bytes = f.bytes.clone();
+    bytes.push(0);
+    std::fs::write(&bad, &bytes).unwrap();
+    let replica = f.fresh_replica("r.raw");
+    one_line_error(&receive_file(&bad, &replica, &[]), "a byte after the end");
+    assert_eq!(f.truth(&replica, &[], None), Truth::Holds(3));
+}
+
+/// The damage a flipped offset does: the record lands on [2 MiB, 3 MiB), s0's data that no
+/// transition of the stream touches again.
+fn offset_flip_cases() -> Vec<(&'static str, &'static str, &'static str, u8)> {
+    vec![
+        // (fixture compat, record type, what, xor on offset byte 2)
+        ("1.1", "zero", "zero record 0 -> 2 MiB", 0x20),
+        ("0.10", "discard", "discard record 0 -> 2 MiB", 0x20),
+        ("1.1", "data", "data record 4 MiB -> 2 MiB", 0x60),
+    ]
+}
+
+#[test]
+#[ignore = "defect: a flipped offset in a zero/discard/data record is applied before the \
+            snapshot-end's prefix hash catches it; re-applying the intact stream does not \
+            repair the damaged range, yet the replica is then recorded as holding s3"]
+fn a_flipped_record_offset_never_leaves_a_wrong_snapshot_recorded() {
+    if !have("qemu-img") {
+        return;
+    }
+    let mut failures = Vec::new();
+    for (compat, kind, what, xor) in offset_flip_cases() {
+        let f = Fixture::new(compat, 0);
+        let r = f.rec(0, kind, 0);
+        let (off, _) = data_range(r);
+        let mut bytes = f.bytes.clone();
+        bytes[r.at as usize + 8 + 2] ^= xor;
+        let flipped = u64::from_le_bytes(bytes[r.at as usize + 8..][..8].try_into().unwrap());
+        assert_eq!(flipped, 2 * MIB, "{what}: from {off}");
+        let bad = f.s.path("bad.bd");
+        std::fs::write(&bad, &bytes).unwrap();
+        let replica = f.fresh_replica("r.raw");
+        one_line_error(&receive_file(&bad, &replica, &[]), what);
+        // Caught at s1's snapshot-end: in progress, truthfully.
+        assert_eq!(f.truth(&replica, &[], None), Truth::InProgress(1), "{what}");
+        let out = receive_file(&f.stream, &replica, &[]);
+        assert!(out.status.success(), "{what}");
+        let st = status_text(&replica, &[]);
+        assert!(st.contains("holds snapshot 's3'"), "{what}: {st}");
+        let got = read_range(&replica, 2 * MIB, MIB);
+        if got != read_range(&f.exports[3], 2 * MIB, MIB) {
+            failures.push(format!(
+                "{what}: after re-applying the intact stream, status says 'holds snapshot \
+                 s3' but [2 MiB, 3 MiB) of the replica differs from qemu's export of s3"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+#[ignore = "defect: records caught as damaged only at the snapshot-end still advance the durable \
+            offset, so the resume token status prints skips a record the replica never got"]
+fn the_resume_token_after_a_flipped_offset_skips_nothing() {
+    if !have("qemu-img") {
+        return;
+    }
+    let f = Fixture::new("1.1", 0);
+    let zero = f.rec(0, "zero", 0);
+    assert_eq!(data_range(zero), (0, MIB));
+    // [0, 1 MiB) -> [1 MiB, 2 MiB): damage the next transition repairs (s2 zeroes it), so
+    // only the resume point is wrong.
+    let mut bytes = f.bytes.clone();
+    bytes[zero.at as usize + 8 + 2] ^= 0x10;
+    let bad = f.s.path("bad.bd");
+    std::fs::write(&bad, &bytes).unwrap();
+    let replica = f.fresh_replica("r.raw");
+    one_line_error(&receive_file(&bad, &replica, &CKPT), "zero offset flip");
+    let (truth, _, token) = f.truth_full(&replica, &[], None);
+    assert_eq!(truth, Truth::InProgress(1));
+    // Re-applying the whole intact stream repairs everything here...
+    let copy = f.copy_replica(&replica, "reapplied.raw");
+    f.reapply_gives_s3(&copy, &[]);
+    // ...and so must resuming from the token status prints: it may not claim durable the
+    // record at offset 0, which was never applied (the damaged copy went to 1 MiB).
+    f.resume_gives_s3(&replica, &[], &token.unwrap());
+}
+
+#[test]
+#[ignore = "defect: with --state, the in-progress hints (the error's 'blkdelta status TARGET' and \
+            status's 'blkdelta receive TARGET') leave out --state, so they cannot find the state"]
+fn the_in_progress_hints_work_with_a_state_elsewhere() {
+    if !have("qemu-img") {
+        return;
+    }
+    let f = Fixture::new("1.1", 0);
+    let state_file = f.s.path("elsewhere.state");
+    let state = ["--state", state_file.to_str().unwrap()];
+    let replica = f.s.path("r.raw");
+    f.seed_into(&replica, &state);
+    let part = f.s.path("part.bd");
+    let cut = f.ends()[0].end as usize + 1000;
+    std::fs::write(&part, &f.bytes[..cut]).unwrap();
+    let mut extra = state.to_vec();
+    extra.extend_from_slice(&CKPT);
+    let err = one_line_error(&receive_file(&part, &replica, &extra), "truncated");
+    assert_eq!(f.truth(&replica, &state, None), Truth::InProgress(2));
+    // The error tells the user to run `blkdelta status ...`: that command must work as printed.
+    let hint = err
+        .split("token '")
+        .nth(1)
+        .and_then(|r| r.split("' prints").next())
+        .unwrap_or_else(|| panic!("no status hint in: {err}"));
+    let args: Vec<&str> = hint.split_whitespace().skip(1).collect();
+    let out = blkdelta(&args);
+    assert!(
+        out.status.success(),
+        "the hinted `{hint}` fails: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = status_text(&replica, &state);
+    let or = st
+        .lines()
+        .find(|l| l.trim_start().starts_with("or: "))
+        .unwrap();
+    assert!(or.contains("--state"), "{or}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mounts for the filesystem faults.
+// ---------------------------------------------------------------------------------------------
+
+/// A mount made by the test, unmounted when dropped.
+struct Mounted {
+    dir: PathBuf,
+}
+
+impl Mounted {
+    /// Mounts with `mount ARGS... DIR`; `None` (after a loud skip notice) when impossible.
+    fn new(test: &str, args: &[&str], dir: &Path) -> Option<Mounted> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount").args(args).arg(dir).output();
+        match out {
+            Ok(o) if o.status.success() => Some(Mounted {
+                dir: dir.to_path_buf(),
+            }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: {test}: cannot `mount {}` because: {} (needs root)",
+                    args.join(" "),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: {test}: cannot run mount because: {e}");
+                None
+            }
+        }
+    }
+
+    fn tmpfs(test: &str, dir: &Path, size: &str) -> Option<Mounted> {
+        Mounted::new(
+            test,
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+            dir,
+        )
+    }
+
+    fn remount(&self, opts: &str) {
+        run(Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.dir));
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+/// Free bytes of the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs only writes into the zeroed struct we pass; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    assert_eq!(rc, 0, "statvfs {dir:?}");
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A full target filesystem.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_full_target_filesystem_fails_cleanly_and_recovers_once_it_grows() {
+    const TEST: &str = "a_full_target_filesystem_fails_cleanly_and_recovers_once_it_grows";
+    if !have("qemu-img") || !have("mount") {
+        return;
+    }
+    // About 24 MiB of data by s3 on a 12 or 14 MiB filesystem; the seed (7 MiB) fits.
+    let f = Fixture::new("1.1", 6);
+    for state_elsewhere in [false, true] {
+        let variant = if state_elsewhere {
+            "state elsewhere, resumed"
+        } else {
+            "state beside the replica, re-applied"
+        };
+        let dir = f.s.path(if state_elsewhere {
+            "small-b"
+        } else {
+            "small-a"
+        });
+        // 14 MiB: transition 0 fits, transition 1 does not; 12 MiB: transition 0 does not.
+        let size = if state_elsewhere { "12m" } else { "14m" };
+        let Some(mount) = Mounted::tmpfs(TEST, &dir, size) else {
+            return;
+        };
+        let replica = dir.join("r.raw");
+        let state_file = f.s.path("elsewhere.state");
+        let state_file = state_file.to_str().unwrap();
+        let state: &[&str] = if state_elsewhere {
+            &["--state", state_file]
+        } else {
+            &[]
+        };
+        f.seed_into(&replica, state);
+        let mut extra = state.to_vec();
+        extra.extend_from_slice(&CKPT);
+        let out = receive_file(&f.stream, &replica, &extra);
+        let err = one_line_error(&out, variant);
+        assert!(err.contains("No space left on device"), "{variant}: {err}");
+        let (truth, _, token) = f.truth_full(&replica, state, None);
+        assert_ne!(truth, Truth::Holds(3), "{variant}: the stream cannot fit");
+        eprintln!(
+            "full filesystem, {variant}: {} -> {truth:?}",
+            err.trim_end()
+        );
+
+        mount.remount("size=64m");
+        match (state_elsewhere, truth, token) {
+            (true, Truth::InProgress(_), Some(token)) => f.resume_gives_s3(&replica, state, &token),
+            (true, other, _) => panic!("{variant}: expected a resumable apply, got {other:?}"),
+            (false, _, _) => f.reapply_gives_s3(&replica, state),
+        }
+        // The replica is still usable afterwards: applying the stream again changes nothing.
+        f.reapply_gives_s3(&replica, state);
+    }
+}
+
+#[test]
+fn a_state_write_failing_at_a_snapshot_end_never_records_the_snapshot() {
+    const TEST: &str = "a_state_write_failing_at_a_snapshot_end_never_records_the_snapshot";
+    if !have("qemu-img") || !have("mount") {
+        return;
+    }
+    // A transition that only allocates: 3 MiB of new data. With exactly that much space free,
+    // every data write fits and the state update at the snapshot-end is what fails.
+    let s = Scratch::new();
+    let img = s.qcow2("vm.qcow2", "16M", "");
+    let r0 = s.random_file("r0", 2 << 20, 31);
+    qemu_io(&img, &[format!("write -s {} 0 2M", r0.display())]);
+    snapshot(&img, "a");
+    let r1 = s.random_file("r1", 3 << 20, 32);
+    qemu_io(&img, &[format!("write -s {} 8M 3M", r1.display())]);
+    snapshot(&img, "b");
+    let seed = s.path("a.bd");
+    send_to_file(&format!("{}@a", img.display()), &seed);
+    let inc = s.path("ab.bd");
+    send_to_file(&format!("{}@a..b", img.display()), &inc);
+    let want = s.path("b.export");
+    export(&img, Some("b"), &want);
+
+    let dir = s.path("small");
+    let Some(_mount) = Mounted::tmpfs(TEST, &dir, "16m") else {
+        return;
+    };
+    let replica = dir.join("r.raw");
+    let clear = || {
+        for name in [
+            "r.raw",
+            "r.raw.blkdelta",
+            "r.raw.blkdelta.lock",
+            "r.raw.blkdelta.tmp",
+        ] {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+    };
+    let seeded = || {
+        clear();
+        let out = receive_file(&seed, &replica, &[]);
+        assert!(out.status.success());
+        free_bytes(&dir)
+    };
+    // Measure what the transition takes, then leave exactly that much free.
+    let before = seeded();
+    assert!(receive_file(&inc, &replica, &[]).status.success());
+    let needed = before - free_bytes(&dir);
+    assert!(needed >= 3 << 20, "the transition took only {needed} bytes");
+    let free = seeded();
+    let filler = s.path("small/filler");
+    let mut fill = std::fs::File::create(&filler).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = free - needed;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        fill.write_all(&zeros[..n]).unwrap();
+        left -= n as u64;
+    }
+    fill.sync_all().unwrap();
+    drop(fill);
+    assert_eq!(free_bytes(&dir), needed);
+
+    let out = receive_file(&inc, &replica, &[]);
+    let err = one_line_error(&out, "state write at the snapshot-end");
+    assert!(
+        err.contains("replica state") && err.contains("No space left on device"),
+        "the state update should have been what failed: {err}"
+    );
+    let st = status_text(&replica, &[]);
+    assert!(st.contains("in progress, 'a' -> 'b'"), "{st}");
+    assert!(!st.contains("holds snapshot"), "{st}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let out = receive_file(&inc, &replica, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(status_text(&replica, &[]).contains("holds snapshot 'b'"));
+    assert_same_file(&replica, &want);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A read-only target.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_read_only_target_is_refused_and_nothing_changes() {
+    const TEST: &str = "a_read_only_target_is_refused_and_nothing_changes";
+    if !have("qemu-img") || !have("mount") {
+        return;
+    }
+    let f = Fixture::new("1.1", 0);
+
+    // (a) Replica and state on a tmpfs remounted read-only.
+    let dir = f.s.path("ro-a");
+    let Some(mount) = Mounted::tmpfs(TEST, &dir, "64m") else {
+        return;
+    };
+    let replica = dir.join("r.raw");
+    f.seed_into(&replica, &[]);
+    let state_before = std::fs::read(state_of(&replica)).unwrap();
+    mount.remount("ro");
+    let err = one_line_error(
+        &receive_file(&f.stream, &replica, &[]),
+        "read-only filesystem",
+    );
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert_eq!(f.truth(&replica, &[], None), Truth::Holds(0));
+    assert_eq!(std::fs::read(state_of(&replica)).unwrap(), state_before);
+    mount.remount("rw");
+    f.reapply_gives_s3(&replica, &[]);
+    drop(mount);
+
+    // (b) The replica through a read-only bind mount, its state elsewhere (writable).
+    let src = f.s.path("rw-b");
+    std::fs::create_dir_all(&src).unwrap();
+    let dir = f.s.path("ro-b");
+    let state_file = f.s.path("b.state");
+    let state = ["--state", state_file.to_str().unwrap()];
+    let Some(bind) = Mounted::new(TEST, &["--bind", src.to_str().unwrap()], &dir) else {
+        return;
+    };
+    let replica = dir.join("r.raw");
+    f.seed_into(&replica, &state);
+    let state_before = std::fs::read(&state_file).unwrap();
+    bind.remount("bind,ro");
+    let err = one_line_error(
+        &receive_file(&f.stream, &replica, &state),
+        "read-only bind mount",
+    );
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert_eq!(f.truth(&replica, &state, None), Truth::Holds(0));
+    assert_eq!(std::fs::read(&state_file).unwrap(), state_before);
+    bind.remount("bind,rw");
+    f.reapply_gives_s3(&replica, &state);
+    drop(bind);
+
+    // (c) A writable replica whose state lives on a read-only filesystem.
+    let dir = f.s.path("ro-c");
+    let Some(mount) = Mounted::tmpfs(TEST, &dir, "1m") else {
+        return;
+    };
+    let state_file = dir.join("c.state");
+    let state = ["--state", state_file.to_str().unwrap()];
+    let replica = f.s.path("c.raw");
+    f.seed_into(&replica, &state);
+    let state_before = std::fs::read(&state_file).unwrap();
+    mount.remount("ro");
+    let err = one_line_error(
+        &receive_file(&f.stream, &replica, &state),
+        "read-only state",
+    );
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert_eq!(f.truth(&replica, &state, None), Truth::Holds(0));
+    assert_eq!(std::fs::read(&state_file).unwrap(), state_before);
+    mount.remount("rw");
+    f.reapply_gives_s3(&replica, &state);
+}
