@@ -31,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 zstd += u64::from(d.compression == Compression::Zstd);
             }
             Record::Zero { len, .. } | Record::Discard { len, .. } => zeroed += len,
+            Record::Checkpoint(_) => {}
             Record::SnapshotEnd(e) => println!("reached {}", e.name),
             Record::End(e) => println!("end: {} records, stream hash verified", e.records),
         }

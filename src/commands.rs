@@ -68,6 +68,11 @@ fn share(force_share: bool) -> OpenOptions {
     OpenOptions { force_share }
 }
 
+/// ` --state PATH` when the state was named on the command line, for hints to repeat it.
+pub fn state_arg(state: Option<&Path>) -> String {
+    state.map_or(String::new(), |p| format!(" --state {}", p.display()))
+}
+
 fn threads(t: Option<u16>) -> usize {
     t.map_or_else(
         || std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -110,8 +115,12 @@ fn cmd_send(a: SendArgs) -> Result<()> {
                 File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
             let out = BufWriter::with_capacity(1 << 20, &file);
             let s = send(source.as_ref(), &opts, out, progress.as_ref())?;
-            file.sync_all()
-                .with_context(|| format!("cannot sync {}", path.display()))?;
+            // A stream file is synced; /dev/null or a FIFO cannot be, and need not be.
+            let regular = file.metadata().is_ok_and(|m| m.is_file());
+            if regular {
+                file.sync_all()
+                    .with_context(|| format!("cannot sync {}", path.display()))?;
+            }
             s
         }
         None => {
@@ -189,9 +198,10 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
         }
         Err(e) if held.is_some_and(|s| s.in_progress.is_some()) => bail!(
             "{:#}; the replica is marked in progress: apply the same stream again, or resume \
-             with the token 'blkdelta status {}' prints",
+             with the token 'blkdelta status {}{}' prints",
             anyhow::Error::new(e),
-            a.target.display()
+            a.target.display(),
+            state_arg(a.state.as_deref())
         ),
         Err(e) => Err(e.into()),
     }

@@ -134,6 +134,7 @@ pub fn receive<R: Read>(
         pending: Vec::new(),
         pending_bytes: 0,
         since_checkpoint: 0,
+        applied_end: 0,
         summary: ReceiveSummary {
             skipped_transitions: plan.first,
             ..ReceiveSummary::default()
@@ -184,6 +185,8 @@ struct Apply<'a> {
     pending: Vec<Pending>,
     pending_bytes: u64,
     since_checkpoint: u64,
+    /// End of the last record applied in the current transition.
+    applied_end: u64,
     summary: ReceiveSummary,
 }
 
@@ -276,6 +279,7 @@ impl Apply<'_> {
                 self.started = false;
                 return self.begin_transition(target);
             }
+            Record::Checkpoint(_) => return self.checkpoint(target),
             Record::End(_) => return Ok(()),
         };
         let zeroing = !matches!(pending, Pending::Data(..));
@@ -310,7 +314,6 @@ impl Apply<'_> {
             }
             undo.sync()?;
         }
-        let mut end = 0;
         for p in self.pending.drain(..) {
             let (off, len) = p.range();
             match p {
@@ -328,21 +331,27 @@ impl Apply<'_> {
                     self.summary.zero_bytes = self.summary.zero_bytes.saturating_add(len);
                 }
             }
-            end = off + len;
+            self.applied_end = off + len;
             self.since_checkpoint = self.since_checkpoint.saturating_add(len);
         }
         self.pending_bytes = 0;
-        if self.since_checkpoint >= self.checkpoint_bytes {
-            self.checkpoint(end, target)?;
-        }
         Ok(())
     }
 
-    /// Syncs the target and records that the current transition is durable below `end`.
-    fn checkpoint(&mut self, end: u64, target: &mut dyn Target) -> Result<(), ReceiveError> {
+    /// At a checkpoint record (every earlier record verified by its prefix hash), every
+    /// [`ReceiveOptions::checkpoint_bytes`]: syncs the target and records that the current
+    /// transition is durable below the end of the last record applied.
+    fn checkpoint(&mut self, target: &mut dyn Target) -> Result<(), ReceiveError> {
+        if !self.applying() || !self.started {
+            return Ok(());
+        }
+        if self.since_checkpoint.saturating_add(self.pending_bytes) < self.checkpoint_bytes {
+            return Ok(());
+        }
+        self.flush_pending(target)?;
         target.flush()?;
         if let Some(p) = &mut self.state.in_progress {
-            p.durable_offset = end;
+            p.durable_offset = self.applied_end;
         }
         self.since_checkpoint = 0;
         self.save()
@@ -378,6 +387,7 @@ impl Apply<'_> {
         });
         self.state.virtual_size = virtual_size;
         self.since_checkpoint = 0;
+        self.applied_end = 0;
         self.save()?;
         self.summary.snapshots.push(name.to_string());
         Ok(())

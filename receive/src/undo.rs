@@ -159,8 +159,10 @@ impl UndoWriter {
         Ok(())
     }
 
-    /// Makes everything saved so far durable.
+    /// Makes everything saved so far durable, behind a checkpoint record (so applying the undo
+    /// stream checkpoints its progress too).
     pub fn sync(&mut self) -> Result<(), ReceiveError> {
+        self.writer.checkpoint()?;
         let file = self.writer.flush_inner()?.get_ref();
         file.sync_data().map_err(|e| undo_err(&self.path, e))
     }
@@ -212,6 +214,7 @@ fn scan(path: &Path) -> Result<Scan, ReceiveError> {
             Ok(Some(Record::Zero { offset, len } | Record::Discard { offset, len })) => {
                 scan.saved_upto = offset + len;
             }
+            Ok(Some(Record::Checkpoint(_))) => {}
             Ok(Some(Record::SnapshotEnd(_) | Record::End(_))) => {
                 return Err(undo_err(
                     path,

@@ -59,6 +59,9 @@ fn record_json(rec: &Record, at: u64) -> Value {
         Record::Discard { offset, len } => {
             json!({ "record": "discard", "at": at, "offset": offset, "len": len })
         }
+        Record::Checkpoint(c) => json!({
+            "record": "checkpoint", "at": at, "prefix_hash": to_hex(&c.prefix_hash),
+        }),
         Record::SnapshotEnd(e) => json!({
             "record": "snapshot-end", "at": at, "transition": e.transition, "name": e.name,
             "guid": to_hex(&e.guid), "virtual_size": e.virtual_size,
@@ -146,8 +149,9 @@ pub fn status(a: &StatusArgs, st: &ReplicaState, path: &Path, out: &mut dyn Writ
                 writeln!(out, "resume token: {token}")?;
                 writeln!(
                     out,
-                    "              or: blkdelta send --resume {token} SOURCE | blkdelta receive {}",
-                    a.target.display()
+                    "              or: blkdelta send --resume {token} SOURCE | blkdelta receive {}{}",
+                    a.target.display(),
+                    super::state_arg(a.state.as_deref())
                 )?;
             }
             if let Some(u) = &p.undo {

@@ -3,8 +3,9 @@
 //! ```text
 //! preamble   89 42 4C 4B 0D 0A 1A 0A  "\x89BLK\r\n\x1a\n"   magic (catches text-mode mangling)
 //!            01 00 00 00                                     u32 LE format version
-//! frame      u8 type | u8 flags | u16 reserved (0) | u32 LE body_len | body[body_len]
-//!            header, then data / zero / discard / snapshot-end records, then one end record
+//! frame      u8 type | u8 flags | u16 reserved (0) | u32 LE body_len | check[8] | body[body_len]
+//!            check = first 8 bytes of blake3(the frame's first 8 bytes || body)
+//!            header, then data / zero / discard / checkpoint / snapshot-end records, then end
 //! ```
 //!
 //! Bodies are bincode 2 (serde, little endian, fixed-width integers); a data body is its fixed
@@ -19,8 +20,8 @@ mod writer;
 pub use header::{SnapRef, SourceInfo, StreamHeader, Transition};
 pub use reader::StreamReader;
 pub use record::{
-    encode_chunk, Compression, DataRecord, EndRecord, Record, RecordType, SnapshotEnd,
-    DATA_FIXED_BYTES,
+    encode_chunk, CheckpointRecord, Compression, DataRecord, EndRecord, Record, RecordType,
+    SnapshotEnd, DATA_FIXED_BYTES,
 };
 pub use token::ResumeToken;
 pub use writer::StreamWriter;
@@ -31,8 +32,19 @@ pub const MAGIC: [u8; 8] = [0x89, b'B', b'L', b'K', b'\r', b'\n', 0x1a, b'\n'];
 /// The format version this build writes and reads.
 pub const VERSION: u32 = 1;
 
-/// Bytes of a frame header (type, flags, reserved, body length).
-pub const FRAME_HEADER_BYTES: usize = 8;
+/// Bytes of a frame header (type, flags, reserved, body length, check).
+pub const FRAME_HEADER_BYTES: usize = 16;
+
+/// The check of a frame: the first 8 bytes of blake3 over the frame's first 8 bytes (type,
+/// flags, reserved, body length) and its body. Every record is checked before it is used.
+pub(crate) fn frame_check(head8: &[u8], body_parts: &[&[u8]]) -> [u8; 8] {
+    let mut h = blake3::Hasher::new();
+    h.update(head8);
+    for p in body_parts {
+        h.update(p);
+    }
+    h.finalize().as_bytes()[..8].try_into().expect("8 bytes")
+}
 
 /// Bytes of the end record's frame (frame header, record count, stream hash).
 pub const END_FRAME_BYTES: u64 = (FRAME_HEADER_BYTES + 8 + 32) as u64;

@@ -8,8 +8,8 @@ use std::io::{ErrorKind, Read};
 
 use super::record::{RangeBody, RawDataFields, RecordType};
 use super::{
-    decode_body, Compression, DataRecord, EndRecord, Record, SnapshotEnd, StreamHeader,
-    DATA_FIXED_BYTES, FLAG_OPTIONAL, FRAME_HEADER_BYTES, MAGIC, VERSION,
+    decode_body, frame_check, CheckpointRecord, Compression, DataRecord, EndRecord, Record,
+    SnapshotEnd, StreamHeader, DATA_FIXED_BYTES, FLAG_OPTIONAL, FRAME_HEADER_BYTES, MAGIC, VERSION,
 };
 use crate::limits::{CHUNK_BYTES, MAX_HEADER_BYTES, MAX_RECORD_BODY_BYTES};
 use crate::StreamError;
@@ -137,6 +137,13 @@ impl<R: Read> StreamReader<R> {
                 })
             }
             RecordType::SnapshotEnd => self.snapshot_end(body).map(Record::SnapshotEnd),
+            RecordType::Checkpoint => {
+                let rec: CheckpointRecord = self.decode_exact(body, "checkpoint")?;
+                if rec.prefix_hash != self.prefix_hash {
+                    return Err(StreamError::StreamHash);
+                }
+                Ok(Record::Checkpoint(rec))
+            }
             RecordType::End => self.end(body).map(Record::End),
         }
     }
@@ -292,7 +299,12 @@ impl<R: Read> StreamReader<R> {
             &mut body,
             self.pos + FRAME_HEADER_BYTES as u64,
         )?;
-        if kind == RecordType::SnapshotEnd as u8 {
+        if frame_check(&head[..8], &[&body]) != head[8..16] {
+            return Err(self.corrupt(format!(
+                "record check mismatch (type {kind}, {body_len} bytes): the record was altered"
+            )));
+        }
+        if kind == RecordType::SnapshotEnd as u8 || kind == RecordType::Checkpoint as u8 {
             self.prefix_hash = *self.hasher.finalize().as_bytes();
         }
         if kind != RecordType::End as u8 {

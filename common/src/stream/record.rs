@@ -21,6 +21,8 @@ pub enum RecordType {
     SnapshotEnd = 5,
     /// The last record: count and hash of everything before it.
     End = 6,
+    /// Everything before it is verified: a receiver may make it durable and resume after it.
+    Checkpoint = 7,
 }
 
 impl RecordType {
@@ -33,6 +35,7 @@ impl RecordType {
             4 => RecordType::Discard,
             5 => RecordType::SnapshotEnd,
             6 => RecordType::End,
+            7 => RecordType::Checkpoint,
             _ => return None,
         })
     }
@@ -149,6 +152,13 @@ pub struct SnapshotEnd {
     pub prefix_hash: [u8; 32],
 }
 
+/// A point where every earlier byte is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// blake3 of every stream byte before this record's frame, from the magic on.
+    pub prefix_hash: [u8; 32],
+}
+
 /// The last record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndRecord {
@@ -177,6 +187,8 @@ pub enum Record {
         /// Length in bytes.
         len: u64,
     },
+    /// Every earlier record is verified.
+    Checkpoint(CheckpointRecord),
     /// A transition is complete.
     SnapshotEnd(SnapshotEnd),
     /// The stream is complete and its hash verified.

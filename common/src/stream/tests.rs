@@ -118,15 +118,16 @@ fn golden_bytes() {
 }
 
 const GOLDEN_HEX: &str = concat!(
-    "89424c4b0d0a1a0a0100000001000000800000001111111111111111111111111111111100200000",
-    "00000000050000000000000071636f77320800000000000000766d2e71636f773201000000000000",
-    "00000200000000000000733101010101010101010101010101010101002000000000000003000000",
-    "00000000001000000000000000200000000000000000000000000000020000003500000000000000",
-    "000000000800000000dcc890caafa1378fa2be6bf06b4615909e63a0ffb8cade284300ed34310467",
-    "19626c6b64656c746104000000100000000010000000000000001000000000000005000000470000",
-    "00000000000200000000000000733101010101010101010101010101010101002000000000000000",
-    "9b51270181d7012aa60a329e652e2bb627675c7348bb6f7c1d614cf435ef2df70600000028000000",
-    "04000000000000005548c9f233dcb3cc7cd7c36ffaf425d98dffc17f976525f0e27b68a445d2b4cb",
+    "89424c4b0d0a1a0a0100000001000000800000003b984f41c3e0d61d111111111111111111111111",
+    "111111110020000000000000050000000000000071636f77320800000000000000766d2e71636f77",
+    "32010000000000000000020000000000000073310101010101010101010101010101010100200000",
+    "00000000030000000000000000100000000000000020000000000000000000000000000002000000",
+    "3500000037f847e1c5671d5000000000000000000800000000dcc890caafa1378fa2be6bf06b4615",
+    "909e63a0ffb8cade284300ed3431046719626c6b64656c7461040000001000000071be9acb7832e3",
+    "c500100000000000000010000000000000050000004700000064de2fd70af185d800000000020000",
+    "0000000000733101010101010101010101010101010101002000000000000000b6fe49a77a2b5817",
+    "c7625c483e33d410a67f26240c9ac9b0258939de02b8db140600000028000000fc06460d17fad8c6",
+    "04000000000000006ebfd0d3dac4483eee4fd9004d7c570c39fc0cd1ce3fbbf68ab2bf6f29829792",
 );
 
 fn expect_corrupt(bytes: &[u8], needle: &str) {
@@ -165,7 +166,8 @@ fn rejects_truncation_anywhere() {
 #[test]
 fn rejects_flipped_payload_byte() {
     let mut b = tiny_stream();
-    let data_payload = 12 + 8 + header_body_len(&b) + 8 + DATA_FIXED_BYTES + 4;
+    let data_payload =
+        12 + FRAME_HEADER_BYTES + header_body_len(&b) + FRAME_HEADER_BYTES + DATA_FIXED_BYTES + 4;
     b[data_payload] ^= 0x40;
     let err = read_all(&b).unwrap_err();
     assert!(
@@ -182,14 +184,27 @@ fn rejects_flipped_hash_in_end_record() {
     let mut b = tiny_stream();
     let n = b.len();
     b[n - 1] ^= 1;
-    assert!(matches!(read_all(&b), Err(StreamError::StreamHash)));
+    expect_corrupt(&b, "record check mismatch");
+    // A well-framed end record whose hash does not match the stream.
+    let h = one_transition();
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.snapshot_end(&end_of(&h, 0)).unwrap();
+    let forged = encode_body(&EndRecord {
+        records: 2,
+        stream_hash: [7; 32],
+    });
+    w.raw_frame(RecordType::End as u8, 0, &forged).unwrap();
+    assert!(matches!(
+        read_all(&w.flush_inner().unwrap().clone()),
+        Err(StreamError::StreamHash)
+    ));
 }
 
 #[test]
-fn rejects_flipped_header_byte_by_stream_hash() {
+fn rejects_flipped_header_byte_by_its_record_check() {
     let mut b = tiny_stream();
-    b[20] ^= 0x01; // first byte of the stream id
-    assert!(matches!(read_all(&b), Err(StreamError::StreamHash)));
+    b[12 + FRAME_HEADER_BYTES] ^= 0x01; // first byte of the stream id
+    expect_corrupt(&b, "record check mismatch");
 }
 
 fn header_body_len(b: &[u8]) -> usize {
@@ -269,7 +284,7 @@ fn rejects_bytes_after_the_end_record() {
 #[test]
 fn rejects_huge_body_length_without_allocating() {
     let mut b = tiny_stream();
-    let at = 12 + 8 + header_body_len(&b) + 4;
+    let at = 12 + FRAME_HEADER_BYTES + header_body_len(&b) + 4;
     b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     expect_corrupt(&b, "record body of 4294967295 bytes");
 }
@@ -277,9 +292,14 @@ fn rejects_huge_body_length_without_allocating() {
 #[test]
 fn unknown_records_skip_only_when_optional() {
     let mut b = tiny_stream();
-    let at = 12 + 8 + header_body_len(&b);
+    let at = 12 + FRAME_HEADER_BYTES + header_body_len(&b);
     b[at] = 0x70;
-    expect_corrupt(&b, "unknown record type 112");
+    expect_corrupt(&b, "record check mismatch");
+    let h = one_transition();
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.raw_frame(0x70, 0, b"future").unwrap();
+    w.snapshot_end(&end_of(&h, 0)).unwrap();
+    expect_corrupt(&w.finish().unwrap(), "unknown record type 112");
     // An optional unknown record is skipped (the stream hash still covers it).
     let h = one_transition();
     let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
@@ -312,7 +332,7 @@ fn rejects_inconsistent_transitions_in_header() {
 }
 
 #[test]
-fn rejects_a_damaged_zero_record_at_the_next_snapshot_end() {
+fn a_damaged_zero_record_is_rejected_before_it_is_used() {
     let h = header(vec![
         Transition {
             from: Some(snap("s1", 1)),
@@ -330,12 +350,34 @@ fn rejects_a_damaged_zero_record_at_the_next_snapshot_end() {
         w.snapshot_end(&end_of(&h, 0)).unwrap();
         w.snapshot_end(&end_of(&h, 1)).unwrap();
     });
-    let zero_body = 12 + 8 + header_body_len(&b) + 8;
+    let zero_body = 12 + FRAME_HEADER_BYTES + header_body_len(&b) + FRAME_HEADER_BYTES;
     b[zero_body + 1] ^= 0x01; // offset 4096 becomes 4352: still a valid range
     let mut r = StreamReader::new(b.as_slice()).unwrap();
+    let err = r.next_record().unwrap_err().to_string();
+    assert!(err.contains("record check mismatch"), "{err}");
+}
+
+#[test]
+fn a_dropped_record_is_caught_at_the_next_checkpoint() {
+    let h = one_transition();
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.zero(0, 4096).unwrap();
+    let cut_from = w.bytes_written() as usize;
+    w.zero(8192, 4096).unwrap();
+    let cut_to = w.bytes_written() as usize;
+    w.checkpoint().unwrap();
+    w.snapshot_end(&end_of(&h, 0)).unwrap();
+    let intact = w.finish().unwrap();
+    assert!(matches!(
+        read_all(&intact).unwrap()[2],
+        Record::Checkpoint(_)
+    ));
+    let mut dropped = intact[..cut_from].to_vec();
+    dropped.extend_from_slice(&intact[cut_to..]);
+    let mut r = StreamReader::new(dropped.as_slice()).unwrap();
     assert!(matches!(
         r.next_record(),
-        Ok(Some(Record::Zero { offset: 4352, .. }))
+        Ok(Some(Record::Zero { offset: 0, .. }))
     ));
     assert!(matches!(r.next_record(), Err(StreamError::StreamHash)));
 }

@@ -3,7 +3,9 @@
 use std::io::Write;
 
 use super::record::{RangeBody, RecordType};
-use super::{encode_body, DataRecord, EndRecord, SnapshotEnd, StreamHeader, MAGIC, VERSION};
+use super::{
+    encode_body, CheckpointRecord, DataRecord, EndRecord, SnapshotEnd, StreamHeader, MAGIC, VERSION,
+};
 use crate::limits::MAX_HEADER_BYTES;
 use crate::StreamError;
 
@@ -83,6 +85,19 @@ impl<W: Write> StreamWriter<W> {
         self.frame(RecordType::SnapshotEnd, &[&encode_body(&rec)])
     }
 
+    /// Writes a checkpoint record: a receiver may make everything before it durable and
+    /// resume after it, since its prefix hash vouches for every earlier byte.
+    pub fn checkpoint(&mut self) -> Result<(), StreamError> {
+        let rec = CheckpointRecord {
+            prefix_hash: *self.hasher.finalize().as_bytes(),
+        };
+        self.frame_bytes(
+            RecordType::Checkpoint as u8,
+            super::FLAG_OPTIONAL,
+            &[&encode_body(&rec)],
+        )
+    }
+
     /// Bytes written so far.
     pub fn bytes_written(&self) -> u64 {
         self.bytes
@@ -126,6 +141,8 @@ impl<W: Write> StreamWriter<W> {
         head[0] = kind;
         head[1] = flags;
         head[4..8].copy_from_slice(&(body_len as u32).to_le_bytes());
+        let check = super::frame_check(&head[..8], parts);
+        head[8..16].copy_from_slice(&check);
         self.put(&head)?;
         for p in parts {
             self.put(p)?;
