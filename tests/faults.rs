@@ -22,6 +22,13 @@ use common::*;
 
 const SNAPS: [&str; 4] = ["s0", "s1", "s2", "s3"];
 const MIB: u64 = 1 << 20;
+/// Bytes of the preamble (magic, version): the header's frame starts here.
+const PREAMBLE: u64 = 12;
+/// Bytes of a frame header (docs/STREAM.md): `u8 type | u8 flags | u16 reserved |
+/// u32 LE body_len | check[8]`; a record's body starts `FRAME` bytes after its `at`.
+const FRAME: u64 = 16;
+/// Bytes of a data record's fixed fields: offset u64, len u32, compression u8, hash[32].
+const DATA_FIXED: u64 = 8 + 4 + 1 + 32;
 /// `--checkpoint-bytes` for frequent checkpoints of the durable offset.
 const CKPT: [&str; 2] = ["--checkpoint-bytes", "1048576"];
 
@@ -138,6 +145,29 @@ impl Fixture {
         };
         assert_eq!(f.ends().len(), 3, "three snapshot-end records");
         assert_eq!(f.recs.last().unwrap().kind, "end");
+        for r in &f.recs {
+            assert!(
+                [
+                    "data",
+                    "zero",
+                    "discard",
+                    "checkpoint",
+                    "snapshot-end",
+                    "end"
+                ]
+                .contains(&r.kind.as_str()),
+                "unexpected record {} at {}",
+                r.kind,
+                r.at
+            );
+        }
+        // Every transition carries a few MiB: the sender checkpoints inside each of them.
+        for t in 0..3 {
+            assert!(
+                f.records_of(t).iter().any(|r| r.kind == "checkpoint"),
+                "no checkpoint record in transition {t}"
+            );
+        }
         f
     }
 
@@ -166,8 +196,8 @@ impl Fixture {
         self.recs[0].at
     }
 
-    /// The data, zero and discard records of transition `t`.
-    fn changes(&self, t: usize) -> Vec<&Rec> {
+    /// The records of transition `t` before its snapshot-end: changes and checkpoints.
+    fn records_of(&self, t: usize) -> Vec<&Rec> {
         let start = if t == 0 {
             self.header_end()
         } else {
@@ -176,17 +206,102 @@ impl Fixture {
         let stop = self.ends()[t].at;
         self.recs
             .iter()
-            .filter(|r| r.at >= start && r.at < stop && r.kind != "snapshot-end")
+            .filter(|r| r.at >= start && r.at < stop)
             .collect()
     }
 
-    /// The `n`th record of type `kind` in transition `t`.
+    /// The data, zero and discard records of transition `t` (no checkpoints).
+    fn changes(&self, t: usize) -> Vec<&Rec> {
+        self.records_of(t)
+            .into_iter()
+            .filter(|r| is_change(r))
+            .collect()
+    }
+
+    /// The `n`th record of type `kind` (a change or a checkpoint) in transition `t`.
     fn rec(&self, t: usize, kind: &str, n: usize) -> &Rec {
-        self.changes(t)
+        self.records_of(t)
             .into_iter()
             .filter(|r| r.kind == kind)
             .nth(n)
             .unwrap_or_else(|| panic!("no {kind} record #{n} in transition {t}"))
+    }
+
+    /// The most a receiver that saw only the first `fed` bytes may call durable in transition
+    /// `t`: the disk end of the last change record before the last checkpoint record it saw
+    /// complete (0 before the first). A resume token may never point past a record that was
+    /// not verified.
+    fn verified_end(&self, t: usize, fed: u64) -> u64 {
+        let (mut verified, mut applied) = (0, 0);
+        for r in self.records_of(t).into_iter().filter(|r| r.end <= fed) {
+            if r.kind == "checkpoint" {
+                verified = applied;
+            } else {
+                let (off, len) = data_range(r);
+                applied = off + len;
+            }
+        }
+        verified
+    }
+
+    /// The frame holding stream byte `pos`: where it starts and ends (`(0, 12)`: the preamble).
+    fn frame_at(&self, pos: u64) -> (u64, u64) {
+        if pos < PREAMBLE {
+            (0, PREAMBLE)
+        } else if pos < self.header_end() {
+            (PREAMBLE, self.header_end())
+        } else {
+            let r = self
+                .recs
+                .iter()
+                .find(|r| r.at <= pos && pos < r.end)
+                .unwrap_or_else(|| panic!("no record holds byte {pos}"));
+            (r.at, r.end)
+        }
+    }
+
+    /// What the replica holds, byte for byte, after a receiver starting from s0 stopped at the
+    /// record whose frame starts at `at` without using it: every transition closed before it
+    /// is complete, and of the one it belongs to, exactly the change records before it are
+    /// applied. Nothing else differs from the last snapshot reached.
+    fn image_before(&self, at: u64) -> Vec<u8> {
+        let ends = self.ends();
+        let t = ends.iter().filter(|e| e.end <= at).count();
+        let mut img = std::fs::read(&self.exports[t]).unwrap();
+        if t < ends.len() {
+            for r in self.changes(t).into_iter().filter(|r| r.end <= at) {
+                let (off, len) = data_range(r);
+                let range = off as usize..(off + len) as usize;
+                img[range].copy_from_slice(&read_range(&self.exports[t + 1], off, len));
+            }
+        }
+        img
+    }
+
+    /// Checks that the replica is exactly [`Fixture::image_before`] `at`: a record that was
+    /// not used changed nothing, and neither did anything else.
+    fn assert_image_before(&self, replica: &Path, at: u64, what: &str) {
+        let want = self.image_before(at);
+        let got = std::fs::read(replica).unwrap();
+        assert_eq!(got.len(), want.len(), "{what}: replica size");
+        if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+            let i = i as u64;
+            let culprit = self
+                .recs
+                .iter()
+                .filter(|r| is_change(r))
+                .find(|r| {
+                    let (off, len) = data_range(r);
+                    off <= i && i < off + len
+                })
+                .map_or("no record".to_string(), |r| {
+                    format!("the {} record at stream byte {}", r.kind, r.at)
+                });
+            panic!(
+                "{what}: the replica differs at disk byte {i} from what the records before \
+                 stream byte {at} wrote (the range of {culprit})"
+            );
+        }
     }
 
     /// What a receiver that saw the first `prefix` bytes (and failed at the next record)
@@ -199,6 +314,7 @@ impl Fixture {
         if reached == ends.len() {
             return Truth::Holds(reached);
         }
+        // A checkpoint record changes nothing: only data, zero and discard records start one.
         if self.changes(reached).iter().any(|r| r.end <= prefix) {
             Truth::InProgress(reached + 1)
         } else {
@@ -280,6 +396,12 @@ impl Fixture {
                     "in progress towards '{to}' though the receiver saw only {fed} bytes, \
                      short of that transition's first record (ends at {}):\n{st}",
                     first.end
+                );
+                let verified = self.verified_end(t - 1, fed);
+                assert!(
+                    durable <= verified,
+                    "durable below {durable} though the receiver saw only {fed} bytes, whose \
+                     last checkpoint record vouches for records up to disk offset {verified}:\n{st}"
                 );
             }
             // An unparseable target name (a damaged header) is in progress all the same.
@@ -397,11 +519,13 @@ fn records(stream: &Path, len: u64) -> Vec<Rec> {
 /// against what `dump` says.
 fn header_positions(b: &[u8], recs: &[Rec]) -> HeaderPos {
     let u64_at = |p: usize| u64::from_le_bytes(b[p..p + 8].try_into().unwrap()) as usize;
+    // The header's body follows the preamble and its frame header.
+    let body = (PREAMBLE + FRAME) as usize;
     let mut h = HeaderPos {
-        stream_id: 20,
+        stream_id: body,
         ..HeaderPos::default()
     };
-    let mut p = 20 + 16 + 8;
+    let mut p = body + 16 + 8;
     p += 8 + u64_at(p); // source.kind
     p += 8 + u64_at(p); // source.name
     let count = u64_at(p);
@@ -437,6 +561,10 @@ fn header_positions(b: &[u8], recs: &[Rec]) -> HeaderPos {
         assert_eq!(hex(&b[h.to_guid[t]..h.to_guid[t] + 16]), guid);
     }
     h
+}
+
+fn is_change(r: &Rec) -> bool {
+    matches!(r.kind.as_str(), "data" | "zero" | "discard")
 }
 
 fn hex(b: &[u8]) -> String {
@@ -618,9 +746,17 @@ fn sigkill_at_many_points_of_a_multi_snapshot_stream() {
     let f = Fixture::new("1.1", 0);
     let ends = f.ends();
     let len = f.len();
+    // The receiver makes its durable offset advance only at checkpoint records.
+    let first_ckpt = f.rec(0, "checkpoint", 0);
+    let last_ckpt = f.rec(2, "checkpoint", 0);
+    assert!(
+        f.rec(0, "data", 0).at + 300_000 < first_ckpt.at,
+        "the first data payload precedes the first checkpoint record"
+    );
     let mut points = vec![
         KillPoint {
-            what: "inside transition 0, in its first data payload".into(),
+            // No checkpoint record seen: nothing may be durable (truth_full checks).
+            what: "inside transition 0, in its first data payload, before any checkpoint".into(),
             fed: f.rec(0, "data", 0).at + 300_000,
             close: false,
             checkpoints: true,
@@ -629,8 +765,18 @@ fn sigkill_at_many_points_of_a_multi_snapshot_stream() {
             expect: Some(Truth::InProgress(1)),
         },
         KillPoint {
+            // Everything before it is applied, but the checkpoint itself is not verified yet.
+            what: "inside transition 0's first checkpoint record".into(),
+            fed: first_ckpt.at + FRAME + 5,
+            close: false,
+            checkpoints: true,
+            wait: Wait::Settle,
+            checkpointed: false,
+            expect: Some(Truth::InProgress(1)),
+        },
+        KillPoint {
             what: "inside transition 0, after a checkpoint".into(),
-            fed: f.rec(0, "data", 2).at + 1000,
+            fed: first_ckpt.end + 1000,
             close: false,
             checkpoints: true,
             wait: Wait::Status(|st| {
@@ -649,8 +795,17 @@ fn sigkill_at_many_points_of_a_multi_snapshot_stream() {
             expect: Some(Truth::InProgress(1)),
         },
         KillPoint {
-            what: "inside s1's snapshot-end frame".into(),
-            fed: ends[0].at + 30,
+            what: "inside s1's snapshot-end frame header".into(),
+            fed: ends[0].at + FRAME / 2,
+            close: false,
+            checkpoints: true,
+            wait: Wait::Settle,
+            checkpointed: false,
+            expect: Some(Truth::InProgress(1)),
+        },
+        KillPoint {
+            what: "inside s1's snapshot-end body".into(),
+            fed: ends[0].at + FRAME + (ends[0].end - ends[0].at - FRAME) / 2,
             close: false,
             checkpoints: false,
             wait: Wait::Settle,
@@ -677,7 +832,7 @@ fn sigkill_at_many_points_of_a_multi_snapshot_stream() {
         },
         KillPoint {
             what: "inside the last transition, after a checkpoint".into(),
-            fed: f.rec(2, "data", 1).at + 300_000,
+            fed: last_ckpt.end + 300_000,
             close: false,
             checkpoints: true,
             wait: Wait::Status(|st| {
@@ -805,14 +960,29 @@ fn truncated_streams_fail_and_leave_a_truthful_recoverable_replica() {
     let f = Fixture::new("1.1", 0);
     let len = f.len();
     let h = f.header_end();
-    // Inside the preamble and the header, every 5% of the stream, and at the edges of the
-    // snapshot-end and end records.
-    let mut cuts: Vec<u64> = vec![0, 7, 12, 19, 36, h / 2, h - 1, h];
+    // Inside the preamble, the header's frame header and its body, every 5% of the stream,
+    // and at the edges of the snapshot-end, checkpoint and end records: inside the frame
+    // header, just past it, one byte short of the end, at the end.
+    let mut cuts: Vec<u64> = vec![
+        0,
+        7,
+        PREAMBLE,
+        PREAMBLE + FRAME / 2,
+        PREAMBLE + FRAME + 8,
+        h / 2,
+        h - 1,
+        h,
+    ];
     cuts.extend((1..20).map(|i| len * i / 20));
+    let edges = |r: &Rec| [r.at + FRAME / 2, r.at + FRAME + 1, r.end - 1, r.end];
     for e in f.ends() {
-        cuts.extend([e.at + 9, e.end - 1, e.end]);
+        cuts.extend(edges(e));
     }
-    cuts.extend([f.end_record().at + 8, len - 1]);
+    for t in 0..3 {
+        cuts.extend(edges(f.rec(t, "checkpoint", 0)));
+    }
+    let end = f.end_record();
+    cuts.extend([end.at + FRAME / 2, end.at + FRAME, len - 1]);
     cuts.sort_unstable();
     cuts.dedup();
     let mut resumed = 0;
@@ -848,14 +1018,22 @@ fn truncated_streams_fail_and_leave_a_truthful_recoverable_replica() {
 // 3. Byte flips.
 // ---------------------------------------------------------------------------------------------
 
-/// One altered byte: where, how, and the stream position at which the receiver must notice.
+/// One altered byte, and the error the receiver must give at the frame holding it.
 struct Flip {
     what: &'static str,
     pos: u64,
     xor: u8,
-    caught_at: u64,
-    /// A data record whose bytes must never reach the replica: (offset, len, transition).
-    unwritten: Option<(u64, u64, usize)>,
+    /// The start of the error, when it is not the record check mismatch of that frame.
+    error: Option<String>,
+}
+
+fn flip(what: &'static str, pos: u64, xor: u8) -> Flip {
+    Flip {
+        what,
+        pos,
+        xor,
+        error: None,
+    }
 }
 
 fn data_range(r: &Rec) -> (u64, u64) {
@@ -863,6 +1041,41 @@ fn data_range(r: &Rec) -> (u64, u64) {
         r.json["offset"].as_u64().unwrap(),
         r.json["len"].as_u64().unwrap(),
     )
+}
+
+/// The error for the frame at `at` of an altered stream whose check does not match, naming
+/// the type and body length its (possibly altered) frame header gives.
+fn check_mismatch(bytes: &[u8], at: u64) -> String {
+    let a = at as usize;
+    let body_len = u32::from_le_bytes(bytes[a + 4..a + 8].try_into().unwrap());
+    format!(
+        "blkdelta: corrupt stream at byte {at}: record check mismatch (type {}, {body_len} \
+         bytes): the record was altered",
+        bytes[a]
+    )
+}
+
+impl Fixture {
+    /// After a receiver (from a replica holding s0) refused the record whose frame starts at
+    /// `at`: status tells the truth and names nothing past `at`, the replica holds exactly
+    /// what the records before it wrote, resuming a copy from the token status prints gives
+    /// s3, and so does re-applying the intact stream. Returns whether it resumed.
+    fn caught_before_use(&self, replica: &Path, at: u64, what: &str) -> bool {
+        let (truth, _, token) = self.truth_full(replica, &[], Some(at));
+        assert_eq!(truth, self.expected_after(at), "{what}");
+        self.assert_image_before(replica, at, what);
+        let resumed = match (truth, token) {
+            (Truth::InProgress(_), Some(token)) => {
+                let copy = self.copy_replica(replica, "resumed.raw");
+                self.resume_gives_s3(&copy, &[], &token);
+                true
+            }
+            (Truth::InProgress(_), None) => panic!("{what}: in progress without a resume token"),
+            _ => false,
+        };
+        self.reapply_gives_s3(replica, &[]);
+        resumed
+    }
 }
 
 #[test]
@@ -887,157 +1100,158 @@ fn flipped_bytes_are_caught_and_never_recorded_as_a_snapshot() {
         .expect("a zstd data record in transition 0");
     let hashed = f.rec(2, "data", 0);
     let zero = f.rec(0, "zero", 0);
-    let data_flip = |what, r: &Rec, pos: u64, t| {
-        let (off, len) = data_range(r);
-        Flip {
-            what,
-            pos,
-            xor: 0x04,
-            caught_at: r.at,
-            unwritten: Some((off, len, t)),
-        }
-    };
+    let ckpt = f.rec(1, "checkpoint", 0);
     let flips = vec![
         Flip {
             what: "magic",
             pos: 1,
             xor: 0x20,
-            caught_at: 0,
-            unwritten: None,
+            error: Some("blkdelta: not a blkdelta stream".into()),
         },
         Flip {
             what: "version",
             pos: 8,
             xor: 0x02,
-            caught_at: 0,
-            unwritten: None,
+            error: Some("blkdelta: unsupported stream version 3".into()),
         },
-        Flip {
-            what: "stream id",
-            pos: h.stream_id as u64 + 5,
-            xor: 0x01,
-            caught_at: ends[0].at,
-            unwritten: None,
-        },
-        Flip {
-            // Transition 1's from names it too: the header is refused.
-            what: "transition 0's to name",
-            pos: h.to_name[0] as u64,
-            xor: 0x01,
-            caught_at: 0,
-            unwritten: None,
-        },
-        Flip {
-            what: "the last transition's to name",
-            pos: h.to_name[2] as u64 + 1,
-            xor: 0x01,
-            caught_at: ends[0].at,
-            unwritten: None,
-        },
-        Flip {
-            what: "transition 0's from GUID",
-            pos: h.from_guid[0].unwrap() as u64 + 3,
-            xor: 0x80,
-            caught_at: 0,
-            unwritten: None,
-        },
-        Flip {
-            what: "the last transition's to GUID",
-            pos: h.to_guid[2] as u64 + 15,
-            xor: 0x01,
-            caught_at: ends[0].at,
-            unwritten: None,
-        },
-        data_flip(
+        flip("the header's type", PREAMBLE, 0x01),
+        flip("the header's check", PREAMBLE + 8 + 3, 0x01),
+        flip("stream id", h.stream_id as u64 + 5, 0x01),
+        flip("transition 0's to name", h.to_name[0] as u64, 0x01),
+        flip(
+            "the last transition's to name",
+            h.to_name[2] as u64 + 1,
+            0x01,
+        ),
+        flip(
+            "transition 0's from GUID",
+            h.from_guid[0].unwrap() as u64 + 3,
+            0x80,
+        ),
+        flip(
+            "the last transition's to GUID",
+            h.to_guid[2] as u64 + 15,
+            0x01,
+        ),
+        flip(
             "a plain data payload",
-            plain,
-            plain.at + 8 + 45 + 777_777,
-            1,
+            plain.at + FRAME + DATA_FIXED + 777_777,
+            0x04,
         ),
-        data_flip(
+        flip(
             "a zstd data payload",
-            zstd,
-            zstd.at + 8 + 45 + zstd.json["payload_len"].as_u64().unwrap() / 2,
-            0,
+            zstd.at + FRAME + DATA_FIXED + zstd.json["payload_len"].as_u64().unwrap() / 2,
+            0x04,
         ),
-        data_flip("a data record's hash", hashed, hashed.at + 8 + 13 + 31, 2),
-        data_flip("a data record's body length", plain, plain.at + 5, 1),
+        // offset u64, len u32, compression u8, then the hash: its last byte.
+        flip("a data record's hash", hashed.at + FRAME + 13 + 31, 0x04),
+        flip("a data record's body length", plain.at + 5, 0x04),
+        flip("a data record's check", hashed.at + 8 + 7, 0x04),
+        flip(
+            "a zero record's offset (out of range)",
+            zero.at + FRAME + 7,
+            0x01,
+        ),
+        flip(
+            "a zero record's length (out of range)",
+            zero.at + FRAME + 8 + 6,
+            0x40,
+        ),
+        flip(
+            "a zero record's type (unknown, not optional)",
+            zero.at,
+            0x0c,
+        ),
+        flip("a zero record's check", zero.at + 8, 0x01),
         Flip {
-            what: "a zero record's offset (out of range)",
-            pos: zero.at + 8 + 7,
+            what: "a zero record's reserved bits",
+            pos: zero.at + 2,
             xor: 0x01,
-            caught_at: zero.at,
-            unwritten: None,
+            error: Some(format!(
+                "blkdelta: corrupt stream at byte {}: frame with reserved bits set",
+                zero.at
+            )),
         },
-        Flip {
-            what: "a zero record's length (out of range)",
-            pos: zero.at + 16 + 6,
-            xor: 0x40,
-            caught_at: zero.at,
-            unwritten: None,
-        },
-        Flip {
-            what: "a zero record's type (unknown, not optional)",
-            pos: zero.at,
-            xor: 0x0c,
-            caught_at: zero.at,
-            unwritten: None,
-        },
-        Flip {
-            what: "s1's snapshot-end GUID",
-            pos: ends[0].at + 8 + 12 + 2 + 4,
-            xor: 0x10,
-            caught_at: ends[0].at,
-            unwritten: None,
-        },
-        Flip {
-            what: "s2's snapshot-end prefix hash",
-            pos: ends[1].end - 7,
-            xor: 0x01,
-            caught_at: ends[1].at,
-            unwritten: None,
-        },
-        Flip {
-            what: "s3's snapshot-end transition index",
-            pos: ends[2].at + 8,
-            xor: 0x01,
-            caught_at: ends[2].at,
-            unwritten: None,
-        },
-        Flip {
-            what: "the end record's stream hash",
-            pos: end.at + 16 + 20,
-            xor: 0x01,
-            caught_at: end.at,
-            unwritten: None,
-        },
-        Flip {
-            what: "the end record's record count",
-            pos: end.at + 8,
-            xor: 0x01,
-            caught_at: end.at,
-            unwritten: None,
-        },
+        // transition u32, name (u64 length, "s1"), then the GUID.
+        flip(
+            "s1's snapshot-end GUID",
+            ends[0].at + FRAME + 4 + 8 + 2 + 4,
+            0x10,
+        ),
+        flip("s2's snapshot-end prefix hash", ends[1].end - 7, 0x01),
+        flip(
+            "s3's snapshot-end transition index",
+            ends[2].at + FRAME,
+            0x01,
+        ),
+        flip("a checkpoint's prefix hash", ckpt.end - 1, 0x01),
+        flip("a checkpoint's optional flag", ckpt.at + 1, 0x01),
+        // records u64, then the stream hash.
+        flip(
+            "the end record's stream hash",
+            end.at + FRAME + 8 + 20,
+            0x01,
+        ),
+        flip("the end record's record count", end.at + FRAME, 0x01),
     ];
     let bad = f.s.path("bad.bd");
+    let mut resumed = 0;
     for (i, flip) in flips.iter().enumerate() {
         let what = format!("flip of {} at byte {}", flip.what, flip.pos);
+        // Every flip is caught at the frame that holds it, before that record is used.
+        let (at, _) = f.frame_at(flip.pos);
         let mut bytes = f.bytes.clone();
         bytes[flip.pos as usize] ^= flip.xor;
+        let want = flip
+            .error
+            .clone()
+            .unwrap_or_else(|| check_mismatch(&bytes, at));
         std::fs::write(&bad, &bytes).unwrap();
         let replica = f.fresh_replica("r.raw");
         let extra: &[&str] = if i % 2 == 0 { &CKPT } else { &[] };
-        let out = receive_file(&bad, &replica, extra);
-        one_line_error(&out, &what);
-        let truth = f.truth(&replica, &[], None);
-        assert_eq!(truth, f.expected_after(flip.caught_at), "{what}");
-        if let Some((off, len, t)) = flip.unwritten {
-            assert!(
-                read_range(&replica, off, len) == read_range(&f.exports[t], off, len),
-                "{what}: bytes of the damaged record reached the replica"
-            );
-        }
-        f.reapply_gives_s3(&replica, &[]);
+        let err = one_line_error(&receive_file(&bad, &replica, extra), &what);
+        assert!(err.starts_with(&want), "{what}: want {want:?}, got: {err}");
+        resumed += usize::from(f.caught_before_use(&replica, at, &what));
+    }
+    assert!(resumed >= 5, "only {resumed} flips left a resumable apply");
+
+    // A forged but well-framed record passes its own check; the prefix hash of the record
+    // vouching for it catches it. The same snapshots sent again give the same layout (only the
+    // stream id and so every hash differ): its checkpoint, snapshot-end and end records are
+    // well framed, and vouch for other bytes.
+    let again = f.s.path("again.bd");
+    send_to_file(&f.spec("s0..s3"), &again);
+    let other = std::fs::read(&again).unwrap();
+    let other_recs = records(&again, other.len() as u64);
+    assert_eq!(other.len(), f.bytes.len(), "the same layout");
+    assert!(
+        other_recs
+            .iter()
+            .zip(&f.recs)
+            .all(|(a, b)| a.at == b.at && a.kind == b.kind),
+        "the same layout"
+    );
+    for (i, r) in [f.rec(1, "checkpoint", 0), ends[1], end]
+        .into_iter()
+        .enumerate()
+    {
+        let what = format!(
+            "the well-framed {} record of another stream at {}",
+            r.kind, r.at
+        );
+        let frame = r.at as usize..r.end as usize;
+        let mut bytes = f.bytes.clone();
+        assert!(bytes[frame.clone()] != other[frame.clone()], "{what}");
+        bytes[frame.clone()].copy_from_slice(&other[frame]);
+        std::fs::write(&bad, &bytes).unwrap();
+        let replica = f.fresh_replica("r.raw");
+        let extra: &[&str] = if i % 2 == 0 { &CKPT } else { &[] };
+        let err = one_line_error(&receive_file(&bad, &replica, extra), &what);
+        assert!(
+            err.starts_with("blkdelta: stream hash mismatch"),
+            "{what}: {err}"
+        );
+        f.caught_before_use(&replica, r.at, &what);
     }
 
     // Trailing garbage after the end record is an altered stream too.
@@ -1049,8 +1263,8 @@ fn flipped_bytes_are_caught_and_never_recorded_as_a_snapshot() {
     assert_eq!(f.truth(&replica, &[], None), Truth::Holds(3));
 }
 
-/// The damage a flipped offset does: the record lands on [2 MiB, 3 MiB), s0's data that no
-/// transition of the stream touches again.
+/// The damage a flipped offset would do: the record lands on [2 MiB, 3 MiB), s0's data that
+/// no transition of the stream touches again.
 fn offset_flip_cases() -> Vec<(&'static str, &'static str, &'static str, u8)> {
     vec![
         // (fixture compat, record type, what, xor on offset byte 2)
@@ -1060,75 +1274,103 @@ fn offset_flip_cases() -> Vec<(&'static str, &'static str, &'static str, u8)> {
     ]
 }
 
+/// The disk offset in the body of the change record whose frame starts at `at`.
+fn offset_field(bytes: &[u8], at: u64) -> u64 {
+    let body = (at + FRAME) as usize;
+    u64::from_le_bytes(bytes[body..body + 8].try_into().unwrap())
+}
+
 #[test]
-#[ignore = "defect: a flipped offset in a zero/discard/data record is applied before the \
-            snapshot-end's prefix hash catches it; re-applying the intact stream does not \
-            repair the damaged range, yet the replica is then recorded as holding s3"]
 fn a_flipped_record_offset_never_leaves_a_wrong_snapshot_recorded() {
     if !have("qemu-img") {
         return;
     }
-    let mut failures = Vec::new();
     for (compat, kind, what, xor) in offset_flip_cases() {
         let f = Fixture::new(compat, 0);
         let r = f.rec(0, kind, 0);
         let (off, _) = data_range(r);
         let mut bytes = f.bytes.clone();
-        bytes[r.at as usize + 8 + 2] ^= xor;
-        let flipped = u64::from_le_bytes(bytes[r.at as usize + 8..][..8].try_into().unwrap());
-        assert_eq!(flipped, 2 * MIB, "{what}: from {off}");
+        bytes[(r.at + FRAME + 2) as usize] ^= xor;
+        assert_eq!(offset_field(&bytes, r.at), 2 * MIB, "{what}: from {off}");
         let bad = f.s.path("bad.bd");
         std::fs::write(&bad, &bytes).unwrap();
         let replica = f.fresh_replica("r.raw");
-        one_line_error(&receive_file(&bad, &replica, &[]), what);
-        // Caught at s1's snapshot-end: in progress, truthfully.
-        assert_eq!(f.truth(&replica, &[], None), Truth::InProgress(1), "{what}");
+        let err = one_line_error(&receive_file(&bad, &replica, &[]), what);
+        // Caught at the damaged record itself, before any of it reaches the replica.
+        let want = check_mismatch(&bytes, r.at);
+        assert!(err.starts_with(&want), "{what}: want {want:?}, got: {err}");
+        assert_eq!(
+            f.truth(&replica, &[], Some(r.at)),
+            f.expected_after(r.at),
+            "{what}"
+        );
+        assert!(
+            read_range(&replica, 2 * MIB, MIB) == read_range(&f.exports[0], 2 * MIB, MIB),
+            "{what}: the damaged record reached [2 MiB, 3 MiB)"
+        );
+        f.assert_image_before(&replica, r.at, what);
         let out = receive_file(&f.stream, &replica, &[]);
-        assert!(out.status.success(), "{what}");
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let st = status_text(&replica, &[]);
         assert!(st.contains("holds snapshot 's3'"), "{what}: {st}");
-        let got = read_range(&replica, 2 * MIB, MIB);
-        if got != read_range(&f.exports[3], 2 * MIB, MIB) {
-            failures.push(format!(
-                "{what}: after re-applying the intact stream, status says 'holds snapshot \
-                 s3' but [2 MiB, 3 MiB) of the replica differs from qemu's export of s3"
-            ));
-        }
+        assert!(
+            read_range(&replica, 2 * MIB, MIB) == read_range(&f.exports[3], 2 * MIB, MIB),
+            "{what}: after re-applying the intact stream, status says 'holds snapshot s3' but \
+             [2 MiB, 3 MiB) of the replica differs from qemu's export of s3"
+        );
+        // And all of it is s3.
+        assert_eq!(f.truth(&replica, &[], None), Truth::Holds(3), "{what}");
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
-#[ignore = "defect: records caught as damaged only at the snapshot-end still advance the durable \
-            offset, so the resume token status prints skips a record the replica never got"]
 fn the_resume_token_after_a_flipped_offset_skips_nothing() {
     if !have("qemu-img") {
         return;
     }
     let f = Fixture::new("1.1", 0);
-    let zero = f.rec(0, "zero", 0);
-    assert_eq!(data_range(zero), (0, MIB));
-    // [0, 1 MiB) -> [1 MiB, 2 MiB): damage the next transition repairs (s2 zeroes it), so
-    // only the resume point is wrong.
+    // A zero record after a checkpoint record: when it comes, the durable offset has advanced.
+    let zero = f
+        .changes(0)
+        .into_iter()
+        .filter(|r| r.kind == "zero")
+        .find(|r| f.verified_end(0, r.at) > 0)
+        .expect("a zero record after a checkpoint record in transition 0");
+    let (off, len) = data_range(zero);
+    // Its offset moves by 1 MiB, still inside the disk.
     let mut bytes = f.bytes.clone();
-    bytes[zero.at as usize + 8 + 2] ^= 0x10;
+    bytes[(zero.at + FRAME + 2) as usize] ^= 0x10;
+    let flipped = offset_field(&bytes, zero.at);
+    assert_eq!(flipped.abs_diff(off), MIB, "from {off} to {flipped}");
+    assert!(flipped + len <= 32 * MIB);
     let bad = f.s.path("bad.bd");
     std::fs::write(&bad, &bytes).unwrap();
     let replica = f.fresh_replica("r.raw");
-    one_line_error(&receive_file(&bad, &replica, &CKPT), "zero offset flip");
-    let (truth, _, token) = f.truth_full(&replica, &[], None);
+    let err = one_line_error(&receive_file(&bad, &replica, &CKPT), "zero offset flip");
+    let want = check_mismatch(&bytes, zero.at);
+    assert!(err.starts_with(&want), "want {want:?}, got: {err}");
+    let (truth, durable, token) = f.truth_full(&replica, &[], Some(zero.at));
     assert_eq!(truth, Truth::InProgress(1));
+    // Something is durable, but never the damaged record, which was not applied.
+    assert!(durable > 0, "no checkpoint recorded");
+    assert!(
+        durable <= off,
+        "durable below {durable}, past the damaged record at disk offset {off}"
+    );
+    f.assert_image_before(&replica, zero.at, "zero offset flip");
     // Re-applying the whole intact stream repairs everything here...
     let copy = f.copy_replica(&replica, "reapplied.raw");
     f.reapply_gives_s3(&copy, &[]);
     // ...and so must resuming from the token status prints: it may not claim durable the
-    // record at offset 0, which was never applied (the damaged copy went to 1 MiB).
-    f.resume_gives_s3(&replica, &[], &token.unwrap());
+    // record at `off`, which was never applied.
+    f.resume_gives_s3(&replica, &[], &token.expect("a resume token"));
 }
 
 #[test]
-#[ignore = "defect: with --state, the in-progress hints (the error's 'blkdelta status TARGET' and \
-            status's 'blkdelta receive TARGET') leave out --state, so they cannot find the state"]
 fn the_in_progress_hints_work_with_a_state_elsewhere() {
     if !have("qemu-img") {
         return;
@@ -1139,12 +1381,13 @@ fn the_in_progress_hints_work_with_a_state_elsewhere() {
     let replica = f.s.path("r.raw");
     f.seed_into(&replica, &state);
     let part = f.s.path("part.bd");
-    let cut = f.ends()[0].end as usize + 1000;
-    std::fs::write(&part, &f.bytes[..cut]).unwrap();
+    let cut = f.ends()[0].end + 1000;
+    std::fs::write(&part, &f.bytes[..cut as usize]).unwrap();
     let mut extra = state.to_vec();
     extra.extend_from_slice(&CKPT);
     let err = one_line_error(&receive_file(&part, &replica, &extra), "truncated");
-    assert_eq!(f.truth(&replica, &state, None), Truth::InProgress(2));
+    assert_eq!(f.truth(&replica, &state, Some(cut)), Truth::InProgress(2));
+    assert!(!state_of(&replica).exists(), "a state beside the replica");
     // The error tells the user to run `blkdelta status ...`: that command must work as printed.
     let hint = err
         .split("token '")
@@ -1159,11 +1402,40 @@ fn the_in_progress_hints_work_with_a_state_elsewhere() {
         String::from_utf8_lossy(&out.stderr)
     );
     let st = status_text(&replica, &state);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        st,
+        "the hinted `{hint}` reads another state"
+    );
+    // So must status's "or:" line, SOURCE being the image: it resumes to s3.
     let or = st
         .lines()
-        .find(|l| l.trim_start().starts_with("or: "))
-        .unwrap();
-    assert!(or.contains("--state"), "{or}");
+        .find_map(|l| l.trim_start().strip_prefix("or: "))
+        .unwrap_or_else(|| panic!("no 'or:' line in:\n{st}"));
+    let (send_cmd, recv_cmd) = or
+        .split_once(" | ")
+        .unwrap_or_else(|| panic!("no pipe in: {or}"));
+    let spec = f.spec("s0..s3");
+    let send_args: Vec<&str> = send_cmd
+        .split_whitespace()
+        .skip(1)
+        .map(|a| if a == "SOURCE" { spec.as_str() } else { a })
+        .collect();
+    assert!(send_args.contains(&spec.as_str()), "no SOURCE in: {or}");
+    let recv_args: Vec<&str> = recv_cmd.split_whitespace().skip(1).collect();
+    assert_eq!(
+        recv_args[..2],
+        ["receive", replica.to_str().unwrap()],
+        "{or}"
+    );
+    assert!(recv_args.contains(&"--state"), "{or}");
+    let out = send_pipe_receive(&send_args, Path::new(recv_args[1]), &recv_args[2..]);
+    assert!(
+        out.status.success(),
+        "the hinted `{or}` fails: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(f.truth(&replica, &state, None), Truth::Holds(3));
 }
 
 // ---------------------------------------------------------------------------------------------
