@@ -13,7 +13,14 @@ fn history(s: &Scratch) -> PathBuf {
     snapshot(&img, "s0");
     qemu_io(&img, &["write -P 0x1 4M 2M".into()]);
     snapshot(&img, "s1");
-    qemu_io(&img, &["write -P 0x2 8M 2M".into(), "write -z 0 1M".into()]);
+    let r2 = s.random_file("r2", 6 << 20, 4);
+    qemu_io(
+        &img,
+        &[
+            format!("write -s {} 8M 6M", r2.display()),
+            "write -z 0 1M".into(),
+        ],
+    );
     snapshot(&img, "s2");
     img
 }
@@ -62,9 +69,15 @@ fn reapplying_an_interrupted_multi_snapshot_stream_finishes_it() {
     pipe(&spec(&img, "s0"), &replica, &[]);
     let stream = s.path("s0s2.bd");
     send_to_file(&spec(&img, "s0..s2"), &stream);
-    // Cut inside the second transition: s1 was reached, s1 -> s2 was under way.
+    // Cut inside the second transition, past a checkpoint record: s1 was reached, and s1 -> s2
+    // was under way.
+    let end0 = record_at(&stream, "snapshot-end", 0);
+    let checkpoint = (0..)
+        .map(|i| record_at(&stream, "checkpoint", i))
+        .find(|&at| at > end0)
+        .unwrap();
     let cut = s.path("cut.bd");
-    truncated_copy(&stream, record_at(&stream, "data", 3) + 100, &cut);
+    truncated_copy(&stream, checkpoint + 200, &cut);
     let out = receive_file(&cut, &replica, &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -167,4 +180,45 @@ fn a_stream_the_replica_is_already_past_is_verified_and_skipped() {
     pipe(&spec(&img, "s0..s2"), &replica, &[]);
     assert_replica_is(&img, "s2", &replica, &s);
     assert!(status_text(&replica).contains("holds snapshot 's2'"));
+}
+
+/// A well-formed record inserted into a stream (a repeated or foreign frame) passes its own
+/// check but not the next checkpoint: it must never reach the replica.
+#[test]
+fn an_inserted_record_never_reaches_the_replica() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = history(&s);
+    let replica = s.path("r.raw");
+    pipe(&spec(&img, "s0"), &replica, &[]);
+    let stream = s.path("s0s2.bd");
+    send_to_file(&spec(&img, "s0..s2"), &stream);
+    let bytes = std::fs::read(&stream).unwrap();
+    // The first data record of s0 -> s1, repeated inside s1 -> s2 right after its first record.
+    let (d0, d0_end) = (record_at(&stream, "data", 0), record_at(&stream, "data", 1));
+    let ends: Vec<usize> = (0..2)
+        .map(|i| record_at(&stream, "snapshot-end", i))
+        .collect();
+    let frame_len = u32::from_le_bytes(bytes[d0 + 4..d0 + 8].try_into().unwrap()) as usize + 16;
+    assert!(d0 + frame_len <= d0_end);
+    let after = ends[0]
+        + 16
+        + u32::from_le_bytes(bytes[ends[0] + 4..ends[0] + 8].try_into().unwrap()) as usize;
+    let mut forged = bytes[..after].to_vec();
+    forged.extend_from_slice(&bytes[d0..d0 + frame_len]);
+    forged.extend_from_slice(&bytes[after..]);
+    let bad = s.path("bad.bd");
+    std::fs::write(&bad, &forged).unwrap();
+
+    let before_s1 = s.path("s1.export");
+    export(&img, Some("s1"), &before_s1);
+    let out = receive_file(&bad, &replica, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    // s1 was reached; nothing of the forged transition was written.
+    assert!(status_text(&replica).contains("holds snapshot 's1'"));
+    assert_same_file(&replica, &before_s1);
+    assert!(receive_file(&stream, &replica, &[]).status.success());
+    assert_replica_is(&img, "s2", &replica, &s);
 }

@@ -39,3 +39,16 @@ pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 << 20;
 
 /// Deepest backing chain followed.
 pub const MAX_BACKING_DEPTH: usize = 64;
+
+/// Stream bytes after which a writer puts a checkpoint record (a verified point).
+pub const CHECKPOINT_STREAM_BYTES: u64 = 1 << 20;
+
+/// Plain data bytes after which a writer puts a checkpoint record.
+pub const CHECKPOINT_PLAIN_BYTES: u64 = 4 << 20;
+
+/// Most stream bytes a reader accepts between two verified points (checkpoint or snapshot-end
+/// records): a receiver holds back what it has not verified, so this bounds its memory.
+pub const MAX_UNVERIFIED_STREAM_BYTES: u64 = 16 << 20;
+
+/// Most plain data bytes a reader accepts between two verified points.
+pub const MAX_UNVERIFIED_PLAIN_BYTES: u64 = 16 << 20;

@@ -133,6 +133,7 @@ pub fn receive<R: Read>(
         undo: None,
         pending: Vec::new(),
         pending_bytes: 0,
+        unverified: Vec::new(),
         since_checkpoint: 0,
         applied_end: 0,
         summary: ReceiveSummary {
@@ -184,6 +185,8 @@ struct Apply<'a> {
     undo: Option<UndoWriter>,
     pending: Vec<Pending>,
     pending_bytes: u64,
+    /// Records read since the last checkpoint or snapshot-end record, not yet vouched for.
+    unverified: Vec<Pending>,
     since_checkpoint: u64,
     /// End of the last record applied in the current transition.
     applied_end: u64,
@@ -270,35 +273,63 @@ impl Apply<'_> {
                 progress.advance(len);
                 Pending::Discard(offset, len)
             }
+            Record::Checkpoint(_) => return self.verified(target, false),
             Record::SnapshotEnd(end) => {
                 if self.applying() {
-                    self.flush_pending(target)?;
+                    self.verified(target, true)?;
                     self.reached(&end.name, &end.guid, end.virtual_size, target)?;
                 }
+                self.unverified.clear();
                 self.transition += 1;
                 self.started = false;
                 return self.begin_transition(target);
             }
-            Record::Checkpoint(_) => return self.checkpoint(target),
             Record::End(_) => return Ok(()),
         };
         let zeroing = !matches!(pending, Pending::Data(..));
-        if !self.applying() || (zeroing && self.skip_zeroing && self.transition == 0) {
-            return Ok(());
-        }
-        self.pending_bytes += if zeroing { 0 } else { pending.range().1 };
-        self.pending.push(pending);
-        if self.undo.is_none() && self.undo_plan.is_none()
-            || self.pending_bytes >= UNDO_BATCH_BYTES.min(self.checkpoint_bytes)
-            || self.pending.len() >= 4096
-        {
-            self.flush_pending(target)?;
+        if self.applying() && !(zeroing && self.skip_zeroing && self.transition == 0) {
+            // Held back until a checkpoint or snapshot-end record vouches for it: a record that
+            // is well formed but out of place (inserted, repeated) never reaches the target.
+            self.unverified.push(pending);
         }
         Ok(())
     }
 
-    /// Writes the gathered records; with an undo stream, their pre-images are saved and synced
-    /// first. Checkpoints the durable offset every [`CHECKPOINT_BYTES`].
+    /// Every record so far is verified: apply them (with an undo stream, in batches whose
+    /// pre-images are saved first), and every [`ReceiveOptions::checkpoint_bytes`] sync the
+    /// target and record the durable offset. At the end of a transition everything is applied.
+    fn verified(&mut self, target: &mut dyn Target, end: bool) -> Result<(), ReceiveError> {
+        if !self.applying() {
+            self.unverified.clear();
+            return Ok(());
+        }
+        for p in self.unverified.drain(..) {
+            if let Pending::Data(_, bytes) = &p {
+                self.pending_bytes += bytes.len() as u64;
+            }
+            self.pending.push(p);
+        }
+        let batch_full = self.pending_bytes >= UNDO_BATCH_BYTES.min(self.checkpoint_bytes)
+            || self.pending.len() >= 4096;
+        if self.undo_plan.is_none() || end || batch_full {
+            self.flush_pending(target)?;
+        }
+        if end || !self.started || !self.pending.is_empty() {
+            return Ok(());
+        }
+        if self.since_checkpoint < self.checkpoint_bytes {
+            return Ok(());
+        }
+        target.flush()?;
+        if let Some(p) = &mut self.state.in_progress {
+            p.durable_offset = self.applied_end;
+        }
+        self.since_checkpoint = 0;
+        self.save()
+    }
+
+    /// Writes the verified records gathered; with an undo stream, their pre-images are saved and
+    /// synced first.
     fn flush_pending(&mut self, target: &mut dyn Target) -> Result<(), ReceiveError> {
         if self.pending.is_empty() {
             return Ok(());
@@ -336,25 +367,6 @@ impl Apply<'_> {
         }
         self.pending_bytes = 0;
         Ok(())
-    }
-
-    /// At a checkpoint record (every earlier record verified by its prefix hash), every
-    /// [`ReceiveOptions::checkpoint_bytes`]: syncs the target and records that the current
-    /// transition is durable below the end of the last record applied.
-    fn checkpoint(&mut self, target: &mut dyn Target) -> Result<(), ReceiveError> {
-        if !self.applying() || !self.started {
-            return Ok(());
-        }
-        if self.since_checkpoint.saturating_add(self.pending_bytes) < self.checkpoint_bytes {
-            return Ok(());
-        }
-        self.flush_pending(target)?;
-        target.flush()?;
-        if let Some(p) = &mut self.state.in_progress {
-            p.durable_offset = self.applied_end;
-        }
-        self.since_checkpoint = 0;
-        self.save()
     }
 
     /// The current transition's `to` state is complete: shrink if it shrank (saving the tail

@@ -23,10 +23,6 @@ use blkdelta_common::ImageError;
 
 use crate::{ChangeSource, Progress, SendError};
 
-/// Stream bytes between two checkpoint records: how far apart a receiver's verified resume
-/// points can be.
-pub const CHECKPOINT_STREAM_BYTES: u64 = 1 << 20;
-
 /// How to send.
 #[derive(Debug, Clone)]
 pub struct SendOptions {
@@ -267,7 +263,6 @@ fn write_in_order<W: Write>(
         Some((off, len)) => w.zero(off, len),
         None => Ok(()),
     };
-    let mut checkpointed = writer.bytes_written();
     for planned in plan_rx.iter() {
         let zero_range = match planned {
             Planned::Data(rx) => match rx.recv().map_err(|_| worker_gone())?? {
@@ -303,10 +298,6 @@ fn write_in_order<W: Write>(
                 None
             }
         };
-        if writer.bytes_written() - checkpointed >= CHECKPOINT_STREAM_BYTES {
-            writer.checkpoint()?;
-            checkpointed = writer.bytes_written();
-        }
         if let Some((off, len)) = zero_range {
             summary.zero_bytes += len;
             progress.advance(len);

@@ -11,7 +11,10 @@ use super::{
     decode_body, frame_check, CheckpointRecord, Compression, DataRecord, EndRecord, Record,
     SnapshotEnd, StreamHeader, DATA_FIXED_BYTES, FLAG_OPTIONAL, FRAME_HEADER_BYTES, MAGIC, VERSION,
 };
-use crate::limits::{CHUNK_BYTES, MAX_HEADER_BYTES, MAX_RECORD_BODY_BYTES};
+use crate::limits::{
+    CHUNK_BYTES, MAX_HEADER_BYTES, MAX_RECORD_BODY_BYTES, MAX_UNVERIFIED_PLAIN_BYTES,
+    MAX_UNVERIFIED_STREAM_BYTES,
+};
 use crate::StreamError;
 
 /// Decodes records from a byte source, checking the stream's rules as it goes.
@@ -25,6 +28,8 @@ pub struct StreamReader<R: Read> {
     next_free: u64,
     record_start: u64,
     prefix_hash: [u8; 32],
+    /// Stream bytes and plain data bytes since the last verified point.
+    unverified: (u64, u64),
     done: bool,
 }
 
@@ -60,6 +65,7 @@ impl<R: Read> StreamReader<R> {
             next_free: 0,
             record_start: 12,
             prefix_hash: [0; 32],
+            unverified: (0, 0),
             done: false,
         };
         let frame = r.read_frame()?;
@@ -176,6 +182,13 @@ impl<R: Read> StreamReader<R> {
             }
         };
         self.claim(f.offset, len)?;
+        self.unverified.1 += len;
+        if self.unverified.1 > MAX_UNVERIFIED_PLAIN_BYTES + CHUNK_BYTES {
+            return Err(self.corrupt(format!(
+                "no checkpoint record in {} bytes of data (limit {MAX_UNVERIFIED_PLAIN_BYTES})",
+                self.unverified.1
+            )));
+        }
         Ok(DataRecord {
             offset: f.offset,
             len: f.len,
@@ -306,6 +319,15 @@ impl<R: Read> StreamReader<R> {
         }
         if kind == RecordType::SnapshotEnd as u8 || kind == RecordType::Checkpoint as u8 {
             self.prefix_hash = *self.hasher.finalize().as_bytes();
+            self.unverified = (0, 0);
+        } else {
+            self.unverified.0 += (FRAME_HEADER_BYTES + body.len()) as u64;
+            if self.unverified.0 > MAX_UNVERIFIED_STREAM_BYTES + MAX_RECORD_BODY_BYTES as u64 {
+                return Err(self.corrupt(format!(
+                    "no checkpoint record in {} stream bytes (limit {MAX_UNVERIFIED_STREAM_BYTES})",
+                    self.unverified.0
+                )));
+            }
         }
         if kind != RecordType::End as u8 {
             self.hasher.update(&head);

@@ -416,3 +416,33 @@ fn a_resumed_stream_starts_at_its_resume_offset() {
     h.resume_offset = 5 * CHUNK_BYTES;
     assert!(h.validate().unwrap_err().contains("resume offset"));
 }
+
+#[test]
+fn writers_put_checkpoints_and_readers_require_them() {
+    let h = header(vec![Transition {
+        from: None,
+        to: snap("big", 4),
+        virtual_size: 64 * CHUNK_BYTES,
+    }]);
+    let chunk = |i: u64| encode_chunk(i * CHUNK_BYTES, &[i as u8 + 1; 1 << 20], 0).unwrap();
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    for i in 0..20 {
+        w.data(&chunk(i)).unwrap();
+    }
+    w.snapshot_end(&end_of(&h, 0)).unwrap();
+    let checked = read_all(&w.finish().unwrap()).unwrap();
+    let checkpoints = checked
+        .iter()
+        .filter(|r| matches!(r, Record::Checkpoint(_)))
+        .count();
+    assert!(checkpoints >= 19, "{checkpoints} checkpoints for 20 MiB");
+
+    let mut w = StreamWriter::new(Vec::new(), &h)
+        .unwrap()
+        .without_checkpoints();
+    for i in 0..20 {
+        w.data(&chunk(i)).unwrap();
+    }
+    w.snapshot_end(&end_of(&h, 0)).unwrap();
+    expect_corrupt(&w.finish().unwrap(), "no checkpoint record");
+}

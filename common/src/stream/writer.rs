@@ -6,7 +6,7 @@ use super::record::{RangeBody, RecordType};
 use super::{
     encode_body, CheckpointRecord, DataRecord, EndRecord, SnapshotEnd, StreamHeader, MAGIC, VERSION,
 };
-use crate::limits::MAX_HEADER_BYTES;
+use crate::limits::{CHECKPOINT_PLAIN_BYTES, CHECKPOINT_STREAM_BYTES, MAX_HEADER_BYTES};
 use crate::StreamError;
 
 /// Frames records onto a byte sink, keeping the running stream hash.
@@ -15,6 +15,9 @@ pub struct StreamWriter<W: Write> {
     hasher: blake3::Hasher,
     records: u64,
     bytes: u64,
+    /// Stream bytes and plain data bytes since the last verified point.
+    unverified: (u64, u64),
+    auto_checkpoints: bool,
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -34,6 +37,8 @@ impl<W: Write> StreamWriter<W> {
             hasher: blake3::Hasher::new(),
             records: 0,
             bytes: 0,
+            unverified: (0, 0),
+            auto_checkpoints: true,
         };
         let mut preamble = MAGIC.to_vec();
         preamble.extend_from_slice(&VERSION.to_le_bytes());
@@ -51,29 +56,51 @@ impl<W: Write> StreamWriter<W> {
             hasher,
             records,
             bytes,
+            unverified: (0, 0),
+            auto_checkpoints: true,
         }
     }
 
-    /// Writes a data record.
+    /// Writes a data record (and a checkpoint record when one is due).
     pub fn data(&mut self, rec: &DataRecord) -> Result<(), StreamError> {
         let fields = encode_body(&rec.fields());
-        self.frame(RecordType::Data, &[&fields, &rec.payload])
+        self.frame(RecordType::Data, &[&fields, &rec.payload])?;
+        self.unverified.1 += u64::from(rec.len);
+        self.checkpoint_if_due()
     }
 
-    /// Writes a zero record.
+    /// Writes a zero record (and a checkpoint record when one is due).
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<(), StreamError> {
-        self.frame(
-            RecordType::Zero,
-            &[&encode_body(&RangeBody { offset, len })],
-        )
+        let body = encode_body(&RangeBody { offset, len });
+        self.frame(RecordType::Zero, &[&body])?;
+        self.checkpoint_if_due()
     }
 
-    /// Writes a discard record.
+    /// Writes a discard record (and a checkpoint record when one is due).
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), StreamError> {
-        self.frame(
-            RecordType::Discard,
-            &[&encode_body(&RangeBody { offset, len })],
-        )
+        let body = encode_body(&RangeBody { offset, len });
+        self.frame(RecordType::Discard, &[&body])?;
+        self.checkpoint_if_due()
+    }
+
+    /// A checkpoint record after every [`CHECKPOINT_STREAM_BYTES`] of stream or
+    /// [`CHECKPOINT_PLAIN_BYTES`] of data since the last verified point, so that a reader never
+    /// holds back more than the limits allow.
+    fn checkpoint_if_due(&mut self) -> Result<(), StreamError> {
+        let (stream, plain) = self.unverified;
+        if self.auto_checkpoints
+            && (stream >= CHECKPOINT_STREAM_BYTES || plain >= CHECKPOINT_PLAIN_BYTES)
+        {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Stops writing checkpoint records on its own (tests of readers that require them).
+    #[cfg(test)]
+    pub(crate) fn without_checkpoints(mut self) -> Self {
+        self.auto_checkpoints = false;
+        self
     }
 
     /// Writes a snapshot-end record; its `prefix_hash` is filled in here.
@@ -82,7 +109,9 @@ impl<W: Write> StreamWriter<W> {
             prefix_hash: *self.hasher.finalize().as_bytes(),
             ..rec.clone()
         };
-        self.frame(RecordType::SnapshotEnd, &[&encode_body(&rec)])
+        self.frame(RecordType::SnapshotEnd, &[&encode_body(&rec)])?;
+        self.unverified = (0, 0);
+        Ok(())
     }
 
     /// Writes a checkpoint record: a receiver may make everything before it durable and
@@ -95,7 +124,9 @@ impl<W: Write> StreamWriter<W> {
             RecordType::Checkpoint as u8,
             super::FLAG_OPTIONAL,
             &[&encode_body(&rec)],
-        )
+        )?;
+        self.unverified = (0, 0);
+        Ok(())
     }
 
     /// Bytes written so far.
@@ -147,6 +178,7 @@ impl<W: Write> StreamWriter<W> {
         for p in parts {
             self.put(p)?;
         }
+        self.unverified.0 += (super::FRAME_HEADER_BYTES + body_len) as u64;
         self.records += 1;
         Ok(())
     }
