@@ -6,33 +6,6 @@ use std::process::Command;
 
 use common::*;
 
-/// A loop device over a file, detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &std::path::Path) -> Option<Loop> {
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            eprintln!(
-                "SKIPPED: losetup cannot attach a loop device here: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return None;
-        }
-        Some(Loop(String::from_utf8(out.stdout).ok()?.trim().to_string()))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
 #[test]
 fn seed_and_incremental_into_a_loop_device() {
     if !have("qemu-img") || !have("losetup") {
@@ -62,7 +35,7 @@ fn seed_and_incremental_into_a_loop_device() {
     // A backing file larger than the image, full of old data: the replica must still match.
     let backing = s.path("dev.img");
     std::fs::write(&backing, vec![0xeeu8; 40 << 20]).unwrap();
-    let Some(dev) = Loop::attach(&backing) else {
+    let Some(dev) = Loop::attach(&backing, false) else {
         return;
     };
     let state = s.path("dev.state");
@@ -103,7 +76,7 @@ fn device_too_small_is_refused() {
     snapshot(&img, "s1");
     let backing = s.path("small.img");
     std::fs::write(&backing, vec![0u8; 8 << 20]).unwrap();
-    let Some(dev) = Loop::attach(&backing) else {
+    let Some(dev) = Loop::attach(&backing, false) else {
         return;
     };
     let seed = s.path("seed.bd");
@@ -135,7 +108,7 @@ fn growing_onto_a_device_zeroes_the_grown_range() {
     snapshot(&img, "big");
     let backing = s.path("dev.img");
     std::fs::write(&backing, vec![0xeeu8; 4 << 20]).unwrap();
-    let Some(dev) = Loop::attach(&backing) else {
+    let Some(dev) = Loop::attach(&backing, false) else {
         return;
     };
     let state = s.path("dev.state");
@@ -174,7 +147,7 @@ fn undo_on_a_device_rolls_back_the_replica() {
     snapshot(&img, "b");
     let backing = s.path("dev.img");
     std::fs::write(&backing, vec![0xeeu8; 16 << 20]).unwrap();
-    let Some(dev) = Loop::attach(&backing) else {
+    let Some(dev) = Loop::attach(&backing, false) else {
         return;
     };
     let state = s.path("dev.state");

@@ -7,7 +7,6 @@ mod common;
 mod source_util;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::*;
 use source_util::*;
@@ -172,33 +171,6 @@ fn offset_length_lines_send_exactly_those_bytes() {
     assert!(size < 4 * KIB, "{size}");
 }
 
-/// A loop device over the file, detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &Path) -> Option<Loop> {
-        let out = Command::new("losetup")
-            .args(["-f", "--show", "--read-only"])
-            .arg(file)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            eprintln!(
-                "SKIPPED: losetup cannot attach a loop device here: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return None;
-        }
-        Some(Loop(String::from_utf8(out.stdout).ok()?.trim().to_string()))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
 #[test]
 fn a_loop_device_is_a_source_for_change_maps() {
     if !have("losetup") {
@@ -211,7 +183,7 @@ fn a_loop_device_is_a_source_for_change_maps() {
         "loop.txt",
         &format!("{} {}\n{} {}\n", 2 * MIB, 512 * KIB, 21 * MIB, MIB),
     );
-    let Some(dev) = Loop::attach(&f.dev) else {
+    let Some(dev) = Loop::attach(&f.dev, true) else {
         return;
     };
     let stream = f.sc.path("loop.bd");

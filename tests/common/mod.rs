@@ -257,3 +257,33 @@ pub fn allocated_bytes(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).unwrap().blocks() * 512
 }
+
+/// A loop device over a file, detached on drop.
+pub struct Loop(pub String);
+
+impl Loop {
+    /// Attaches `file` (read-only when asked); `None`, with a loud skip notice, when this
+    /// machine cannot attach loop devices.
+    pub fn attach(file: &Path, read_only: bool) -> Option<Loop> {
+        let mut cmd = Command::new("losetup");
+        cmd.args(["-f", "--show"]);
+        if read_only {
+            cmd.arg("--read-only");
+        }
+        let out = cmd.arg(file).output().ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "SKIPPED: losetup cannot attach a loop device here: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(Loop(String::from_utf8(out.stdout).ok()?.trim().to_string()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
