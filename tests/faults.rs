@@ -5,6 +5,12 @@
 //! snapshot; otherwise it says "in progress" and names no held snapshot), and re-applying the
 //! stream, or resuming it from the token `status` prints, gives exactly the last snapshot.
 //!
+//! The receiver holds every record back until a later checkpoint or snapshot-end record (a
+//! verified point) vouches for the stream before it: after a failure, the replica is the last
+//! snapshot reached plus exactly the records up to the last verified point the receiver read
+//! completely, and nothing read after that point (a record cut short, damaged, or inserted)
+//! reaches it.
+//!
 //! Tests that mount filesystems need root; they skip loudly (`SKIPPED: ...`) when mounting is
 //! impossible. Mounts and child processes are undone by guards, even when a test fails.
 
@@ -227,6 +233,25 @@ impl Fixture {
             .unwrap_or_else(|| panic!("no {kind} record #{n} in transition {t}"))
     }
 
+    /// Where the last verified point (a checkpoint or snapshot-end record) within the first
+    /// `fed` bytes of the stream ends: a receiver that read them applied nothing after it.
+    fn last_verified(&self, fed: u64) -> u64 {
+        self.recs
+            .iter()
+            .filter(|r| matches!(r.kind.as_str(), "checkpoint" | "snapshot-end") && r.end <= fed)
+            .map(|r| r.end)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Whether a receiver that saw only the first `fed` bytes (from a replica holding s0) may
+    /// have started transition `t`: a verified point inside it vouched for some of its change
+    /// records, which were then applied (the fixture's transitions never grow the disk).
+    fn started_by(&self, t: usize, fed: u64) -> bool {
+        let verified = self.last_verified(fed);
+        self.changes(t).iter().any(|r| r.end <= verified)
+    }
+
     /// The most a receiver that saw only the first `fed` bytes may call durable in transition
     /// `t`: the disk end of the last change record before the last checkpoint record it saw
     /// complete (0 before the first). A resume token may never point past a record that was
@@ -260,16 +285,19 @@ impl Fixture {
         }
     }
 
-    /// What the replica holds, byte for byte, after a receiver starting from s0 stopped at the
-    /// record whose frame starts at `at` without using it: every transition closed before it
-    /// is complete, and of the one it belongs to, exactly the change records before it are
-    /// applied. Nothing else differs from the last snapshot reached.
+    /// What the replica holds, byte for byte, after a receiver starting from s0 read the
+    /// records ending by stream byte `at` and then failed (at the record whose frame starts at
+    /// `at`, or cut short there): every transition closed before it is complete, and of the
+    /// one it belongs to, exactly the change records up to the last verified point before `at`
+    /// are applied; those read after that point were held back. Nothing else differs from the
+    /// last snapshot reached.
     fn image_before(&self, at: u64) -> Vec<u8> {
         let ends = self.ends();
         let t = ends.iter().filter(|e| e.end <= at).count();
+        let verified = self.last_verified(at);
         let mut img = std::fs::read(&self.exports[t]).unwrap();
         if t < ends.len() {
-            for r in self.changes(t).into_iter().filter(|r| r.end <= at) {
+            for r in self.changes(t).into_iter().filter(|r| r.end <= verified) {
                 let (off, len) = data_range(r);
                 let range = off as usize..(off + len) as usize;
                 img[range].copy_from_slice(&read_range(&self.exports[t + 1], off, len));
@@ -279,11 +307,14 @@ impl Fixture {
     }
 
     /// Checks that the replica is exactly [`Fixture::image_before`] `at`: a record that was
-    /// not used changed nothing, and neither did anything else.
+    /// not verified (or not used) changed nothing, and neither did anything else.
     fn assert_image_before(&self, replica: &Path, at: u64, what: &str) {
         let want = self.image_before(at);
         let got = std::fs::read(replica).unwrap();
         assert_eq!(got.len(), want.len(), "{what}: replica size");
+        if got == want {
+            return;
+        }
         if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
             let i = i as u64;
             let culprit = self
@@ -298,24 +329,24 @@ impl Fixture {
                     format!("the {} record at stream byte {}", r.kind, r.at)
                 });
             panic!(
-                "{what}: the replica differs at disk byte {i} from what the records before \
-                 stream byte {at} wrote (the range of {culprit})"
+                "{what}: the replica differs at disk byte {i} from what the records verified \
+                 before stream byte {at} wrote (the range of {culprit})"
             );
         }
     }
 
     /// What a receiver that saw the first `prefix` bytes (and failed at the next record)
     /// leaves behind, starting from a replica holding s0: every snapshot-end inside the prefix
-    /// is reached, and the transition after the last one is in progress once any of its
-    /// change records is complete.
+    /// is reached, and the transition after the last one is in progress once a checkpoint
+    /// record inside the prefix vouched for some of its change records (which are then
+    /// applied). Change records after the last verified point start nothing.
     fn expected_after(&self, prefix: u64) -> Truth {
         let ends = self.ends();
         let reached = ends.iter().filter(|e| e.end <= prefix).count();
         if reached == ends.len() {
             return Truth::Holds(reached);
         }
-        // A checkpoint record changes nothing: only data, zero and discard records start one.
-        if self.changes(reached).iter().any(|r| r.end <= prefix) {
+        if self.started_by(reached, prefix) {
             Truth::InProgress(reached + 1)
         } else {
             Truth::Holds(reached)
@@ -390,12 +421,12 @@ impl Fixture {
                 assert_eq!(f + 1, t, "in progress between unrelated snapshots: {line}");
             }
             if let (Some(t), Some(fed)) = (to_index.filter(|&t| t > 0), fed) {
-                let first = self.changes(t - 1)[0];
                 assert!(
-                    first.end <= fed,
+                    self.started_by(t - 1, fed),
                     "in progress towards '{to}' though the receiver saw only {fed} bytes, \
-                     short of that transition's first record (ends at {}):\n{st}",
-                    first.end
+                     whose last verified point (ends at {}) vouches for none of that \
+                     transition's records:\n{st}",
+                    self.last_verified(fed)
                 );
                 let verified = self.verified_end(t - 1, fed);
                 assert!(
@@ -746,7 +777,8 @@ fn sigkill_at_many_points_of_a_multi_snapshot_stream() {
     let f = Fixture::new("1.1", 0);
     let ends = f.ends();
     let len = f.len();
-    // The receiver makes its durable offset advance only at checkpoint records.
+    // The receiver applies records only once a checkpoint (or snapshot-end) record vouches
+    // for them, and makes its durable offset advance only at checkpoint records.
     let first_ckpt = f.rec(0, "checkpoint", 0);
     let last_ckpt = f.rec(2, "checkpoint", 0);
     assert!(
@@ -755,24 +787,26 @@ fn sigkill_at_many_points_of_a_multi_snapshot_stream() {
     );
     let mut points = vec![
         KillPoint {
-            // No checkpoint record seen: nothing may be durable (truth_full checks).
+            // No checkpoint record seen: the records read are held back, nothing is written
+            // and nothing started (the replica is exactly s0).
             what: "inside transition 0, in its first data payload, before any checkpoint".into(),
             fed: f.rec(0, "data", 0).at + 300_000,
             close: false,
             checkpoints: true,
-            wait: Wait::Status(|st| st.contains("in progress, 's0' -> 's1'")),
+            wait: Wait::Settle,
             checkpointed: false,
-            expect: Some(Truth::InProgress(1)),
+            expect: Some(Truth::Holds(0)),
         },
         KillPoint {
-            // Everything before it is applied, but the checkpoint itself is not verified yet.
+            // Every record before it is read, but none is applied: the checkpoint that would
+            // vouch for them is not verified yet.
             what: "inside transition 0's first checkpoint record".into(),
             fed: first_ckpt.at + FRAME + 5,
             close: false,
             checkpoints: true,
             wait: Wait::Settle,
             checkpointed: false,
-            expect: Some(Truth::InProgress(1)),
+            expect: Some(Truth::Holds(0)),
         },
         KillPoint {
             what: "inside transition 0, after a checkpoint".into(),
@@ -932,6 +966,11 @@ fn sigkill_at_many_points_of_a_multi_snapshot_stream() {
         if p.checkpointed {
             assert!(durable > 0, "{what}: no checkpoint recorded");
         }
+        if !matches!(p.wait, Wait::Now) {
+            // The receiver read everything fed: exactly what its verified points vouch for
+            // was written, and nothing it held back.
+            f.assert_image_before(&replica, p.fed, &what);
+        }
         if let (Truth::InProgress(_), Some(token)) = (truth, &token) {
             // Resume a copy from the token; finish the original by re-applying the stream.
             let copy = f.copy_replica(&replica, "resumed.raw");
@@ -1001,6 +1040,8 @@ fn truncated_streams_fail_and_leave_a_truthful_recoverable_replica() {
         );
         let (truth, _, token) = f.truth_full(&replica, &[], Some(cut));
         assert_eq!(truth, f.expected_after(cut), "{what}");
+        // Records after the last verified point before the cut were held back.
+        f.assert_image_before(&replica, cut, &what);
         if let (Truth::InProgress(_), Some(token)) = (truth, &token) {
             assert!(err.contains("marked in progress"), "{what}: {err}");
             if i % 3 == 0 {
@@ -1254,6 +1295,50 @@ fn flipped_bytes_are_caught_and_never_recorded_as_a_snapshot() {
         f.caught_before_use(&replica, r.at, &what);
     }
 
+    // A well-framed record of this very stream inserted where it does not belong, in bounds
+    // and in order: transition 0's last data record, repeated before its second checkpoint.
+    // Nothing rejects it on its own; it is held back with the records read since the first
+    // checkpoint, and the second checkpoint's prefix hash catches it: none of them is applied.
+    let late = f
+        .changes(0)
+        .into_iter()
+        .rfind(|r| r.kind == "data")
+        .unwrap();
+    let ck = f.rec(0, "checkpoint", 1);
+    let (late_off, late_len) = data_range(late);
+    assert!(
+        late.at > ck.end,
+        "the repeated record comes later in the stream"
+    );
+    let what = format!(
+        "the data record at {} repeated before the checkpoint record at {}",
+        late.at, ck.at
+    );
+    let mut bytes = f.bytes[..ck.at as usize].to_vec();
+    bytes.extend_from_slice(&f.bytes[late.at as usize..late.end as usize]);
+    bytes.extend_from_slice(&f.bytes[ck.at as usize..]);
+    std::fs::write(&bad, &bytes).unwrap();
+    let replica = f.fresh_replica("r.raw");
+    let err = one_line_error(&receive_file(&bad, &replica, &CKPT), &what);
+    assert!(
+        err.starts_with("blkdelta: stream hash mismatch"),
+        "{what}: {err}"
+    );
+    assert_eq!(
+        f.truth(&replica, &[], Some(ck.at)),
+        Truth::InProgress(1),
+        "{what}: the first checkpoint vouched for records"
+    );
+    assert!(
+        read_range(&replica, late_off, late_len) == read_range(&f.exports[0], late_off, late_len),
+        "{what}: the inserted record reached the replica"
+    );
+    // Every record before `ck.at` lies where it does in the intact stream.
+    assert!(
+        f.caught_before_use(&replica, ck.at, &what),
+        "{what}: resumed"
+    );
+
     // Trailing garbage after the end record is an altered stream too.
     let mut bytes = f.bytes.clone();
     bytes.push(0);
@@ -1381,7 +1466,8 @@ fn the_in_progress_hints_work_with_a_state_elsewhere() {
     let replica = f.s.path("r.raw");
     f.seed_into(&replica, &state);
     let part = f.s.path("part.bd");
-    let cut = f.ends()[0].end + 1000;
+    // Inside transition 1, after a checkpoint record vouched for some of its records.
+    let cut = f.rec(1, "checkpoint", 0).end + 1000;
     std::fs::write(&part, &f.bytes[..cut as usize]).unwrap();
     let mut extra = state.to_vec();
     extra.extend_from_slice(&CKPT);
