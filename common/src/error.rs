@@ -129,9 +129,13 @@ pub enum StreamError {
         /// Disk offset the record targets.
         disk_offset: u64,
     },
-    /// A snapshot-end or end record's hash does not match the stream bytes received.
-    #[error("stream hash mismatch at a snapshot-end or end record: the stream was altered")]
-    StreamHash,
+    /// A checkpoint, snapshot-end or end record's hash does not match the stream bytes
+    /// received: a frame was removed, inserted or altered before it.
+    #[error("stream hash mismatch at byte {offset} (a checkpoint, snapshot-end or end record): the stream was altered before it")]
+    StreamHash {
+        /// Byte position of the record whose hash failed.
+        offset: u64,
+    },
     /// Compressing or decompressing a payload failed.
     #[error("payload compression failed: {0}")]
     Compression(String),

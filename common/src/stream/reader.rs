@@ -146,7 +146,9 @@ impl<R: Read> StreamReader<R> {
             RecordType::Checkpoint => {
                 let rec: CheckpointRecord = self.decode_exact(body, "checkpoint")?;
                 if rec.prefix_hash != self.prefix_hash {
-                    return Err(StreamError::StreamHash);
+                    return Err(StreamError::StreamHash {
+                        offset: self.record_start,
+                    });
                 }
                 Ok(Record::Checkpoint(rec))
             }
@@ -214,7 +216,9 @@ impl<R: Read> StreamReader<R> {
             )));
         }
         if rec.prefix_hash != self.prefix_hash {
-            return Err(StreamError::StreamHash);
+            return Err(StreamError::StreamHash {
+                offset: self.record_start,
+            });
         }
         self.transition += 1;
         self.next_free = 0;
@@ -237,7 +241,9 @@ impl<R: Read> StreamReader<R> {
             )));
         }
         if rec.stream_hash != *self.hasher.finalize().as_bytes() {
-            return Err(StreamError::StreamHash);
+            return Err(StreamError::StreamHash {
+                offset: self.record_start,
+            });
         }
         let mut probe = [0u8; 1];
         loop {

@@ -196,7 +196,7 @@ fn rejects_flipped_hash_in_end_record() {
     w.raw_frame(RecordType::End as u8, 0, &forged).unwrap();
     assert!(matches!(
         read_all(&w.flush_inner().unwrap().clone()),
-        Err(StreamError::StreamHash)
+        Err(StreamError::StreamHash { .. })
     ));
 }
 
@@ -379,7 +379,10 @@ fn a_dropped_record_is_caught_at_the_next_checkpoint() {
         r.next_record(),
         Ok(Some(Record::Zero { offset: 0, .. }))
     ));
-    assert!(matches!(r.next_record(), Err(StreamError::StreamHash)));
+    assert!(matches!(
+        r.next_record(),
+        Err(StreamError::StreamHash { .. })
+    ));
 }
 
 #[test]
