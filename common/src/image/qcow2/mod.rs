@@ -37,6 +37,7 @@ pub mod tables;
 mod tests;
 
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -80,8 +81,9 @@ pub(crate) struct ImageInner {
     pub(crate) file_len: u64,
     pub(crate) header: Header,
     snapshots: Vec<Snapshot>,
-    /// How many images above this one in the backing chain (0 for the image opened).
-    depth: usize,
+    /// (device, inode) of this file and of every image above it in the backing chain: its
+    /// length is the depth, and a backing file among them is a loop.
+    chain: Vec<(u64, u64)>,
     /// How the image was opened: the backing chain is opened the same way.
     options: OpenOptions,
     /// The backing source, opened on first use.
@@ -110,12 +112,13 @@ impl Qcow2Image {
     /// backing chain, as `options` say. They are held until the last clone of the image and
     /// of its layers is dropped.
     pub fn open_with(path: &Path, options: &OpenOptions) -> Result<Qcow2Image, ImageError> {
-        Self::open_at_depth(path, 0, options)
+        Self::open_in_chain(path, Vec::new(), options)
     }
 
-    fn open_at_depth(
+    /// Opens `path` below the images whose (device, inode) are `above`.
+    fn open_in_chain(
         path: &Path,
-        depth: usize,
+        mut above: Vec<(u64, u64)>,
         options: &OpenOptions,
     ) -> Result<Qcow2Image, ImageError> {
         let open_err = |source| ImageError::Open {
@@ -123,6 +126,8 @@ impl Qcow2Image {
             source,
         };
         let file = File::open(path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        above.push((meta.dev(), meta.ino()));
         lock_for_read(&file, path, options)?;
         // Seeking to the end gives the size of block devices too.
         let file_len = rustix::fs::seek(&file, SeekFrom::End(0)).map_err(|e| open_err(e.into()))?;
@@ -135,7 +140,7 @@ impl Qcow2Image {
                 file_len,
                 header,
                 snapshots,
-                depth,
+                chain: above,
                 options: *options,
                 backing: Mutex::new(None),
             }),
@@ -252,7 +257,7 @@ impl Qcow2Image {
         let source = open_backing(
             &path,
             self.inner.header.backing_format.as_deref(),
-            self.inner.depth + 1,
+            &self.inner.chain,
             &self.inner.options,
         )?;
         *slot = Some(source.clone());
@@ -276,12 +281,22 @@ fn read_header(file: &File, file_len: u64) -> Result<Header, ImageError> {
 fn open_backing(
     path: &Path,
     format: Option<&str>,
-    depth: usize,
+    above: &[(u64, u64)],
     options: &OpenOptions,
 ) -> Result<Arc<dyn BlockSource>, ImageError> {
-    if depth > MAX_BACKING_DEPTH {
+    if above.len() > MAX_BACKING_DEPTH {
         return Err(ImageError::Invalid(format!(
             "backing chain deeper than {MAX_BACKING_DEPTH} images at {}",
+            path.display()
+        )));
+    }
+    let meta = std::fs::metadata(path).map_err(|source| ImageError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if above.contains(&(meta.dev(), meta.ino())) {
+        return Err(ImageError::Invalid(format!(
+            "backing chain loops: {} is an image above itself in the chain",
             path.display()
         )));
     }
@@ -297,9 +312,9 @@ fn open_backing(
         None => probe_format(path)?,
     };
     Ok(match format {
-        Format::Qcow2 => {
-            Arc::new(Qcow2Image::open_at_depth(path, depth, options)?.layer(Layer::Active)?)
-        }
+        Format::Qcow2 => Arc::new(
+            Qcow2Image::open_in_chain(path, above.to_vec(), options)?.layer(Layer::Active)?,
+        ),
         Format::Raw => Arc::new(RawImage::open_with(path, options)?),
     })
 }
