@@ -336,12 +336,10 @@ impl Apply<'_> {
         }
         self.mark_started(target)?;
         if let Some(undo) = &mut self.undo {
-            let reader = target.reader();
+            let reader = target.reader().ok_or_else(unreadable)?;
             for p in &self.pending {
                 let (off, len) = p.range();
-                if let Some(r) = &reader {
-                    undo.save(r, off, len)?;
-                }
+                undo.save(&reader, off, len)?;
             }
             undo.sync()?;
         }
@@ -380,7 +378,8 @@ impl Apply<'_> {
     ) -> Result<(), ReceiveError> {
         if target.size() > virtual_size {
             self.mark_started(target)?;
-            if let (Some(undo), Some(r)) = (&mut self.undo, target.reader()) {
+            if let Some(undo) = &mut self.undo {
+                let r = target.reader().ok_or_else(unreadable)?;
                 undo.save(&r, virtual_size, target.size() - virtual_size)?;
                 undo.sync()?;
             }
@@ -412,6 +411,13 @@ impl Apply<'_> {
         self.state.updated_unix = state::now_unix();
         state::save(path, &self.state)
     }
+}
+
+/// An undo stream needs the target's old contents.
+fn unreadable() -> ReceiveError {
+    ReceiveError::Refused(
+        "the target cannot be read back, so --undo cannot save its old contents".into(),
+    )
 }
 
 /// A path made absolute (symlinks kept), as the state records it.
