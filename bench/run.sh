@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# blkdelta benchmark: builds a qcow2 fixture (~50% random data, snapshot s1, ~5% scattered
+# changes, snapshot s2) and measures, interleaved over BENCH_RUNS rounds (medians):
+# blkdelta incremental (-l 0 and default) and seed, qemu-img convert, qemu-img convert -B of an
+# equivalent overlay, rsync --inplace, btrfs send/receive (if a loop-mounted btrfs can be set up).
+# Env: BENCH_DIR (/tmp/blkdelta-bench) BENCH_SIZE (4G) BENCH_RUNS (3) BENCH_PCT (5)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+W=${BENCH_DIR:-/tmp/blkdelta-bench}
+SIZE_H=${BENCH_SIZE:-4G}
+RUNS=${BENCH_RUNS:-3}
+PCT=${BENCH_PCT:-5}
+SIZE=$(numfmt --from=iec "$SIZE_H")
+K=65536
+log() { echo "== $*" >&2; }
+need() { command -v "$1" >/dev/null || { echo "bench: needs $1" >&2; exit 1; }; }
+need qemu-img; need qemu-io; need python3; need /usr/bin/time
+
+(cd "$root" && cargo build --release --quiet)
+BD=$root/target/release/blkdelta
+
+if ! command -v rsync >/dev/null; then
+  apt-get install -y -q rsync >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q rsync >/dev/null 2>&1; } || true
+fi
+HAVE_RSYNC=yes; command -v rsync >/dev/null || { HAVE_RSYNC="skipped: rsync not installed and apt-get install failed"; echo "!! $HAVE_RSYNC" >&2; }
+
+rm -rf "$W"; mkdir -p "$W"; cd "$W"
+
+# ---------------------------------------------------------------- fixture
+log "fixture: $SIZE_H qcow2, ~50% random data in pieces of $((SIZE/64)) bytes"
+qemu-img create -q -f qcow2 img.qcow2 "$SIZE"
+piece=$((SIZE / 64))
+for ((off = 0; off < SIZE; off += 2 * piece)); do
+  head -c "$piece" /dev/urandom > piece.bin
+  qemu-io -f qcow2 -c "write -q -s piece.bin $off $piece" img.qcow2
+done
+rm -f piece.bin
+qemu-img snapshot -c s1 img.qcow2
+
+# the equivalent overlay: s1 exported to a qcow2 base, empty overlay on top
+qemu-img convert -l snapshot.name=s1 -O qcow2 img.qcow2 s1-base.qcow2
+qemu-img create -q -f qcow2 -b s1-base.qcow2 -F qcow2 overlay.qcow2
+
+python3 "$root/bench/genops.py" "$SIZE" PAT "$PCT" 42 > ops.txt
+split -l 300 -d ops.txt ops.batch.
+nops=$(wc -l < ops.txt)
+log "changes: $nops qemu-io commands ($(grep -c '^write -q -s' ops.txt) data writes, $(grep -c 'write -q -z' ops.txt) write -z, $(grep -c '^discard' ops.txt) discard)"
+for b in ops.batch.*; do head -c 1M /dev/urandom > "$b.pat"; done
+apply_ops() { # FMT FILE: apply every batch, one qemu-io call per batch
+  local b args line
+  for b in ops.batch.*[0-9]; do
+    args=()
+    while IFS= read -r line; do args+=(-c "${line//PAT/$b.pat}"); done < "$b"
+    qemu-io -f "$1" "${args[@]}" "$2"
+  done
+}
+apply_ops qcow2 img.qcow2
+qemu-img snapshot -c s2 img.qcow2
+apply_ops qcow2 overlay.qcow2
+
+# raw exports (for rsync, btrfs and checks)
+qemu-img convert -l snapshot.name=s1 -O raw img.qcow2 s1.raw
+qemu-img convert -l snapshot.name=s2 -O raw img.qcow2 s2.raw
+qemu-img convert -O raw overlay.qcow2 ov.raw
+cmp s2.raw ov.raw || { echo "bench: overlay does not match s2" >&2; exit 1; }
+rm -f ov.raw
+changed=$(cmp -l s1.raw s2.raw | wc -l || true)
+log "bytes that differ between s1 and s2: $changed"
+
+# s1 replica kept aside, restored before every incremental
+"$BD" send -q img.qcow2@s1 | "$BD" receive -q s1-replica.raw
+
+# ---------------------------------------------------------------- btrfs (optional)
+BTRFS="skipped"
+btrfs_setup() {
+  command -v mkfs.btrfs >/dev/null || apt-get install -y -q btrfs-progs >/dev/null 2>&1 || { BTRFS="skipped: mkfs.btrfs not available"; return 1; }
+  truncate -s $((3 * SIZE + 2 * 1024 * 1024 * 1024)) btrfs.img
+  mkfs.btrfs -q -f btrfs.img >/dev/null 2>&1 || { BTRFS="skipped: mkfs.btrfs failed"; return 1; }
+  LOOP=$(losetup -f --show btrfs.img 2>/dev/null) || { BTRFS="skipped: no loop device (losetup failed)"; return 1; }
+  mkdir -p mnt
+  mount "$LOOP" mnt 2>/dev/null || { losetup -d "$LOOP"; BTRFS="skipped: mount of loop btrfs failed"; return 1; }
+  btrfs subvolume create mnt/src >/dev/null
+  cp --sparse=always s1.raw mnt/src/disk.raw
+  btrfs subvolume snapshot -r mnt/src mnt/snap1 >/dev/null
+  apply_ops raw mnt/src/disk.raw
+  sync
+  btrfs subvolume snapshot -r mnt/src mnt/snap2 >/dev/null
+  cmp mnt/snap2/disk.raw s2.raw || { BTRFS="skipped: btrfs copy differs from s2"; return 1; }
+  mkdir -p mnt/dst
+  btrfs send -q mnt/snap1 | btrfs receive -q mnt/dst
+  BTRFS=yes
+}
+btrfs_cleanup() { if [ -n "${LOOP:-}" ]; then umount "$W/mnt" 2>/dev/null || true; losetup -d "$LOOP" 2>/dev/null || true; fi; }
+trap btrfs_cleanup EXIT
+btrfs_setup || true
+[ "$BTRFS" = yes ] || echo "!! btrfs: $BTRFS" >&2
+
+# ---------------------------------------------------------------- measurements
+DROP=no
+drop() { sync; if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then DROP=yes; fi; }
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.3f", b-a}'; }
+R=$W/results; mkdir -p "$R"
+rec() { echo "$2" >> "$R/$1.$3"; }   # name value kind
+T() { /usr/bin/time -f '%e %M' -o "$1" "${@:2}"; }
+rss() { awk '{print $2}' "$1"; }
+
+bd_incr() { # NAME LEVEL
+  rm -f rep.raw rep.raw.blkdelta; cp --sparse=always s1-replica.raw rep.raw; cp s1-replica.raw.blkdelta rep.raw.blkdelta
+  drop; local t0; t0=$(now)
+  T t.s "$BD" send -q -l "$2" img.qcow2@s1..s2 | T t.r "$BD" receive -q rep.raw
+  rec "$1" "$(secs "$t0")" sec; rec "$1" "$(rss t.s)" rss_send; rec "$1" "$(rss t.r)" rss_recv
+}
+bd_seed() {
+  rm -f new.raw new.raw.blkdelta; drop; local t0; t0=$(now)
+  T t.s "$BD" send -q img.qcow2@s2 | T t.r "$BD" receive -q new.raw
+  rec seed "$(secs "$t0")" sec; rec seed "$(rss t.s)" rss_send; rec seed "$(rss t.r)" rss_recv
+}
+qi_convert() {
+  rm -f conv.raw; drop; local t0; t0=$(now)
+  T t.s qemu-img convert -l snapshot.name=s2 -O raw img.qcow2 conv.raw
+  rec convert "$(secs "$t0")" sec; rec convert "$(rss t.s)" rss_send
+}
+qi_convert_B() {
+  rm -f delta.qcow2; drop; local t0; t0=$(now)
+  T t.s qemu-img convert -f qcow2 -O qcow2 -B s1-base.qcow2 -F qcow2 overlay.qcow2 delta.qcow2
+  rec convertB "$(secs "$t0")" sec; rec convertB "$(rss t.s)" rss_send
+}
+do_rsync() {
+  rm -f rs.raw; cp --sparse=always s1.raw rs.raw; drop; local t0; t0=$(now)
+  T t.s rsync --inplace --no-whole-file --stats s2.raw rs.raw > rsync.stats
+  rec rsync "$(secs "$t0")" sec; rec rsync "$(rss t.s)" rss_send
+}
+do_btrfs() {
+  btrfs subvolume delete -c mnt/dst/snap2 >/dev/null 2>&1 || true; sync; drop; local t0; t0=$(now)
+  T t.s btrfs send -q -p mnt/snap1 mnt/snap2 | T t.r btrfs receive -q mnt/dst
+  rec btrfs "$(secs "$t0")" sec; rec btrfs "$(rss t.s)" rss_send; rec btrfs "$(rss t.r)" rss_recv
+}
+
+for ((i = 1; i <= RUNS; i++)); do
+  log "round $i/$RUNS"
+  bd_incr incr0 0; qi_convert_B; bd_incr incr3 3; bd_seed; qi_convert
+  [ "$HAVE_RSYNC" = yes ] && do_rsync
+  [ "$BTRFS" = yes ] && do_btrfs
+done
+
+# correctness of what was measured
+cmp rep.raw s2.raw && cmp new.raw s2.raw && cmp conv.raw s2.raw || { echo "bench: a replica differs from s2" >&2; exit 1; }
+qemu-img convert -O raw -f qcow2 delta.qcow2 d.raw 2>/dev/null && { cmp d.raw s2.raw || echo "!! convert -B output does not read back as s2" >&2; rm -f d.raw; }
+
+# bytes moved
+B_incr0=$("$BD" send -q -l 0 img.qcow2@s1..s2 | wc -c)
+B_incr3=$("$BD" send -q img.qcow2@s1..s2 | wc -c)
+B_seed=$("$BD" send -q img.qcow2@s2 | wc -c)
+B_conv=$(du -B1 conv.raw | cut -f1)        # allocated bytes written
+B_convB=$(stat -c %s delta.qcow2)
+B_rsync=n/a; [ "$HAVE_RSYNC" = yes ] && B_rsync=$(awk -F': ' '/Literal data/{gsub(/[ ,a-z]/,"",$2); print $2}' rsync.stats)
+B_btrfs=n/a; [ "$BTRFS" = yes ] && B_btrfs=$(btrfs send -q -p mnt/snap1 mnt/snap2 | wc -c)
+
+med() { [ -f "$R/$1.$2" ] && sort -g "$R/$1.$2" | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}' || echo n/a; }
+mib() { [[ $1 =~ ^[0-9]+$ ]] && awk -v b="$1" 'BEGIN{printf "%.1f MiB", b/1048576}' || echo "$1"; }
+peak() { local s r; s=$(med "$1" rss_send); r=$(med "$1" rss_recv); [ "$r" = n/a ] && echo "$((s/1024))" || echo "$((s/1024)) / $((r/1024))"; }
+ratio() { [ "$1" = n/a ] || [ "$2" = n/a ] && echo n/a || awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
+yn() { [ "$1" = n/a ] && echo n/a || awk -v r="$1" -v g="$2" -v d="$3" 'BEGIN{print ((d=="le" ? r<=g : r>=g) ? "yes" : "no")}'; }
+
+s0=$(med incr0 sec); s3=$(med incr3 sec); ss=$(med seed sec); sc=$(med convert sec); sB=$(med convertB sec)
+sr=$(med rsync sec); sb=$(med btrfs sec)
+r_rs=$(ratio "$sr" "$s3"); r_B0=$(ratio "$s0" "$sB"); r_B3=$(ratio "$s3" "$sB"); r_seed=$(ratio "$ss" "$sc")
+maxrss=$(sort -n "$R"/incr*.rss_* "$R"/seed.rss_* | tail -1)
+
+echo
+echo "blkdelta bench: size $SIZE_H, $RUNS round(s), changes $PCT% ($nops qemu-io commands, $changed bytes differ), caches dropped before each op: $DROP"
+echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r), work dir fs $(stat -f -c %T "$W"), $(qemu-img --version | head -1)"
+echo "btrfs: $BTRFS; rsync: $HAVE_RSYNC"
+echo
+printf '| %-52s | %9s | %14s | %18s |\n' "operation" "median s" "bytes moved" "peak RSS MiB (s/r)"
+printf '|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..54})" "$(printf -- '-%.0s' {1..11})" "$(printf -- '-%.0s' {1..16})" "$(printf -- '-%.0s' {1..20})"
+row() { printf '| %-52s | %9s | %14s | %18s |\n' "$1" "$2" "$3" "$4"; }
+row "blkdelta send -l 0 img@s1..s2 | receive" "$s0" "$(mib "$B_incr0")" "$(peak incr0)"
+row "blkdelta send img@s1..s2 | receive (level 3)" "$s3" "$(mib "$B_incr3")" "$(peak incr3)"
+row "blkdelta send img@s2 | receive (seed)" "$ss" "$(mib "$B_seed")" "$(peak seed)"
+row "qemu-img convert -l snapshot.name=s2 -O raw" "$sc" "$(mib "$B_conv") alloc" "$(peak convert)"
+row "qemu-img convert -O qcow2 -B s1-base overlay" "$sB" "$(mib "$B_convB")" "$(peak convertB)"
+[ "$HAVE_RSYNC" = yes ] && row "rsync --inplace --no-whole-file s2.raw s1-copy" "$sr" "$(mib "$B_rsync") lit" "$(peak rsync)"
+[ "$BTRFS" = yes ] && row "btrfs send -p snap1 snap2 | btrfs receive" "$sb" "$(mib "$B_btrfs")" "$(peak btrfs)"
+echo
+printf '| %-58s | %8s | %6s | %9s |\n' "goal" "measured" "target" "goal met"
+printf '|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..60})" "----------" "--------" "-----------"
+g() { printf '| %-58s | %8s | %6s | %9s |\n' "$1" "$2" "$3" "$4"; }
+g "rsync time / incremental (level 3) time" "$r_rs" ">= 20" "$(yn "$r_rs" 20 ge)"
+g "incremental -l 0 time / convert -B time" "$r_B0" "<= 1.5" "$(yn "$r_B0" 1.5 le)"
+g "incremental level 3 time / convert -B time" "$r_B3" "<= 3" "$(yn "$r_B3" 3 le)"
+g "seed time / qemu-img convert -O raw time" "$r_seed" "<= 1" "$(yn "$r_seed" 1 le)"
+g "max peak RSS of blkdelta send/receive (MiB)" "$((maxrss/1024))" "< 256" "$([ $((maxrss/1024)) -lt 256 ] && echo yes || echo no)"
