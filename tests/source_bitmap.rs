@@ -40,33 +40,6 @@ fn send(args: &[&str], stream: &Path) -> u64 {
     std::fs::metadata(stream).unwrap().len()
 }
 
-/// `blkdelta send -q SEND_ARGS | blkdelta receive -q TARGET RECV_ARGS` through a real pipe;
-/// returns the receiver's output.
-fn pipe_args(send_args: &[&str], target: &Path, recv_args: &[&str]) -> Output {
-    let mut sender = Command::new(bin())
-        .args(["send", "-q"])
-        .args(send_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = sender.stdout.take().unwrap();
-    let recv = Command::new(bin())
-        .args(["receive", "-q", arg(target)])
-        .args(recv_args)
-        .stdin(stdout)
-        .output()
-        .unwrap();
-    let sent = sender.wait_with_output().unwrap();
-    // A receiver that refuses closes the pipe: the sender then fails on a broken pipe.
-    assert!(
-        sent.status.success() || !recv.status.success(),
-        "send {send_args:?} failed: {}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
-    recv
-}
-
 fn assert_ok(out: &Output) {
     assert!(
         out.status.success(),

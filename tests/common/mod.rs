@@ -214,23 +214,37 @@ pub fn receive_file(stream: &Path, target: &Path, extra: &[&str]) -> Output {
     blkdelta(&args)
 }
 
-/// `blkdelta send SOURCE | blkdelta receive TARGET` through a real pipe.
-pub fn pipe(source: &str, target: &Path, extra: &[&str]) {
+/// `blkdelta send -q SEND_ARGS | blkdelta receive -q TARGET RECV_ARGS` through a real pipe;
+/// returns the receiver's output. A receiver that refuses closes the pipe, and the sender then
+/// fails on a broken pipe: the sender must succeed only when the receiver did.
+pub fn pipe_args(send_args: &[&str], target: &Path, recv_args: &[&str]) -> Output {
     let mut sender = Command::new(bin())
-        .args(["send", "-q", source])
+        .args(["send", "-q"])
+        .args(send_args)
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = sender.stdout.take().unwrap();
-    let mut args = vec!["receive", "-q", target.to_str().unwrap()];
-    args.extend_from_slice(extra);
     let recv = Command::new(bin())
-        .args(&args)
+        .args(["receive", "-q"])
+        .arg(target)
+        .args(recv_args)
         .stdin(stdout)
         .output()
         .unwrap();
-    let sent = sender.wait().unwrap();
-    assert!(sent.success(), "send {source} failed");
+    let sent = sender.wait_with_output().unwrap();
+    assert!(
+        sent.status.success() || !recv.status.success(),
+        "send {send_args:?} failed: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    recv
+}
+
+/// `blkdelta send SOURCE | blkdelta receive TARGET` through a real pipe; both must succeed.
+pub fn pipe(source: &str, target: &Path, extra: &[&str]) {
+    let recv = pipe_args(&[source], target, extra);
     assert!(
         recv.status.success(),
         "receive failed: {}",

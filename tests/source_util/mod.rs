@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use crate::common::bin;
 
@@ -54,32 +54,9 @@ pub fn punch_hole(path: &Path, offset: u64, len: u64) {
     assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
 }
 
-/// `blkdelta send -q ARGS... | blkdelta receive -q TARGET EXTRA...` through a real pipe;
-/// returns the receiver's output (the sender must succeed).
+/// `blkdelta send -q SEND_ARGS | blkdelta receive -q TARGET EXTRA` through a real pipe.
 pub fn send_receive(send_args: &[&str], target: &Path, extra: &[&str]) -> Output {
-    let mut sender = Command::new(bin())
-        .args(["send", "-q"])
-        .args(send_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = sender.stdout.take().unwrap();
-    let recv = Command::new(bin())
-        .args(["receive", "-q"])
-        .arg(target)
-        .args(extra)
-        .stdin(stdout)
-        .output()
-        .unwrap();
-    let sent = sender.wait_with_output().unwrap();
-    // A receiver that refuses closes the pipe: the sender then fails on a broken pipe.
-    assert!(
-        sent.status.success() || !recv.status.success(),
-        "send {send_args:?} failed: {}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
-    recv
+    crate::common::pipe_args(send_args, target, extra)
 }
 
 /// [`send_receive`], asserting that the receiver succeeded.
