@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -91,22 +90,6 @@ impl Drop for Holder {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Whether some process holds an OFD lock covering `byte` of `img`, from `/proc/locks`
-/// (`N: OFDLCK ADVISORY READ -1 MAJ:MIN:INODE START END`).
-fn lock_held(img: &Path, byte: u64) -> bool {
-    let ino = format!(":{}", std::fs::metadata(img).unwrap().ino());
-    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-    locks.lines().any(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let Some(i) = f.iter().position(|t| t.ends_with(&ino)) else {
-            return false;
-        };
-        let start = f.get(i + 1).and_then(|s| s.parse::<u64>().ok());
-        let end = f.get(i + 2).map(|e| e.parse::<u64>().unwrap_or(u64::MAX));
-        line.contains("OFDLCK") && start.is_some_and(|s| s <= byte) && end >= Some(byte)
-    })
 }
 
 fn have_qemu() -> bool {

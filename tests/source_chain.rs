@@ -540,22 +540,6 @@ fn large_sparse_chain_sends_only_the_change() {
     assert!(plan.contains("3 extents, 131072 data bytes"), "{plan}");
 }
 
-/// Whether some open file holds an OFD lock on byte `byte` of `img` (QEMU's lock bytes).
-fn lock_held(img: &Path, byte: u64) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let ino = format!(":{}", std::fs::metadata(img).unwrap().ino());
-    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-    locks.lines().any(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let Some(i) = f.iter().position(|t| t.ends_with(&ino)) else {
-            return false;
-        };
-        let start = f.get(i + 1).and_then(|s| s.parse::<u64>().ok());
-        let end = f.get(i + 2).map(|e| e.parse::<u64>().unwrap_or(u64::MAX));
-        line.contains("OFDLCK") && start.is_some_and(|s| s <= byte) && end >= Some(byte)
-    })
-}
-
 /// A child process killed and reaped when dropped, so that none outlives a failed test.
 struct Reaped(std::process::Child);
 

@@ -301,3 +301,20 @@ impl Drop for Loop {
         let _ = Command::new("losetup").args(["-d", &self.0]).status();
     }
 }
+
+/// Whether some process holds an OFD lock covering `byte` of `img` (QEMU's lock bytes), from
+/// `/proc/locks` (`N: OFDLCK ADVISORY READ -1 MAJ:MIN:INODE START END`).
+pub fn lock_held(img: &Path, byte: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = format!(":{}", std::fs::metadata(img).unwrap().ino());
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    locks.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some(i) = f.iter().position(|t| t.ends_with(&ino)) else {
+            return false;
+        };
+        let start = f.get(i + 1).and_then(|s| s.parse::<u64>().ok());
+        let end = f.get(i + 2).map(|e| e.parse::<u64>().unwrap_or(u64::MAX));
+        line.contains("OFDLCK") && start.is_some_and(|s| s <= byte) && end >= Some(byte)
+    })
+}
