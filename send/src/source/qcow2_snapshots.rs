@@ -61,6 +61,7 @@ struct Step {
 
 /// A stream of a qcow2 image's snapshots (or its active layer).
 pub struct Qcow2Snapshots {
+    image: Qcow2Image,
     name: String,
     steps: Vec<Step>,
     transitions: Vec<Transition>,
@@ -135,10 +136,17 @@ impl Qcow2Snapshots {
             }
         }
         Ok(Qcow2Snapshots {
+            image,
             name: file_name(path),
             steps,
             transitions,
         })
+    }
+
+    /// The image the states are read from; its [`Qcow2Image::read_counts`] show what finding
+    /// the changes and reading the data took from the file.
+    pub fn image(&self) -> &Qcow2Image {
+        &self.image
     }
 }
 

@@ -190,6 +190,8 @@ impl Qcow2Layer {
     /// Reads and validates the L2 table an L1 entry points to (an entry with offset 0 gives
     /// `Ok(None)`). Checks alignment and that the table lies inside the file before reading,
     /// and that every entry classifies (aligned host offsets, valid subcluster bitmaps).
+    /// A table this layer has cached is not read again; each read from the file counts in
+    /// [`super::Qcow2Image::read_counts`].
     pub fn read_l2(&self, l1_entry: u64) -> Result<Option<L2Table>, ImageError> {
         let offset = l1_entry & L1E_OFFSET_MASK;
         if offset == 0 {
@@ -228,6 +230,7 @@ impl Qcow2Layer {
         check_table("L2 table", offset, cs, cs, image.file_len)?;
         let mut raw = vec![0u8; cs as usize];
         pread_exact(&image.file, &mut raw, offset)?;
+        image.counters.l2_table();
         let words: Arc<[u64]> = raw.chunks_exact(8).map(|b| be_u64(b, 0)).collect();
         let table = L2Table {
             words,

@@ -25,6 +25,7 @@
 //! ```
 
 mod bitmap;
+mod counters;
 mod decompress;
 pub mod extension;
 pub mod header;
@@ -44,6 +45,7 @@ use std::sync::{Arc, Mutex};
 use rustix::fs::SeekFrom;
 
 pub use bitmap::{table_entry, BitmapGeometry, BitmapInfo, DirtyBitmap, TableEntry};
+pub use counters::ReadCounts;
 pub use header::{CompressionType, Header};
 pub use layer::{L2Table, Qcow2Layer};
 pub use own::OwnAllocation;
@@ -88,6 +90,8 @@ pub(crate) struct ImageInner {
     options: OpenOptions,
     /// The backing source, opened on first use.
     backing: Mutex<Option<Arc<dyn BlockSource>>>,
+    /// What the layers have read from the file.
+    pub(crate) counters: counters::Counters,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -143,6 +147,7 @@ impl Qcow2Image {
                 chain: above,
                 options: *options,
                 backing: Mutex::new(None),
+                counters: counters::Counters::default(),
             }),
         })
     }
@@ -170,6 +175,13 @@ impl Qcow2Image {
     /// Length of the image file in bytes.
     pub fn file_len(&self) -> u64 {
         self.inner.file_len
+    }
+
+    /// How many L2 tables and guest data reads the layers of this image have taken from its
+    /// file since it was opened (see [`ReadCounts`]). Finding changes from metadata alone
+    /// leaves `data_reads` at 0.
+    pub fn read_counts(&self) -> ReadCounts {
+        self.inner.counters.get()
     }
 
     /// The internal snapshots in table order (the order they were created in).

@@ -26,7 +26,9 @@ impl Qcow2Layer {
                 file_len,
             });
         }
-        pread_exact(&self.inner.image.file, buf, host)
+        pread_exact(&self.inner.image.file, buf, host)?;
+        self.inner.image.counters.data_read(len);
+        Ok(())
     }
 
     /// Reads unallocated guest bytes: from the backing source where it has them, else zeros.
@@ -65,6 +67,7 @@ impl Qcow2Layer {
         // and the stream itself ends before.
         let mut input = vec![0u8; csize.min(image.file_len - coffset) as usize];
         pread_exact(&image.file, &mut input, coffset)?;
+        image.counters.data_read(input.len() as u64);
         let mut out = vec![0u8; image.header.cluster_size() as usize];
         decompress_cluster(image.header.compression_type, &input, &mut out, coffset)?;
         let data: Arc<[u8]> = out.into();

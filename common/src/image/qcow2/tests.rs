@@ -5,7 +5,7 @@ use std::io::Write;
 
 use super::header::{Header, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2};
 use super::tables::{QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO};
-use super::{Layer, Qcow2Image};
+use super::{Layer, Qcow2Image, ReadCounts};
 use crate::image::{Allocation, BlockSource};
 use crate::ImageError;
 
@@ -584,4 +584,42 @@ fn mutated_metadata_never_panics() {
             let _ = layer.status(0, u64::MAX);
         }
     }
+}
+
+#[test]
+fn read_counts_count_l2_loads_and_data_reads_not_cache_hits() {
+    let f = write_image(&valid_image());
+    let img = Qcow2Image::open(f.path()).unwrap();
+    let none = ReadCounts::default();
+    assert_eq!(
+        img.read_counts(),
+        none,
+        "opening reads no L2 table and no data"
+    );
+    let active = img.layer(Layer::Active).unwrap();
+    assert_eq!(img.read_counts(), none, "a layer reads its L1 only");
+    active.status(0, u64::MAX).unwrap();
+    active.status(CS as u64, 1).unwrap();
+    active.read_l2(active.l1()[0]).unwrap().unwrap();
+    let one_table = ReadCounts {
+        l2_tables: 1,
+        ..none
+    };
+    assert_eq!(img.read_counts(), one_table, "cache hits are not counted");
+    // Cluster 0 is a host read of CS bytes, cluster 1 reads as zeros, cluster 2 is one read
+    // of its compressed stream (then cached), cluster 3 is unallocated.
+    let stream_len = deflate(&pattern(2)).len() as u64;
+    let mut buf = vec![0u8; 4 * CS];
+    active.read_at(&mut buf, 0).unwrap();
+    active.read_at(&mut buf[..CS], 2 * CS as u64).unwrap();
+    let read = img.read_counts();
+    assert_eq!((read.l2_tables, read.data_reads), (1, 2));
+    // The compressed read takes the sector-rounded size, clipped at the end of the file.
+    let csize = 512 * (stream_len + 0x10).div_ceil(512) - 0x10;
+    let comp_read = csize.min((CLUSTERS * CS) as u64 - COMP);
+    assert_eq!(read.data_bytes, CS as u64 + comp_read);
+    // Counters are the image's; caches are the layer's: the snapshot reads the shared table.
+    let snap = img.clone().layer(Layer::Snapshot(0)).unwrap();
+    snap.status(0, 1).unwrap();
+    assert_eq!(img.read_counts().l2_tables, 2);
 }
