@@ -1152,7 +1152,7 @@ fn flipped_bytes_are_caught_and_never_recorded_as_a_snapshot() {
         Flip {
             what: "version",
             pos: 8,
-            xor: 0x02,
+            xor: 0x01,
             error: Some("blkdelta: unsupported stream version 3".into()),
         },
         flip("the header's type", PREAMBLE, 0x01),
@@ -1174,16 +1174,29 @@ fn flipped_bytes_are_caught_and_never_recorded_as_a_snapshot() {
             h.to_guid[2] as u64 + 15,
             0x01,
         ),
-        flip(
-            "a plain data payload",
-            plain.at + FRAME + DATA_FIXED + 777_777,
-            0x04,
-        ),
-        flip(
-            "a zstd data payload",
-            zstd.at + FRAME + DATA_FIXED + zstd.json["payload_len"].as_u64().unwrap() / 2,
-            0x04,
-        ),
+        // Payloads are covered by their record's hash of the plain bytes, not the frame check.
+        Flip {
+            what: "a plain data payload",
+            pos: plain.at + FRAME + DATA_FIXED + 777_777,
+            xor: 0x04,
+            error: Some(format!(
+                "blkdelta: checksum mismatch in data record at stream byte {} (disk offset {})",
+                plain.at,
+                data_range(plain).0
+            )),
+        },
+        Flip {
+            what: "a zstd data payload",
+            pos: zstd.at + FRAME + DATA_FIXED + zstd.json["payload_len"].as_u64().unwrap() / 2,
+            xor: 0x04,
+            // zstd's own checks catch this one, before the hash of the plain bytes would.
+            error: Some(format!(
+                "blkdelta: corrupt stream at byte {}: data record for disk offset {}: Data \
+                 corruption detected",
+                zstd.at,
+                data_range(zstd).0
+            )),
+        },
         // offset u64, len u32, compression u8, then the hash: its last byte.
         flip("a data record's hash", hashed.at + FRAME + 13 + 31, 0x04),
         flip("a data record's body length", plain.at + 5, 0x04),

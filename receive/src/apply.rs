@@ -4,10 +4,12 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 
 use blkdelta_common::digest::to_hex;
 use blkdelta_common::progress::Progress;
 use blkdelta_common::stream::{Record, StreamHeader, StreamReader};
+use blkdelta_common::StreamError;
 
 use crate::plan::{plan, Plan, TargetProbe, UndoMode};
 use crate::state::{self, default_state_path, InProgress, ReplicaState, StateSnap};
@@ -21,6 +23,9 @@ pub const CHECKPOINT_BYTES: u64 = 256 << 20;
 /// With an undo stream, bytes of records gathered before their pre-images are saved and
 /// synced together (bounds memory and the number of syncs).
 const UNDO_BATCH_BYTES: u64 = 32 << 20;
+
+/// Records decoded and verified ahead of the writes (each holds at most 1 MiB).
+const DECODE_QUEUE: usize = 16;
 
 /// How to receive.
 #[derive(Debug, Clone, Default)]
@@ -68,7 +73,7 @@ pub fn describe(st: &ReplicaState) -> String {
 /// Receives the stream `reader` has opened into the raw file or block device at `path`: takes
 /// the replica's lock, checks its state, and only then opens (or creates) the target. A dry
 /// run checks the same things and reads the whole stream, touching nothing.
-pub fn receive_path<R: Read>(
+pub fn receive_path<R: Read + Send>(
     reader: StreamReader<R>,
     path: &Path,
     state_path: Option<&Path>,
@@ -97,7 +102,10 @@ pub fn receive_path<R: Read>(
 
 /// Applies the stream `reader` has opened to `target` as `plan` says, keeping the replica
 /// state at `state_path` (none: a dry run). The caller holds the replica's lock.
-pub fn receive<R: Read>(
+///
+/// A decoder thread reads, checks and decompresses records ahead of this one, which writes
+/// them: verification and decompression overlap with the writes, through a bounded queue.
+pub fn receive<R: Read + Send>(
     mut reader: StreamReader<R>,
     target: &mut dyn Target,
     state_path: Option<&Path>,
@@ -120,8 +128,10 @@ pub fn receive<R: Read>(
         in_progress: None,
         updated_unix: 0,
     });
+    let (spare_tx, spare_rx) = channel();
     let mut run = Apply {
         header: &header,
+        spare: spare_tx,
         state_path,
         skip_zeroing: plan.fresh && header.is_full(),
         first: plan.first,
@@ -147,12 +157,63 @@ pub fn receive<R: Read>(
             .saturating_add(header.total_zero_bytes),
     );
     run.begin_transition(target)?;
-    while let Some(rec) = reader.next_record()? {
-        let at = reader.record_position();
-        run.record(rec, at, target, progress)?;
-    }
+    std::thread::scope(|s| {
+        let (tx, rx) = sync_channel(DECODE_QUEUE);
+        let decoder = s.spawn(move || decode(&mut reader, &tx, &spare_rx));
+        let applied = rx.iter().try_for_each(|item| {
+            item.map_err(ReceiveError::from)
+                .and_then(|(item, at)| run.record(item, at, target, progress))
+        });
+        // Dropping the queue stops a decoder that is still reading ahead.
+        drop(rx);
+        let decoded = decoder.join();
+        applied?;
+        decoded.map_err(|_| ReceiveError::Refused("the stream decoder panicked".into()))
+    })?;
     progress.finish();
     Ok(run.summary)
+}
+
+/// A record as the decoder hands it over: data already decompressed and verified.
+enum Item {
+    Data(u64, Vec<u8>),
+    Other(Record),
+}
+
+/// Reads, checks and decompresses records into `tx` until the end record, an error (sent as
+/// the last item) or the applier going away; reuses the buffers that come back on `spare`.
+fn decode<R: Read>(
+    reader: &mut StreamReader<R>,
+    tx: &SyncSender<Result<(Item, u64), StreamError>>,
+    spare: &Receiver<Vec<u8>>,
+) {
+    let mut out = Vec::new();
+    loop {
+        while let Ok(buf) = spare.try_recv() {
+            if out.capacity() == 0 {
+                out = buf;
+            } else {
+                reader.recycle(buf);
+            }
+        }
+        let item = match reader.next_record() {
+            Ok(None) => return,
+            Ok(Some(Record::Data(d))) => {
+                let (offset, at) = (d.offset, reader.record_position());
+                d.into_plain(at, std::mem::take(&mut out))
+                    .map(|(plain, left)| {
+                        out = left;
+                        (Item::Data(offset, plain), at)
+                    })
+            }
+            Ok(Some(rec)) => Ok((Item::Other(rec), reader.record_position())),
+            Err(e) => Err(e),
+        };
+        let failed = item.is_err();
+        if tx.send(item).is_err() || failed {
+            return;
+        }
+    }
 }
 
 /// A verified record waiting to be written.
@@ -174,6 +235,8 @@ impl Pending {
 /// The state of one apply.
 struct Apply<'a> {
     header: &'a StreamHeader,
+    /// Buffers of written data go back to the decoder here.
+    spare: Sender<Vec<u8>>,
     state_path: Option<&'a Path>,
     skip_zeroing: bool,
     first: usize,
@@ -254,11 +317,18 @@ impl Apply<'_> {
 
     fn record(
         &mut self,
-        rec: Record,
+        item: Item,
         at: u64,
         target: &mut dyn Target,
         progress: &dyn Progress,
     ) -> Result<(), ReceiveError> {
+        let rec = match item {
+            Item::Data(offset, plain) => {
+                progress.advance(plain.len() as u64);
+                return self.hold(Pending::Data(offset, plain));
+            }
+            Item::Other(rec) => rec,
+        };
         let pending = match rec {
             Record::Data(d) => {
                 let plain = d.plain(at)?;
@@ -286,11 +356,17 @@ impl Apply<'_> {
             }
             Record::End(_) => return Ok(()),
         };
+        self.hold(pending)
+    }
+
+    /// Holds a record back until a checkpoint or snapshot-end record vouches for it: a record
+    /// that is well formed but out of place (inserted, repeated) never reaches the target.
+    fn hold(&mut self, pending: Pending) -> Result<(), ReceiveError> {
         let zeroing = !matches!(pending, Pending::Data(..));
         if self.applying() && !(zeroing && self.skip_zeroing && self.transition == 0) {
-            // Held back until a checkpoint or snapshot-end record vouches for it: a record that
-            // is well formed but out of place (inserted, repeated) never reaches the target.
             self.unverified.push(pending);
+        } else if let Pending::Data(_, bytes) = pending {
+            let _ = self.spare.send(bytes);
         }
         Ok(())
     }
@@ -348,6 +424,8 @@ impl Apply<'_> {
             match p {
                 Pending::Data(off, bytes) => {
                     target.write_at(&bytes, off)?;
+                    // The decoder reads a later record into this buffer.
+                    let _ = self.spare.send(bytes);
                     self.summary.data_records += 1;
                     self.summary.data_bytes += len;
                 }

@@ -7,7 +7,7 @@
 //! kept, the ranges they cover are not saved again, and the stream is closed at the end.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom};
+use std::io::{BufWriter, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use blkdelta_common::image::raw::RawImage;
@@ -98,13 +98,12 @@ impl UndoWriter {
             .write(true)
             .open(path)
             .map_err(|e| undo_err(path, e))?;
-        let hasher = hash_prefix(&mut file, scan.valid_bytes).map_err(|e| undo_err(path, e))?;
         file.set_len(scan.valid_bytes)
             .and_then(|()| file.seek(SeekFrom::End(0)).map(|_| ()))
             .map_err(|e| undo_err(path, e))?;
         let writer = StreamWriter::continue_after(
             BufWriter::with_capacity(1 << 20, file),
-            hasher,
+            scan.hasher,
             scan.records,
             scan.valid_bytes,
         );
@@ -192,6 +191,8 @@ struct Scan {
     records: u64,
     valid_bytes: u64,
     saved_upto: u64,
+    /// The running stream hash of the first `valid_bytes` bytes.
+    hasher: blake3::Hasher,
 }
 
 /// Reads an undo stream up to its first incomplete record.
@@ -205,6 +206,7 @@ fn scan(path: &Path) -> Result<Scan, ReceiveError> {
         records: 1,
         valid_bytes: reader.position(),
         saved_upto: 0,
+        hasher: reader.stream_hasher(),
     };
     loop {
         match reader.next_record() {
@@ -225,15 +227,6 @@ fn scan(path: &Path) -> Result<Scan, ReceiveError> {
         }
         scan.records += 1;
         scan.valid_bytes = reader.position();
+        scan.hasher = reader.stream_hasher();
     }
-}
-
-fn hash_prefix(file: &mut File, len: u64) -> std::io::Result<blake3::Hasher> {
-    let mut hasher = blake3::Hasher::new();
-    file.seek(SeekFrom::Start(0))?;
-    let copied = std::io::copy(&mut file.take(len), &mut hasher)?;
-    if copied != len {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(hasher)
 }

@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! planner thread : source.changes() ─► chunks (≤ 1 MiB, 1 MiB-aligned) ─► jobs ─┐
-//! workers (N)    : read chunk, all-zero? → zero record, else blake3 + zstd  ◄───┘
+//! workers (N)    : read chunk, all-zero? → zero record, else blake3, zstd when  ◄─┘
+//!                  a sample shows it pays, frame check
 //! this thread    : records in plan order ─► StreamWriter ─► out
 //! ```
 //! Order is kept by queueing, for every chunk, a one-shot receiver in plan order; the queue is
 //! bounded, so memory is bounded by the chunks in flight, never by the image or delta size.
+//! Chunk buffers go back to a shared pool once written, so a steady send allocates nothing.
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -17,7 +19,8 @@ use blkdelta_common::extent::{Extent, ExtentKind, ExtentSink, Totals};
 use blkdelta_common::image::BlockSource;
 use blkdelta_common::limits::CHUNK_BYTES;
 use blkdelta_common::stream::{
-    encode_chunk, random_id, DataRecord, SnapshotEnd, StreamHeader, StreamWriter, END_FRAME_BYTES,
+    encode_chunk_owned, random_id, DataFrame, SnapshotEnd, StreamHeader, StreamWriter,
+    END_FRAME_BYTES,
 };
 use blkdelta_common::ImageError;
 
@@ -64,7 +67,7 @@ enum Planned {
 
 /// A worker's result for one chunk.
 enum Chunk {
-    Data(DataRecord),
+    Data(DataFrame),
     Zero(u64, u64),
 }
 
@@ -74,6 +77,30 @@ struct Job {
     len: u64,
     level: i32,
     reply: SyncSender<Result<Chunk, SendError>>,
+}
+
+/// Spare chunk buffers shared by the workers and the writer.
+#[derive(Default)]
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    /// Most spare buffers kept: enough for every chunk in flight.
+    const MAX: usize = 64;
+
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .map(|mut p| p.pop().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        if let Ok(mut p) = self.0.lock() {
+            if p.len() < Self::MAX && buf.capacity() > 0 {
+                p.push(buf);
+            }
+        }
+    }
 }
 
 /// Computes the totals of every transition, from metadata only.
@@ -129,16 +156,25 @@ pub fn send<W: Write>(
     let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
     let job_rx = Arc::new(Mutex::new(job_rx));
     let mut summary = SendSummary::default();
+    let pool = Pool::default();
     let result = std::thread::scope(|s| {
         for _ in 0..threads {
             let rx = Arc::clone(&job_rx);
-            s.spawn(move || worker(&rx));
+            let pool = &pool;
+            s.spawn(move || worker(&rx, pool));
         }
         // Only the workers hold the job queue: if they all stop, the planner's sends fail
         // instead of blocking forever.
         drop(job_rx);
         let planner = s.spawn(move || plan(source, opts.level, plan_tx, job_tx));
-        let written = write_in_order(&plan_rx, &header, &mut writer, &mut summary, progress);
+        let written = write_in_order(
+            &plan_rx,
+            &header,
+            &mut writer,
+            &mut summary,
+            progress,
+            &pool,
+        );
         drop(plan_rx);
         let planned = planner
             .join()
@@ -156,7 +192,7 @@ fn worker_gone() -> SendError {
     SendError::Source("a send worker stopped without a result".into())
 }
 
-fn worker(rx: &Mutex<Receiver<Job>>) {
+fn worker(rx: &Mutex<Receiver<Job>>, pool: &Pool) {
     loop {
         let next = rx.lock().map(|queue| queue.recv());
         let Ok(Ok(job)) = next else {
@@ -164,23 +200,40 @@ fn worker(rx: &Mutex<Receiver<Job>>) {
         };
         // A panic (a reader bug on a hostile image) becomes this chunk's error, so the writer
         // reports it instead of waiting for a reply that never comes.
-        let result = catch_unwind(AssertUnwindSafe(|| encode_job(&job))).unwrap_or_else(|_| {
-            Err(SendError::Source(format!(
-                "reading the chunk at offset {} failed unexpectedly",
-                job.offset
-            )))
-        });
+        let result =
+            catch_unwind(AssertUnwindSafe(|| encode_job(&job, pool))).unwrap_or_else(|_| {
+                Err(SendError::Source(format!(
+                    "reading the chunk at offset {} failed unexpectedly",
+                    job.offset
+                )))
+            });
         let _ = job.reply.send(result);
     }
 }
 
-fn encode_job(job: &Job) -> Result<Chunk, SendError> {
-    let mut buf = vec![0u8; job.len as usize];
+fn encode_job(job: &Job, pool: &Pool) -> Result<Chunk, SendError> {
+    let mut buf = pool.take();
+    buf.resize(job.len as usize, 0);
     job.reader.read_at(&mut buf, job.offset)?;
-    if buf.iter().all(|&b| b == 0) {
+    if is_zero(&buf) {
+        pool.put(buf);
         return Ok(Chunk::Zero(job.offset, job.len));
     }
-    Ok(Chunk::Data(encode_chunk(job.offset, &buf, job.level)?))
+    let spare = if job.level != 0 {
+        pool.take()
+    } else {
+        Vec::new()
+    };
+    let (rec, left) = encode_chunk_owned(job.offset, buf, job.level, spare)?;
+    pool.put(left);
+    Ok(Chunk::Data(DataFrame::new(rec)))
+}
+
+/// Whether every byte of `buf` is zero (word-wide, so that it runs at memory speed).
+fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    chunks.all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+        && chunks.remainder().iter().all(|&b| b == 0)
 }
 
 /// Walks the change lists and queues one planned record per chunk or range.
@@ -257,6 +310,7 @@ fn write_in_order<W: Write>(
     writer: &mut StreamWriter<W>,
     summary: &mut SendSummary,
     progress: &dyn Progress,
+    pool: &Pool,
 ) -> Result<(), SendError> {
     let mut zero: Option<(u64, u64)> = None;
     let flush_zero = |w: &mut StreamWriter<W>, z: &mut Option<(u64, u64)>| match z.take() {
@@ -267,12 +321,14 @@ fn write_in_order<W: Write>(
         let zero_range = match planned {
             Planned::Data(rx) => match rx.recv().map_err(|_| worker_gone())?? {
                 Chunk::Zero(off, len) => Some((off, len)),
-                Chunk::Data(rec) => {
+                Chunk::Data(frame) => {
                     flush_zero(writer, &mut zero)?;
-                    writer.data(&rec)?;
+                    writer.data_frame(&frame)?;
+                    let rec = frame.into_record();
                     summary.data_records += 1;
                     summary.data_bytes += u64::from(rec.len);
                     progress.advance(u64::from(rec.len));
+                    pool.put(rec.payload);
                     None
                 }
             },

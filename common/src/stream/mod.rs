@@ -1,10 +1,11 @@
-//! The blkdelta stream, version 1: a preamble, then framed records.
+//! The blkdelta stream, version 2: a preamble, then framed records.
 //!
 //! ```text
 //! preamble   89 42 4C 4B 0D 0A 1A 0A  "\x89BLK\r\n\x1a\n"   magic (catches text-mode mangling)
-//!            01 00 00 00                                     u32 LE format version
+//!            02 00 00 00                                     u32 LE format version
 //! frame      u8 type | u8 flags | u16 reserved (0) | u32 LE body_len | check[8] | body[body_len]
-//!            check = first 8 bytes of blake3(the frame's first 8 bytes || body)
+//!            check = first 8 bytes of blake3(the frame's first 8 bytes || body), where a data
+//!            record's body stops before its payload (covered by the record's plain-bytes hash)
 //!            header, then data / zero / discard / checkpoint / snapshot-end records, then end
 //! ```
 //!
@@ -20,8 +21,8 @@ mod writer;
 pub use header::{SnapRef, SourceInfo, StreamHeader, Transition};
 pub use reader::StreamReader;
 pub use record::{
-    encode_chunk, CheckpointRecord, Compression, DataRecord, EndRecord, Record, RecordType,
-    SnapshotEnd, DATA_FIXED_BYTES,
+    encode_chunk, encode_chunk_owned, CheckpointRecord, Compression, DataFrame, DataRecord,
+    EndRecord, Record, RecordType, SnapshotEnd, DATA_FIXED_BYTES,
 };
 pub use token::ResumeToken;
 pub use writer::StreamWriter;
@@ -30,20 +31,39 @@ pub use writer::StreamWriter;
 pub const MAGIC: [u8; 8] = [0x89, b'B', b'L', b'K', b'\r', b'\n', 0x1a, b'\n'];
 
 /// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Bytes of a frame header (type, flags, reserved, body length, check).
 pub const FRAME_HEADER_BYTES: usize = 16;
 
 /// The check of a frame: the first 8 bytes of blake3 over the frame's first 8 bytes (type,
-/// flags, reserved, body length) and its body. Every record is checked before it is used.
-pub(crate) fn frame_check(head8: &[u8], body_parts: &[&[u8]]) -> [u8; 8] {
+/// flags, reserved, body length) and `checked`: the whole body, except for a data record,
+/// whose payload is left to the record's own hash of its plain bytes (checked once
+/// decompressed). Every record is checked before it is used.
+pub(crate) fn frame_check(head8: &[u8], checked: &[&[u8]]) -> [u8; 8] {
     let mut h = blake3::Hasher::new();
     h.update(head8);
-    for p in body_parts {
+    for p in checked {
         h.update(p);
     }
     h.finalize().as_bytes()[..8].try_into().expect("8 bytes")
+}
+
+/// The header of a frame of type `kind` with `flags` and a body of `body_len` bytes, whose
+/// check covers `checked` (see [`frame_check`]).
+pub(crate) fn frame_head(
+    kind: u8,
+    flags: u8,
+    body_len: usize,
+    checked: &[&[u8]],
+) -> [u8; FRAME_HEADER_BYTES] {
+    let mut head = [0u8; FRAME_HEADER_BYTES];
+    head[0] = kind;
+    head[1] = flags;
+    head[4..8].copy_from_slice(&(body_len as u32).to_le_bytes());
+    let check = frame_check(&head[..8], checked);
+    head[8..16].copy_from_slice(&check);
+    head
 }
 
 /// Bytes of the end record's frame (frame header, record count, stream hash).

@@ -31,12 +31,20 @@ pub struct StreamReader<R: Read> {
     /// Stream bytes and plain data bytes since the last verified point.
     unverified: (u64, u64),
     done: bool,
+    /// Spare payload buffers handed back by [`StreamReader::recycle`].
+    spare: Vec<Vec<u8>>,
 }
 
-/// A frame read from the stream, before its body is interpreted.
+/// Spare payload buffers a reader keeps for reuse.
+const MAX_SPARE_BUFFERS: usize = 32;
+
+/// A frame read from the stream, before its body is interpreted. A data frame's body is
+/// split: its fixed fields in `fixed`, its payload in `body` (read straight into a reused
+/// buffer, never copied); other frames have their whole body in `body`.
 struct Frame {
     kind: u8,
     flags: u8,
+    fixed: Option<[u8; DATA_FIXED_BYTES]>,
     body: Vec<u8>,
 }
 
@@ -67,6 +75,7 @@ impl<R: Read> StreamReader<R> {
             prefix_hash: [0; 32],
             unverified: (0, 0),
             done: false,
+            spare: Vec::new(),
         };
         let frame = r.read_frame()?;
         if frame.kind != RecordType::Header as u8 {
@@ -106,6 +115,21 @@ impl<R: Read> StreamReader<R> {
         self.transition
     }
 
+    /// The running stream hash after the last record returned (to continue the stream with
+    /// [`StreamWriter::continue_after`](super::StreamWriter::continue_after)).
+    pub fn stream_hasher(&self) -> blake3::Hasher {
+        self.hasher.clone()
+    }
+
+    /// Hands back a buffer (a payload or plain bytes that are no longer needed), so that a
+    /// later data record is read into it instead of a fresh allocation.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE_BUFFERS && buf.capacity() > 0 {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
     /// The next record, or `None` after the end record.
     pub fn next_record(&mut self) -> Result<Option<Record>, StreamError> {
         if self.done {
@@ -115,20 +139,25 @@ impl<R: Read> StreamReader<R> {
             let frame = self.read_frame()?;
             let Some(kind) = RecordType::from_u8(frame.kind) else {
                 if frame.flags & FLAG_OPTIONAL != 0 {
+                    self.recycle(frame.body);
                     continue;
                 }
                 return Err(self.corrupt(format!("unknown record type {}", frame.kind)));
             };
-            return self.interpret(kind, &frame.body).map(Some);
+            return self.interpret(kind, frame).map(Some);
         }
     }
 
-    fn interpret(&mut self, kind: RecordType, body: &[u8]) -> Result<Record, StreamError> {
-        match kind {
-            RecordType::Header => Err(self.corrupt("a second header record".into())),
-            RecordType::Data => self.data(body).map(Record::Data),
-            RecordType::Zero | RecordType::Discard => {
-                let r: RangeBody = self.decode_exact(body, "zero/discard")?;
+    fn interpret(&mut self, kind: RecordType, frame: Frame) -> Result<Record, StreamError> {
+        let Frame { fixed, body, .. } = frame;
+        match (kind, fixed) {
+            (RecordType::Data, Some(fixed)) => self.data(&fixed, body).map(Record::Data),
+            (RecordType::Data, None) => {
+                Err(self.corrupt(format!("data record body of {} bytes", body.len())))
+            }
+            (RecordType::Header, _) => Err(self.corrupt("a second header record".into())),
+            (RecordType::Zero | RecordType::Discard, _) => {
+                let r: RangeBody = self.decode_exact(&body, "zero/discard")?;
                 self.claim(r.offset, r.len)?;
                 Ok(if kind == RecordType::Zero {
                     Record::Zero {
@@ -142,9 +171,9 @@ impl<R: Read> StreamReader<R> {
                     }
                 })
             }
-            RecordType::SnapshotEnd => self.snapshot_end(body).map(Record::SnapshotEnd),
-            RecordType::Checkpoint => {
-                let rec: CheckpointRecord = self.decode_exact(body, "checkpoint")?;
+            (RecordType::SnapshotEnd, _) => self.snapshot_end(&body).map(Record::SnapshotEnd),
+            (RecordType::Checkpoint, _) => {
+                let rec: CheckpointRecord = self.decode_exact(&body, "checkpoint")?;
                 if rec.prefix_hash != self.prefix_hash {
                     return Err(StreamError::StreamHash {
                         offset: self.record_start,
@@ -152,16 +181,17 @@ impl<R: Read> StreamReader<R> {
                 }
                 Ok(Record::Checkpoint(rec))
             }
-            RecordType::End => self.end(body).map(Record::End),
+            (RecordType::End, _) => self.end(&body).map(Record::End),
         }
     }
 
-    fn data(&mut self, body: &[u8]) -> Result<DataRecord, StreamError> {
-        if body.len() < DATA_FIXED_BYTES {
-            return Err(self.corrupt(format!("data record body of {} bytes", body.len())));
-        }
+    fn data(
+        &mut self,
+        fixed: &[u8; DATA_FIXED_BYTES],
+        payload: Vec<u8>,
+    ) -> Result<DataRecord, StreamError> {
         let (f, _): (RawDataFields, usize) =
-            decode_body(&body[..DATA_FIXED_BYTES], "data").map_err(|e| self.corrupt(e))?;
+            decode_body(fixed, "data").map_err(|e| self.corrupt(e))?;
         let len = u64::from(f.len);
         if len == 0 {
             return Err(self.corrupt(format!("empty data record at disk offset {}", f.offset)));
@@ -172,7 +202,6 @@ impl<R: Read> StreamReader<R> {
                 f.offset
             )));
         }
-        let payload = body[DATA_FIXED_BYTES..].to_vec();
         let compression = match f.compression {
             0 if payload.len() as u64 == len => Compression::None,
             1 => Compression::Zstd,
@@ -312,13 +341,23 @@ impl<R: Read> StreamReader<R> {
         if body_len > limit {
             return Err(self.corrupt(format!("record body of {body_len} bytes (limit {limit})")));
         }
-        let mut body = vec![0u8; body_len as usize];
-        read_full(
-            &mut self.inner,
-            &mut body,
-            self.pos + FRAME_HEADER_BYTES as u64,
-        )?;
-        if frame_check(&head[..8], &[&body]) != head[8..16] {
+        let body_at = self.pos + FRAME_HEADER_BYTES as u64;
+        let mut fixed = None;
+        let mut body = if kind == RecordType::Data as u8 && body_len as usize >= DATA_FIXED_BYTES {
+            let mut f = [0u8; DATA_FIXED_BYTES];
+            read_full(&mut self.inner, &mut f, body_at)?;
+            fixed = Some(f);
+            let mut payload = self.spare.pop().unwrap_or_default();
+            payload.resize(body_len as usize - DATA_FIXED_BYTES, 0);
+            payload
+        } else {
+            vec![0u8; body_len as usize]
+        };
+        let skip = fixed.as_ref().map_or(0, |f| f.len());
+        read_full(&mut self.inner, &mut body, body_at + skip as u64)?;
+        // A data record's payload is covered by its plain-bytes hash, in the fixed fields.
+        let checked: &[u8] = fixed.as_ref().map_or(&body, |f| &f[..]);
+        if frame_check(&head[..8], &[checked]) != head[8..16] {
             return Err(self.corrupt(format!(
                 "record check mismatch (type {kind}, {body_len} bytes): the record was altered"
             )));
@@ -327,7 +366,7 @@ impl<R: Read> StreamReader<R> {
             self.prefix_hash = *self.hasher.finalize().as_bytes();
             self.unverified = (0, 0);
         } else {
-            self.unverified.0 += (FRAME_HEADER_BYTES + body.len()) as u64;
+            self.unverified.0 += u64::from(body_len) + FRAME_HEADER_BYTES as u64;
             if self.unverified.0 > MAX_UNVERIFIED_STREAM_BYTES + MAX_RECORD_BODY_BYTES as u64 {
                 return Err(self.corrupt(format!(
                     "no checkpoint record in {} stream bytes (limit {MAX_UNVERIFIED_STREAM_BYTES})",
@@ -337,11 +376,16 @@ impl<R: Read> StreamReader<R> {
         }
         if kind != RecordType::End as u8 {
             self.hasher.update(&head);
-            self.hasher.update(&body);
+            self.hasher.update(checked);
             self.records += 1;
         }
-        self.pos += (FRAME_HEADER_BYTES + body.len()) as u64;
-        Ok(Frame { kind, flags, body })
+        self.pos += u64::from(body_len) + FRAME_HEADER_BYTES as u64;
+        Ok(Frame {
+            kind,
+            flags,
+            fixed,
+            body,
+        })
     }
 
     fn corrupt(&self, reason: String) -> StreamError {

@@ -2,8 +2,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::{encode_body, frame_head, FRAME_HEADER_BYTES};
 use crate::limits::CHUNK_BYTES;
 use crate::StreamError;
+
+thread_local! {
+    /// One zstd decompression context per thread, reused for every record.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
+}
 
 /// The type byte of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,22 +89,47 @@ impl DataRecord {
     /// Decompresses (bounded by `len`) and verifies the payload; returns the plain bytes.
     /// `stream_offset` names the record in errors.
     pub fn plain(&self, stream_offset: u64) -> Result<Vec<u8>, StreamError> {
-        let plain =
-            match self.compression {
-                Compression::None => self.payload.clone(),
-                Compression::Zstd => zstd::bulk::decompress(&self.payload, self.len as usize)
+        self.clone()
+            .into_plain(stream_offset, Vec::new())
+            .map(|(plain, _)| plain)
+    }
+
+    /// Like [`DataRecord::plain`], consuming the record: a stored payload becomes the plain
+    /// bytes without a copy, a compressed one is decompressed into `spare` (its allocation is
+    /// reused). Returns the plain bytes and the buffer left over (the compressed payload, or
+    /// `spare`), for reuse.
+    pub fn into_plain(
+        self,
+        stream_offset: u64,
+        mut spare: Vec<u8>,
+    ) -> Result<(Vec<u8>, Vec<u8>), StreamError> {
+        let (plain, left) = match self.compression {
+            Compression::None => (self.payload, spare),
+            Compression::Zstd => {
+                spare.clear();
+                spare.reserve_exact(self.len as usize);
+                DECOMPRESSOR
+                    .with(|d| {
+                        let mut d = d.borrow_mut();
+                        match d.as_mut() {
+                            Some(d) => d.decompress_to_buffer(&self.payload, &mut spare),
+                            None => Err(std::io::Error::other("no zstd decompression context")),
+                        }
+                    })
                     .map_err(|e| StreamError::Corrupt {
                         offset: stream_offset,
                         reason: format!("data record for disk offset {}: {e}", self.offset),
-                    })?,
-            };
+                    })?;
+                (spare, self.payload)
+            }
+        };
         if plain.len() != self.len as usize || *blake3::hash(&plain).as_bytes() != self.hash {
             return Err(StreamError::Checksum {
                 stream_offset,
                 disk_offset: self.offset,
             });
         }
-        Ok(plain)
+        Ok((plain, left))
     }
 
     pub(crate) fn fields(&self) -> RawDataFields {
@@ -113,25 +145,129 @@ impl DataRecord {
 /// Builds the data record for `plain` bytes at `offset`: hashes them and, when `level` is
 /// non-zero, stores them zstd-compressed if that is smaller.
 pub fn encode_chunk(offset: u64, plain: &[u8], level: i32) -> Result<DataRecord, StreamError> {
+    encode_chunk_owned(offset, plain.to_vec(), level, Vec::new()).map(|(rec, _)| rec)
+}
+
+/// Like [`encode_chunk`], taking the plain bytes by value: when compression is off or does not
+/// pay they become the payload as they are (no copy); otherwise they are compressed into
+/// `spare` (its allocation reused). Chunks that a quick sample shows to be incompressible are
+/// stored plain without compressing them whole. Returns the record and the buffer left over
+/// (`spare`, or the plain bytes once compressed), for reuse.
+pub fn encode_chunk_owned(
+    offset: u64,
+    plain: Vec<u8>,
+    level: i32,
+    mut spare: Vec<u8>,
+) -> Result<(DataRecord, Vec<u8>), StreamError> {
     debug_assert!(plain.len() as u64 <= CHUNK_BYTES);
-    let hash = *blake3::hash(plain).as_bytes();
-    let mut compression = Compression::None;
-    let mut payload = None;
-    if level != 0 {
-        let packed = zstd::bulk::compress(plain, level)
+    let hash = *blake3::hash(&plain).as_bytes();
+    let len = plain.len() as u32;
+    if level != 0 && worth_compressing(&plain) {
+        spare.clear();
+        spare.reserve(zstd::zstd_safe::compress_bound(plain.len()));
+        with_compressor(level, |c| c.compress_to_buffer(&plain, &mut spare))
             .map_err(|e| StreamError::Compression(e.to_string()))?;
-        if packed.len() < plain.len() {
-            compression = Compression::Zstd;
-            payload = Some(packed);
+        if spare.len() < plain.len() {
+            let rec = DataRecord {
+                offset,
+                len,
+                compression: Compression::Zstd,
+                hash,
+                payload: spare,
+            };
+            return Ok((rec, plain));
         }
     }
-    Ok(DataRecord {
+    let rec = DataRecord {
         offset,
-        len: plain.len() as u32,
-        compression,
+        len,
+        compression: Compression::None,
         hash,
-        payload: payload.unwrap_or_else(|| plain.to_vec()),
+        payload: plain,
+    };
+    Ok((rec, spare))
+}
+
+/// Bytes of each of the pieces a chunk's compressibility is judged on.
+const SAMPLE_PIECE: usize = 4 << 10;
+
+/// Pieces in a sample, spread evenly over the chunk.
+const SAMPLE_PIECES: usize = 8;
+
+/// Whether compressing `plain` is worth trying: chunks up to 64 KiB always are; of a larger
+/// one, a sample of [`SAMPLE_PIECES`] pieces compressed at level 1 must shrink by 1/32 at
+/// least (random or already compressed data never does, and then costs no more than the
+/// sample).
+fn worth_compressing(plain: &[u8]) -> bool {
+    if plain.len() <= 16 * SAMPLE_PIECE {
+        return true;
+    }
+    let mut sample = [0u8; SAMPLE_PIECE * SAMPLE_PIECES];
+    let step = (plain.len() - SAMPLE_PIECE) / (SAMPLE_PIECES - 1);
+    for (i, piece) in sample.chunks_exact_mut(SAMPLE_PIECE).enumerate() {
+        piece.copy_from_slice(&plain[i * step..i * step + SAMPLE_PIECE]);
+    }
+    let mut out = [0u8; SAMPLE_PIECE * SAMPLE_PIECES];
+    let room = sample.len() - sample.len() / 32;
+    // An output that does not fit in `room` fails: the sample does not shrink enough.
+    with_compressor(1, |c| c.compress_to_buffer(&sample[..], &mut out[..room])).is_ok()
+}
+
+thread_local! {
+    /// zstd compression contexts of this thread, one per level used.
+    static COMPRESSORS: std::cell::RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's compression context for `level`.
+fn with_compressor<T>(
+    level: i32,
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    COMPRESSORS.with(|cell| {
+        let mut all = cell.borrow_mut();
+        let i = match all.iter().position(|(l, _)| *l == level) {
+            Some(i) => i,
+            None => {
+                all.push((level, zstd::bulk::Compressor::new(level)?));
+                all.len() - 1
+            }
+        };
+        f(&mut all[i].1)
     })
+}
+
+/// A data record with its frame header built ahead of time (the frame check computed), on
+/// the thread that built the record rather than the one writing the stream.
+#[derive(Debug)]
+pub struct DataFrame {
+    pub(crate) head: [u8; FRAME_HEADER_BYTES],
+    pub(crate) fields: Vec<u8>,
+    record: DataRecord,
+}
+
+impl DataFrame {
+    /// Frames `record`.
+    pub fn new(record: DataRecord) -> Self {
+        let fields = encode_body(&record.fields());
+        let body_len = fields.len() + record.payload.len();
+        let head = frame_head(RecordType::Data as u8, 0, body_len, &[&fields]);
+        DataFrame {
+            head,
+            fields,
+            record,
+        }
+    }
+
+    /// The record.
+    pub fn record(&self) -> &DataRecord {
+        &self.record
+    }
+
+    /// The record, unframed (its payload buffer can be reused).
+    pub fn into_record(self) -> DataRecord {
+        self.record
+    }
 }
 
 /// The replica now equals the state `to` of transition `transition`.

@@ -4,7 +4,8 @@ use std::io::Write;
 
 use super::record::{RangeBody, RecordType};
 use super::{
-    encode_body, CheckpointRecord, DataRecord, EndRecord, SnapshotEnd, StreamHeader, MAGIC, VERSION,
+    encode_body, CheckpointRecord, DataFrame, DataRecord, EndRecord, SnapshotEnd, StreamHeader,
+    MAGIC, VERSION,
 };
 use crate::limits::{CHECKPOINT_PLAIN_BYTES, CHECKPOINT_STREAM_BYTES, MAX_HEADER_BYTES};
 use crate::StreamError;
@@ -64,7 +65,17 @@ impl<W: Write> StreamWriter<W> {
     /// Writes a data record (and a checkpoint record when one is due).
     pub fn data(&mut self, rec: &DataRecord) -> Result<(), StreamError> {
         let fields = encode_body(&rec.fields());
-        self.frame(RecordType::Data, &[&fields, &rec.payload])?;
+        let body_len = fields.len() + rec.payload.len();
+        let head = super::frame_head(RecordType::Data as u8, 0, body_len, &[&fields]);
+        self.put_frame(&head, &fields, &rec.payload)?;
+        self.unverified.1 += u64::from(rec.len);
+        self.checkpoint_if_due()
+    }
+
+    /// Writes a data record framed ahead of time (and a checkpoint record when one is due).
+    pub fn data_frame(&mut self, frame: &DataFrame) -> Result<(), StreamError> {
+        let rec = frame.record();
+        self.put_frame(&frame.head, &frame.fields, &rec.payload)?;
         self.unverified.1 += u64::from(rec.len);
         self.checkpoint_if_due()
     }
@@ -167,17 +178,24 @@ impl<W: Write> StreamWriter<W> {
     }
 
     fn frame_bytes(&mut self, kind: u8, flags: u8, parts: &[&[u8]]) -> Result<(), StreamError> {
-        let body_len: usize = parts.iter().map(|p| p.len()).sum();
-        let mut head = [0u8; super::FRAME_HEADER_BYTES];
-        head[0] = kind;
-        head[1] = flags;
-        head[4..8].copy_from_slice(&(body_len as u32).to_le_bytes());
-        let check = super::frame_check(&head[..8], parts);
-        head[8..16].copy_from_slice(&check);
-        self.put(&head)?;
-        for p in parts {
-            self.put(p)?;
-        }
+        let body: Vec<u8> = parts.concat();
+        let head = super::frame_head(kind, flags, body.len(), &[&body]);
+        self.put_frame(&head, &body, &[])
+    }
+
+    /// Writes a frame: its head and `hashed` body bytes enter the running stream hash, a data
+    /// record's `payload` does not (the record's plain-bytes hash, in `hashed`, stands for it).
+    fn put_frame(
+        &mut self,
+        head: &[u8; super::FRAME_HEADER_BYTES],
+        hashed: &[u8],
+        payload: &[u8],
+    ) -> Result<(), StreamError> {
+        self.put(head)?;
+        self.put(hashed)?;
+        self.inner.write_all(payload).map_err(StreamError::Write)?;
+        self.bytes += payload.len() as u64;
+        let body_len = hashed.len() + payload.len();
         self.unverified.0 += (super::FRAME_HEADER_BYTES + body_len) as u64;
         self.records += 1;
         Ok(())

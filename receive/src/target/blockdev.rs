@@ -7,7 +7,7 @@ use std::path::Path;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 
-use super::{pwrite_all, sync_data, try_fallocate, write_zeroes_plain, Target};
+use super::{pwrite_all, sync_data, try_fallocate, write_zeroes_plain, Target, WriteBehind};
 use blkdelta_common::image::raw::RawImage;
 
 use crate::ReceiveError;
@@ -25,6 +25,7 @@ pub struct BlockDevTarget {
     file: File,
     device_bytes: u64,
     size: u64,
+    behind: WriteBehind,
 }
 
 impl BlockDevTarget {
@@ -45,6 +46,7 @@ impl BlockDevTarget {
             file,
             device_bytes,
             size: device_bytes,
+            behind: WriteBehind::default(),
         })
     }
 
@@ -110,7 +112,9 @@ impl Target for BlockDevTarget {
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), ReceiveError> {
-        pwrite_all(&self.file, buf, offset)
+        pwrite_all(&self.file, buf, offset)?;
+        self.behind.wrote(&self.file, offset, buf.len() as u64);
+        Ok(())
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError> {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rustix::fs::FallocateFlags;
 
-use super::{pwrite_all, sync_data, try_fallocate, write_zeroes_plain, Target};
+use super::{pwrite_all, sync_data, try_fallocate, write_zeroes_plain, Target, WriteBehind};
 use blkdelta_common::image::raw::RawImage;
 
 use crate::ReceiveError;
@@ -15,6 +15,7 @@ use crate::ReceiveError;
 pub struct FileTarget {
     file: File,
     size: u64,
+    behind: WriteBehind,
 }
 
 impl FileTarget {
@@ -32,7 +33,11 @@ impl FileTarget {
             .open(path)
             .map_err(open_err)?;
         let size = file.metadata().map_err(open_err)?.len();
-        Ok(FileTarget { file, size })
+        Ok(FileTarget {
+            file,
+            size,
+            behind: WriteBehind::default(),
+        })
     }
 }
 
@@ -61,7 +66,9 @@ impl Target for FileTarget {
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), ReceiveError> {
-        pwrite_all(&self.file, buf, offset)
+        pwrite_all(&self.file, buf, offset)?;
+        self.behind.wrote(&self.file, offset, buf.len() as u64);
+        Ok(())
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError> {

@@ -127,6 +127,49 @@ pub(crate) fn sync_data(file: &std::fs::File) -> Result<(), ReceiveError> {
     })
 }
 
+/// Bytes written to a target before their write-back to the disk is started.
+const WRITE_BEHIND_BYTES: u64 = 16 << 20;
+
+/// Starts the write-back of written ranges as a stream is applied, so that the disk works
+/// while later records arrive and a checkpoint's sync waits only for the last few: the
+/// kernel would otherwise start only once a large share of memory is dirty.
+#[derive(Debug, Default)]
+pub(crate) struct WriteBehind {
+    /// The range written since the last start, `start == end` when none.
+    start: u64,
+    end: u64,
+}
+
+impl WriteBehind {
+    /// Notes a write of `len` bytes at `offset` to `file`; every [`WRITE_BEHIND_BYTES`]
+    /// starts the write-back of the range written since the last time (without waiting for
+    /// it). Best effort: durability still comes from [`Target::flush`].
+    pub(crate) fn wrote(&mut self, file: &std::fs::File, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        if self.start == self.end {
+            (self.start, self.end) = (offset, offset + len);
+        } else {
+            self.start = self.start.min(offset);
+            self.end = self.end.max(offset + len);
+        }
+        if self.end - self.start < WRITE_BEHIND_BYTES {
+            return;
+        }
+        let (Ok(start), Ok(len)) = (
+            i64::try_from(self.start),
+            i64::try_from(self.end - self.start),
+        ) else {
+            return;
+        };
+        // SAFETY: sync_file_range on a descriptor owned by `file`, which outlives the call;
+        // it only starts write-back of dirty pages and touches no memory of ours.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), start, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
+        self.start = self.end;
+    }
+}
+
 /// Writes `buf` at `offset` of `file`, naming the failure.
 pub(crate) fn pwrite_all(
     file: &std::fs::File,
