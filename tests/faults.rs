@@ -1189,10 +1189,11 @@ fn flipped_bytes_are_caught_and_never_recorded_as_a_snapshot() {
             what: "a zstd data payload",
             pos: zstd.at + FRAME + DATA_FIXED + zstd.json["payload_len"].as_u64().unwrap() / 2,
             xor: 0x04,
-            // zstd's own checks catch this one, before the hash of the plain bytes would.
+            // Decompression (bounded to the record's length) fails on this one, before the
+            // hash of the plain bytes would.
             error: Some(format!(
-                "blkdelta: corrupt stream at byte {}: data record for disk offset {}: Data \
-                 corruption detected",
+                "blkdelta: corrupt stream at byte {}: data record for disk offset {}: \
+                 Destination buffer is too small",
                 zstd.at,
                 data_range(zstd).0
             )),

@@ -15,6 +15,7 @@ use crate::plan::{plan, Plan, TargetProbe, UndoMode};
 use crate::state::{self, default_state_path, InProgress, ReplicaState, StateSnap};
 use crate::target::{open_target, DryTarget, Target};
 use crate::undo::{undo_header, UndoWriter};
+use crate::writers::{self, Writers};
 use crate::ReceiveError;
 
 /// Applied bytes between two checkpoints of the durable offset (a sync and a state update).
@@ -26,6 +27,9 @@ const UNDO_BATCH_BYTES: u64 = 32 << 20;
 
 /// Records decoded and verified ahead of the writes (each holds at most 1 MiB).
 const DECODE_QUEUE: usize = 16;
+
+/// Threads writing data records into the target.
+const WRITER_THREADS: usize = 2;
 
 /// How to receive.
 #[derive(Debug, Clone, Default)]
@@ -132,6 +136,7 @@ pub fn receive<R: Read + Send>(
     let mut run = Apply {
         header: &header,
         spare: spare_tx,
+        writers: None,
         state_path,
         skip_zeroing: plan.fresh && header.is_full(),
         first: plan.first,
@@ -157,17 +162,38 @@ pub fn receive<R: Read + Send>(
             .saturating_add(header.total_zero_bytes),
     );
     run.begin_transition(target)?;
+    // Data goes through writer threads unless pre-images must be saved before each write.
+    let handle = target.write_handle().filter(|_| run.undo_plan.is_none());
+    let write_progress = writers::Progress::default();
     std::thread::scope(|s| {
         let (tx, rx) = sync_channel(DECODE_QUEUE);
+        let spare_tx = run.spare.clone();
         let decoder = s.spawn(move || decode(&mut reader, &tx, &spare_rx));
+        if let Some(file) = handle {
+            let (pool, jobs) = Writers::new(&write_progress);
+            let jobs = std::sync::Arc::new(std::sync::Mutex::new(jobs));
+            for _ in 0..WRITER_THREADS {
+                let (file, jobs, spare) = (file.try_clone(), jobs.clone(), spare_tx.clone());
+                let progress = &write_progress;
+                s.spawn(move || {
+                    if let Ok(file) = file {
+                        writers::run(file, &jobs, progress, spare);
+                    }
+                });
+            }
+            run.writers = Some(pool);
+        }
         let applied = rx.iter().try_for_each(|item| {
             item.map_err(ReceiveError::from)
                 .and_then(|(item, at)| run.record(item, at, target, progress))
         });
-        // Dropping the queue stops a decoder that is still reading ahead.
+        // Stops the writer threads (after their last writes) and a decoder still reading
+        // ahead.
+        let written = run.writers.take().map_or(Ok(()), Writers::finish);
         drop(rx);
         let decoded = decoder.join();
         applied?;
+        written?;
         decoded.map_err(|_| ReceiveError::Refused("the stream decoder panicked".into()))
     })?;
     progress.finish();
@@ -237,6 +263,8 @@ struct Apply<'a> {
     header: &'a StreamHeader,
     /// Buffers of written data go back to the decoder here.
     spare: Sender<Vec<u8>>,
+    /// Writer threads for data records (none: written here, through the target).
+    writers: Option<Writers<'a>>,
     state_path: Option<&'a Path>,
     skip_zeroing: bool,
     first: usize,
@@ -396,6 +424,7 @@ impl Apply<'_> {
         if self.since_checkpoint < self.checkpoint_bytes {
             return Ok(());
         }
+        self.wait_writes()?;
         target.flush()?;
         if let Some(p) = &mut self.state.in_progress {
             p.durable_offset = self.applied_end;
@@ -423,9 +452,14 @@ impl Apply<'_> {
             let (off, len) = p.range();
             match p {
                 Pending::Data(off, bytes) => {
-                    target.write_at(&bytes, off)?;
-                    // The decoder reads a later record into this buffer.
-                    let _ = self.spare.send(bytes);
+                    match &self.writers {
+                        Some(w) => w.write(bytes, off)?,
+                        None => {
+                            target.write_at(&bytes, off)?;
+                            // The decoder reads a later record into this buffer.
+                            let _ = self.spare.send(bytes);
+                        }
+                    }
                     self.summary.data_records += 1;
                     self.summary.data_bytes += len;
                 }
@@ -454,6 +488,7 @@ impl Apply<'_> {
         virtual_size: u64,
         target: &mut dyn Target,
     ) -> Result<(), ReceiveError> {
+        self.wait_writes()?;
         if target.size() > virtual_size {
             self.mark_started(target)?;
             if let Some(undo) = &mut self.undo {
@@ -480,6 +515,11 @@ impl Apply<'_> {
         self.save()?;
         self.summary.snapshots.push(name.to_string());
         Ok(())
+    }
+
+    /// Waits for the writer threads to finish every write handed to them.
+    fn wait_writes(&self) -> Result<(), ReceiveError> {
+        self.writers.as_ref().map_or(Ok(()), Writers::wait)
     }
 
     fn save(&mut self) -> Result<(), ReceiveError> {

@@ -19,6 +19,7 @@ pub mod plan;
 pub mod state;
 pub mod target;
 pub mod undo;
+mod writers;
 
 use std::io;
 use std::path::PathBuf;

@@ -125,7 +125,11 @@ impl<R: Read> StreamReader<R> {
     /// later data record is read into it instead of a fresh allocation.
     pub fn recycle(&mut self, mut buf: Vec<u8>) {
         if self.spare.len() < MAX_SPARE_BUFFERS && buf.capacity() > 0 {
-            buf.clear();
+            // Kept at its length, so that reusing it costs no zero-filling.
+            let cap = buf.capacity();
+            if buf.len() < cap {
+                buf.resize(cap, 0);
+            }
             self.spare.push(buf);
         }
     }
@@ -348,7 +352,14 @@ impl<R: Read> StreamReader<R> {
             read_full(&mut self.inner, &mut f, body_at)?;
             fixed = Some(f);
             let mut payload = self.spare.pop().unwrap_or_default();
-            payload.resize(body_len as usize - DATA_FIXED_BYTES, 0);
+            // A reused buffer keeps its old bytes (about to be overwritten): only growth is
+            // zero-filled.
+            let n = body_len as usize - DATA_FIXED_BYTES;
+            if payload.len() >= n {
+                payload.truncate(n);
+            } else {
+                payload.resize(n, 0);
+            }
             payload
         } else {
             vec![0u8; body_len as usize]

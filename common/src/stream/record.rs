@@ -106,13 +106,19 @@ impl DataRecord {
         let (plain, left) = match self.compression {
             Compression::None => (self.payload, spare),
             Compression::Zstd => {
-                spare.clear();
-                spare.reserve_exact(self.len as usize);
-                DECOMPRESSOR
+                // Exactly `len` bytes of room, whatever the buffer held before (so that damage
+                // fails the same way every time); only growth is zero-filled.
+                let len = self.len as usize;
+                if spare.len() >= len {
+                    spare.truncate(len);
+                } else {
+                    spare.resize(len, 0);
+                }
+                let n = DECOMPRESSOR
                     .with(|d| {
                         let mut d = d.borrow_mut();
                         match d.as_mut() {
-                            Some(d) => d.decompress_to_buffer(&self.payload, &mut spare),
+                            Some(d) => d.decompress_to_buffer(&self.payload, &mut spare[..]),
                             None => Err(std::io::Error::other("no zstd decompression context")),
                         }
                     })
@@ -120,6 +126,7 @@ impl DataRecord {
                         offset: stream_offset,
                         reason: format!("data record for disk offset {}: {e}", self.offset),
                     })?;
+                spare.truncate(n);
                 (spare, self.payload)
             }
         };

@@ -95,6 +95,10 @@ impl Target for FileTarget {
         false
     }
 
+    fn write_handle(&self) -> Option<File> {
+        self.file.try_clone().ok()
+    }
+
     fn reader(&self) -> Option<RawImage> {
         RawImage::from_file(self.file.try_clone().ok()?).ok()
     }

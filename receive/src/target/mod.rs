@@ -34,6 +34,12 @@ pub trait Target {
     /// A reader of the target's current contents (for pre-images), or `None` when the target
     /// cannot be read back.
     fn reader(&self) -> Option<RawImage>;
+    /// A second handle to write data through from other threads, at offsets no other write
+    /// in flight touches (`pwrite`), or `None` when the target takes writes only through
+    /// [`Target::write_at`].
+    fn write_handle(&self) -> Option<std::fs::File> {
+        None
+    }
 }
 
 /// A target that takes every operation and writes nothing: what a dry run applies to.
