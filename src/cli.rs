@@ -85,8 +85,9 @@ pub struct SendArgs {
     /// zstd level for payloads, 0 to store them plain.
     #[arg(short = 'l', long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=22))]
     pub level: i32,
-    /// Worker threads for reading, hashing and compressing (default: all cores).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Worker threads for reading, hashing and compressing, 1 to 32 (default: the cores, at
+    /// most 8).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
     pub threads: Option<u16>,
     /// Resume an interrupted receive: start where the token `blkdelta status TARGET` printed
     /// says (SOURCE as it was first sent).
@@ -140,8 +141,8 @@ pub struct ChecksumArgs {
     /// Replica state of a block device, whose virtual size bounds the digest.
     #[arg(long, value_name = "PATH")]
     pub state: Option<PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Worker threads, 1 to 32 (default: the cores, at most 8).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
     pub threads: Option<u16>,
 }
 

@@ -73,9 +73,11 @@ pub fn state_arg(state: Option<&Path>) -> String {
     state.map_or(String::new(), |p| format!(" --state {}", p.display()))
 }
 
+/// Worker threads: as asked (the CLI allows 1 to 32), else the cores up to 8. Memory grows
+/// with the threads (about 4 MiB each while sending), never with the image.
 fn threads(t: Option<u16>) -> usize {
     t.map_or_else(
-        || std::thread::available_parallelism().map_or(2, |n| n.get()),
+        || std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
         usize::from,
     )
 }

@@ -31,6 +31,9 @@ fn usage_errors_are_one_line_and_exit_2() {
         &["frobnicate"],
         &["send", "--level", "99", "x"],
         &["send", "vm.qcow2@a..", "-o", "/dev/null"],
+        // Memory grows with the threads: their number is bounded.
+        &["send", "--threads", "33", "x@y"],
+        &["checksum", "--threads", "0", "x"],
     ] {
         let out = blkdelta(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

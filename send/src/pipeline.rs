@@ -31,7 +31,8 @@ use crate::{ChangeSource, Progress, SendError};
 pub struct SendOptions {
     /// zstd level for payloads; 0 stores them plain.
     pub level: i32,
-    /// Worker threads for reading, hashing and compressing.
+    /// Worker threads for reading, hashing and compressing (memory grows with them: about
+    /// 4 MiB each).
     pub threads: usize,
 }
 
@@ -39,7 +40,7 @@ impl Default for SendOptions {
     fn default() -> Self {
         SendOptions {
             level: 3,
-            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
         }
     }
 }
@@ -152,8 +153,10 @@ pub fn send<W: Write>(
     progress.start(totals.data_bytes + totals.zero_bytes);
     let mut writer = StreamWriter::new(out, &header)?;
     let threads = opts.threads.max(1);
-    let (plan_tx, plan_rx) = sync_channel::<Planned>(threads * 4);
-    let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
+    // Chunks in flight, each holding at most two 1 MiB buffers: those queued in plan order
+    // (finished or not) and those a worker holds. Memory is bounded by the threads alone.
+    let (plan_tx, plan_rx) = sync_channel::<Planned>(threads * 2 + 2);
+    let (job_tx, job_rx) = sync_channel::<Job>(threads);
     let job_rx = Arc::new(Mutex::new(job_rx));
     let mut summary = SendSummary::default();
     let pool = Pool::default();
