@@ -26,7 +26,7 @@ pub const CHECKPOINT_BYTES: u64 = 256 << 20;
 const UNDO_BATCH_BYTES: u64 = 32 << 20;
 
 /// Records decoded and verified ahead of the writes (each holds at most 1 MiB).
-const DECODE_QUEUE: usize = 16;
+const DECODE_QUEUE: usize = 4;
 
 /// Threads writing data records into the target.
 const WRITER_THREADS: usize = 2;

@@ -15,7 +15,7 @@ use crate::target::{pwrite_all, WriteBehind};
 use crate::ReceiveError;
 
 /// Writes queued ahead of the writer threads (each holds at most 1 MiB).
-const QUEUE: usize = 8;
+const QUEUE: usize = 2;
 
 /// One write: `bytes` at `offset`.
 pub(crate) struct Job {
