@@ -29,9 +29,18 @@ fn decode(bytes: &[u8]) {
     let _ = reader.header().is_full();
     // Every record consumes at least a frame header of input, so this loop is bounded by
     // the input's length.
+    // Decompression reuses buffers as a receiver does: the plain bytes and the payloads go
+    // back to the reader, and the leftover buffer is the next decompression's output.
+    let mut spare = Vec::new();
     while let Ok(Some(record)) = reader.next_record() {
         if let Record::Data(d) = record {
-            let _ = d.plain(reader.record_position());
+            match d.into_plain(reader.record_position(), std::mem::take(&mut spare)) {
+                Ok((plain, left)) => {
+                    reader.recycle(plain);
+                    spare = left;
+                }
+                Err(_) => spare = Vec::new(),
+            }
         }
     }
 }
@@ -68,13 +77,20 @@ fn fix_checks(bytes: &mut [u8]) {
             body[..8].copy_from_slice(&records.to_le_bytes());
             body[8..40].copy_from_slice(prefix.as_bytes());
         }
+        // A data record's payload is covered by its plain-bytes hash, not by the check or the
+        // running hash.
+        let checked = if kind == RecordType::Data as u8 && body_len >= DATA_FIXED_BYTES {
+            &body[..DATA_FIXED_BYTES]
+        } else {
+            &body[..]
+        };
         let mut check = blake3::Hasher::new();
         check.update(&head[..CHECKED_HEAD_BYTES]);
-        check.update(body);
+        check.update(checked);
         head[CHECKED_HEAD_BYTES..].copy_from_slice(&check.finalize().as_bytes()[..8]);
         if kind != RecordType::End as u8 {
             hasher.update(head);
-            hasher.update(body);
+            hasher.update(checked);
             records += 1;
         }
         at = start + body_len;

@@ -29,7 +29,7 @@ const UNDO_BATCH_BYTES: u64 = 32 << 20;
 const DECODE_QUEUE: usize = 4;
 
 /// Threads writing data records into the target.
-const WRITER_THREADS: usize = 2;
+const WRITER_THREADS: usize = 4;
 
 /// How to receive.
 #[derive(Debug, Clone, Default)]
@@ -164,6 +164,7 @@ pub fn receive<R: Read + Send>(
     run.begin_transition(target)?;
     // Data goes through writer threads unless pre-images must be saved before each write.
     let handle = target.write_handle().filter(|_| run.undo_plan.is_none());
+    let direct = handle.as_ref().and_then(|_| target.direct_handle());
     let write_progress = writers::Progress::default();
     std::thread::scope(|s| {
         let (tx, rx) = sync_channel(DECODE_QUEUE);
@@ -174,10 +175,14 @@ pub fn receive<R: Read + Send>(
             let jobs = std::sync::Arc::new(std::sync::Mutex::new(jobs));
             for _ in 0..WRITER_THREADS {
                 let (file, jobs, spare) = (file.try_clone(), jobs.clone(), spare_tx.clone());
+                let direct = direct
+                    .as_ref()
+                    .and_then(|d| d.try_clone().ok())
+                    .and_then(writers::Direct::new);
                 let progress = &write_progress;
                 s.spawn(move || {
                     if let Ok(file) = file {
-                        writers::run(file, &jobs, progress, spare);
+                        writers::run(file, direct, &jobs, progress, spare);
                     }
                 });
             }

@@ -138,6 +138,10 @@ impl Target for BlockDevTarget {
         self.file.try_clone().ok()
     }
 
+    fn direct_handle(&self) -> Option<File> {
+        super::reopen_direct(&self.file)
+    }
+
     fn reader(&self) -> Option<RawImage> {
         RawImage::from_file(self.file.try_clone().ok()?).ok()
     }
