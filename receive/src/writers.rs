@@ -266,17 +266,22 @@ mod tests {
         result
     }
 
-    #[test]
-    fn writes_land_in_any_order_and_errors_surface() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.raw");
-        let file = File::options()
+    /// A new empty file at `path`, open for reading and writing.
+    fn create(path: &std::path::Path) -> File {
+        File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)
-            .unwrap();
+            .open(path)
+            .unwrap()
+    }
+
+    #[test]
+    fn writes_land_in_any_order_and_errors_surface() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.raw");
+        let file = create(&path);
         let jobs: Vec<(u64, Vec<u8>)> = (0..64u64)
             .map(|i| (i * 4096, vec![i as u8 + 1; 4096]))
             .collect();
@@ -295,13 +300,7 @@ mod tests {
     fn direct_and_buffered_writes_mix() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.raw");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let file = create(&path);
         file.set_len(8 << 20).unwrap();
         // Aligned whole records, unaligned ones, a short tail: each lands where it belongs,
         // whichever way it is written (a file system without O_DIRECT takes them all through
