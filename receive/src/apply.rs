@@ -188,16 +188,20 @@ pub fn receive<R: Read + Send>(
             }
             run.writers = Some(pool);
         }
-        let applied = rx.iter().try_for_each(|item| {
-            item.map_err(ReceiveError::from)
-                .and_then(|(item, at)| run.record(item, at, target, progress))
-        });
+        // A panic here still stops the writer threads (they would wait for work forever and
+        // the scope for them), then goes on.
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rx.iter().try_for_each(|item| {
+                item.map_err(ReceiveError::from)
+                    .and_then(|(item, at)| run.record(item, at, target, progress))
+            })
+        }));
         // Stops the writer threads (after their last writes) and a decoder still reading
         // ahead.
         let written = run.writers.take().map_or(Ok(()), Writers::finish);
         drop(rx);
         let decoded = decoder.join();
-        applied?;
+        applied.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         written?;
         decoded.map_err(|_| ReceiveError::Refused("the stream decoder panicked".into()))
     })?;
@@ -453,7 +457,8 @@ impl Apply<'_> {
             }
             undo.sync()?;
         }
-        for p in self.pending.drain(..) {
+        let mut pending = std::mem::take(&mut self.pending);
+        for p in pending.drain(..) {
             let (off, len) = p.range();
             match p {
                 Pending::Data(off, bytes) => {
@@ -469,10 +474,12 @@ impl Apply<'_> {
                     self.summary.data_bytes += len;
                 }
                 Pending::Zero(off, len) => {
+                    self.settle_page_edges(off, len)?;
                     target.write_zeroes(off, len)?;
                     self.summary.zero_bytes = self.summary.zero_bytes.saturating_add(len);
                 }
                 Pending::Discard(off, len) => {
+                    self.settle_page_edges(off, len)?;
                     target.discard(off, len)?;
                     self.summary.zero_bytes = self.summary.zero_bytes.saturating_add(len);
                 }
@@ -480,6 +487,8 @@ impl Apply<'_> {
             self.applied_end = off + len;
             self.since_checkpoint = self.since_checkpoint.saturating_add(len);
         }
+        // The allocation is kept for the next batch.
+        self.pending = pending;
         self.pending_bytes = 0;
         Ok(())
     }
@@ -525,6 +534,19 @@ impl Apply<'_> {
     /// Waits for the writer threads to finish every write handed to them.
     fn wait_writes(&self) -> Result<(), ReceiveError> {
         self.writers.as_ref().map_or(Ok(()), Writers::wait)
+    }
+
+    /// Before zeroing or discarding `[off, off + len)` on this thread: when the range covers
+    /// part of a page at either end, a data write of the neighbouring bytes may still be in
+    /// flight on a writer thread, through that same page. Zeroing drops the range from the page
+    /// cache, and such a write could bring the old bytes back (a block device does not order
+    /// the two): wait for it. Ranges of whole pages share no page with any data record.
+    fn settle_page_edges(&self, off: u64, len: u64) -> Result<(), ReceiveError> {
+        let page = writers::page_size();
+        if off % page != 0 || off.saturating_add(len) % page != 0 {
+            self.wait_writes()?;
+        }
+        Ok(())
     }
 
     fn save(&mut self) -> Result<(), ReceiveError> {

@@ -8,6 +8,7 @@
 //! done, with the first error any of them met.
 
 use std::fs::File;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Condvar, Mutex};
 
@@ -106,9 +107,17 @@ impl<'a> Writers<'a> {
     }
 }
 
-/// Alignment of direct writes: their offset, length and memory (a multiple of every logical
-/// block size in use).
+/// Alignment of the memory direct writes are made from (a multiple of every logical block
+/// size in use).
 const DIRECT_ALIGN: usize = 4096;
+
+/// The page size (at least 4 KiB): direct writes cover whole pages, so that no page is shared
+/// with a write through the page cache.
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).unwrap_or(0).max(DIRECT_ALIGN as u64)
+}
 
 /// The largest direct write: a whole data record.
 const DIRECT_MAX: usize = 1 << 20;
@@ -154,6 +163,8 @@ pub(crate) struct Direct {
     file: File,
     bounce: Bounce,
     on: bool,
+    /// Offsets and lengths of direct writes are multiples of this.
+    page: u64,
 }
 
 impl Direct {
@@ -163,14 +174,15 @@ impl Direct {
             file,
             bounce: Bounce::new()?,
             on: true,
+            page: page_size(),
         })
     }
 
     /// Writes `bytes` at `offset` directly when both are aligned; `None` when it did not
     /// (the caller writes through the page cache).
     fn write(&mut self, bytes: &[u8], offset: u64) -> Option<Result<(), ReceiveError>> {
-        let aligned = offset % DIRECT_ALIGN as u64 == 0
-            && bytes.len() % DIRECT_ALIGN == 0
+        let aligned = offset % self.page == 0
+            && bytes.len() as u64 % self.page == 0
             && bytes.len() <= DIRECT_MAX;
         if !self.on || !aligned || bytes.is_empty() {
             return None;
@@ -207,19 +219,28 @@ pub(crate) fn run(
             return;
         };
         let len = job.bytes.len() as u64;
-        let result = match direct
-            .as_mut()
-            .and_then(|d| d.write(&job.bytes, job.offset))
-        {
-            Some(done) => done,
-            None => {
-                let written = pwrite_all(&file, &job.bytes, job.offset);
-                if written.is_ok() {
-                    behind.wrote(&file, job.offset, len);
+        // A panic becomes this write's error: the applier waiting for it must hear of it.
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            match direct
+                .as_mut()
+                .and_then(|d| d.write(&job.bytes, job.offset))
+            {
+                Some(done) => done,
+                None => {
+                    let written = pwrite_all(&file, &job.bytes, job.offset);
+                    if written.is_ok() {
+                        behind.wrote(&file, job.offset, len);
+                    }
+                    written
                 }
-                written
             }
-        };
+        }))
+        .unwrap_or_else(|_| {
+            Err(ReceiveError::Refused(format!(
+                "writing {len} bytes at offset {} failed unexpectedly",
+                job.offset
+            )))
+        });
         let _ = spare.send(job.bytes);
         progress.done(result);
     }

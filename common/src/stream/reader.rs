@@ -36,7 +36,7 @@ pub struct StreamReader<R: Read> {
 }
 
 /// Spare payload buffers a reader keeps for reuse.
-const MAX_SPARE_BUFFERS: usize = 32;
+const MAX_SPARE_BUFFERS: usize = 16;
 
 /// A frame read from the stream, before its body is interpreted. A data frame's body is
 /// split: its fixed fields in `fixed`, its payload in `body` (read straight into a reused
