@@ -621,21 +621,7 @@ fn one_line_error(out: &Output, what: &str) -> String {
 /// `blkdelta SEND_ARGS | blkdelta receive -q TARGET RECV_EXTRA` through a real pipe; returns
 /// the receiver's output after checking the sender succeeded.
 fn send_pipe_receive(send_args: &[&str], target: &Path, recv_extra: &[&str]) -> Output {
-    let mut sender = Command::new(bin())
-        .args(send_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = sender.stdout.take().unwrap();
-    let recv = Command::new(bin())
-        .args(["receive", "-q"])
-        .arg(target)
-        .args(recv_extra)
-        .stdin(stdout)
-        .output()
-        .unwrap();
-    let sent = sender.wait_with_output().unwrap();
+    let (sent, recv) = run_pipe(None, send_args, target, recv_extra);
     assert!(
         sent.status.success(),
         "send {send_args:?} failed: {}",

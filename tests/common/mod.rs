@@ -214,32 +214,61 @@ pub fn receive_file(stream: &Path, target: &Path, extra: &[&str]) -> Output {
     blkdelta(&args)
 }
 
-/// `blkdelta send -q SEND_ARGS | blkdelta receive -q TARGET RECV_ARGS` through a real pipe;
-/// returns the receiver's output. A receiver that refuses closes the pipe, and the sender then
-/// fails on a broken pipe: the sender must succeed only when the receiver did.
-pub fn pipe_args(send_args: &[&str], target: &Path, recv_args: &[&str]) -> Output {
-    let mut sender = Command::new(bin())
-        .args(["send", "-q"])
-        .args(send_args)
+/// `blkdelta ARGS | blkdelta receive -q TARGET RECV_ARGS` through a real pipe, both run in `dir`
+/// when given; returns the sender's and the receiver's outputs.
+pub fn run_pipe(
+    dir: Option<&Path>,
+    args: &[&str],
+    target: &Path,
+    recv_args: &[&str],
+) -> (Output, Output) {
+    let command = || {
+        let mut c = Command::new(bin());
+        if let Some(d) = dir {
+            c.current_dir(d);
+        }
+        c
+    };
+    let mut sender = command()
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = sender.stdout.take().unwrap();
-    let recv = Command::new(bin())
+    let recv = command()
         .args(["receive", "-q"])
         .arg(target)
         .args(recv_args)
         .stdin(stdout)
         .output()
         .unwrap();
-    let sent = sender.wait_with_output().unwrap();
+    (sender.wait_with_output().unwrap(), recv)
+}
+
+/// `blkdelta send -q SEND_ARGS | blkdelta receive -q TARGET RECV_ARGS` through a real pipe,
+/// run in `dir` when given; returns the receiver's output. A receiver that refuses closes the
+/// pipe, and the sender then fails on a broken pipe: the sender must succeed only when the
+/// receiver did.
+pub fn pipe_args_in(
+    dir: Option<&Path>,
+    send_args: &[&str],
+    target: &Path,
+    recv_args: &[&str],
+) -> Output {
+    let args: Vec<&str> = ["send", "-q"].iter().chain(send_args).copied().collect();
+    let (sent, recv) = run_pipe(dir, &args, target, recv_args);
     assert!(
         sent.status.success() || !recv.status.success(),
         "send {send_args:?} failed: {}",
         String::from_utf8_lossy(&sent.stderr)
     );
     recv
+}
+
+/// [`pipe_args_in`] in the current directory.
+pub fn pipe_args(send_args: &[&str], target: &Path, recv_args: &[&str]) -> Output {
+    pipe_args_in(None, send_args, target, recv_args)
 }
 
 /// `blkdelta send SOURCE | blkdelta receive TARGET` through a real pipe; both must succeed.
