@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # blkdelta benchmark: builds a qcow2 fixture (~50% random data, snapshot s1, ~5% scattered
 # changes, snapshot s2) and measures, interleaved over BENCH_RUNS rounds (medians):
-# blkdelta incremental (-l 0 and default) and seed, qemu-img convert, qemu-img convert -B of an
-# equivalent overlay, rsync --inplace, btrfs send/receive (if a loop-mounted btrfs can be set up).
+# blkdelta incremental (-l 0 and default) and seed, qemu-img convert (as is, and with its output
+# synced, as a receive syncs the replica), qemu-img convert -B of an equivalent overlay,
+# rsync --inplace, btrfs send/receive (if a loop-mounted btrfs can be set up), and the disk's
+# floor for a durable seed (dd reading and dd writing the seed's data at once, O_DIRECT).
 # Env: BENCH_DIR (/tmp/blkdelta-bench) BENCH_SIZE (4G) BENCH_RUNS (3) BENCH_PCT (5)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -121,6 +123,19 @@ qi_convert() {
   T t.s qemu-img convert -l snapshot.name=s2 -O raw img.qcow2 conv.raw
   rec convert "$(secs "$t0")" sec; rec convert "$(rss t.s)" rss_send
 }
+qi_convert_sync() { # the same, its output then made durable, as a receive makes the replica
+  rm -f conv.raw; drop; local t0; t0=$(now)
+  T t.s qemu-img convert -l snapshot.name=s2 -O raw img.qcow2 conv.raw
+  sync conv.raw
+  rec convsync "$(secs "$t0")" sec; rec convsync "$(rss t.s)" rss_send
+}
+disk_floor() { # what no durable seed beats here: as many bytes read and written at once, O_DIRECT
+  rm -f floor.out; drop; local t0; t0=$(now)
+  dd if=img.qcow2 of=/dev/null bs=1M count="$SEED_MIB" iflag=direct status=none &
+  dd if=/dev/zero of=floor.out bs=1M count="$SEED_MIB" oflag=direct conv=fdatasync status=none
+  wait
+  rec floor "$(secs "$t0")" sec; rm -f floor.out
+}
 qi_convert_B() {
   rm -f delta.qcow2; drop; local t0; t0=$(now)
   T t.s qemu-img convert -f qcow2 -O qcow2 -B s1-base.qcow2 -F qcow2 overlay.qcow2 delta.qcow2
@@ -137,9 +152,10 @@ do_btrfs() {
   rec btrfs "$(secs "$t0")" sec; rec btrfs "$(rss t.s)" rss_send; rec btrfs "$(rss t.r)" rss_recv
 }
 
+SEED_MIB=$(( $(du -B1 s2.raw | cut -f1) / 1048576 ))   # the data a seed reads and writes
 for ((i = 1; i <= RUNS; i++)); do
   log "round $i/$RUNS"
-  bd_incr incr0 0; qi_convert_B; bd_incr incr3 3; bd_seed; qi_convert
+  bd_incr incr0 0; qi_convert_B; bd_incr incr3 3; bd_seed; qi_convert; qi_convert_sync; disk_floor
   [ "$HAVE_RSYNC" = yes ] && do_rsync
   [ "$BTRFS" = yes ] && do_btrfs
 done
@@ -164,8 +180,9 @@ ratio() { [ "$1" = n/a ] || [ "$2" = n/a ] && echo n/a || awk -v a="$1" -v b="$2
 yn() { [ "$1" = n/a ] && echo n/a || awk -v r="$1" -v g="$2" -v d="$3" 'BEGIN{print ((d=="le" ? r<=g : r>=g) ? "yes" : "no")}'; }
 
 s0=$(med incr0 sec); s3=$(med incr3 sec); ss=$(med seed sec); sc=$(med convert sec); sB=$(med convertB sec)
+scs=$(med convsync sec); sf=$(med floor sec)
 sr=$(med rsync sec); sb=$(med btrfs sec)
-r_rs=$(ratio "$sr" "$s3"); r_B0=$(ratio "$s0" "$sB"); r_B3=$(ratio "$s3" "$sB"); r_seed=$(ratio "$ss" "$sc")
+r_rs=$(ratio "$sr" "$s3"); r_B0=$(ratio "$s0" "$sB"); r_B3=$(ratio "$s3" "$sB"); r_seed=$(ratio "$ss" "$sc"); r_seeds=$(ratio "$ss" "$scs"); r_floor=$(ratio "$ss" "$sf")
 maxrss=$(sort -n "$R"/incr*.rss_* "$R"/seed.rss_* | tail -1)
 
 echo
@@ -180,6 +197,8 @@ row "blkdelta send -l 0 img@s1..s2 | receive" "$s0" "$(mib "$B_incr0")" "$(peak 
 row "blkdelta send img@s1..s2 | receive (level 3)" "$s3" "$(mib "$B_incr3")" "$(peak incr3)"
 row "blkdelta send img@s2 | receive (seed)" "$ss" "$(mib "$B_seed")" "$(peak seed)"
 row "qemu-img convert -l snapshot.name=s2 -O raw" "$sc" "$(mib "$B_conv") alloc" "$(peak convert)"
+row "qemu-img convert ... -O raw, then sync conv.raw" "$scs" "$(mib "$B_conv") alloc" "$(peak convsync)"
+row "disk floor: dd read + dd write of the seed's data" "$sf" "2 x $SEED_MIB MiB" "-"
 row "qemu-img convert -O qcow2 -B s1-base overlay" "$sB" "$(mib "$B_convB")" "$(peak convertB)"
 [ "$HAVE_RSYNC" = yes ] && row "rsync --inplace --no-whole-file s2.raw s1-copy" "$sr" "$(mib "$B_rsync") lit" "$(peak rsync)"
 [ "$BTRFS" = yes ] && row "btrfs send -p snap1 snap2 | btrfs receive" "$sb" "$(mib "$B_btrfs")" "$(peak btrfs)"
@@ -191,4 +210,6 @@ g "rsync time / incremental (level 3) time" "$r_rs" ">= 20" "$(yn "$r_rs" 20 ge)
 g "incremental -l 0 time / convert -B time" "$r_B0" "<= 1.5" "$(yn "$r_B0" 1.5 le)"
 g "incremental level 3 time / convert -B time" "$r_B3" "<= 3" "$(yn "$r_B3" 3 le)"
 g "seed time / qemu-img convert -O raw time" "$r_seed" "<= 1" "$(yn "$r_seed" 1 le)"
+g "seed time / (convert -O raw, then sync) time" "$r_seeds" "(info)" "-"
+g "seed time / disk floor time" "$r_floor" "(info)" "-"
 g "max peak RSS of blkdelta send/receive (MiB)" "$((maxrss/1024))" "< 256" "$([ $((maxrss/1024)) -lt 256 ] && echo yes || echo no)"

@@ -7,6 +7,7 @@
 //! of data, checkpoint, snapshot-end and end records to the rules behind them.
 #![no_main]
 
+use blkdelta_common::buf::AlignedBuf;
 use blkdelta_common::stream::{
     Record, RecordType, StreamReader, DATA_FIXED_BYTES, FRAME_HEADER_BYTES,
 };
@@ -31,7 +32,7 @@ fn decode(bytes: &[u8]) {
     // the input's length.
     // Decompression reuses buffers as a receiver does: the plain bytes and the payloads go
     // back to the reader, and the leftover buffer is the next decompression's output.
-    let mut spare = Vec::new();
+    let mut spare = AlignedBuf::new();
     while let Ok(Some(record)) = reader.next_record() {
         if let Record::Data(d) = record {
             match d.into_plain(reader.record_position(), std::mem::take(&mut spare)) {
@@ -39,7 +40,7 @@ fn decode(bytes: &[u8]) {
                     reader.recycle(plain);
                     spare = left;
                 }
-                Err(_) => spare = Vec::new(),
+                Err(_) => spare = AlignedBuf::new(),
             }
         }
     }

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 
+use blkdelta_common::buf::AlignedBuf;
 use blkdelta_common::digest::to_hex;
 use blkdelta_common::progress::Progress;
 use blkdelta_common::stream::{Record, StreamHeader, StreamReader};
@@ -178,7 +179,7 @@ pub fn receive<R: Read + Send>(
                 let direct = direct
                     .as_ref()
                     .and_then(|d| d.try_clone().ok())
-                    .and_then(writers::Direct::new);
+                    .map(writers::Direct::new);
                 let progress = &write_progress;
                 s.spawn(move || {
                     if let Ok(file) = file {
@@ -211,7 +212,7 @@ pub fn receive<R: Read + Send>(
 
 /// A record as the decoder hands it over: data already decompressed and verified.
 enum Item {
-    Data(u64, Vec<u8>),
+    Data(u64, AlignedBuf),
     Other(Record),
 }
 
@@ -220,9 +221,9 @@ enum Item {
 fn decode<R: Read>(
     reader: &mut StreamReader<R>,
     tx: &SyncSender<Result<(Item, u64), StreamError>>,
-    spare: &Receiver<Vec<u8>>,
+    spare: &Receiver<AlignedBuf>,
 ) {
-    let mut out = Vec::new();
+    let mut out = AlignedBuf::new();
     loop {
         while let Ok(buf) = spare.try_recv() {
             if out.capacity() == 0 {
@@ -253,7 +254,7 @@ fn decode<R: Read>(
 
 /// A verified record waiting to be written.
 enum Pending {
-    Data(u64, Vec<u8>),
+    Data(u64, AlignedBuf),
     Zero(u64, u64),
     Discard(u64, u64),
 }
@@ -271,7 +272,7 @@ impl Pending {
 struct Apply<'a> {
     header: &'a StreamHeader,
     /// Buffers of written data go back to the decoder here.
-    spare: Sender<Vec<u8>>,
+    spare: Sender<AlignedBuf>,
     /// Writer threads for data records (none: written here, through the target).
     writers: Option<Writers<'a>>,
     state_path: Option<&'a Path>,
@@ -368,9 +369,10 @@ impl Apply<'_> {
         };
         let pending = match rec {
             Record::Data(d) => {
-                let plain = d.plain(at)?;
+                let offset = d.offset;
+                let (plain, _) = d.into_plain(at, AlignedBuf::new())?;
                 progress.advance(plain.len() as u64);
-                Pending::Data(d.offset, plain)
+                Pending::Data(offset, plain)
             }
             Record::Zero { offset, len } => {
                 progress.advance(len);

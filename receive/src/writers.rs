@@ -12,6 +12,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Condvar, Mutex};
 
+use blkdelta_common::buf::{AlignedBuf, ALIGN};
+
 use crate::target::{pwrite_all, WriteBehind};
 use crate::ReceiveError;
 
@@ -21,7 +23,7 @@ const QUEUE: usize = 4;
 /// One write: `bytes` at `offset`.
 pub(crate) struct Job {
     offset: u64,
-    bytes: Vec<u8>,
+    bytes: AlignedBuf,
 }
 
 /// Writes handed over and not done yet, and the first error met.
@@ -64,7 +66,7 @@ impl<'a> Writers<'a> {
     }
 
     /// Hands `bytes` at `offset` to a writer thread; fails with an earlier write's error.
-    pub(crate) fn write(&self, bytes: Vec<u8>, offset: u64) -> Result<(), ReceiveError> {
+    pub(crate) fn write(&self, bytes: AlignedBuf, offset: u64) -> Result<(), ReceiveError> {
         {
             let mut s = self.progress.lock();
             if let Some(e) = s.1.take() {
@@ -107,89 +109,45 @@ impl<'a> Writers<'a> {
     }
 }
 
-/// Alignment of the memory direct writes are made from (a multiple of every logical block
-/// size in use).
-const DIRECT_ALIGN: usize = 4096;
-
 /// The page size (at least 4 KiB): direct writes cover whole pages, so that no page is shared
 /// with a write through the page cache.
 pub(crate) fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(page).unwrap_or(0).max(DIRECT_ALIGN as u64)
+    u64::try_from(page).unwrap_or(0).max(ALIGN as u64)
 }
 
-/// The largest direct write: a whole data record.
-const DIRECT_MAX: usize = 1 << 20;
-
-/// A zeroed, [`DIRECT_ALIGN`]-aligned buffer of [`DIRECT_MAX`] bytes that direct writes are
-/// made from (a `Vec<u8>` is not aligned enough).
-struct Bounce {
-    ptr: std::ptr::NonNull<u8>,
-}
-
-// SAFETY: `Bounce` owns its allocation exclusively, like a `Box<[u8]>`.
-unsafe impl Send for Bounce {}
-
-impl Bounce {
-    fn layout() -> std::alloc::Layout {
-        std::alloc::Layout::from_size_align(DIRECT_MAX, DIRECT_ALIGN).expect("valid layout")
-    }
-
-    fn new() -> Option<Self> {
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(Self::layout()) };
-        std::ptr::NonNull::new(ptr).map(|ptr| Bounce { ptr })
-    }
-
-    fn slice(&mut self, len: usize) -> &mut [u8] {
-        assert!(len <= DIRECT_MAX);
-        // SAFETY: the allocation holds DIRECT_MAX initialised (zeroed) bytes, owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len) }
-    }
-}
-
-impl Drop for Bounce {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout()) }
-    }
-}
-
-/// Writes that bypass the page cache (`O_DIRECT`), for the aligned whole-block writes that
-/// make up most of a stream: no copy into the page cache, no write-back later. Turned off for
-/// good the first time the file system refuses one.
+/// Writes that bypass the page cache (`O_DIRECT`), for the aligned whole-page writes that
+/// make up most of a stream: straight from the record's buffer (aligned, see [`AlignedBuf`])
+/// to the disk, no copy into the page cache, no write-back later. Turned off for good the
+/// first time the file system refuses one.
 pub(crate) struct Direct {
     file: File,
-    bounce: Bounce,
     on: bool,
     /// Offsets and lengths of direct writes are multiples of this.
     page: u64,
 }
 
 impl Direct {
-    /// Direct writes through `file` (opened with `O_DIRECT`), if a buffer can be had.
-    pub(crate) fn new(file: File) -> Option<Self> {
-        Some(Direct {
+    /// Direct writes through `file` (opened with `O_DIRECT`).
+    pub(crate) fn new(file: File) -> Self {
+        Direct {
             file,
-            bounce: Bounce::new()?,
             on: true,
             page: page_size(),
-        })
+        }
     }
 
-    /// Writes `bytes` at `offset` directly when both are aligned; `None` when it did not
-    /// (the caller writes through the page cache).
+    /// Writes `bytes` at `offset` directly when the memory, the offset and the length are
+    /// aligned; `None` when it did not (the caller writes through the page cache).
     fn write(&mut self, bytes: &[u8], offset: u64) -> Option<Result<(), ReceiveError>> {
         let aligned = offset % self.page == 0
             && bytes.len() as u64 % self.page == 0
-            && bytes.len() <= DIRECT_MAX;
+            && bytes.as_ptr() as usize % ALIGN == 0;
         if !self.on || !aligned || bytes.is_empty() {
             return None;
         }
-        let buf = self.bounce.slice(bytes.len());
-        buf.copy_from_slice(bytes);
-        match pwrite_all(&self.file, buf, offset) {
+        match pwrite_all(&self.file, bytes, offset) {
             Err(ReceiveError::Target { source, .. })
                 if source.raw_os_error() == Some(libc::EINVAL) =>
             {
@@ -210,7 +168,7 @@ pub(crate) fn run(
     mut direct: Option<Direct>,
     jobs: &Mutex<Receiver<Job>>,
     progress: &Progress,
-    spare: Sender<Vec<u8>>,
+    spare: Sender<AlignedBuf>,
 ) {
     let mut behind = WriteBehind::default();
     loop {
@@ -270,12 +228,12 @@ mod tests {
             for _ in 0..2 {
                 let (file, spare) = (file.try_clone().unwrap(), spare.clone());
                 let (queue, progress) = (&queue, &progress);
-                let direct = direct.map(|d| d.try_clone().unwrap()).and_then(Direct::new);
+                let direct = direct.map(|d| Direct::new(d.try_clone().unwrap()));
                 s.spawn(move || run(file, direct, queue, progress, spare));
             }
             let handed = jobs
                 .iter()
-                .try_for_each(|(off, bytes)| pool.write(bytes.clone(), *off));
+                .try_for_each(|(off, bytes)| pool.write(AlignedBuf::from_slice(bytes), *off));
             handed.and(pool.finish())
         });
         drop(spare);
@@ -334,7 +292,7 @@ mod tests {
             ((3 << 20) + 8192, vec![5; 64 << 10]),
             ((8 << 20) - 100, vec![6; 100]),
         ];
-        let direct = crate::target::reopen_direct(&file);
+        let direct = blkdelta_common::image::raw::reopen_direct(&file, true);
         write_all_with(&file, direct.as_ref(), &jobs).unwrap();
         let got = std::fs::read(&path).unwrap();
         let mut want = vec![0u8; 8 << 20];

@@ -15,6 +15,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
+use blkdelta_common::buf::AlignedBuf;
 use blkdelta_common::extent::{Extent, ExtentKind, ExtentSink, Totals};
 use blkdelta_common::image::BlockSource;
 use blkdelta_common::limits::CHUNK_BYTES;
@@ -82,20 +83,20 @@ struct Job {
 
 /// Spare chunk buffers shared by the workers and the writer.
 #[derive(Default)]
-struct Pool(Mutex<Vec<Vec<u8>>>);
+struct Pool(Mutex<Vec<AlignedBuf>>);
 
 impl Pool {
     /// Most spare buffers kept: enough for every chunk in flight.
     const MAX: usize = 64;
 
-    fn take(&self) -> Vec<u8> {
+    fn take(&self) -> AlignedBuf {
         self.0
             .lock()
             .map(|mut p| p.pop().unwrap_or_default())
             .unwrap_or_default()
     }
 
-    fn put(&self, buf: Vec<u8>) {
+    fn put(&self, buf: AlignedBuf) {
         if let Ok(mut p) = self.0.lock() {
             if p.len() < Self::MAX && buf.capacity() > 0 {
                 p.push(buf);
@@ -216,7 +217,7 @@ fn worker(rx: &Mutex<Receiver<Job>>, pool: &Pool) {
 
 fn encode_job(job: &Job, pool: &Pool) -> Result<Chunk, SendError> {
     let mut buf = pool.take();
-    buf.resize(job.len as usize, 0);
+    buf.set_len(job.len as usize);
     job.reader.read_at(&mut buf, job.offset)?;
     if is_zero(&buf) {
         pool.put(buf);
@@ -225,7 +226,7 @@ fn encode_job(job: &Job, pool: &Pool) -> Result<Chunk, SendError> {
     let spare = if job.level != 0 {
         pool.take()
     } else {
-        Vec::new()
+        AlignedBuf::new()
     };
     let (rec, left) = encode_chunk_owned(job.offset, buf, job.level, spare)?;
     pool.put(left);

@@ -128,6 +128,15 @@ pub fn export(img: &Path, snap: Option<&str>, out: &Path) {
     run(cmd.args(["-O", "raw"]).arg(img).arg(out));
 }
 
+/// Writes `file` back and drops it from the page cache, so that the next reads find it cold
+/// (the sender then reads aligned data around the page cache).
+pub fn drop_cache(file: &Path) {
+    run(Command::new("sync").arg(file));
+    run(Command::new("dd")
+        .arg(format!("if={}", file.display()))
+        .args(["iflag=nocache", "count=0", "status=none"]));
+}
+
 /// Compares two files byte for byte (in bounded pieces); panics naming the first difference.
 pub fn assert_same_file(a: &Path, b: &Path) {
     let (ma, mb) = (std::fs::metadata(a).unwrap(), std::fs::metadata(b).unwrap());

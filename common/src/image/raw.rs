@@ -6,17 +6,21 @@
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use rustix::fs::SeekFrom;
 
 use super::lock::lock_for_read;
 use super::{check_range, Allocation, BlockSource, OpenOptions};
+use crate::buf::ALIGN;
 use crate::ImageError;
 
 /// A raw image file or block device opened read-only.
 #[derive(Debug)]
 pub struct RawImage {
     file: File,
+    direct: DirectReads,
     size: u64,
     is_block_device: bool,
 }
@@ -51,6 +55,7 @@ impl RawImage {
         };
         Ok(RawImage {
             file,
+            direct: DirectReads::default(),
             size,
             is_block_device,
         })
@@ -92,6 +97,165 @@ pub fn pread_exact(file: &File, buf: &mut [u8], offset: u64) -> Result<(), Image
         })
 }
 
+/// Reads of guest data that go around the page cache (`O_DIRECT`) where they can: from the
+/// disk straight into the caller's buffer, without the copy out of the page cache and without
+/// filling it with data read once (a seed of a large disk would otherwise push out what the
+/// host has cached). A range the page cache holds whole is read from it (`cachestat(2)` tells,
+/// without reading), so a cached image is read at memory speed; so is everything where the
+/// kernel cannot tell (before Linux 6.5).
+/// A read whose buffer, offset or length is not [`ALIGN`]-aligned (a compressed cluster, a
+/// sub-cluster, a buffer that is not an [`AlignedBuf`](crate::buf::AlignedBuf)) goes through
+/// the page cache, and so does every read once the file system has refused a direct one.
+///
+/// A direct read sees what was written through the page cache: the kernel writes such pages
+/// back before it reads around them.
+#[derive(Debug, Default)]
+pub(crate) struct DirectReads {
+    /// A second open of the file with `O_DIRECT`, made on the first aligned read (`None`
+    /// where that is refused).
+    handle: OnceLock<Option<File>>,
+    refused: AtomicBool,
+    /// The kernel cannot tell what is cached: read through the page cache.
+    blind: AtomicBool,
+}
+
+impl DirectReads {
+    /// Reads exactly `buf.len()` bytes at `offset` of `file`, directly when it can; whether
+    /// it did.
+    pub(crate) fn read(
+        &self,
+        file: &File,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<bool, ImageError> {
+        if self.read_direct(file, buf, offset)? {
+            return Ok(true);
+        }
+        pread_exact(file, buf, offset).map(|()| false)
+    }
+
+    /// Whether part of `[offset, offset + len)` is not in the page cache; `None` when the
+    /// kernel cannot tell.
+    fn partly_uncached(&self, file: &File, offset: u64, len: u64) -> Option<bool> {
+        if self.blind.load(Ordering::Relaxed) {
+            return None;
+        }
+        match cachestat::cached_pages(file, offset, len) {
+            Some((cached, touched)) => Some(cached < touched),
+            None => {
+                self.blind.store(true, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Whether `buf` was read directly; `false` when it has to go through the page cache.
+    fn read_direct(&self, file: &File, buf: &mut [u8], offset: u64) -> Result<bool, ImageError> {
+        let aligned = !buf.is_empty()
+            && buf.as_ptr() as usize % ALIGN == 0
+            && buf.len() % ALIGN == 0
+            && offset % ALIGN as u64 == 0;
+        if !aligned || self.refused.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let Some(direct) = self.handle.get_or_init(|| reopen_direct(file, false)) else {
+            return Ok(false);
+        };
+        if self.partly_uncached(file, offset, buf.len() as u64) != Some(true) {
+            return Ok(false);
+        }
+        match direct.read_exact_at(buf, offset) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.refused.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(source) => Err(ImageError::Read {
+                offset,
+                len: buf.len(),
+                source,
+            }),
+        }
+    }
+}
+
+/// `cachestat(2)` (Linux 6.5): how much of a range of a file the page cache holds, found
+/// without reading anything.
+#[allow(unsafe_code)]
+mod cachestat {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+
+    /// Its number, the same on every architecture (it is newer than the unified table).
+    const SYS_CACHESTAT: libc::c_long = 451;
+
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+
+    /// Pages of `[offset, offset + len)` (`len` > 0) in the page cache, and the pages the
+    /// range touches; `None` where the kernel cannot say.
+    pub(super) fn cached_pages(file: &File, offset: u64, len: u64) -> Option<(u64, u64)> {
+        // SAFETY: sysconf has no preconditions.
+        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+        let range = Range { off: offset, len };
+        let mut stat = Stat::default();
+        // SAFETY: `range` and `stat` have the kernel's layout and outlive the call, which
+        // reads the one and writes the other.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                file.as_raw_fd(),
+                &range as *const Range,
+                &mut stat as *mut Stat,
+                0u32,
+            )
+        };
+        let touched = (offset + len - 1) / page.max(1) - offset / page.max(1) + 1;
+        (r == 0).then_some((stat.nr_cache, touched))
+    }
+}
+
+/// Whether reads of `file` can go around the page cache here: the file system takes
+/// `O_DIRECT` and the kernel tells what is cached.
+#[cfg(test)]
+pub(crate) fn direct_reads_supported(file: &File) -> bool {
+    reopen_direct(file, false).is_some() && cachestat::cached_pages(file, 0, 1).is_some()
+}
+
+/// Writes back and drops the page cache of `file`, as a cold read finds it.
+#[cfg(test)]
+pub(crate) fn drop_page_cache(file: &File) {
+    file.sync_all().unwrap();
+    rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+}
+
+/// Opens the file behind `file` again with `O_DIRECT`, for reading or (`write`) for writing: a
+/// new open file, so that the flag does not reach `file`, made through `/proc/self/fd`, so
+/// that it is the same file even if its path now names another. `None` where that is refused.
+pub fn reopen_direct(file: &File, write: bool) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .ok()
+}
+
 impl BlockSource for RawImage {
     fn size(&self) -> u64 {
         self.size
@@ -99,7 +263,7 @@ impl BlockSource for RawImage {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
         check_range(offset, buf.len() as u64, self.size)?;
-        pread_exact(&self.file, buf, offset)
+        self.direct.read(&self.file, buf, offset).map(drop)
     }
 
     fn status(&self, offset: u64, max_len: u64) -> Result<(Allocation, u64), ImageError> {
@@ -123,6 +287,42 @@ impl BlockSource for RawImage {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn cold_aligned_reads_leave_the_page_cache_alone() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..256u32 << 10).map(|i| (i % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        let file = f.as_file();
+        drop_page_cache(file);
+        let img = RawImage::open(f.path()).unwrap();
+        let cached = |off: u64, len: u64| cachestat::cached_pages(file, off, len).map(|c| c.0);
+        let direct = direct_reads_supported(file);
+        // An aligned read of a cold range: around the page cache, which stays empty there.
+        let mut buf = crate::buf::AlignedBuf::zeroed(64 << 10);
+        img.read_at(&mut buf, 64 << 10).unwrap();
+        assert!(buf[..] == data[64 << 10..128 << 10]);
+        if direct {
+            assert_eq!(cached(64 << 10, 64 << 10), Some(0), "read directly");
+        }
+        // An unaligned buffer, or offset: through the page cache.
+        let mut odd = crate::buf::AlignedBuf::zeroed((8 << 10) + 1);
+        img.read_at(&mut odd[1..], 128 << 10).unwrap();
+        assert!(odd[1..] == data[128 << 10..136 << 10]);
+        img.read_at(&mut buf[..4096], 4095).unwrap();
+        assert!(buf[..4096] == data[4095..8191]);
+        if direct {
+            assert_eq!(
+                cached(128 << 10, 8 << 10),
+                Some(2),
+                "read through the cache"
+            );
+        }
+        // A range the page cache holds whole is read from it, as it is.
+        std::fs::read(f.path()).unwrap();
+        img.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..] == data[..64 << 10]);
+    }
 
     #[test]
     fn sparse_file_reports_holes_and_reads_data() {

@@ -11,6 +11,7 @@ use super::{
     decode_body, frame_check, CheckpointRecord, Compression, DataRecord, EndRecord, Record,
     SnapshotEnd, StreamHeader, DATA_FIXED_BYTES, FLAG_OPTIONAL, FRAME_HEADER_BYTES, MAGIC, VERSION,
 };
+use crate::buf::AlignedBuf;
 use crate::limits::{
     CHUNK_BYTES, MAX_HEADER_BYTES, MAX_RECORD_BODY_BYTES, MAX_UNVERIFIED_PLAIN_BYTES,
     MAX_UNVERIFIED_STREAM_BYTES,
@@ -32,19 +33,19 @@ pub struct StreamReader<R: Read> {
     unverified: (u64, u64),
     done: bool,
     /// Spare payload buffers handed back by [`StreamReader::recycle`].
-    spare: Vec<Vec<u8>>,
+    spare: Vec<AlignedBuf>,
 }
 
 /// Spare payload buffers a reader keeps for reuse.
 const MAX_SPARE_BUFFERS: usize = 16;
 
 /// A frame read from the stream, before its body is interpreted. A data frame's body is
-/// split: its fixed fields in `fixed`, its payload in `body` (read straight into a reused
-/// buffer, never copied); other frames have their whole body in `body`.
+/// split: its fixed fields and its payload (read straight into a reused buffer, never
+/// copied); other frames have their whole body in `body`.
 struct Frame {
     kind: u8,
     flags: u8,
-    fixed: Option<[u8; DATA_FIXED_BYTES]>,
+    data: Option<([u8; DATA_FIXED_BYTES], AlignedBuf)>,
     body: Vec<u8>,
 }
 
@@ -123,13 +124,8 @@ impl<R: Read> StreamReader<R> {
 
     /// Hands back a buffer (a payload or plain bytes that are no longer needed), so that a
     /// later data record is read into it instead of a fresh allocation.
-    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+    pub fn recycle(&mut self, buf: AlignedBuf) {
         if self.spare.len() < MAX_SPARE_BUFFERS && buf.capacity() > 0 {
-            // Kept at its length, so that reusing it costs no zero-filling.
-            let cap = buf.capacity();
-            if buf.len() < cap {
-                buf.resize(cap, 0);
-            }
             self.spare.push(buf);
         }
     }
@@ -143,7 +139,9 @@ impl<R: Read> StreamReader<R> {
             let frame = self.read_frame()?;
             let Some(kind) = RecordType::from_u8(frame.kind) else {
                 if frame.flags & FLAG_OPTIONAL != 0 {
-                    self.recycle(frame.body);
+                    if let Some((_, payload)) = frame.data {
+                        self.recycle(payload);
+                    }
                     continue;
                 }
                 return Err(self.corrupt(format!("unknown record type {}", frame.kind)));
@@ -153,9 +151,11 @@ impl<R: Read> StreamReader<R> {
     }
 
     fn interpret(&mut self, kind: RecordType, frame: Frame) -> Result<Record, StreamError> {
-        let Frame { fixed, body, .. } = frame;
-        match (kind, fixed) {
-            (RecordType::Data, Some(fixed)) => self.data(&fixed, body).map(Record::Data),
+        let Frame { data, body, .. } = frame;
+        match (kind, data) {
+            (RecordType::Data, Some((fixed, payload))) => {
+                self.data(&fixed, payload).map(Record::Data)
+            }
             (RecordType::Data, None) => {
                 Err(self.corrupt(format!("data record body of {} bytes", body.len())))
             }
@@ -192,7 +192,7 @@ impl<R: Read> StreamReader<R> {
     fn data(
         &mut self,
         fixed: &[u8; DATA_FIXED_BYTES],
-        payload: Vec<u8>,
+        payload: AlignedBuf,
     ) -> Result<DataRecord, StreamError> {
         let (f, _): (RawDataFields, usize) =
             decode_body(fixed, "data").map_err(|e| self.corrupt(e))?;
@@ -346,28 +346,24 @@ impl<R: Read> StreamReader<R> {
             return Err(self.corrupt(format!("record body of {body_len} bytes (limit {limit})")));
         }
         let body_at = self.pos + FRAME_HEADER_BYTES as u64;
-        let mut fixed = None;
-        let mut body = if kind == RecordType::Data as u8 && body_len as usize >= DATA_FIXED_BYTES {
-            let mut f = [0u8; DATA_FIXED_BYTES];
-            read_full(&mut self.inner, &mut f, body_at)?;
-            fixed = Some(f);
-            let mut payload = self.spare.pop().unwrap_or_default();
-            // A reused buffer keeps its old bytes (about to be overwritten): only growth is
-            // zero-filled.
-            let n = body_len as usize - DATA_FIXED_BYTES;
-            if payload.len() >= n {
-                payload.truncate(n);
+        let (data, body) =
+            if kind == RecordType::Data as u8 && body_len as usize >= DATA_FIXED_BYTES {
+                let mut fixed = [0u8; DATA_FIXED_BYTES];
+                read_full(&mut self.inner, &mut fixed, body_at)?;
+                // A reused buffer keeps its old bytes (about to be overwritten): only growth is
+                // zero-filled.
+                let mut payload = self.spare.pop().unwrap_or_default();
+                payload.set_len(body_len as usize - DATA_FIXED_BYTES);
+                let at = body_at + DATA_FIXED_BYTES as u64;
+                read_full(&mut self.inner, &mut payload, at)?;
+                (Some((fixed, payload)), Vec::new())
             } else {
-                payload.resize(n, 0);
-            }
-            payload
-        } else {
-            vec![0u8; body_len as usize]
-        };
-        let skip = fixed.as_ref().map_or(0, |f| f.len());
-        read_full(&mut self.inner, &mut body, body_at + skip as u64)?;
+                let mut body = vec![0u8; body_len as usize];
+                read_full(&mut self.inner, &mut body, body_at)?;
+                (None, body)
+            };
         // A data record's payload is covered by its plain-bytes hash, in the fixed fields.
-        let checked: &[u8] = fixed.as_ref().map_or(&body, |f| &f[..]);
+        let checked: &[u8] = data.as_ref().map_or(&body, |(f, _)| &f[..]);
         if frame_check(&head[..8], &[checked]) != head[8..16] {
             return Err(self.corrupt(format!(
                 "record check mismatch (type {kind}, {body_len} bytes): the record was altered"
@@ -394,7 +390,7 @@ impl<R: Read> StreamReader<R> {
         Ok(Frame {
             kind,
             flags,
-            fixed,
+            data,
             body,
         })
     }

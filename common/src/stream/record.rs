@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{encode_body, frame_head, FRAME_HEADER_BYTES};
+use crate::buf::AlignedBuf;
 use crate::limits::CHUNK_BYTES;
 use crate::StreamError;
 
@@ -81,8 +82,8 @@ pub struct DataRecord {
     pub compression: Compression,
     /// blake3 of the plain bytes.
     pub hash: [u8; 32],
-    /// The stored bytes.
-    pub payload: Vec<u8>,
+    /// The stored bytes (page-aligned, so that they can be written with `O_DIRECT`).
+    pub payload: AlignedBuf,
 }
 
 impl DataRecord {
@@ -90,8 +91,8 @@ impl DataRecord {
     /// `stream_offset` names the record in errors.
     pub fn plain(&self, stream_offset: u64) -> Result<Vec<u8>, StreamError> {
         self.clone()
-            .into_plain(stream_offset, Vec::new())
-            .map(|(plain, _)| plain)
+            .into_plain(stream_offset, AlignedBuf::new())
+            .map(|(plain, _)| plain.to_vec())
     }
 
     /// Like [`DataRecord::plain`], consuming the record: a stored payload becomes the plain
@@ -101,19 +102,14 @@ impl DataRecord {
     pub fn into_plain(
         self,
         stream_offset: u64,
-        mut spare: Vec<u8>,
-    ) -> Result<(Vec<u8>, Vec<u8>), StreamError> {
+        mut spare: AlignedBuf,
+    ) -> Result<(AlignedBuf, AlignedBuf), StreamError> {
         let (plain, left) = match self.compression {
             Compression::None => (self.payload, spare),
             Compression::Zstd => {
                 // Exactly `len` bytes of room, whatever the buffer held before (so that damage
                 // fails the same way every time); only growth is zero-filled.
-                let len = self.len as usize;
-                if spare.len() >= len {
-                    spare.truncate(len);
-                } else {
-                    spare.resize(len, 0);
-                }
+                spare.set_len(self.len as usize);
                 let n = DECOMPRESSOR
                     .with(|d| {
                         let mut d = d.borrow_mut();
@@ -152,7 +148,7 @@ impl DataRecord {
 /// Builds the data record for `plain` bytes at `offset`: hashes them and, when `level` is
 /// non-zero, stores them zstd-compressed if that is smaller.
 pub fn encode_chunk(offset: u64, plain: &[u8], level: i32) -> Result<DataRecord, StreamError> {
-    encode_chunk_owned(offset, plain.to_vec(), level, Vec::new()).map(|(rec, _)| rec)
+    encode_chunk_owned(offset, plain.into(), level, AlignedBuf::new()).map(|(rec, _)| rec)
 }
 
 /// Like [`encode_chunk`], taking the plain bytes by value: when compression is off or does not
@@ -162,18 +158,18 @@ pub fn encode_chunk(offset: u64, plain: &[u8], level: i32) -> Result<DataRecord,
 /// (`spare`, or the plain bytes once compressed), for reuse.
 pub fn encode_chunk_owned(
     offset: u64,
-    plain: Vec<u8>,
+    plain: AlignedBuf,
     level: i32,
-    mut spare: Vec<u8>,
-) -> Result<(DataRecord, Vec<u8>), StreamError> {
+    mut spare: AlignedBuf,
+) -> Result<(DataRecord, AlignedBuf), StreamError> {
     debug_assert!(plain.len() as u64 <= CHUNK_BYTES);
     let hash = *blake3::hash(&plain).as_bytes();
     let len = plain.len() as u32;
     if level != 0 && worth_compressing(&plain) {
-        spare.clear();
-        spare.reserve(zstd::zstd_safe::compress_bound(plain.len()));
-        with_compressor(level, |c| c.compress_to_buffer(&plain, &mut spare))
+        spare.set_len(zstd::zstd_safe::compress_bound(plain.len()));
+        let n = with_compressor(level, |c| c.compress_to_buffer(&plain, &mut spare[..]))
             .map_err(|e| StreamError::Compression(e.to_string()))?;
+        spare.truncate(n);
         if spare.len() < plain.len() {
             let rec = DataRecord {
                 offset,

@@ -1,6 +1,7 @@
 //! Round trips, the golden stream, and one rejection test per broken rule.
 
 use super::*;
+use crate::buf::AlignedBuf;
 use crate::limits::CHUNK_BYTES;
 use crate::StreamError;
 
@@ -469,9 +470,9 @@ fn sampled_chunks_are_compressed_only_where_it_pays() {
     let mib = CHUNK_BYTES as usize;
     // Random data: the sample says no, and the chunk is stored as it is, without a copy.
     let random = noise(mib, 1);
-    let input = random.clone();
+    let input = AlignedBuf::from_slice(&random);
     let ptr = input.as_ptr();
-    let (rec, _) = encode_chunk_owned(0, input, 3, Vec::new()).unwrap();
+    let (rec, _) = encode_chunk_owned(0, input, 3, AlignedBuf::new()).unwrap();
     assert_eq!(rec.compression, Compression::None);
     assert_eq!(rec.payload, random);
     assert_eq!(
@@ -482,16 +483,16 @@ fn sampled_chunks_are_compressed_only_where_it_pays() {
     // Half random, half zeros (the sample straddles both): compressed, and it round-trips.
     let mut half = noise(mib, 2);
     half[mib / 2..].fill(0);
-    let (rec, left) = encode_chunk_owned(0, half.clone(), 3, Vec::new()).unwrap();
+    let (rec, left) = encode_chunk_owned(0, half.clone().into(), 3, AlignedBuf::new()).unwrap();
     assert_eq!(rec.compression, Compression::Zstd);
     assert!(rec.payload.len() < mib * 6 / 10, "{}", rec.payload.len());
     assert_eq!(left, half, "the plain buffer is handed back for reuse");
     assert_eq!(rec.plain(0).unwrap(), half);
     // Text-like data compresses; level 0 never does.
     let text: Vec<u8> = b"blkdelta ".iter().copied().cycle().take(mib).collect();
-    let (rec, _) = encode_chunk_owned(0, text.clone(), 1, Vec::new()).unwrap();
+    let (rec, _) = encode_chunk_owned(0, text.clone().into(), 1, AlignedBuf::new()).unwrap();
     assert_eq!(rec.compression, Compression::Zstd);
-    let (rec, _) = encode_chunk_owned(0, text, 0, Vec::new()).unwrap();
+    let (rec, _) = encode_chunk_owned(0, text.into(), 0, AlignedBuf::new()).unwrap();
     assert_eq!(rec.compression, Compression::None);
 }
 
@@ -501,7 +502,7 @@ fn into_plain_reuses_buffers_and_verifies() {
     data[..32 << 10].fill(7);
     let rec = encode_chunk(5 * CHUNK_BYTES, &data, 3).unwrap();
     assert_eq!(rec.compression, Compression::Zstd);
-    let spare = Vec::with_capacity(1 << 20);
+    let spare = AlignedBuf::zeroed(1 << 20);
     let spare_ptr = spare.as_ptr();
     let (plain, left) = rec.clone().into_plain(100, spare).unwrap();
     assert_eq!(plain, data);
@@ -519,7 +520,7 @@ fn into_plain_reuses_buffers_and_verifies() {
     let mut bad = rec.clone();
     let mid = bad.payload.len() / 2;
     bad.payload[mid] ^= 0x40;
-    let err = bad.into_plain(100, Vec::new()).unwrap_err();
+    let err = bad.into_plain(100, AlignedBuf::new()).unwrap_err();
     assert!(
         matches!(
             err,
@@ -582,7 +583,7 @@ fn recycled_buffers_read_the_same_records() {
     let mut recycled = Vec::new();
     while let Some(rec) = r.next_record().unwrap() {
         if let Record::Data(d) = &rec {
-            let (plain, left) = d.clone().into_plain(0, Vec::new()).unwrap();
+            let (plain, left) = d.clone().into_plain(0, AlignedBuf::new()).unwrap();
             r.recycle(plain);
             r.recycle(left);
         }

@@ -139,7 +139,7 @@ impl Target for BlockDevTarget {
     }
 
     fn direct_handle(&self) -> Option<File> {
-        super::reopen_direct(&self.file)
+        blkdelta_common::image::raw::reopen_direct(&self.file, true)
     }
 
     fn reader(&self) -> Option<RawImage> {

@@ -47,18 +47,6 @@ pub trait Target {
     }
 }
 
-/// Opens the file behind `file` again, for writing with `O_DIRECT` (a new open file, so that
-/// the flag does not reach `file`); `None` where that is refused.
-pub(crate) fn reopen_direct(file: &std::fs::File) -> Option<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .ok()
-}
-
 /// A target that takes every operation and writes nothing: what a dry run applies to.
 #[derive(Debug)]
 pub struct DryTarget {

@@ -16,6 +16,9 @@ pub struct ReadCounts {
     pub data_reads: u64,
     /// Bytes those data reads took from the file.
     pub data_bytes: u64,
+    /// Of those, the bytes read around the page cache (`O_DIRECT`): aligned runs that the
+    /// page cache did not hold whole.
+    pub direct_bytes: u64,
 }
 
 /// The live counters behind [`ReadCounts`], shared by every layer of an image.
@@ -24,6 +27,7 @@ pub(crate) struct Counters {
     l2_tables: AtomicU64,
     data_reads: AtomicU64,
     data_bytes: AtomicU64,
+    direct_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -32,10 +36,14 @@ impl Counters {
         self.l2_tables.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts one read of `bytes` bytes of guest data from the file.
-    pub(crate) fn data_read(&self, bytes: u64) {
+    /// Counts one read of `bytes` bytes of guest data from the file, made around the page
+    /// cache when `direct`.
+    pub(crate) fn data_read(&self, bytes: u64, direct: bool) {
         self.data_reads.fetch_add(1, Ordering::Relaxed);
         self.data_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if direct {
+            self.direct_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     /// The counts so far.
@@ -44,6 +52,7 @@ impl Counters {
             l2_tables: self.l2_tables.load(Ordering::Relaxed),
             data_reads: self.data_reads.load(Ordering::Relaxed),
             data_bytes: self.data_bytes.load(Ordering::Relaxed),
+            direct_bytes: self.direct_bytes.load(Ordering::Relaxed),
         }
     }
 }

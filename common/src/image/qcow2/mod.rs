@@ -53,7 +53,7 @@ pub use snapshot::Snapshot;
 pub use tables::Geometry;
 
 use super::lock::lock_for_read;
-use super::raw::{pread_exact, RawImage};
+use super::raw::{pread_exact, DirectReads, RawImage};
 use super::{probe_format, BlockSource, Format, OpenOptions};
 use crate::limits::MAX_BACKING_DEPTH;
 use crate::ImageError;
@@ -80,6 +80,8 @@ pub struct Qcow2Image {
 pub(crate) struct ImageInner {
     pub(crate) path: PathBuf,
     pub(crate) file: File,
+    /// Data cluster reads, around the page cache where they can.
+    pub(crate) direct: DirectReads,
     pub(crate) file_len: u64,
     pub(crate) header: Header,
     snapshots: Vec<Snapshot>,
@@ -141,6 +143,7 @@ impl Qcow2Image {
             inner: Arc::new(ImageInner {
                 path: path.to_path_buf(),
                 file,
+                direct: DirectReads::default(),
                 file_len,
                 header,
                 snapshots,

@@ -26,8 +26,9 @@ impl Qcow2Layer {
                 file_len,
             });
         }
-        pread_exact(&self.inner.image.file, buf, host)?;
-        self.inner.image.counters.data_read(len);
+        let image = &self.inner.image;
+        let direct = image.direct.read(&image.file, buf, host)?;
+        image.counters.data_read(len, direct);
         Ok(())
     }
 
@@ -67,7 +68,7 @@ impl Qcow2Layer {
         // and the stream itself ends before.
         let mut input = vec![0u8; csize.min(image.file_len - coffset) as usize];
         pread_exact(&image.file, &mut input, coffset)?;
-        image.counters.data_read(input.len() as u64);
+        image.counters.data_read(input.len() as u64, false);
         let mut out = vec![0u8; image.header.cluster_size() as usize];
         decompress_cluster(image.header.compression_type, &input, &mut out, coffset)?;
         let data: Arc<[u8]> = out.into();

@@ -623,3 +623,38 @@ fn read_counts_count_l2_loads_and_data_reads_not_cache_hits() {
     snap.status(0, 1).unwrap();
     assert_eq!(img.read_counts().l2_tables, 2);
 }
+
+#[test]
+fn cold_aligned_data_clusters_are_read_around_the_page_cache() {
+    use crate::buf::AlignedBuf;
+    use crate::image::raw::{direct_reads_supported, drop_page_cache};
+    let f = write_image(&valid_image());
+    let direct = direct_reads_supported(f.as_file());
+    let img = Qcow2Image::open(f.path()).unwrap();
+    let active = img.layer(Layer::Active).unwrap();
+    // The tables are read (and the kernel's readahead around them) before the cache is
+    // dropped: the data is cold.
+    active.status(0, u64::MAX).unwrap();
+    drop_page_cache(f.as_file());
+    let mut want = pattern(0);
+    want.resize(2 * CS, 0);
+    want.extend_from_slice(&pattern(2));
+    want.resize(4 * CS, 0);
+    // Cluster 0 (a whole, aligned host cluster) is read directly where that is supported;
+    // the compressed cluster 2 never is. Both read back the same.
+    let mut buf = AlignedBuf::zeroed(4 * CS);
+    active.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..] == want[..]);
+    let counts = img.read_counts();
+    assert_eq!(counts.direct_bytes, if direct { CS as u64 } else { 0 });
+    assert!(counts.data_bytes > counts.direct_bytes);
+    // A buffer that is not aligned goes through the page cache.
+    let mut odd = AlignedBuf::zeroed(CS + 1);
+    active.read_at(&mut odd[1..], 0).unwrap();
+    assert!(odd[1..] == want[..CS]);
+    assert_eq!(img.read_counts().direct_bytes, counts.direct_bytes);
+    // So does a cluster the page cache now holds.
+    active.read_at(&mut buf[..CS], 0).unwrap();
+    assert!(buf[..CS] == want[..CS]);
+    assert_eq!(img.read_counts().direct_bytes, counts.direct_bytes);
+}
