@@ -1,9 +1,9 @@
 //! Page-aligned byte buffers for data payloads.
 //!
 //! A chunk of guest data travels in an [`AlignedBuf`] from the read on the sender to the
-//! write on the receiver. Its first byte is 4 KiB-aligned, so that both ends can move it with
-//! `O_DIRECT` (straight between the disk and the buffer, no copy through the page cache),
-//! which a `Vec<u8>` does not allow.
+//! write on the receiver. Its first byte is 4 KiB-aligned (once it holds that much), so that
+//! both ends can move it with `O_DIRECT` (straight between the disk and the buffer, no copy
+//! through the page cache), which a `Vec<u8>` does not allow.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
@@ -20,14 +20,19 @@ impl Block {
     const ZERO: Block = Block([0; ALIGN]);
 }
 
-/// A byte buffer whose first byte is [`ALIGN`]-aligned.
+/// A byte buffer whose first byte is [`ALIGN`]-aligned once it has held [`ALIGN`] bytes or
+/// more. Shorter buffers (which no direct I/O could use) are kept in exactly as much memory
+/// as they need, so that many small records cost no more than their bytes.
 ///
 /// Its length changes without touching memory: bytes past the previous length hold whatever
 /// an earlier use left there (zeros in memory never used), which suits a buffer about to be
 /// overwritten by a read, and makes reusing one free.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct AlignedBuf {
+    /// The aligned storage; empty while the buffer is small.
     blocks: Vec<Block>,
+    /// The storage of a buffer that has never held [`ALIGN`] bytes.
+    small: Vec<u8>,
     len: usize,
 }
 
@@ -36,6 +41,7 @@ impl AlignedBuf {
     pub const fn new() -> Self {
         AlignedBuf {
             blocks: Vec::new(),
+            small: Vec::new(),
             len: 0,
         }
     }
@@ -57,15 +63,35 @@ impl AlignedBuf {
 
     /// Bytes the buffer holds without growing.
     pub fn capacity(&self) -> usize {
-        self.blocks.len() * ALIGN
+        if self.blocks.is_empty() {
+            self.small.len()
+        } else {
+            self.blocks.len() * ALIGN
+        }
     }
 
     /// Sets the length to `len`, growing the storage (zero-filled) when needed. Bytes between
     /// the old and the new length are unspecified: zeros, or what an earlier use left.
     pub fn set_len(&mut self, len: usize) {
-        let blocks = len.div_ceil(ALIGN);
-        if blocks > self.blocks.len() {
-            self.blocks.resize(blocks, Block::ZERO);
+        if self.blocks.is_empty() && len < ALIGN {
+            if len > self.small.len() {
+                self.small.reserve_exact(len - self.small.len());
+                self.small.resize(len, 0);
+            }
+        } else {
+            let blocks = len.div_ceil(ALIGN);
+            if blocks > self.blocks.len() {
+                let was_small = self.blocks.is_empty();
+                self.blocks.reserve_exact(blocks - self.blocks.len());
+                self.blocks.resize(blocks, Block::ZERO);
+                if was_small {
+                    // Keeps the bytes held so far, as a growing buffer does.
+                    let small = std::mem::take(&mut self.small);
+                    let n = small.len().min(self.len);
+                    self.len = n;
+                    self[..n].copy_from_slice(&small[..n]);
+                }
+            }
         }
         self.len = len;
     }
@@ -76,11 +102,21 @@ impl AlignedBuf {
     }
 }
 
+impl Clone for AlignedBuf {
+    /// A copy of the bytes (not of the unused storage past them).
+    fn clone(&self) -> Self {
+        AlignedBuf::from_slice(self)
+    }
+}
+
 #[allow(unsafe_code)]
 impl Deref for AlignedBuf {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
+        if self.blocks.is_empty() {
+            return &self.small[..self.len];
+        }
         debug_assert!(self.len <= self.capacity());
         // SAFETY: `blocks` holds `capacity() >= len` initialised bytes (a `Block` is a plain
         // byte array without padding), borrowed for as long as `self` is.
@@ -91,6 +127,9 @@ impl Deref for AlignedBuf {
 #[allow(unsafe_code)]
 impl DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
+        if self.blocks.is_empty() {
+            return &mut self.small[..self.len];
+        }
         debug_assert!(self.len <= self.capacity());
         // SAFETY: as in `deref`, borrowed mutably for as long as `self` is; any byte pattern
         // is a valid `Block`.
@@ -171,6 +210,26 @@ mod tests {
         assert_eq!(b.as_ptr() as usize % ALIGN, 0);
         b.truncate(1 << 30);
         assert_eq!(b.len(), 5 * ALIGN, "truncate never grows");
+    }
+
+    #[test]
+    fn short_buffers_take_only_their_bytes_until_they_grow() {
+        let mut b = AlignedBuf::from_slice(&[5; 100]);
+        assert_eq!(b.capacity(), 100, "no aligned block for 100 bytes");
+        b.set_len(ALIGN - 1);
+        assert_eq!(b.capacity(), ALIGN - 1);
+        assert!(b[..100].iter().all(|&x| x == 5));
+        // Growing to a direct-I/O size moves the bytes into aligned storage.
+        b.set_len(2 * ALIGN);
+        assert_eq!(b.capacity(), 2 * ALIGN);
+        assert_eq!(b.as_ptr() as usize % ALIGN, 0);
+        assert!(b[..100].iter().all(|&x| x == 5));
+        // Once aligned, it stays so, however short it gets.
+        b.set_len(10);
+        assert_eq!(b.as_ptr() as usize % ALIGN, 0);
+        assert_eq!(b.capacity(), 2 * ALIGN);
+        // A clone copies the bytes, not the storage.
+        assert_eq!(b.clone().capacity(), 10);
     }
 
     #[test]

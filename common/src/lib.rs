@@ -8,8 +8,8 @@
 //! let e = Extent::new(0, 4096, ExtentKind::Data);
 //! assert_eq!(e.end(), 4096);
 //! ```
-// unsafe only where a syscall needs it (the OFD lock fcntls of `image::lock`) and for the
-// byte view of `buf::AlignedBuf`.
+// unsafe only where a syscall needs it (the OFD lock fcntls of `image::lock`, `cachestat` and
+// `sysconf` in `image::raw`) and for the byte view of `buf::AlignedBuf`.
 #![deny(unsafe_code)]
 
 pub mod buf;

@@ -102,7 +102,7 @@ pub fn pread_exact(file: &File, buf: &mut [u8], offset: u64) -> Result<(), Image
 /// filling it with data read once (a seed of a large disk would otherwise push out what the
 /// host has cached). A range the page cache holds whole is read from it (`cachestat(2)` tells,
 /// without reading), so a cached image is read at memory speed; so is everything where the
-/// kernel cannot tell (before Linux 6.5).
+/// kernel cannot tell (before Linux 6.5, where the call is refused, on overlayfs).
 /// A read whose buffer, offset or length is not [`ALIGN`]-aligned (a compressed cluster, a
 /// sub-cluster, a buffer that is not an [`AlignedBuf`](crate::buf::AlignedBuf)) goes through
 /// the page cache, and so does every read once the file system has refused a direct one.
@@ -112,7 +112,7 @@ pub fn pread_exact(file: &File, buf: &mut [u8], offset: u64) -> Result<(), Image
 #[derive(Debug, Default)]
 pub(crate) struct DirectReads {
     /// A second open of the file with `O_DIRECT`, made on the first aligned read (`None`
-    /// where that is refused).
+    /// where that is refused, or on overlayfs).
     handle: OnceLock<Option<File>>,
     refused: AtomicBool,
     /// The kernel cannot tell what is cached: read through the page cache.
@@ -128,7 +128,7 @@ impl DirectReads {
         buf: &mut [u8],
         offset: u64,
     ) -> Result<bool, ImageError> {
-        if self.read_direct(file, buf, offset)? {
+        if self.read_direct(file, buf, offset) {
             return Ok(true);
         }
         pread_exact(file, buf, offset).map(|()| false)
@@ -150,33 +150,43 @@ impl DirectReads {
     }
 
     /// Whether `buf` was read directly; `false` when it has to go through the page cache.
-    fn read_direct(&self, file: &File, buf: &mut [u8], offset: u64) -> Result<bool, ImageError> {
+    fn read_direct(&self, file: &File, buf: &mut [u8], offset: u64) -> bool {
         let aligned = !buf.is_empty()
             && buf.as_ptr() as usize % ALIGN == 0
             && buf.len() % ALIGN == 0
             && offset % ALIGN as u64 == 0;
         if !aligned || self.refused.load(Ordering::Relaxed) {
-            return Ok(false);
+            return false;
         }
-        let Some(direct) = self.handle.get_or_init(|| reopen_direct(file, false)) else {
-            return Ok(false);
+        let direct = self
+            .handle
+            .get_or_init(|| reopen_direct(file, false).filter(|_| !on_overlayfs(file)));
+        let Some(direct) = direct else {
+            return false;
         };
         if self.partly_uncached(file, offset, buf.len() as u64) != Some(true) {
-            return Ok(false);
+            return false;
         }
-        match direct.read_exact_at(buf, offset) {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                self.refused.store(true, Ordering::Relaxed);
-                Ok(false)
+        // One read: a short one (a file cut short meanwhile) or a failure is retried through
+        // the page cache, which reports what is wrong in the usual words.
+        match direct.read_at(buf, offset) {
+            Ok(n) => n == buf.len(),
+            Err(e) => {
+                let unsupported = [libc::EINVAL, libc::EOPNOTSUPP, libc::ENOTSUP];
+                if e.raw_os_error().is_some_and(|c| unsupported.contains(&c)) {
+                    self.refused.store(true, Ordering::Relaxed);
+                }
+                false
             }
-            Err(source) => Err(ImageError::Read {
-                offset,
-                len: buf.len(),
-                source,
-            }),
         }
     }
+}
+
+/// Whether `file` is on overlayfs, whose page cache belongs to the file below it: `cachestat`
+/// on the overlay's file sees none of it, so every read would look cold.
+fn on_overlayfs(file: &File) -> bool {
+    const OVERLAYFS_SUPER_MAGIC: u64 = 0x794c_7630;
+    rustix::fs::fstatfs(file).is_ok_and(|st| st.f_type as u64 == OVERLAYFS_SUPER_MAGIC)
 }
 
 /// `cachestat(2)` (Linux 6.5): how much of a range of a file the page cache holds, found
@@ -186,7 +196,9 @@ mod cachestat {
     use std::fs::File;
     use std::os::fd::AsRawFd;
 
-    /// Its number, the same on every architecture (it is newer than the unified table).
+    /// Its number in the generic table, which every architecture uses for calls this new
+    /// (MIPS offsets it: there it is not asked).
+    #[cfg(not(any(target_arch = "mips", target_arch = "mips64")))]
     const SYS_CACHESTAT: libc::c_long = 451;
 
     #[repr(C)]
@@ -207,6 +219,12 @@ mod cachestat {
 
     /// Pages of `[offset, offset + len)` (`len` > 0) in the page cache, and the pages the
     /// range touches; `None` where the kernel cannot say.
+    #[cfg(any(target_arch = "mips", target_arch = "mips64"))]
+    pub(super) fn cached_pages(_: &File, _: u64, _: u64) -> Option<(u64, u64)> {
+        None
+    }
+
+    #[cfg(not(any(target_arch = "mips", target_arch = "mips64")))]
     pub(super) fn cached_pages(file: &File, offset: u64, len: u64) -> Option<(u64, u64)> {
         // SAFETY: sysconf has no preconditions.
         let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
@@ -228,18 +246,17 @@ mod cachestat {
     }
 }
 
-/// Whether reads of `file` can go around the page cache here: the file system takes
-/// `O_DIRECT` and the kernel tells what is cached.
+/// Writes back and drops the page cache of `file`, as a cold read finds it; whether reads of it
+/// can go around the page cache here, observably: the file system takes `O_DIRECT`, the kernel
+/// tells what is cached, and the cache is gone (tmpfs keeps it: its pages are the file).
 #[cfg(test)]
-pub(crate) fn direct_reads_supported(file: &File) -> bool {
-    reopen_direct(file, false).is_some() && cachestat::cached_pages(file, 0, 1).is_some()
-}
-
-/// Writes back and drops the page cache of `file`, as a cold read finds it.
-#[cfg(test)]
-pub(crate) fn drop_page_cache(file: &File) {
+pub(crate) fn make_cold(file: &File) -> bool {
     file.sync_all().unwrap();
     rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let len = file.metadata().unwrap().len().max(1);
+    reopen_direct(file, false).is_some()
+        && !on_overlayfs(file)
+        && cachestat::cached_pages(file, 0, len).is_some_and(|(cached, _)| cached == 0)
 }
 
 /// Opens the file behind `file` again with `O_DIRECT`, for reading or (`write`) for writing: a
@@ -294,16 +311,16 @@ mod tests {
         let data: Vec<u8> = (0..256u32 << 10).map(|i| (i % 251) as u8).collect();
         f.write_all(&data).unwrap();
         let file = f.as_file();
-        drop_page_cache(file);
+        let direct = make_cold(file);
         let img = RawImage::open(f.path()).unwrap();
-        let cached = |off: u64, len: u64| cachestat::cached_pages(file, off, len).map(|c| c.0);
-        let direct = direct_reads_supported(file);
+        let cached = |off: u64, len: u64| cachestat::cached_pages(file, off, len);
         // An aligned read of a cold range: around the page cache, which stays empty there.
         let mut buf = crate::buf::AlignedBuf::zeroed(64 << 10);
         img.read_at(&mut buf, 64 << 10).unwrap();
         assert!(buf[..] == data[64 << 10..128 << 10]);
         if direct {
-            assert_eq!(cached(64 << 10, 64 << 10), Some(0), "read directly");
+            let (pages, _) = cached(64 << 10, 64 << 10).unwrap();
+            assert_eq!(pages, 0, "read directly");
         }
         // An unaligned buffer, or offset: through the page cache.
         let mut odd = crate::buf::AlignedBuf::zeroed((8 << 10) + 1);
@@ -312,11 +329,8 @@ mod tests {
         img.read_at(&mut buf[..4096], 4095).unwrap();
         assert!(buf[..4096] == data[4095..8191]);
         if direct {
-            assert_eq!(
-                cached(128 << 10, 8 << 10),
-                Some(2),
-                "read through the cache"
-            );
+            let (pages, touched) = cached(128 << 10, 8 << 10).unwrap();
+            assert_eq!(pages, touched, "read through the cache");
         }
         // A range the page cache holds whole is read from it, as it is.
         std::fs::read(f.path()).unwrap();

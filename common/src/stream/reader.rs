@@ -11,7 +11,7 @@ use super::{
     decode_body, frame_check, CheckpointRecord, Compression, DataRecord, EndRecord, Record,
     SnapshotEnd, StreamHeader, DATA_FIXED_BYTES, FLAG_OPTIONAL, FRAME_HEADER_BYTES, MAGIC, VERSION,
 };
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, ALIGN};
 use crate::limits::{
     CHUNK_BYTES, MAX_HEADER_BYTES, MAX_RECORD_BODY_BYTES, MAX_UNVERIFIED_PLAIN_BYTES,
     MAX_UNVERIFIED_STREAM_BYTES,
@@ -139,9 +139,6 @@ impl<R: Read> StreamReader<R> {
             let frame = self.read_frame()?;
             let Some(kind) = RecordType::from_u8(frame.kind) else {
                 if frame.flags & FLAG_OPTIONAL != 0 {
-                    if let Some((_, payload)) = frame.data {
-                        self.recycle(payload);
-                    }
                     continue;
                 }
                 return Err(self.corrupt(format!("unknown record type {}", frame.kind)));
@@ -351,9 +348,14 @@ impl<R: Read> StreamReader<R> {
                 let mut fixed = [0u8; DATA_FIXED_BYTES];
                 read_full(&mut self.inner, &mut fixed, body_at)?;
                 // A reused buffer keeps its old bytes (about to be overwritten): only growth is
-                // zero-filled.
-                let mut payload = self.spare.pop().unwrap_or_default();
-                payload.set_len(body_len as usize - DATA_FIXED_BYTES);
+                // zero-filled. A short payload gets a buffer of its own size, so that the
+                // records a receiver holds until a checkpoint cost their bytes, not a chunk's.
+                let n = body_len as usize - DATA_FIXED_BYTES;
+                let mut payload = match n {
+                    ALIGN.. => self.spare.pop().unwrap_or_default(),
+                    _ => AlignedBuf::new(),
+                };
+                payload.set_len(n);
                 let at = body_at + DATA_FIXED_BYTES as u64;
                 read_full(&mut self.inner, &mut payload, at)?;
                 (Some((fixed, payload)), Vec::new())

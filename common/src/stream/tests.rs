@@ -591,3 +591,36 @@ fn recycled_buffers_read_the_same_records() {
     }
     assert_eq!(recycled, fresh);
 }
+
+#[test]
+fn short_payloads_take_their_own_size_even_with_spare_buffers() {
+    // A receiver holds every record until a checkpoint vouches for it: a tiny record must not
+    // cost a reused 1 MiB buffer, nor an aligned block.
+    let h = header(vec![Transition {
+        from: None,
+        to: snap("s1", 1),
+        virtual_size: 8 * CHUNK_BYTES,
+    }]);
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.data(&encode_chunk(0, &noise(CHUNK_BYTES as usize, 1), 0).unwrap())
+        .unwrap();
+    for i in 1..8u64 {
+        w.data(&encode_chunk(i * CHUNK_BYTES, &[i as u8; 3], 0).unwrap())
+            .unwrap();
+    }
+    w.snapshot_end(&end_of(&h, 0)).unwrap();
+    let b = w.finish().unwrap();
+    let mut r = StreamReader::new(&b[..]).unwrap();
+    let mut short = 0;
+    while let Some(rec) = r.next_record().unwrap() {
+        if let Record::Data(d) = rec {
+            if d.len == 3 {
+                assert_eq!(d.payload.capacity(), 3);
+                short += 1;
+            }
+            let (plain, _) = d.into_plain(0, AlignedBuf::new()).unwrap();
+            r.recycle(plain);
+        }
+    }
+    assert_eq!(short, 7);
+}

@@ -19,6 +19,7 @@ use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
+use blkdelta_common::buf::AlignedBuf;
 use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink};
 use blkdelta_common::image::qcow2::{Layer, Qcow2Image};
 use blkdelta_common::image::raw::RawImage;
@@ -198,21 +199,21 @@ pub fn compare(
 
 /// A window to read: offset and length.
 type Request = (u64, u64);
-type Reply = Result<Vec<u8>, ImageError>;
+type Reply = Result<AlignedBuf, ImageError>;
 
 /// The comparing thread's end of one reader's channels.
 struct Side {
     requests: SyncSender<Request>,
     replies: Receiver<Reply>,
     /// Buffers handed back for reuse (fresh 1 MiB buffers cost page faults and zeroing).
-    spare: SyncSender<Vec<u8>>,
+    spare: SyncSender<AlignedBuf>,
 }
 
 /// A reader thread's end.
 struct Serve {
     requests: Receiver<Request>,
     replies: SyncSender<Reply>,
-    spare: Receiver<Vec<u8>>,
+    spare: Receiver<AlignedBuf>,
 }
 
 impl Side {
@@ -237,12 +238,12 @@ impl Side {
         self.requests.send((offset, len)).map_err(|_| reader_gone())
     }
 
-    fn reply(&self) -> Result<Vec<u8>, SendError> {
+    fn reply(&self) -> Result<AlignedBuf, SendError> {
         Ok(self.replies.recv().map_err(|_| reader_gone())??)
     }
 
     /// Hands a compared buffer back to the reader (or drops it when enough are spare).
-    fn give_back(&self, buf: Vec<u8>) {
+    fn give_back(&self, buf: AlignedBuf) {
         let _ = self.spare.try_send(buf);
     }
 }
@@ -256,8 +257,9 @@ impl Serve {
     fn run(self, src: &dyn BlockSource) {
         for (offset, len) in self.requests.iter() {
             let read = || {
+                // Aligned, so that cold windows are read around the page cache.
                 let mut buf = self.spare.try_recv().unwrap_or_default();
-                buf.resize(len as usize, 0);
+                buf.set_len(len as usize);
                 src.read_at(&mut buf, offset).map(|()| buf)
             };
             // A reader bug on a hostile image becomes this window's error, not a hang.
