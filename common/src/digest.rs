@@ -9,6 +9,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::buf::AlignedBuf;
 use crate::image::{Allocation, BlockSource};
 use crate::limits::CHUNK_BYTES;
 use crate::ImageError;
@@ -32,13 +33,14 @@ pub fn zero_hash(len: u64) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// Hashes the block at `offset` of `len` bytes, reading only its allocated parts.
+/// Hashes the block at `offset` of `len` bytes, reading only its allocated parts (into `buf`,
+/// aligned so that cold data is read around the page cache, and reused between calls).
 pub fn block_hash(
     src: &dyn BlockSource,
     offset: u64,
     len: u64,
     zero_block: &[u8; 32],
-    buf: &mut Vec<u8>,
+    buf: &mut AlignedBuf,
 ) -> Result<[u8; 32], ImageError> {
     let mut data_ranges = Vec::new();
     let mut pos = offset;
@@ -56,12 +58,16 @@ pub fn block_hash(
             zero_hash(len)
         });
     }
-    buf.clear();
-    buf.resize(len as usize, 0);
+    buf.set_len(len as usize);
+    // Data ranges are read, the gaps between them (left over from an earlier block) zeroed.
+    let mut filled = 0;
     for (start, n) in data_ranges {
         let at = (start - offset) as usize;
+        buf[filled..at].fill(0);
         src.read_at(&mut buf[at..at + n as usize], start)?;
+        filled = at + n as usize;
     }
+    buf[filled..].fill(0);
     Ok(*blake3::hash(buf).as_bytes())
 }
 
@@ -98,7 +104,7 @@ fn hash_batch(
     std::thread::scope(|s| {
         for _ in 0..threads.min(count) {
             s.spawn(|| {
-                let mut buf = Vec::new();
+                let mut buf = AlignedBuf::new();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= count || failure.lock().expect("not poisoned").is_some() {
@@ -151,6 +157,19 @@ mod tests {
                 naive_digest(img.bytes())
             );
         }
+    }
+
+    #[test]
+    fn a_reused_buffer_never_leaks_an_earlier_block_into_the_holes_of_the_next() {
+        // One thread, one buffer: a full block, then blocks with data between holes.
+        let size = 4 * BLOCK_BYTES;
+        let mut img = MemImage::new(size, 4096);
+        img.write(0, &vec![0xee; BLOCK_BYTES as usize]);
+        img.write(BLOCK_BYTES + 8192, &[1; 4096]);
+        img.write(2 * BLOCK_BYTES, &[2; 4096]);
+        img.write(3 * BLOCK_BYTES - 4096, &[3; 4096]);
+        img.write(3 * BLOCK_BYTES + 4096, &[4; 100]);
+        assert_eq!(image_digest(&img, 1).unwrap(), naive_digest(img.bytes()));
     }
 
     #[test]
