@@ -1,6 +1,7 @@
 //! QEMU's image locks, end to end: a writer (qemu-storage-daemon, qemu-io) holding an image
 //! makes send, checksum and list refuse it unless `--force-share`; a read-only holder does not;
-//! and while blkdelta reads an image, QEMU cannot start writing it.
+//! and while blkdelta reads an image, QEMU cannot start writing it. A receive refuses a replica
+//! that QEMU holds, and while it writes one, neither QEMU nor blkdelta can open it.
 
 mod common;
 
@@ -64,8 +65,13 @@ impl Holder {
 
     /// qemu-io reading commands from a pipe kept open: a writer, or a reader with `-r`.
     fn qemu_io(img: &Path, read_only: bool) -> Holder {
+        Holder::qemu_io_as(img, "qcow2", read_only)
+    }
+
+    /// [`Holder::qemu_io`] on an image of format `fmt`.
+    fn qemu_io_as(img: &Path, fmt: &str, read_only: bool) -> Holder {
         let mut cmd = Command::new("qemu-io");
-        cmd.args(["-f", "qcow2"]);
+        cmd.args(["-f", fmt]);
         if read_only {
             cmd.arg("-r");
         }
@@ -297,4 +303,211 @@ fn a_writer_on_the_backing_file_blocks_the_overlay() {
     assert!(receive_file(&stream, &replica, &[]).status.success());
     export_shared(&top, "s1", &oracle);
     assert_same_file(&replica, &oracle);
+}
+
+/// An image whose snapshot `s1` holds 6 MiB of incompressible data (a stream of some MiB), and
+/// `s2` 1 MiB more.
+fn big_image(s: &Scratch) -> PathBuf {
+    let img = s.qcow2("big.qcow2", "16M", "");
+    let r1 = s.random_file("r1", 6 << 20, 21);
+    qemu_io(&img, &[format!("write -s {} 0 6M", r1.display())]);
+    snapshot(&img, "s1");
+    let r2 = s.random_file("r2", 1 << 20, 22);
+    qemu_io(&img, &[format!("write -s {} 8M 1M", r2.display())]);
+    snapshot(&img, "s2");
+    img
+}
+
+/// Asserts that a receive refused a replica QEMU holds: exit 1, one `blkdelta:` line naming
+/// the replica as in use, and no `--force-share` offered (receive has none).
+fn assert_target_refused(out: &Output, replica: &Path) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("blkdelta: "), "{err}");
+    let name = replica.display().to_string();
+    for word in [name.as_str(), "is in use by another process"] {
+        assert!(err.contains(word), "no {word:?} in: {err}");
+    }
+    assert!(!err.contains("force-share"), "{err}");
+}
+
+/// `qemu-io -f raw -c 'read 0 512' IMG`, as a VM or a tool reading the replica would.
+fn qemu_read(img: &Path) -> Output {
+    Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 512"])
+        .arg(img)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn receive_refuses_a_replica_qemu_holds() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    let img = big_image(&s);
+    let (full, incr) = (s.path("s1.bd"), s.path("s1-s2.bd"));
+    send_to_file(&at(&img, "s1"), &full);
+    send_to_file(&at(&img, "s1..s2"), &incr);
+    let replica = s.path("replica.raw");
+    let state = s.path("replica.raw.blkdelta");
+    let out = receive_file(&full, &replica, &[]);
+    assert!(out.status.success(), "{out:?}");
+    let (bytes, held) = (
+        std::fs::read(&replica).unwrap(),
+        std::fs::read(&state).unwrap(),
+    );
+    // A VM writing the replica (qemu-io -f raw holds 100 and 101), then a reader (100).
+    for read_only in [false, true] {
+        let mut qemu = Holder::qemu_io_as(&replica, "raw", read_only);
+        for stream in [&incr, &full] {
+            let out = receive_file(stream, &replica, &[]);
+            assert_target_refused(&out, &replica);
+            let err = String::from_utf8_lossy(&out.stderr);
+            let does = if read_only { "reads it" } else { "writes it" };
+            assert!(err.contains(does), "no {does:?} in: {err}");
+        }
+        assert!(
+            std::fs::read(&replica).unwrap() == bytes,
+            "the replica changed"
+        );
+        assert_eq!(std::fs::read(&state).unwrap(), held, "the state changed");
+        qemu.still_there();
+    }
+    // Once QEMU is gone, the same stream applies.
+    let out = receive_file(&incr, &replica, &[]);
+    assert!(out.status.success(), "{out:?}");
+    let oracle = s.path("s2.raw");
+    export(&img, Some("s2"), &oracle);
+    assert_same_file(&replica, &oracle);
+}
+
+/// A `blkdelta receive` of `replica` reading its stream from a pipe the test writes.
+struct Receiving {
+    child: Child,
+}
+
+impl Receiving {
+    fn start(replica: &Path) -> Receiving {
+        let child = Command::new(bin())
+            .args(["receive", "-q"])
+            .arg(replica)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Receiving { child }
+    }
+
+    /// Writes `bytes` of the stream into the pipe, which stays open.
+    fn feed(&mut self, bytes: &[u8]) {
+        let fed = self.child.stdin.as_mut().unwrap().write_all(bytes);
+        if let Err(e) = fed {
+            let _ = self.child.kill();
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err);
+            panic!("the receive stopped reading its stream ({e}): {err}");
+        }
+    }
+
+    /// Closes the pipe and waits for the receive to end.
+    fn finish(mut self) -> Output {
+        drop(self.child.stdin.take());
+        let mut stderr = Vec::new();
+        let pipe = self.child.stderr.as_mut().unwrap();
+        std::io::Read::read_to_end(pipe, &mut stderr).unwrap();
+        let status = self.child.wait().unwrap();
+        Output {
+            status,
+            stdout: Vec::new(),
+            stderr,
+        }
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_replica_being_received_is_locked() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    let img = big_image(&s);
+    let stream = s.path("s1.bd");
+    send_to_file(&at(&img, "s1"), &stream);
+    let bytes = std::fs::read(&stream).unwrap();
+    let replica = s.path("replica.raw");
+    let mut recv = Receiving::start(&replica);
+    let half = bytes.len() / 2;
+    recv.feed(&bytes[..half]);
+    // The receive has read the header, opened the replica and sized it; it now waits for the
+    // rest of the stream.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&replica).map_or(true, |m| m.len() != 16 << 20) {
+        assert!(
+            Instant::now() < deadline,
+            "the receive did not size the replica"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = qemu_read(&replica);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "qemu-io read a replica being received"
+    );
+    assert!(err.contains("\"consistent read\" lock"), "{err}");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(&replica)
+        .arg(s.path("copy.raw"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "qemu-img converted a replica being received"
+    );
+    assert!(err.contains("\"consistent read\" lock"), "{err}");
+    for extra in [&[][..], &["--force-share"][..]] {
+        let mut args = vec!["checksum", replica.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = blkdelta(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "not one line: {err}");
+        assert!(err.contains("blkdelta receive"), "{err}");
+    }
+    recv.feed(&bytes[half..]);
+    let out = recv.finish();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let oracle = s.path("s1.raw");
+    export(&img, Some("s1"), &oracle);
+    assert_same_file(&replica, &oracle);
+    for byte in [100, 101, 200] {
+        assert!(!lock_held(&replica, byte), "byte {byte} still locked");
+    }
+    let out = qemu_read(&replica);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        checksum(replica.to_str().unwrap(), &[]),
+        checksum(&at(&img, "s1"), &[])
+    );
 }

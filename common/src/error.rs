@@ -66,7 +66,8 @@ pub enum ImageError {
     /// The consumer of a walk stopped (a writer failed); the walk ends quietly.
     #[error("stopped: the consumer of the change list went away")]
     Cancelled,
-    /// Another process holds QEMU image locks that forbid reading the image.
+    /// Another process holds QEMU image locks that forbid reading the image (or writing it,
+    /// for a receive target).
     #[error("{} {conflict}", .path.display())]
     InUse {
         /// The image (or backing file) path.

@@ -24,7 +24,7 @@ mod writers;
 use std::io;
 use std::path::PathBuf;
 
-use blkdelta_common::StreamError;
+use blkdelta_common::{ImageError, StreamError};
 
 /// Errors of the receiving side.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +41,10 @@ pub enum ReceiveError {
         #[source]
         source: io::Error,
     },
+    /// Another process has the target open, as QEMU's image locks on it say (or taking them
+    /// failed): the target was opened but nothing was written. Names the target.
+    #[error(transparent)]
+    TargetLocked(ImageError),
     /// An operation on the target failed.
     #[error("{op} at offset {offset} (+{len} bytes) on the target failed")]
     Target {

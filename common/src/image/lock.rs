@@ -1,4 +1,5 @@
-//! QEMU's image locks, taken and checked the way QEMU's `file-posix` driver does for a reader.
+//! QEMU's image locks, taken and checked the way QEMU's `file-posix` driver does, for a reader
+//! (a sender, `checksum`) and for a writer that shares nothing (a receiver's target).
 //!
 //! A QEMU process that opens an image file announces its permissions with shared OFD
 //! byte-range locks (`F_OFD_SETLK`, `F_RDLCK`) on single bytes of the file, one pair of bytes
@@ -18,14 +19,19 @@
 //! writer (a VM, qemu-io, the daemon)    100 101 103 201 203
 //! reader (qemu-img convert, qemu-io -r) 100 201 203        200 101 103
 //! reader with -U (force share)          100                200
+//! blkdelta receive (a block job target) 100 101 103        200 101 103
+//!                                       200 201 203        100 201 203
 //! ```
 //!
 //! So a reader refuses an image a writer or resizer holds, and a writer cannot start while a
 //! reader holds its locks (it finds byte 201 taken). With force share only byte 100 is
 //! taken, which no ordinary writer minds, and only byte 200 is tested: nobody, not even
 //! `qemu-img -U`, reads an image whose builder shares no consistent reads (a block job's
-//! target). The locks belong to the open file description: they last as long as the `File`
-//! and go away when it is closed, so an image that keeps its `File` keeps its locks.
+//! target). A receiver writes a replica that is not consistent until the stream ends, so it
+//! takes every permission and shares none, as a block job's target does: nobody reads, writes
+//! or resizes the replica meanwhile, and a receive does not start on an image anyone holds.
+//! The locks belong to the open file description: they last as long as the `File` and go away
+//! when it is closed, so an image or target that keeps its `File` keeps its locks.
 
 use std::fs::File;
 use std::io;
@@ -59,7 +65,30 @@ const READER_TESTS: [u64; 3] = [
     PERM_BASE + RESIZE,
 ];
 
-/// Why another process's locks forbid reading an image.
+/// Bytes a writer that shares nothing locks: it reads, writes and resizes, and shares none of
+/// these.
+const WRITER_TAKES: [u64; 6] = [
+    PERM_BASE + CONSISTENT_READ,
+    PERM_BASE + WRITE,
+    PERM_BASE + RESIZE,
+    SHARED_BASE + CONSISTENT_READ,
+    SHARED_BASE + WRITE,
+    SHARED_BASE + RESIZE,
+];
+/// Bytes a writer that shares nothing tests: `200 + i` for each permission it takes, `100 + i`
+/// for each it does not share, which is all six. In the order that names a holder best:
+/// another writer that shares nothing, then a writer or resizer (a VM also reads), then a
+/// reader, then a process that only refuses to share.
+const WRITER_TESTS: [u64; 6] = [
+    SHARED_BASE + CONSISTENT_READ,
+    PERM_BASE + WRITE,
+    PERM_BASE + RESIZE,
+    PERM_BASE + CONSISTENT_READ,
+    SHARED_BASE + WRITE,
+    SHARED_BASE + RESIZE,
+];
+
+/// Why another process's locks forbid reading an image, or writing a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockConflict {
     /// Another process holds write permission (byte 101): a running VM, most likely.
@@ -73,6 +102,16 @@ pub enum LockConflict {
         /// The byte offset of the lock.
         byte: u64,
     },
+    /// A target to write is open in another process (a VM, qemu-img, a blkdelta reader): it
+    /// holds a permission a writer that shares nothing does not share (byte 100, 101 or
+    /// 103), or does not share one that writer takes (byte 201 or 203).
+    TargetInUse {
+        /// The lock byte found held.
+        byte: u64,
+    },
+    /// A target to write is being written by another process that shares nothing (byte 200):
+    /// another blkdelta receive, or a QEMU block job.
+    TargetBeingWritten,
 }
 
 impl LockConflict {
@@ -83,6 +122,26 @@ impl LockConflict {
             b if b == PERM_BASE + RESIZE => LockConflict::Resizer,
             _ => LockConflict::NoConsistentRead,
         }
+    }
+
+    /// The conflict a lock found on a `byte` a writer that shares nothing tests means.
+    fn of_tested_by_writer(byte: u64) -> Self {
+        if byte == SHARED_BASE + CONSISTENT_READ {
+            LockConflict::TargetBeingWritten
+        } else {
+            LockConflict::TargetInUse { byte }
+        }
+    }
+}
+
+/// What the holder of a lock `byte` a writer tests does to the target, in words.
+fn holder_does(byte: u64) -> &'static str {
+    match byte {
+        b if b == PERM_BASE + WRITE => "writes it (QEMU's write lock is held)",
+        b if b == PERM_BASE + RESIZE => "may resize it (QEMU's resize lock is held)",
+        b if b == PERM_BASE + CONSISTENT_READ => "reads it (QEMU's read lock is held)",
+        b if b == SHARED_BASE + WRITE => "lets nobody else write it (QEMU's lock byte 201 is held)",
+        _ => "lets nobody else resize it (QEMU's lock byte 203 is held)",
     }
 }
 
@@ -105,14 +164,24 @@ impl std::fmt::Display for LockConflict {
                  it, or {FORCE_SHARE_HINT}"
             ),
             LockConflict::NoConsistentRead => f.write_str(
-                "is being written by a process that lets nobody read it (a QEMU block job \
-                 building it?): its content is not consistent until that ends, and \
-                 --force-share does not override this, as with qemu-img -U",
+                "is being written by a process that lets nobody read it (a QEMU block job or a \
+                 blkdelta receive building it?): its content is not consistent until that \
+                 ends, and --force-share does not override this, as with qemu-img -U",
             ),
             LockConflict::Exclusive { byte } => write!(
                 f,
                 "is locked by another process (an exclusive lock on QEMU's lock byte {byte}); \
                  stop it and retry"
+            ),
+            LockConflict::TargetInUse { byte } => write!(
+                f,
+                "is in use by another process (a VM or qemu-img?) that {}: stop it and retry; \
+                 a replica is written only while nothing else has it open",
+                holder_does(*byte)
+            ),
+            LockConflict::TargetBeingWritten => f.write_str(
+                "is being written by another process that shares nothing (another blkdelta \
+                 receive, or a QEMU block job?): wait for it to end and retry",
             ),
         }
     }
@@ -130,6 +199,35 @@ pub fn lock_for_read(file: &File, path: &Path, options: &OpenOptions) -> Result<
     } else {
         (&READER_TAKES, &READER_TESTS)
     };
+    lock_and_test(file, path, takes, tests, LockConflict::of_tested)
+}
+
+/// Takes the locks of a writer that shares nothing on `file` (opened for writing from `path`):
+/// it holds consistent read, write and resize, and shares none of them, as the target of a
+/// QEMU block job does. Then checks, as QEMU's `raw_check_lock_bytes` does, that no other
+/// process holds any of these six bytes: nobody else may have the target open while it is
+/// written, and nobody may open it until `file` is closed.
+///
+/// On a filesystem without OFD locks, writes proceed unlocked, as QEMU's do.
+pub fn lock_for_write(file: &File, path: &Path) -> Result<(), ImageError> {
+    lock_and_test(
+        file,
+        path,
+        &WRITER_TAKES,
+        &WRITER_TESTS,
+        LockConflict::of_tested_by_writer,
+    )
+}
+
+/// Takes shared locks on the bytes `takes`, then fails with the conflict `of_tested` names for
+/// the first of `tests` another open file description holds.
+fn lock_and_test(
+    file: &File,
+    path: &Path,
+    takes: &[u64],
+    tests: &[u64],
+    of_tested: fn(u64) -> LockConflict,
+) -> Result<(), ImageError> {
     let in_use = |conflict| ImageError::InUse {
         path: path.to_path_buf(),
         conflict,
@@ -138,8 +236,8 @@ pub fn lock_for_read(file: &File, path: &Path, options: &OpenOptions) -> Result<
         path: path.to_path_buf(),
         source,
     };
-    // Lock first, then test, as QEMU does: of a reader and a writer starting together, at
-    // least one sees the other.
+    // Lock first, then test, as QEMU does: of two openers starting together, at least one
+    // sees the other.
     for &byte in takes {
         match ofd::read_lock(file, byte) {
             Ok(()) => {}
@@ -151,7 +249,7 @@ pub fn lock_for_read(file: &File, path: &Path, options: &OpenOptions) -> Result<
     for &byte in tests {
         match ofd::held_by_other(file, byte) {
             Ok(false) => {}
-            Ok(true) => return Err(in_use(LockConflict::of_tested(byte))),
+            Ok(true) => return Err(in_use(of_tested(byte))),
             Err(e) if unsupported(&e) => return Ok(()),
             Err(e) => return Err(lock_err(e)),
         }
@@ -405,5 +503,140 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Opens the file again for writing, as a receiver opens its target.
+    fn reopen_rw(f: &tempfile::NamedTempFile) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(f.path())
+            .unwrap()
+    }
+
+    /// The conflict `lock_for_write` reports on `f`, panicking if it finds none.
+    fn write_conflict(f: &tempfile::NamedTempFile) -> LockConflict {
+        match lock_for_write(&reopen_rw(f), f.path()) {
+            Err(ImageError::InUse { conflict, .. }) => conflict,
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_target_we_write_refuses_a_vm_and_readers() {
+        let f = image();
+        if !have_ofd(&f) {
+            return;
+        }
+        let target = reopen_rw(&f);
+        lock_for_write(&target, f.path()).unwrap();
+        // QEMU's writer tests 200+i for what it holds (0, 1, 3) and 100+i for what it does
+        // not share (1, 3): it finds every one of them taken.
+        let vm = reopen(&f);
+        for byte in [200, 201, 203, 101, 103] {
+            assert!(ofd::held_by_other(&vm, byte).unwrap(), "{byte}");
+        }
+        // Readers, even with force share, find consistent reads not shared.
+        for options in [LOCK, SHARE] {
+            let err = lock_for_read(&reopen(&f), f.path(), &options).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ImageError::InUse {
+                        conflict: LockConflict::NoConsistentRead,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(err.to_string().contains("blkdelta receive"), "{err}");
+        }
+        // And a second writer finds the first.
+        assert_eq!(write_conflict(&f), LockConflict::TargetBeingWritten);
+    }
+
+    #[test]
+    fn we_do_not_write_a_target_a_vm_or_a_reader_holds() {
+        let f = image();
+        if !have_ofd(&f) {
+            return;
+        }
+        let vm = qemu_writer(&f);
+        assert_eq!(write_conflict(&f), LockConflict::TargetInUse { byte: 101 });
+        drop(vm);
+        for options in [LOCK, SHARE] {
+            let reader = reopen(&f);
+            lock_for_read(&reader, f.path(), &options).unwrap();
+            assert_eq!(write_conflict(&f), LockConflict::TargetInUse { byte: 100 });
+        }
+        let resizer = reopen(&f);
+        ofd::read_lock(&resizer, 103).unwrap();
+        assert_eq!(write_conflict(&f), LockConflict::TargetInUse { byte: 103 });
+        drop(resizer);
+        // A process that only refuses to share writing is found too.
+        let unsharer = reopen(&f);
+        ofd::read_lock(&unsharer, 201).unwrap();
+        assert_eq!(write_conflict(&f), LockConflict::TargetInUse { byte: 201 });
+    }
+
+    #[test]
+    fn a_target_conflict_is_one_line_without_force_share() {
+        let f = image();
+        if !have_ofd(&f) {
+            return;
+        }
+        let _vm = qemu_writer(&f);
+        let err = lock_for_write(&reopen_rw(&f), f.path()).unwrap_err();
+        let line = err.to_string();
+        let name = f.path().display().to_string();
+        assert!(line.starts_with(&name), "{line}");
+        assert!(line.contains("in use by another process"), "{line}");
+        assert!(line.contains("write lock"), "{line}");
+        assert!(
+            !line.contains("force-share") && !line.contains('\n'),
+            "{line}"
+        );
+        let messages = [
+            LockConflict::TargetBeingWritten.to_string(),
+            LockConflict::TargetInUse { byte: 100 }.to_string(),
+            LockConflict::TargetInUse { byte: 103 }.to_string(),
+            LockConflict::TargetInUse { byte: 203 }.to_string(),
+        ];
+        for m in messages {
+            assert!(!m.contains("force-share") && !m.contains('\n'), "{m}");
+        }
+    }
+
+    #[test]
+    fn closing_the_target_releases_its_locks() {
+        let f = image();
+        if !have_ofd(&f) {
+            return;
+        }
+        let target = reopen_rw(&f);
+        lock_for_write(&target, f.path()).unwrap();
+        // A second handle on the same open file description keeps the locks: they go only
+        // with the last one.
+        let dup = target.try_clone().unwrap();
+        drop(target);
+        assert_eq!(write_conflict(&f), LockConflict::TargetBeingWritten);
+        drop(dup);
+        let other = reopen(&f);
+        for byte in WRITER_TAKES {
+            assert!(!ofd::held_by_other(&other, byte).unwrap(), "{byte}");
+        }
+        lock_for_read(&reopen(&f), f.path(), &LOCK).unwrap();
+        lock_for_write(&reopen_rw(&f), f.path()).unwrap();
+    }
+
+    #[test]
+    fn an_exclusive_lock_on_a_target_byte_is_a_conflict() {
+        let f = image();
+        if !have_ofd(&f) {
+            return;
+        }
+        let other = reopen_rw(&f);
+        ofd::write_lock(&other, 203).unwrap();
+        assert_eq!(write_conflict(&f), LockConflict::Exclusive { byte: 203 });
     }
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use rustix::fs::{FallocateFlags, SeekFrom};
 
 use super::{pwrite_all, sync_data, try_fallocate, write_zeroes_plain, Target, WriteBehind};
+use blkdelta_common::image::lock::lock_for_write;
 use blkdelta_common::image::raw::RawImage;
 
 use crate::ReceiveError;
@@ -29,7 +30,8 @@ pub struct BlockDevTarget {
 }
 
 impl BlockDevTarget {
-    /// Opens the device at `path` for writing.
+    /// Opens the device at `path` for writing and takes QEMU's locks of a writer that shares
+    /// nothing on it (see [`lock_for_write`]): they last as long as the target.
     pub fn open(path: &Path) -> Result<Self, ReceiveError> {
         let open_err = |source| ReceiveError::OpenTarget {
             path: path.to_path_buf(),
@@ -40,6 +42,9 @@ impl BlockDevTarget {
             .write(true)
             .open(path)
             .map_err(open_err)?;
+        // Before anything is written or resized: nobody else may have the replica open while
+        // it is received, and the locks last as long as `file`.
+        lock_for_write(&file, path).map_err(ReceiveError::TargetLocked)?;
         let device_bytes =
             rustix::fs::seek(&file, SeekFrom::End(0)).map_err(|e| open_err(e.into()))?;
         Ok(BlockDevTarget {

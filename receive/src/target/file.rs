@@ -6,6 +6,7 @@ use std::path::Path;
 use rustix::fs::FallocateFlags;
 
 use super::{pwrite_all, sync_data, try_fallocate, write_zeroes_plain, Target, WriteBehind};
+use blkdelta_common::image::lock::lock_for_write;
 use blkdelta_common::image::raw::RawImage;
 
 use crate::ReceiveError;
@@ -19,7 +20,8 @@ pub struct FileTarget {
 }
 
 impl FileTarget {
-    /// Opens `path` for writing, creating it empty when missing.
+    /// Opens `path` for writing, creating it empty when missing, and takes QEMU's locks of a
+    /// writer that shares nothing on it (see [`lock_for_write`]): they last as long as the target.
     pub fn open(path: &Path) -> Result<Self, ReceiveError> {
         let open_err = |source| ReceiveError::OpenTarget {
             path: path.to_path_buf(),
@@ -32,6 +34,9 @@ impl FileTarget {
             .truncate(false)
             .open(path)
             .map_err(open_err)?;
+        // Before anything is written or resized: nobody else may have the replica open while
+        // it is received, and the locks last as long as `file`.
+        lock_for_write(&file, path).map_err(ReceiveError::TargetLocked)?;
         let size = file.metadata().map_err(open_err)?.len();
         Ok(FileTarget {
             file,
