@@ -1656,6 +1656,57 @@ fn a_full_target_filesystem_fails_cleanly_and_recovers_once_it_grows() {
 }
 
 #[test]
+fn a_failure_is_reported_at_once_while_the_input_stays_open() {
+    const TEST: &str = "a_failure_is_reported_at_once_while_the_input_stays_open";
+    if !have("qemu-img") || !have("mount") {
+        return;
+    }
+    // A seed fed up to a checkpoint and applied; then the filesystem fills up, and the seed is
+    // fed up to the next checkpoint and no further, the input staying open as behind a
+    // connection that hangs. The receiver has read all it was given when it fails to apply
+    // it: it must say so then, not once the input moves or closes.
+    let f = Fixture::new("1.1", 0);
+    let dir = f.s.path("small");
+    let Some(_mount) = Mounted::tmpfs(TEST, &dir, "32m") else {
+        return;
+    };
+    let bytes = std::fs::read(&f.seed).unwrap();
+    let recs = records(&f.seed, bytes.len() as u64);
+    let mut checkpoints = recs.iter().filter(|r| r.kind == "checkpoint");
+    let (first, second) = (checkpoints.next().unwrap(), checkpoints.next().unwrap());
+    assert!(
+        recs.iter()
+            .any(|r| r.kind == "data" && r.at > first.at && r.at < second.at),
+        "data between the two checkpoints"
+    );
+    let mut r = Receiver::start(&dir.join("r.raw"), &[]);
+    r.feed(&bytes[..first.end as usize]);
+    polls(|| r.unread() == 0, "the receiver to read the first part");
+    std::thread::sleep(Duration::from_millis(500));
+    r.assert_running("after the first checkpoint");
+    let mut filler = std::fs::File::create(dir.join("filler")).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    while filler.write_all(&zeros).is_ok() {}
+    drop(filler);
+    r.feed(&bytes[first.end as usize..second.end as usize]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = r.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the receiver failed but waited for its input to move or close"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = r.stderr_after_exit();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
 fn a_state_write_failing_at_a_snapshot_end_never_records_the_snapshot() {
     const TEST: &str = "a_state_write_failing_at_a_snapshot_end_never_records_the_snapshot";
     if !have("qemu-img") || !have("mount") {

@@ -4,7 +4,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
 
 use blkdelta_common::buf::AlignedBuf;
 use blkdelta_common::digest::to_hex;
@@ -28,6 +28,9 @@ const UNDO_BATCH_BYTES: u64 = 32 << 20;
 
 /// Records decoded and verified ahead of the writes (each holds at most 1 MiB).
 const DECODE_QUEUE: usize = 4;
+
+/// How long the applier waits for a record before it looks for a failed write.
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Threads writing data records into the target.
 const WRITER_THREADS: usize = 4;
@@ -78,7 +81,7 @@ pub fn describe(st: &ReplicaState) -> String {
 /// Receives the stream `reader` has opened into the raw file or block device at `path`: takes
 /// the replica's lock, checks its state, and only then opens (or creates) the target. A dry
 /// run checks the same things and reads the whole stream, touching nothing.
-pub fn receive_path<R: Read + Send>(
+pub fn receive_path<R: Read + Send + 'static>(
     reader: StreamReader<R>,
     path: &Path,
     state_path: Option<&Path>,
@@ -110,8 +113,8 @@ pub fn receive_path<R: Read + Send>(
 ///
 /// A decoder thread reads, checks and decompresses records ahead of this one, which writes
 /// them: verification and decompression overlap with the writes, through a bounded queue.
-pub fn receive<R: Read + Send>(
-    mut reader: StreamReader<R>,
+pub fn receive<R: Read + Send + 'static>(
+    reader: StreamReader<R>,
     target: &mut dyn Target,
     state_path: Option<&Path>,
     plan: Plan,
@@ -170,7 +173,13 @@ pub fn receive<R: Read + Send>(
     std::thread::scope(|s| {
         let (tx, rx) = sync_channel(DECODE_QUEUE);
         let spare_tx = run.spare.clone();
-        let decoder = s.spawn(move || decode(&mut reader, &tx, &spare_rx));
+        // Not scoped: once the applier has failed, its error is reported without waiting for
+        // the decoder, which may be blocked reading an input that stalls without closing (a
+        // hung connection); it ends when that input moves or closes, or with the process.
+        let decoder = std::thread::spawn(move || {
+            let mut reader = reader;
+            decode(&mut reader, &tx, &spare_rx);
+        });
         if let Some(file) = handle {
             let (pool, jobs) = Writers::new(&write_progress);
             let jobs = std::sync::Arc::new(std::sync::Mutex::new(jobs));
@@ -191,20 +200,31 @@ pub fn receive<R: Read + Send>(
         }
         // A panic here still stops the writer threads (they would wait for work forever and
         // the scope for them), then goes on.
-        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            rx.iter().try_for_each(|item| {
-                item.map_err(ReceiveError::from)
-                    .and_then(|(item, at)| run.record(item, at, target, progress))
-            })
-        }));
+        let apply_all = || -> Result<(), ReceiveError> {
+            loop {
+                match rx.recv_timeout(IDLE_CHECK) {
+                    Ok(item) => {
+                        let (item, at) = item?;
+                        run.record(item, at, target, progress)?;
+                    }
+                    // Nothing to apply for a while (the input is slow or stalled): a write
+                    // that failed meanwhile is reported now, not when the next record comes.
+                    Err(RecvTimeoutError::Timeout) => run.check_writes()?,
+                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            }
+        };
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(apply_all));
         // Stops the writer threads (after their last writes) and a decoder still reading
-        // ahead.
+        // ahead (its next hand-over fails).
         let written = run.writers.take().map_or(Ok(()), Writers::finish);
         drop(rx);
-        let decoded = decoder.join();
         applied.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         written?;
-        decoded.map_err(|_| ReceiveError::Refused("the stream decoder panicked".into()))
+        // Every record was applied: the decoder has ended (it closed the queue).
+        decoder
+            .join()
+            .map_err(|_| ReceiveError::Refused("the stream decoder panicked".into()))
     })?;
     progress.finish();
     Ok(run.summary)
@@ -536,6 +556,11 @@ impl Apply<'_> {
     /// Waits for the writer threads to finish every write handed to them.
     fn wait_writes(&self) -> Result<(), ReceiveError> {
         self.writers.as_ref().map_or(Ok(()), Writers::wait)
+    }
+
+    /// The first error a write on the writer threads has met, if any, without waiting.
+    fn check_writes(&self) -> Result<(), ReceiveError> {
+        self.writers.as_ref().map_or(Ok(()), Writers::check)
     }
 
     /// Before zeroing or discarding `[off, off + len)` on this thread: when the range covers

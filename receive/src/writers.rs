@@ -87,6 +87,11 @@ impl<'a> Writers<'a> {
         Ok(())
     }
 
+    /// The first error a write has met so far, without waiting for the writes in flight.
+    pub(crate) fn check(&self) -> Result<(), ReceiveError> {
+        self.progress.lock().1.take().map_or(Ok(()), Err)
+    }
+
     /// Waits until every write handed over is done; the first error any met.
     pub(crate) fn wait(&self) -> Result<(), ReceiveError> {
         let mut s = self.progress.lock();
