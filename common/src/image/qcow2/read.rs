@@ -136,7 +136,7 @@ impl BlockSource for Qcow2Layer {
     /// the same kind are merged (with a bounded amount of work per call); only metadata is read.
     ///
     /// The backing file is asked at most once per call: each merges up to
-    /// [`MAX_STATUS_STEPS`] lookups of its own, so asking it for every unallocated run would
+    /// `MAX_STATUS_STEPS` lookups of its own, so asking it for every unallocated run would
     /// make one call cost `MAX_STATUS_STEPS` to the power of the chain's depth.
     fn status(&self, offset: u64, max_len: u64) -> Result<(Allocation, u64), ImageError> {
         check_range(offset, 1, self.inner.size)?;
