@@ -3,6 +3,14 @@
 #   corpus/qcow2_image/   small qcow2 images made with qemu-img / qemu-io: v2 and v3, 512 B to
 #                         64 KiB clusters, extended L2, deflate and zstd compressed clusters,
 #                         internal snapshots, a persistent bitmap, a backing file
+#   corpus/qcow2_bitmaps/ small qcow2 images with persistent dirty bitmaps that have bits set:
+#                         16 MiB with 64 KiB clusters (one bitmap), 4 MiB with 512 B clusters
+#                         (a fine bitmap of two table entries, a coarse disabled one), 1 MiB
+#                         with 4 KiB clusters (an empty bitmap and a full one), 256 KiB with
+#                         512 B clusters (a few KiB of file)
+#   corpus/change_map/    change maps, each after a byte that picks the device and era block
+#                         sizes (see fuzz_targets/change_map.rs): thin_delta plain and verbose,
+#                         era_invalidate, OFFSET LENGTH lines
 #   corpus/stream_decode/ streams written by `blkdelta send` from such images: full and
 #                         incremental, several transitions, zstd and plain data, zero and
 #                         discard records
@@ -14,7 +22,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 q="$here/corpus/qcow2_image"
 s="$here/corpus/stream_decode"
-mkdir -p "$q" "$s"
+b="$here/corpus/qcow2_bitmaps"
+m="$here/corpus/change_map"
+mkdir -p "$q" "$s" "$b" "$m"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -61,6 +71,93 @@ qemu-io -f qcow2 -c "write -P 0x0a 64k 4k" "$work/bitmap.qcow2" >/dev/null
 qemu-img create -q -f qcow2 -u -b img -F qcow2 -o cluster_size=4096 "$work/backing.qcow2" 1M
 qemu-img create -q -f qcow2 -u -b img -F raw -o cluster_size=512 "$work/backing-raw.qcow2" 64k
 for f in "$work"/*.qcow2; do cp "$f" "$q/"; done
+
+# Persistent dirty bitmaps with bits set: qemu-io loads the image's bitmaps, records its
+# writes in the enabled ones and stores them when it closes the image.
+mkdir "$work/bitmaps"
+bm() {
+    qemu-img create -q -f qcow2 -o cluster_size="$3" "$work/bitmaps/$1" "$2"
+}
+bm 16m-64k.qcow2 16M 65536
+qemu-img bitmap --add --enable "$work/bitmaps/16m-64k.qcow2" b0
+qemu-io -f qcow2 -c "write -P 0x5a 0 64k" -c "write -z 1M 192k" -c "write -z 8M 64k" \
+    -c "write -P 0x5c 15M 4k" "$work/bitmaps/16m-64k.qcow2" >/dev/null
+# 4 MiB of 512 B granules is 1 KiB of bitmap: two data clusters of 512 B.
+bm 4m-512.qcow2 4M 512
+qemu-img bitmap --add -g 512 "$work/bitmaps/4m-512.qcow2" fine
+qemu-img bitmap --add -g 65536 "$work/bitmaps/4m-512.qcow2" coarse
+qemu-io -f qcow2 -c "write -P 1 0 1k" -c "write -P 2 2049k 3k" -c "write -P 3 3M 512" \
+    "$work/bitmaps/4m-512.qcow2" >/dev/null
+qemu-img bitmap --disable "$work/bitmaps/4m-512.qcow2" coarse
+qemu-io -f qcow2 -c "write -P 4 1M 512" "$work/bitmaps/4m-512.qcow2" >/dev/null
+bm 1m-4k.qcow2 1M 4096
+qemu-img bitmap --add -g 4096 "$work/bitmaps/1m-4k.qcow2" none
+qemu-img bitmap --add -g 4096 "$work/bitmaps/1m-4k.qcow2" all
+# Zero writes are writes: they set bits without allocating a megabyte of data.
+qemu-io -f qcow2 -c "write -z 0 1M" "$work/bitmaps/1m-4k.qcow2" >/dev/null
+qemu-img bitmap --clear "$work/bitmaps/1m-4k.qcow2" none
+# A few KiB, so that mutations often hit the directory and the table.
+bm 256k-512.qcow2 256k 512
+qemu-img bitmap --add -g 512 "$work/bitmaps/256k-512.qcow2" tiny
+qemu-io -f qcow2 -c "write -z 0 512" -c "write -z 3k 2k" -c "write -z 255k 1k" \
+    "$work/bitmaps/256k-512.qcow2" >/dev/null
+cp "$work"/bitmaps/*.qcow2 "$b/"
+
+# Change maps. The first byte picks the sizes: 0x08 a 64 MiB device without an era block
+# size, 0x98 the same device with 64 KiB era blocks, 0x07 a device of 1 MiB + 512 bytes.
+seed_map() {
+    { printf "$2"; cat; } >"$m/$1"
+}
+seed_map thin.xml '\x08' <<'MAP'
+<superblock uuid="" time="0" transaction="1" version="2" data_block_size="128" nr_data_blocks="1024">
+  <diff left="1" right="2">
+    <different begin="0" length="4"/>
+    <same begin="4" length="2"/>
+    <right_only begin="6" length="1"/>
+    <left_only begin="9" length="3"/>
+    <left_only begin="2" length="8"/>
+  </diff>
+</superblock>
+MAP
+seed_map thin-verbose.xml '\x08' <<'MAP'
+<?xml version="1.0"?>
+<!-- thin_delta --verbose -->
+<superblock uuid="abc" time="3" transaction="7" flags="0" version="2" data_block_size="256" nr_data_blocks="100" metadata_snap="5">
+  <diff left="1" right="2">
+    <different>
+      <range begin="2" left_data_begin="10" right_data_begin="20" length="1"/>
+      <range begin="5" left_data_begin="11" right_data_begin="21" length="2"/>
+    </different>
+    <same>
+      <range begin="0" data_begin="7" length="2"/>
+    </same>
+    <left_only>
+      <range begin="8" data_begin="30" length="1"/>
+    </left_only>
+    <right_only>
+      <range begin='60' data_begin='31' length='4'/>
+    </right_only>
+  </diff>
+</superblock>
+MAP
+era='<blocks>
+  <range begin="5" end="9"/>
+  <block block="3"/>
+  <block block="1023"/>
+  <range begin="0" end="2"/>
+</blocks>'
+seed_map era.xml '\x98' <<<"$era"
+seed_map era-without-size.xml '\x08' <<<"$era"
+seed_map lines.txt '\x07' <<'MAP'
+# changed ranges, in bytes
+4096 512
+0x10000 0x1000   # hex
+	100 1
+1048000 1088
+900 100
+0 10
+5 10
+MAP
 
 # Streams, written by the binary.
 (cd "$root" && cargo build -q --bin blkdelta)

@@ -381,7 +381,11 @@ fn child(parent: &Open, tag: &Tag, out: &mut Collector) -> Result<Elem, MapError
         }
         _ => invalid(
             tag.line,
-            format!("<{}> is not expected inside <{}>", clip(name), parent.name),
+            format!(
+                "<{}> is not expected inside <{}>",
+                clip(name),
+                clip(&parent.name)
+            ),
         ),
     }
 }
@@ -451,11 +455,18 @@ fn era_range(
 /// A numeric attribute the element must have.
 fn required(tag: &Tag, attr: &str) -> Result<u64, MapError> {
     match tag.attr(attr) {
-        None => invalid(tag.line, format!("<{}> has no {attr} attribute", tag.name)),
+        None => invalid(
+            tag.line,
+            format!("<{}> has no {attr} attribute", clip(&tag.name)),
+        ),
         Some(v) => number(v).ok_or_else(|| {
             bad(
                 tag.line,
-                format!("<{}>: {attr}=\"{}\" is not a number", tag.name, clip(v)),
+                format!(
+                    "<{}>: {attr}=\"{}\" is not a number",
+                    clip(&tag.name),
+                    clip(v)
+                ),
             )
         }),
     }

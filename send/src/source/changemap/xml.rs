@@ -208,14 +208,24 @@ fn text(s: &[u8]) -> String {
     String::from_utf8_lossy(s).into_owned()
 }
 
-/// `s` cut to a length fit for a one-line error message.
+/// `s` cut to a length fit for a one-line error message, control characters (a line break,
+/// a carriage return) shown as spaces.
 pub fn clip(s: &str) -> String {
     const MAX_CHARS: usize = 40;
+    let shown = |t: &str| -> String {
+        t.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect()
+    };
     match s.char_indices().nth(MAX_CHARS) {
-        Some((at, _)) => format!("{}...", &s[..at]),
-        None => s.to_string(),
+        Some((at, _)) => format!("{}...", shown(&s[..at])),
+        None => shown(s),
     }
 }
+
+/// Most attributes a tag may have: the formats read here use at most 8. Bounds the work of
+/// the duplicate check, which compares each attribute with the ones before it.
+const MAX_ATTRS: usize = 32;
 
 /// Parses what lies between `<` and `>`.
 fn parse_tag(body: &[u8], line: u64) -> Result<Tag, XmlError> {
@@ -238,12 +248,21 @@ fn parse_tag(body: &[u8], line: u64) -> Result<Tag, XmlError> {
         if kind == TagKind::End || trimmed.len() == rest.len() {
             return syntax(
                 line,
-                format!("<{name}>: unexpected '{}'", clip(&text(trimmed))),
+                format!("<{}>: unexpected '{}'", clip(&name), clip(&text(trimmed))),
+            );
+        }
+        if attrs.len() == MAX_ATTRS {
+            return syntax(
+                line,
+                format!("<{}> has more than {MAX_ATTRS} attributes", clip(&name)),
             );
         }
         let (attr, value, after) = parse_attr(trimmed, &name, line)?;
         if attrs.iter().any(|(a, _)| *a == attr) {
-            return syntax(line, format!("<{name}>: attribute {attr} given twice"));
+            return syntax(
+                line,
+                format!("<{}>: attribute {} given twice", clip(&name), clip(&attr)),
+            );
         }
         attrs.push((attr, value));
         rest = after;
@@ -263,23 +282,25 @@ fn parse_attr<'a>(
     line: u64,
 ) -> Result<(String, String, &'a [u8]), XmlError> {
     let (attr, rest) = take_name(s);
+    let tag = clip(tag);
     if attr.is_empty() {
         return syntax(line, format!("<{tag}>: unexpected '{}'", clip(&text(s))));
     }
     let attr = text(attr);
+    let shown = clip(&attr);
     let rest = trim_start(rest);
     let Some(rest) = rest.strip_prefix(b"=") else {
-        return syntax(line, format!("<{tag}>: attribute {attr} has no value"));
+        return syntax(line, format!("<{tag}>: attribute {shown} has no value"));
     };
     let rest = trim_start(rest);
     let Some((&q, rest)) = rest
         .split_first()
         .filter(|(q, _)| matches!(q, b'"' | b'\''))
     else {
-        return syntax(line, format!("<{tag}>: value of {attr} is not quoted"));
+        return syntax(line, format!("<{tag}>: value of {shown} is not quoted"));
     };
     let Some(end) = rest.iter().position(|&b| b == q) else {
-        return syntax(line, format!("<{tag}>: value of {attr} is not closed"));
+        return syntax(line, format!("<{tag}>: value of {shown} is not closed"));
     };
     Ok((attr, text(&rest[..end]), &rest[end + 1..]))
 }
@@ -337,6 +358,28 @@ mod tests {
         assert_eq!(error_line("<a x=\"1\"y=\"2\"/>").0, 1);
         assert_eq!(error_line("< a/>").0, 1);
         assert!(error_line("<a x>").1.contains("no value"));
+    }
+
+    #[test]
+    fn messages_stay_short_and_on_one_line() {
+        // Many attributes: refused at the limit, not compared pairwise without end.
+        let attrs: String = (0..=MAX_ATTRS).map(|i| format!(" a{i}=\"\"")).collect();
+        let (_, reason) = error_line(&format!("<t{attrs}/>"));
+        assert!(reason.contains("more than 32 attributes"), "{reason}");
+        let last = attrs.rfind(' ').unwrap();
+        let most = tags(&format!("<t{}/>", &attrs[..last])).unwrap();
+        assert_eq!(most[0].attrs.len(), MAX_ATTRS);
+        // Long names and values with line breaks are clipped and shown on one line.
+        let long = "n".repeat(5000);
+        for doc in [
+            format!("<{long} {long}=\"1\" {long}=\"1\"/>"),
+            format!("<{long} {long}/>"),
+            format!("<{long}>\n</{long} x=\"1\">"),
+        ] {
+            let (_, reason) = error_line(&doc);
+            assert!(reason.len() < 200, "{} bytes: {reason}", reason.len());
+        }
+        assert_eq!(clip("a\r\nb"), "a  b");
     }
 
     #[test]
