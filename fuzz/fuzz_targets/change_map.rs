@@ -31,9 +31,9 @@ mod parse;
 #[path = "../../send/src/source/changemap/xml.rs"]
 mod xml;
 
+mod scratch;
+
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use blkdelta_common::extent::{Extent, ExtentKind};
 use blkdelta_send::source::{open_source_opts, SourceOptions};
@@ -88,21 +88,6 @@ const MAX_MESSAGE_BYTES: usize = 256 << 10;
 
 /// Largest device the public path is tried on: a file length is an `off_t`.
 const MAX_FILE_BYTES: u64 = i64::MAX as u64;
-
-/// A private directory on tmpfs when there is one, holding the map and the device.
-fn work_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!("blkdelta-fuzz-map-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create the fuzz directory");
-        dir
-    })
-}
 
 fn parse_bytes(
     map: &[u8],
@@ -328,7 +313,7 @@ fn check_send_path(
     era: Option<u64>,
     direct: &Result<ChangeMap, MapError>,
 ) {
-    let dir = work_dir();
+    let dir = scratch::dir("map");
     let (map_path, device) = (dir.join("map"), dir.join("device"));
     std::fs::write(&map_path, map).expect("write the map");
     let file = std::fs::File::create(&device).expect("create the device");

@@ -12,8 +12,9 @@
 //! slow or huge-allocation input points at the library.
 #![no_main]
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+mod scratch;
+
+use std::path::Path;
 
 use blkdelta_common::extent::{Extent, ExtentSink};
 use blkdelta_common::image::qcow2::{BitmapInfo, DirtyBitmap, Layer, Qcow2Image, TableEntry};
@@ -29,31 +30,6 @@ const MAX_RANGES: usize = 1 << 14;
 const MAX_MODEL_BITS: u64 = 1 << 22;
 /// A refusal's message is one line for a person to read; anything near this is a bug.
 const MAX_MESSAGE_BYTES: usize = 16 << 10;
-
-/// A directory of this process, on tmpfs when there is one; it holds only the image, so a
-/// backing file name can only resolve to the image itself (or to nothing).
-fn image_path() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!("blkdelta-fuzz-bitmaps-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create the fuzz directory");
-        dir.join("img")
-    })
-}
-
-/// Whether the image's backing file (if any) stays inside the private directory: a name
-/// with a path separator could reach any file of the machine (a device, a FIFO).
-fn backing_is_contained(image: &Qcow2Image) -> bool {
-    match image.header().backing_file.as_deref() {
-        None => true,
-        Some(name) => !name.contains('/') && name != "." && name != "..",
-    }
-}
 
 fn check_message(err: &dyn std::fmt::Display) {
     let message = err.to_string();
@@ -258,7 +234,7 @@ fn check_send(path: &Path, image: &Qcow2Image, info: &BitmapInfo, direct: Option
 }
 
 fuzz_target!(|data: &[u8]| {
-    let path = image_path();
+    let path = &scratch::dir("bitmaps").join("img");
     std::fs::write(path, data).expect("write the image");
     let image = match Qcow2Image::open(path) {
         Ok(image) => image,
@@ -291,7 +267,7 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         // send finds the bitmap by name: only a unique name names this entry.
-        if unique && backing_is_contained(&image) {
+        if unique && scratch::backing_is_contained(&image) {
             check_send(path, &image, info, bitmap.as_ref());
         }
     }

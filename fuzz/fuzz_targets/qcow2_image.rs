@@ -8,8 +8,7 @@
 //! reported as Zero or Hole read as zeros.
 #![no_main]
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+mod scratch;
 
 use blkdelta_common::image::qcow2::{Layer, Qcow2Image, Qcow2Layer};
 use blkdelta_common::image::{Allocation, BlockSource};
@@ -23,31 +22,6 @@ const MAX_STATUS_CALLS: usize = 64;
 const READ_BYTES: u64 = 64 << 10;
 /// L1 entries whose L2 table is read, per layer.
 const MAX_L2_READS: usize = 256;
-
-/// A directory of this process, on tmpfs when there is one; it holds only the image, so a
-/// backing file name can only resolve to the image itself (or to nothing).
-fn image_path() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!("blkdelta-fuzz-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create the fuzz directory");
-        dir.join("img")
-    })
-}
-
-/// Whether the image's backing file (if any) stays inside the private directory: a name
-/// with a path separator could reach any file of the machine (a device, a FIFO).
-fn backing_is_contained(image: &Qcow2Image) -> bool {
-    match image.header().backing_file.as_deref() {
-        None => true,
-        Some(name) => !name.contains('/') && name != "." && name != "..",
-    }
-}
 
 fn exercise_layer(layer: &Qcow2Layer) {
     let size = layer.size();
@@ -92,7 +66,7 @@ fn exercise_layer(layer: &Qcow2Layer) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let path = image_path();
+    let path = &scratch::dir("image").join("img");
     std::fs::write(path, data).expect("write the image");
     let Ok(image) = Qcow2Image::open(path) else {
         return;
@@ -103,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = image.find_snapshot(&first.name);
         let _ = first.guid();
     }
-    if !backing_is_contained(&image) {
+    if !scratch::backing_is_contained(&image) {
         return;
     }
     let snapshots = (0..image.snapshots().len()).map(Layer::Snapshot);
