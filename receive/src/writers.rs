@@ -229,6 +229,7 @@ mod tests {
         let (spare, returned) = channel();
         let (pool, queue) = Writers::new(&progress);
         let queue = Mutex::new(queue);
+        let mut taken = 0;
         let result = std::thread::scope(|s| {
             for _ in 0..2 {
                 let (file, spare) = (file.try_clone().unwrap(), spare.clone());
@@ -236,16 +237,20 @@ mod tests {
                 let direct = direct.map(|d| Direct::new(d.try_clone().unwrap()));
                 s.spawn(move || run(file, direct, queue, progress, spare));
             }
-            let handed = jobs
-                .iter()
-                .try_for_each(|(off, bytes)| pool.write(AlignedBuf::from_slice(bytes), *off));
+            // A write handed over after an earlier one failed is refused with that error (its
+            // buffer is not taken), and the handing over stops there.
+            let handed = jobs.iter().try_for_each(|(off, bytes)| {
+                pool.write(AlignedBuf::from_slice(bytes), *off)?;
+                taken += 1;
+                Ok(())
+            });
             handed.and(pool.finish())
         });
         drop(spare);
         assert_eq!(
             returned.iter().count(),
-            jobs.len(),
-            "every buffer comes back"
+            taken,
+            "every buffer handed over comes back"
         );
         result
     }
