@@ -112,9 +112,24 @@ pub struct ReceiveArgs {
     /// /var/lib/blkdelta/ for a device).
     #[arg(long, value_name = "PATH")]
     pub state: Option<PathBuf>,
-    /// Apply even if the replica does not hold the stream's base, or holds unknown data.
+    /// Apply an incremental onto a replica that does not hold its base.
+    #[arg(long)]
+    pub rebase: bool,
+    /// Write onto a target holding unknown data, or onto a replica changed since blkdelta
+    /// last wrote it.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Apply a stream older than what the replica holds, one it went through already, or a
+    /// full stream onto an existing replica of the same source.
+    #[arg(long)]
+    pub rewind: bool,
+    /// All of --rebase, --overwrite and --rewind.
     #[arg(long)]
     pub force: bool,
+    /// Apply a repair stream (send --against): accepts a replica whose state is missing,
+    /// changed or in progress, once its content matches the stream's block list.
+    #[arg(long)]
+    pub repair: bool,
     /// Save the old contents of every range the stream overwrites into FILE, a stream that
     /// rolls the replica back (one incremental transition; FILE must not exist).
     #[arg(long, value_name = "FILE")]

@@ -13,8 +13,8 @@ use blkdelta_common::image::{probe_format, BlockSource, Format, OpenOptions};
 use blkdelta_common::stream::ResumeToken;
 use blkdelta_common::stream::{Record, StreamReader};
 use blkdelta_receive::apply::{describe, receive_path, ReceiveOptions};
-use blkdelta_receive::plan::TargetProbe;
-use blkdelta_receive::state::{self, default_state_path};
+use blkdelta_receive::plan::{Overrides, TargetProbe};
+use blkdelta_receive::state::{self, default_state_path, Health};
 use blkdelta_send::pipeline::{send, SendOptions};
 use blkdelta_send::source::{open_source_opts, Resumed, SourceOptions};
 use blkdelta_send::SendError;
@@ -168,8 +168,18 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
         .state
         .clone()
         .unwrap_or_else(|| default_state_path(&a.target, is_dev));
+    let overrides = if a.force {
+        Overrides::all()
+    } else {
+        Overrides {
+            rebase: a.rebase,
+            overwrite: a.overwrite,
+            rewind: a.rewind,
+        }
+    };
     let opts = ReceiveOptions {
-        force: a.force,
+        overrides,
+        repair: a.repair,
         undo: a.undo.clone(),
         dry_run: a.dry_run,
         checkpoint_bytes: a.checkpoint_bytes,
@@ -275,7 +285,21 @@ fn cmd_status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {
             path.display()
         );
     };
-    report::status(&a, &st, &path, out)
+    let probe = TargetProbe::of(&a.target)?;
+    let health = st.health(probe.identity.as_ref());
+    report::status(&a, &st, &health, &path, out)?;
+    match health {
+        Health::Unchanged => Ok(()),
+        Health::Missing => bail!(
+            "{}: the replica is missing; its state says it held {}",
+            a.target.display(),
+            state::describe(&st)
+        ),
+        Health::Changed(what) => bail!(
+            "{}: the replica changed since blkdelta last wrote it: {what}",
+            a.target.display()
+        ),
+    }
 }
 
 fn cmd_list(a: ListArgs, out: &mut dyn Write) -> Result<()> {

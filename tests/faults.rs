@@ -490,6 +490,7 @@ impl Fixture {
         let copy = self.s.path(name);
         std::fs::copy(replica, &copy).unwrap();
         std::fs::copy(state_of(replica), state_of(&copy)).unwrap();
+        adopt_replica(&copy, &state_of(&copy));
         copy
     }
 }

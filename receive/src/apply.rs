@@ -12,15 +12,14 @@ use blkdelta_common::progress::Progress;
 use blkdelta_common::stream::{Record, StreamHeader, StreamReader};
 use blkdelta_common::StreamError;
 
+pub use crate::plan::{ReceiveOptions, CHECKPOINT_BYTES};
 use crate::plan::{plan, Plan, TargetProbe, UndoMode};
-use crate::state::{self, default_state_path, InProgress, ReplicaState, StateSnap};
+pub use crate::state::describe;
+use crate::state::{self, absolute_display, default_state_path, InProgress, ReplicaState, StateSnap};
 use crate::target::{open_target, DryTarget, Target};
 use crate::undo::{undo_header, UndoWriter};
 use crate::writers::{self, Writers};
 use crate::ReceiveError;
-
-/// Applied bytes between two checkpoints of the durable offset (a sync and a state update).
-pub const CHECKPOINT_BYTES: u64 = 256 << 20;
 
 /// With an undo stream, bytes of records gathered before their pre-images are saved and
 /// synced together (bounds memory and the number of syncs).
@@ -35,19 +34,6 @@ const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 /// Threads writing data records into the target.
 const WRITER_THREADS: usize = 4;
 
-/// How to receive.
-#[derive(Debug, Clone, Default)]
-pub struct ReceiveOptions {
-    /// Apply every transition even when the replica does not hold the stream's base.
-    pub force: bool,
-    /// Save the old contents of every overwritten range into this undo stream.
-    pub undo: Option<PathBuf>,
-    /// Read and verify everything, touch nothing.
-    pub dry_run: bool,
-    /// Applied bytes between checkpoints of the durable offset (0: [`CHECKPOINT_BYTES`]).
-    pub checkpoint_bytes: u64,
-}
-
 /// What an apply did (or, in a dry run, would do).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReceiveSummary {
@@ -61,21 +47,6 @@ pub struct ReceiveSummary {
     pub zero_bytes: u64,
     /// Names of the snapshots reached, in order.
     pub snapshots: Vec<String>,
-}
-
-/// A one-phrase description of what a replica holds.
-pub fn describe(st: &ReplicaState) -> String {
-    match (&st.snapshot, &st.in_progress) {
-        (_, Some(p)) => format!(
-            "an unfinished apply ({} -> '{}')",
-            p.from
-                .as_ref()
-                .map_or("full".to_string(), |f| format!("'{}'", f.name)),
-            p.to.name
-        ),
-        (Some(s), None) => format!("'{}' ({})", s.name, s.guid),
-        (None, None) => "no snapshot".into(),
-    }
 }
 
 /// Receives the stream `reader` has opened into the raw file or block device at `path`: takes
@@ -127,15 +98,10 @@ pub fn receive<R: Read + Send + 'static>(
             target.set_size(prior.virtual_size)?;
         }
     }
-    let state = plan.prior.clone().unwrap_or_else(|| ReplicaState {
-        format: 1,
-        source_kind: String::new(),
-        source_name: String::new(),
-        virtual_size: target.size(),
-        snapshot: None,
-        in_progress: None,
-        updated_unix: 0,
-    });
+    let state = plan
+        .prior
+        .clone()
+        .unwrap_or_else(|| ReplicaState::new(target.size()));
     let (spare_tx, spare_rx) = channel();
     let mut run = Apply {
         header: &header,
@@ -224,7 +190,7 @@ pub fn receive<R: Read + Send + 'static>(
         // Every record was applied: the decoder has ended (it closed the queue).
         decoder
             .join()
-            .map_err(|_| ReceiveError::Refused("the stream decoder panicked".into()))
+            .map_err(|_| ReceiveError::Failed("the stream decoder panicked".into()))
     })?;
     progress.finish();
     Ok(run.summary)
@@ -332,6 +298,7 @@ impl Apply<'_> {
             self.undo = Some(match mode {
                 UndoMode::Create => UndoWriter::create(path, header)?,
                 UndoMode::Continue => UndoWriter::resume(path, &header)?,
+                UndoMode::Restart => UndoWriter::restart(path, header)?,
             });
         }
         let durable = match &self.state.in_progress {
@@ -350,7 +317,7 @@ impl Apply<'_> {
             durable_offset: durable,
             undo: self.undo_plan.as_ref().map(|(p, _)| absolute_display(p)),
         });
-        self.save()?;
+        self.save(target)?;
         self.started = true;
         Ok(())
     }
@@ -368,7 +335,7 @@ impl Apply<'_> {
             self.mark_started(target)?;
             target.set_size(t.virtual_size)?;
             self.state.virtual_size = t.virtual_size;
-            self.save()?;
+            self.save(target)?;
         }
         Ok(())
     }
@@ -461,7 +428,7 @@ impl Apply<'_> {
             p.durable_offset = self.applied_end;
         }
         self.since_checkpoint = 0;
-        self.save()
+        self.save(target)
     }
 
     /// Writes the verified records gathered; with an undo stream, their pre-images are saved and
@@ -545,10 +512,11 @@ impl Apply<'_> {
             name: name.to_string(),
             guid: to_hex(guid),
         });
+        self.state.remember(&to_hex(guid));
         self.state.virtual_size = virtual_size;
         self.since_checkpoint = 0;
         self.applied_end = 0;
-        self.save()?;
+        self.save(target)?;
         self.summary.snapshots.push(name.to_string());
         Ok(())
     }
@@ -576,10 +544,12 @@ impl Apply<'_> {
         Ok(())
     }
 
-    fn save(&mut self) -> Result<(), ReceiveError> {
+    /// Records the state, with the replica's identity as it is after the writes so far.
+    fn save(&mut self, target: &dyn Target) -> Result<(), ReceiveError> {
         let Some(path) = self.state_path else {
             return Ok(());
         };
+        self.state.identity = target.identity();
         self.state.updated_unix = state::now_unix();
         state::save(path, &self.state)
     }
@@ -587,15 +557,7 @@ impl Apply<'_> {
 
 /// An undo stream needs the target's old contents.
 fn unreadable() -> ReceiveError {
-    ReceiveError::Refused(
+    ReceiveError::Failed(
         "the target cannot be read back, so --undo cannot save its old contents".into(),
     )
-}
-
-/// A path made absolute (symlinks kept), as the state records it.
-pub(crate) fn absolute_display(p: &Path) -> String {
-    std::path::absolute(p)
-        .unwrap_or_else(|_| p.to_path_buf())
-        .display()
-        .to_string()
 }

@@ -15,6 +15,7 @@
 //! ```
 
 pub mod apply;
+pub mod identity;
 pub mod plan;
 pub mod state;
 pub mod target;
@@ -82,7 +83,35 @@ pub enum ReceiveError {
         /// What went wrong.
         reason: String,
     },
-    /// The replica does not hold the stream's base; nothing was written.
-    #[error("{0} (nothing written; --force overrides)")]
-    Refused(String),
+    /// The stream does not apply to this replica as it is; nothing was written. Names the one
+    /// switch that overrides the check, if any.
+    #[error("{why} (nothing written{})", switch.map_or(String::new(), |s| format!("; {s} overrides")))]
+    Refused {
+        /// What is wrong, and what to do.
+        why: String,
+        /// The `receive` switch that overrides this check (`--rebase`, `--overwrite`,
+        /// `--rewind`, `--repair`), if any.
+        switch: Option<&'static str>,
+    },
+    /// The apply failed part way for a reason of its own (a worker thread stopped).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ReceiveError {
+    /// A refusal that `switch` overrides.
+    pub fn refused(why: impl Into<String>, switch: &'static str) -> Self {
+        ReceiveError::Refused {
+            why: why.into(),
+            switch: Some(switch),
+        }
+    }
+
+    /// A refusal that no switch overrides.
+    pub fn refused_outright(why: impl Into<String>) -> Self {
+        ReceiveError::Refused {
+            why: why.into(),
+            switch: None,
+        }
+    }
 }

@@ -13,12 +13,55 @@ use std::path::{Path, PathBuf};
 use blkdelta_common::digest::to_hex;
 use blkdelta_common::stream::{SnapRef, StreamHeader, Transition};
 
-use crate::apply::ReceiveOptions;
-use crate::state::{InProgress, ReplicaState, StateSnap};
+use crate::identity::Identity;
+use crate::state::{absolute_display, describe, InProgress, ReplicaState};
 use crate::ReceiveError;
 
+/// Applied bytes between two checkpoints of the durable offset (a sync and a state update).
+pub const CHECKPOINT_BYTES: u64 = 256 << 20;
+
+/// The checks a receive may be told to skip, one switch each, since their risks differ.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--rebase`: apply an incremental onto a replica that does not hold its base.
+    pub rebase: bool,
+    /// `--overwrite`: write onto unknown data, or onto a replica changed since blkdelta last
+    /// wrote it.
+    pub overwrite: bool,
+    /// `--rewind`: apply a stream older than what the replica holds, one it already went
+    /// through, or a full stream onto an existing replica of the same source.
+    pub rewind: bool,
+}
+
+impl Overrides {
+    /// Every check skipped (`--force`).
+    pub fn all() -> Self {
+        Overrides {
+            rebase: true,
+            overwrite: true,
+            rewind: true,
+        }
+    }
+}
+
+/// How to receive.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiveOptions {
+    /// The checks to skip.
+    pub overrides: Overrides,
+    /// Accept a replica whose state is missing, changed or in progress, for a repair stream
+    /// (`send --against`): its content is checked against the stream's base digest instead.
+    pub repair: bool,
+    /// Save the old contents of every overwritten range into this undo stream.
+    pub undo: Option<PathBuf>,
+    /// Read and verify everything, touch nothing.
+    pub dry_run: bool,
+    /// Applied bytes between checkpoints of the durable offset (0: [`CHECKPOINT_BYTES`]).
+    pub checkpoint_bytes: u64,
+}
+
 /// What the target path holds, looked at without opening it for writing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetProbe {
     /// Whether the path exists.
     pub exists: bool,
@@ -26,11 +69,17 @@ pub struct TargetProbe {
     pub is_block_device: bool,
     /// Its size in bytes (0 when missing).
     pub size: u64,
+    /// What it is (`None` when missing).
+    pub identity: Option<Identity>,
 }
 
 impl TargetProbe {
     /// Looks at `path`.
     pub fn of(path: &Path) -> Result<Self, ReceiveError> {
+        let open_err = |source: std::io::Error| ReceiveError::OpenTarget {
+            path: path.to_path_buf(),
+            source,
+        };
         let meta = match std::fs::metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -38,34 +87,30 @@ impl TargetProbe {
                     exists: false,
                     is_block_device: false,
                     size: 0,
+                    identity: None,
                 })
             }
-            Err(source) => {
-                return Err(ReceiveError::OpenTarget {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
+            Err(source) => return Err(open_err(source)),
         };
+        if meta.is_dir() {
+            return Err(open_err(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "it is a directory",
+            )));
+        }
         let is_block_device = meta.file_type().is_block_device();
         let size = if is_block_device {
-            let f = std::fs::File::open(path).map_err(|source| ReceiveError::OpenTarget {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            rustix::fs::seek(&f, rustix::fs::SeekFrom::End(0)).map_err(|e| {
-                ReceiveError::OpenTarget {
-                    path: path.to_path_buf(),
-                    source: e.into(),
-                }
-            })?
+            let f = std::fs::File::open(path).map_err(open_err)?;
+            rustix::fs::seek(&f, rustix::fs::SeekFrom::End(0)).map_err(|e| open_err(e.into()))?
         } else {
             meta.len()
         };
+        let identity = Identity::of_path(path, size).map_err(open_err)?;
         Ok(TargetProbe {
             exists: true,
             is_block_device,
             size,
+            identity,
         })
     }
 
@@ -82,6 +127,9 @@ pub enum UndoMode {
     Create,
     /// The undo stream of the interrupted apply this one finishes.
     Continue,
+    /// An undo stream of this transition that an apply created and never used (it was killed
+    /// before recording anything): started again.
+    Restart,
 }
 
 /// How a stream is to be applied.
@@ -97,22 +145,22 @@ pub struct Plan {
     pub undo: Option<(PathBuf, UndoMode)>,
     /// Applied bytes between checkpoints of the durable offset.
     pub checkpoint_bytes: u64,
-}
-
-fn same(state: Option<&StateSnap>, snap: Option<&SnapRef>) -> bool {
-    match (state, snap) {
-        (None, None) => true,
-        (Some(s), Some(r)) => s.is(r),
-        _ => false,
-    }
+    /// A repair stream: the replica's content must match the stream's base digest.
+    pub repair: bool,
 }
 
 fn named(s: &SnapRef) -> String {
     format!("'{}' ({})", s.name, to_hex(&s.guid))
 }
 
+/// Whether a stream's base is "the disk whose content digest is D": a repair stream made by
+/// `send --against`.
+pub fn is_repair_base(s: &SnapRef) -> bool {
+    s.name.starts_with("blocks:")
+}
+
 /// Decides how `header`'s stream applies to a target in state `prior`; refuses, naming both
-/// sides, when it does not. `--force` applies every transition whatever the replica holds.
+/// sides and the one switch that overrides the check, when it does not.
 pub fn plan(
     header: &StreamHeader,
     prior: Option<ReplicaState>,
@@ -129,18 +177,19 @@ pub fn plan(
         }
     }
     let fresh = probe.is_empty();
-    let first = if opts.force {
-        0
+    let first = if opts.repair {
+        repair_transition(header)?
     } else {
-        first_transition(header, prior.as_ref(), probe)?
+        check_identity(header, prior.as_ref(), probe, &opts.overrides)?;
+        first_transition(header, prior.as_ref(), probe, &opts.overrides)?
     };
     let in_progress = prior.as_ref().and_then(|p| p.in_progress.as_ref());
-    if !opts.force && first == 0 && header.resume_offset > 0 {
-        check_resume_offset(header, in_progress)?;
+    if first == 0 && header.resume_offset > 0 {
+        check_resume_offset(header, in_progress, probe)?;
     }
     let undo = undo_plan(header, first, in_progress, opts)?;
     let checkpoint_bytes = match opts.checkpoint_bytes {
-        0 => crate::apply::CHECKPOINT_BYTES,
+        0 => CHECKPOINT_BYTES,
         n => n,
     };
     Ok(Plan {
@@ -149,22 +198,76 @@ pub fn plan(
         prior,
         undo,
         checkpoint_bytes,
+        repair: opts.repair,
     })
+}
+
+/// A repair stream applies as a whole, whatever the replica's state says: its content is
+/// checked against the stream's base digest instead (by the caller).
+fn repair_transition(header: &StreamHeader) -> Result<usize, ReceiveError> {
+    match header.transitions[0].from.as_ref() {
+        Some(f) if is_repair_base(f) && header.transitions.len() == 1 => Ok(0),
+        _ => Err(ReceiveError::refused_outright(
+            "--repair takes a repair stream (blkdelta send --against BLOCKS SOURCE); this one is not",
+        )),
+    }
+}
+
+/// The replica must be what its state describes: not deleted, replaced, resized or written
+/// behind blkdelta's back. A new full stream onto a missing or empty target is a new seed.
+fn check_identity(
+    header: &StreamHeader,
+    prior: Option<&ReplicaState>,
+    probe: &TargetProbe,
+    overrides: &Overrides,
+) -> Result<(), ReceiveError> {
+    let Some(st) = prior else {
+        return Ok(());
+    };
+    let seed = header.is_full() && header.resume_offset == 0 && probe.is_empty();
+    match st.health(probe.identity.as_ref()) {
+        crate::state::Health::Unchanged => Ok(()),
+        _ if seed => Ok(()),
+        crate::state::Health::Missing => Err(ReceiveError::refused_outright(format!(
+            "the replica is missing or empty, but its state says it holds {}: seed it again \
+             with a full stream",
+            describe(st)
+        ))),
+        crate::state::Health::Changed(_) if overrides.overwrite => Ok(()),
+        crate::state::Health::Changed(what) => Err(ReceiveError::refused(
+            format!(
+                "the replica changed since blkdelta last wrote it ({what}): find what changed \
+                 with 'blkdelta verify', repair it with 'blkdelta send --against', or seed it again"
+            ),
+            "--overwrite",
+        )),
+    }
 }
 
 /// A resumed stream lacks its first transition's records below its resume offset: the replica
 /// must be part way through that transition and already hold them durably.
-fn check_resume_offset(header: &StreamHeader, p: Option<&InProgress>) -> Result<(), ReceiveError> {
+fn check_resume_offset(
+    header: &StreamHeader,
+    p: Option<&InProgress>,
+    probe: &TargetProbe,
+) -> Result<(), ReceiveError> {
     let t = &header.transitions[0];
+    if probe.is_empty() {
+        return Err(ReceiveError::refused_outright(format!(
+            "the stream resumes '{}' at offset {}, but the target is missing or empty: send \
+             the stream whole",
+            t.to.name, header.resume_offset
+        )));
+    }
     let Some(p) = p.filter(|p| p.to.is(&t.to)) else {
-        return Err(ReceiveError::Refused(format!(
+        return Err(ReceiveError::refused_outright(format!(
             "the stream resumes transition '{}' at offset {}, but the replica is not part way \
              through it",
             t.to.name, header.resume_offset
         )));
     };
     if header.resume_offset > p.durable_offset {
-        return Err(ReceiveError::Refused(format!(
+        return Err(ReceiveError::refused_outright(format!(
             "the stream resumes at offset {} but the replica is durable only below {}",
             header.resume_offset, p.durable_offset
         )));
@@ -180,7 +283,7 @@ fn undo_plan(
     in_progress: Option<&InProgress>,
     opts: &ReceiveOptions,
 ) -> Result<Option<(PathBuf, UndoMode)>, ReceiveError> {
-    let refuse = |why: String| Err(ReceiveError::Refused(why));
+    let refuse = |why: String| Err(ReceiveError::refused_outright(why));
     let resuming = in_progress.filter(|p| {
         header
             .transitions
@@ -189,8 +292,12 @@ fn undo_plan(
     });
     let Some(path) = &opts.undo else {
         return match resuming.and_then(|p| p.undo.as_ref()) {
-            Some(u) if !opts.force => refuse(format!(
-                "the interrupted apply writes the undo stream {u}: pass --undo {u} to finish it"
+            Some(u) if !opts.overrides.overwrite => Err(ReceiveError::refused(
+                format!(
+                    "the interrupted apply writes the undo stream {u}: pass --undo {u} to \
+                     finish it"
+                ),
+                "--overwrite",
             )),
             _ => Ok(None),
         };
@@ -199,6 +306,13 @@ fn undo_plan(
     match applied {
         [] => return Ok(None),
         [t] if t.from.is_some() => {}
+        [_] => {
+            return refuse(
+                "--undo takes an incremental stream: a full stream replaces everything, and \
+                 its undo would be a whole copy of the old replica"
+                    .into(),
+            )
+        }
         _ => {
             return refuse(format!(
             "--undo takes a stream that applies one incremental transition; this one applies {} \
@@ -208,7 +322,7 @@ fn undo_plan(
         }
     }
     match resuming {
-        Some(p) if p.undo.as_deref() == Some(&*crate::apply::absolute_display(path)) => {
+        Some(p) if p.undo.as_deref() == Some(&*absolute_display(path)) => {
             Ok(Some((path.clone(), UndoMode::Continue)))
         }
         Some(_) => refuse(format!(
@@ -216,6 +330,11 @@ fn undo_plan(
              already; finish it without --undo",
             path.display()
         )),
+        // Created by an apply killed before it recorded anything: nothing was saved in it,
+        // and nothing written to the replica.
+        None if crate::undo::is_unused(path, &applied[0]) => {
+            Ok(Some((path.clone(), UndoMode::Restart)))
+        }
         None if path.exists() => refuse(format!(
             "the undo file {} exists already: choose another",
             path.display()
@@ -228,71 +347,168 @@ fn first_transition(
     header: &StreamHeader,
     prior: Option<&ReplicaState>,
     probe: &TargetProbe,
+    overrides: &Overrides,
 ) -> Result<usize, ReceiveError> {
     let ts = &header.transitions;
-    let refuse = |why: String| Err(ReceiveError::Refused(why));
-    if header.is_full() {
-        let same_source = prior.is_some_and(|st| {
-            st.source_kind == header.source.kind && st.source_name == header.source.name
-        });
-        if probe.is_empty() || same_source {
-            return Ok(0);
-        }
-        return refuse(format!(
-            "the target holds data that is not a replica of {} '{}'; a full stream would overwrite it",
-            header.source.kind, header.source.name
+    if let Some(from) = ts[0].from.as_ref().filter(|f| is_repair_base(f)) {
+        return Err(ReceiveError::refused(
+            format!(
+                "this is a repair stream (from the disk whose block list digest is {}): it \
+                 applies only with --repair",
+                &to_hex(&from.guid)[..16]
+            ),
+            "--repair",
         ));
+    }
+    if let Some(k) = prior.and_then(|st| finishing(ts, st)) {
+        return Ok(k);
+    }
+    if header.is_full() {
+        return full_stream(header, prior, probe, overrides);
     }
     let from = ts[0].from.as_ref().expect("an incremental has a base");
     let Some(st) = prior else {
-        return refuse(format!(
-            "the target is not a blkdelta replica (no state); the stream needs snapshot {}",
-            named(from)
-        ));
+        return Err(ReceiveError::refused(
+            format!(
+                "the target is not a blkdelta replica (no state); the stream needs snapshot {}",
+                named(from)
+            ),
+            "--rebase",
+        ))
+        .or_else(|e| if overrides.rebase { Ok(0) } else { Err(e) });
     };
     if probe.is_empty() {
-        return refuse(format!(
+        return Err(ReceiveError::refused_outright(format!(
             "the target is missing or empty, but its state says it holds {}",
-            crate::apply::describe(st)
-        ));
+            describe(st)
+        )));
     }
-    // While an apply is in progress the size may be part way through a change.
-    if !probe.is_block_device && st.in_progress.is_none() && probe.size != st.virtual_size {
-        return refuse(format!(
-            "the target is {} bytes but its state says {}: it was changed outside blkdelta",
-            probe.size, st.virtual_size
-        ));
+    let held = match (&st.snapshot, &st.in_progress) {
+        (_, Some(_)) => None,
+        (held, None) => held.as_ref(),
+    };
+    if let Some(k) = held.and_then(|h| ts.iter().position(|t| t.from.as_ref().is_some_and(|f| h.satisfies(f)))) {
+        // A base named by reference matches any state of that name: a stream whose states
+        // the replica went through already is an old one replayed.
+        let replayed = ts[k..].iter().find(|t| st.went_through(&t.to));
+        return match replayed {
+            Some(t) if !overrides.rewind => Err(ReceiveError::refused(
+                format!(
+                    "the replica went through {} already and now holds {}: this stream is an \
+                     old one replayed",
+                    named(&t.to),
+                    describe(st)
+                ),
+                "--rewind",
+            )),
+            _ => Ok(k),
+        };
     }
-    match (&st.snapshot, &st.in_progress) {
-        (_, Some(p)) => resume_point(ts, p).ok_or(()).or_else(|()| {
-            refuse(format!(
-                "the replica has {} that this stream does not carry",
-                crate::apply::describe(st)
-            ))
-        }),
-        (Some(held), None) => {
-            if let Some(k) = ts.iter().position(|t| same(Some(held), t.from.as_ref())) {
-                return Ok(k);
-            }
-            if held.is(&ts[ts.len() - 1].to) {
-                return Ok(ts.len());
-            }
-            refuse(format!(
-                "the replica holds '{}' ({}) but the stream starts from {}",
-                held.name,
-                held.guid,
+    let older = ts.iter().find(|t| st.went_through(&t.to));
+    let (why, switch, allowed) = match older {
+        Some(t) => (
+            format!(
+                "the stream goes to {}, which is older than what the replica holds ({})",
+                named(&t.to),
+                describe(st)
+            ),
+            "--rewind",
+            overrides.rewind,
+        ),
+        None if st.in_progress.is_some() => (
+            format!("the replica has {} that this stream does not carry", describe(st)),
+            "--rebase",
+            overrides.rebase,
+        ),
+        None => (
+            format!(
+                "the replica holds {} but the stream starts from {}",
+                describe(st),
                 named(from)
-            ))
-        }
-        (None, None) => refuse(format!(
-            "the replica holds no snapshot; the stream needs {}",
-            named(from)
-        )),
+            ),
+            "--rebase",
+            overrides.rebase,
+        ),
+    };
+    if allowed {
+        Ok(0)
+    } else {
+        Err(ReceiveError::refused(why, switch))
     }
+}
+
+/// Where a stream that the replica is part way through, or past, picks up: the transition an
+/// interrupted apply was in, or the one after the snapshot the replica holds. Not a replay:
+/// transitions before it are verified, not applied.
+fn finishing(ts: &[Transition], st: &ReplicaState) -> Option<usize> {
+    if let Some(p) = &st.in_progress {
+        return resume_point(ts, p);
+    }
+    let held = st.snapshot.as_ref()?;
+    ts.iter()
+        .position(|t| held.is(&t.to))
+        .map(|k| k + 1)
+        .or_else(|| {
+            ts.iter()
+                .position(|t| t.from.as_ref().is_some_and(|f| held.is(f)))
+        })
+}
+
+/// A full stream goes onto a missing or empty target, or (to finish it) a replica part way
+/// through it; a replica of the same source is rewound only with `--rewind`, anything else
+/// overwritten only with `--overwrite`.
+fn full_stream(
+    header: &StreamHeader,
+    prior: Option<&ReplicaState>,
+    probe: &TargetProbe,
+    overrides: &Overrides,
+) -> Result<usize, ReceiveError> {
+    if probe.is_empty() {
+        return Ok(0);
+    }
+    let same_source = prior.filter(|st| {
+        st.source_kind == header.source.kind && st.source_name == header.source.name
+    });
+    let Some(st) = same_source else {
+        if overrides.overwrite {
+            return Ok(0);
+        }
+        return Err(ReceiveError::refused(
+            format!(
+                "the target holds data that is not a replica of {} '{}'; a full stream would \
+                 overwrite it",
+                header.source.kind, header.source.name
+            ),
+            "--overwrite",
+        ));
+    };
+    if overrides.rewind {
+        return Ok(0);
+    }
+    let why = match header.transitions.iter().find(|t| st.went_through(&t.to)) {
+        Some(t) => format!(
+            "the stream goes to {}, which is older than what the replica holds ({})",
+            named(&t.to),
+            describe(st)
+        ),
+        None => format!(
+            "the replica holds {} of {} '{}' already; a full stream would replace it",
+            describe(st),
+            header.source.kind,
+            header.source.name
+        ),
+    };
+    Err(ReceiveError::refused(why, "--rewind"))
 }
 
 /// The transition an interrupted apply `p` was in, if the stream carries it.
 fn resume_point(ts: &[Transition], p: &InProgress) -> Option<usize> {
-    ts.iter()
-        .position(|t| same(p.from.as_ref(), t.from.as_ref()) && p.to.is(&t.to))
+    ts.iter().position(|t| {
+        let from = match (&p.from, &t.from) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.is(b),
+            _ => false,
+        };
+        from && p.to.is(&t.to)
+    })
 }

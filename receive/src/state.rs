@@ -12,7 +12,12 @@ use blkdelta_common::digest::to_hex;
 use blkdelta_common::stream::SnapRef;
 use serde::{Deserialize, Serialize};
 
+use crate::identity::{device_state_name, DeviceKey, Identity};
 use crate::ReceiveError;
+
+/// GUIDs of the states a replica went through that its state remembers (the newest), so that
+/// a stream older than what it holds, or one already applied, is refused.
+pub const HISTORY_LIMIT: usize = 1024;
 
 /// A snapshot as the state names it (GUID in hex).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,7 +40,13 @@ impl From<&SnapRef> for StateSnap {
 impl StateSnap {
     /// Whether this is the state `s` (GUIDs compared).
     pub fn is(&self, s: &SnapRef) -> bool {
-        self.guid == to_hex(&s.guid)
+        self.guid.eq_ignore_ascii_case(&to_hex(&s.guid))
+    }
+
+    /// Whether holding this state satisfies a stream whose base is `s`: the same state, or,
+    /// for a base named by reference ([`SnapRef::named`]), a named state of that name.
+    pub fn satisfies(&self, s: &SnapRef) -> bool {
+        from_hex16(&self.guid).is_some_and(|g| s.answers_to(&self.name, &g))
     }
 }
 
@@ -73,7 +84,7 @@ impl InProgress {
 }
 
 /// Parses 32 hex digits.
-fn from_hex16(s: &str) -> Option<[u8; 16]> {
+pub fn from_hex16(s: &str) -> Option<[u8; 16]> {
     if s.len() != 32 || !s.is_ascii() {
         return None;
     }
@@ -101,6 +112,100 @@ pub struct ReplicaState {
     pub in_progress: Option<InProgress>,
     /// Seconds since the epoch of the last update.
     pub updated_unix: u64,
+    /// What the replica is (file or device), as it was after blkdelta's last durable write.
+    #[serde(default)]
+    pub identity: Option<Identity>,
+    /// GUIDs (hex) of the states the replica reached, oldest first, at most
+    /// [`HISTORY_LIMIT`].
+    #[serde(default)]
+    pub history: Vec<String>,
+    /// The digest (hex) of the replica's content when it reached `snapshot`, from its kept
+    /// block hashes.
+    #[serde(default)]
+    pub digest: Option<String>,
+}
+
+/// How a replica compares with its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// The file or device the state describes, unchanged since blkdelta last wrote it (or a
+    /// state from before identities were recorded).
+    Unchanged,
+    /// Nothing is at the replica's path.
+    Missing,
+    /// Something changed behind blkdelta's back; says what.
+    Changed(String),
+}
+
+impl ReplicaState {
+    /// The state of a replica of `virtual_size` bytes that holds nothing yet.
+    pub fn new(virtual_size: u64) -> Self {
+        ReplicaState {
+            format: 1,
+            source_kind: String::new(),
+            source_name: String::new(),
+            virtual_size,
+            snapshot: None,
+            in_progress: None,
+            updated_unix: 0,
+            identity: None,
+            history: Vec::new(),
+            digest: None,
+        }
+    }
+
+    /// Notes that the replica reached the state `guid` (hex).
+    pub fn remember(&mut self, guid: &str) {
+        self.history.retain(|g| !g.eq_ignore_ascii_case(guid));
+        self.history.push(guid.to_string());
+        let excess = self.history.len().saturating_sub(HISTORY_LIMIT);
+        self.history.drain(..excess);
+    }
+
+    /// Whether the replica went through the state `s` at some point.
+    pub fn went_through(&self, s: &SnapRef) -> bool {
+        let hex = to_hex(&s.guid);
+        self.history.iter().any(|g| g.eq_ignore_ascii_case(&hex))
+    }
+
+    /// Compares the replica found at its path (`now`: `None` when nothing is there) with the
+    /// identity recorded. An apply in progress changes size and times itself: then only which
+    /// file or device it is counts.
+    pub fn health(&self, now: Option<&Identity>) -> Health {
+        let Some(now) = now else {
+            return Health::Missing;
+        };
+        let Some(recorded) = &self.identity else {
+            return Health::Unchanged;
+        };
+        match recorded.changed(now, self.in_progress.is_none()) {
+            Some(what) => Health::Changed(what),
+            None => Health::Unchanged,
+        }
+    }
+}
+
+/// A one-phrase description of what a replica holds.
+pub fn describe(st: &ReplicaState) -> String {
+    match (&st.snapshot, &st.in_progress) {
+        (_, Some(p)) => format!(
+            "an unfinished apply ({} -> '{}')",
+            p.from
+                .as_ref()
+                .map_or("full".to_string(), |f| format!("'{}'", f.name)),
+            p.to.name
+        ),
+        (Some(s), None) => format!("'{}' ({})", s.name, s.guid),
+        (None, None) => "no snapshot".into(),
+    }
+}
+
+/// A path made absolute (symlinks kept), as the state records it.
+pub fn absolute_display(p: &Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// Where the state of `target` lives when `--state` does not say.
@@ -113,14 +218,18 @@ pub fn default_state_path(target: &Path, is_block_device: bool) -> PathBuf {
     let dir = std::env::var_os("BLKDELTA_STATE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/lib/blkdelta"));
-    // The path as given (made absolute, symlinks kept): /dev/vg/lv is stable where the
-    // /dev/dm-N it points to is not.
-    let abs = std::path::absolute(target).unwrap_or_else(|_| target.to_path_buf());
-    let flat: String = abs
-        .to_string_lossy()
-        .trim_start_matches('/')
-        .replace('/', "_");
-    dir.join(format!("{flat}.state"))
+    // Keyed by what the device is (its DM UUID, else its resolved path), whatever path names
+    // it: a symlink finds the same state, and /dev/dm-N renumbering does not lose it.
+    let key = DeviceKey::of(target, 0).map_or_else(
+        |_| {
+            std::path::absolute(target)
+                .unwrap_or_else(|_| target.to_path_buf())
+                .display()
+                .to_string()
+        },
+        |k| k.key,
+    );
+    dir.join(device_state_name(&key))
 }
 
 fn state_err(path: &Path, reason: impl ToString) -> ReceiveError {
@@ -213,16 +322,14 @@ mod tests {
         let path = dir.path().join("r.raw.blkdelta");
         assert_eq!(load(&path).unwrap(), None);
         let st = ReplicaState {
-            format: 1,
             source_kind: "qcow2".into(),
             source_name: "vm.qcow2".into(),
-            virtual_size: 42,
             snapshot: Some(StateSnap {
                 name: "s1".into(),
                 guid: "00".repeat(16),
             }),
-            in_progress: None,
             updated_unix: 1,
+            ..ReplicaState::new(42)
         };
         save(&path, &st).unwrap();
         assert_eq!(load(&path).unwrap(), Some(st));
@@ -236,7 +343,7 @@ mod tests {
             PathBuf::from("/srv/vm.raw.blkdelta")
         );
         let p = default_state_path(Path::new("/nonexistent/dev/x"), true);
-        assert!(p.to_string_lossy().ends_with("nonexistent_dev_x.state"));
+        assert!(p.to_string_lossy().ends_with("nonexistent_2fdev_2fx.state"));
     }
 
     #[test]
@@ -256,5 +363,26 @@ mod tests {
         let path = dir.path().join("s");
         fs::write(&path, b"{not json").unwrap();
         assert!(load(&path).unwrap_err().to_string().contains("unreadable"));
+    }
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+
+    #[test]
+    fn history_keeps_the_newest_states_once_each() {
+        let mut st = ReplicaState::new(0);
+        for i in 0..HISTORY_LIMIT + 10 {
+            st.remember(&format!("{i:032x}"));
+        }
+        st.remember(&format!("{:032x}", HISTORY_LIMIT + 5));
+        assert_eq!(st.history.len(), HISTORY_LIMIT);
+        assert_eq!(st.history.last().unwrap(), &format!("{:032x}", HISTORY_LIMIT + 5));
+        let old = SnapRef {
+            name: "x".into(),
+            guid: [0; 16],
+        };
+        assert!(!st.went_through(&old));
     }
 }

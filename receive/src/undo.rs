@@ -29,6 +29,10 @@ pub struct UndoWriter {
     saved_upto: u64,
     /// Size of the replica before the transition: nothing at or past it needs saving.
     old_size: u64,
+    /// The stream was finished by an apply killed before it recorded the end of its
+    /// transition: every pre-image is in it, so nothing more is saved (the replica holds the
+    /// new contents already wherever they were written).
+    complete: bool,
 }
 
 fn undo_err(path: &Path, reason: impl ToString) -> ReceiveError {
@@ -63,9 +67,20 @@ pub fn undo_header(forward: &Transition, source: &SourceInfo, old_size: u64) -> 
 impl UndoWriter {
     /// Starts a new undo stream at `path`, which must not exist.
     pub fn create(path: &Path, header: StreamHeader) -> Result<Self, ReceiveError> {
+        Self::start(path, header, false)
+    }
+
+    /// Starts the undo stream at `path` again: an apply created it and was killed before
+    /// it saved anything in it (see [`is_unused`]).
+    pub fn restart(path: &Path, header: StreamHeader) -> Result<Self, ReceiveError> {
+        Self::start(path, header, true)
+    }
+
+    fn start(path: &Path, header: StreamHeader, replace: bool) -> Result<Self, ReceiveError> {
         let file = OpenOptions::new()
             .write(true)
-            .create_new(true)
+            .create_new(!replace)
+            .truncate(replace)
             .open(path)
             .map_err(|e| undo_err(path, e))?;
         let writer = StreamWriter::new(BufWriter::with_capacity(1 << 20, file), &header)?;
@@ -76,8 +91,17 @@ impl UndoWriter {
             header,
             saved_upto: 0,
             old_size,
+            complete: false,
         };
         w.sync()?;
+        // The file's name is durable before anything it protects is overwritten.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| undo_err(path, e))?;
         Ok(w)
     }
 
@@ -98,8 +122,13 @@ impl UndoWriter {
             .write(true)
             .open(path)
             .map_err(|e| undo_err(path, e))?;
-        file.set_len(scan.valid_bytes)
-            .and_then(|()| file.seek(SeekFrom::End(0)).map(|_| ()))
+        // A complete stream is kept as it is: nothing more is written to it.
+        let keep = if scan.complete {
+            Ok(())
+        } else {
+            file.set_len(scan.valid_bytes)
+        };
+        keep.and_then(|()| file.seek(SeekFrom::End(0)).map(|_| ()))
             .map_err(|e| undo_err(path, e))?;
         let writer = StreamWriter::continue_after(
             BufWriter::with_capacity(1 << 20, file),
@@ -114,12 +143,16 @@ impl UndoWriter {
             header: scan.header,
             saved_upto: scan.saved_upto,
             old_size,
+            complete: scan.complete,
         })
     }
 
     /// Saves the current contents of `[offset, offset+len)` of the replica (read through
     /// `replica`), except what an earlier call or run already saved.
     pub fn save(&mut self, replica: &RawImage, offset: u64, len: u64) -> Result<(), ReceiveError> {
+        if self.complete {
+            return Ok(());
+        }
         let start = offset.max(self.saved_upto);
         let end = (offset + len).min(self.old_size).min(replica.size());
         let mut pos = start;
@@ -161,6 +194,9 @@ impl UndoWriter {
     /// Makes everything saved so far durable, behind a checkpoint record (so applying the undo
     /// stream checkpoints its progress too).
     pub fn sync(&mut self) -> Result<(), ReceiveError> {
+        if self.complete {
+            return Ok(());
+        }
         self.writer.checkpoint()?;
         let file = self.writer.flush_inner()?.get_ref();
         file.sync_data().map_err(|e| undo_err(&self.path, e))
@@ -168,6 +204,9 @@ impl UndoWriter {
 
     /// Closes the undo stream: the replica now holds the forward transition's `to`.
     pub fn finish(mut self) -> Result<(), ReceiveError> {
+        if self.complete {
+            return Ok(());
+        }
         let t = &self.header.transitions[0];
         self.writer.snapshot_end(&SnapshotEnd {
             transition: 0,
@@ -191,11 +230,17 @@ struct Scan {
     records: u64,
     valid_bytes: u64,
     saved_upto: u64,
+    /// Ranges saved (data, zero and discard records).
+    ranges: u64,
+    /// The stream ends with its snapshot-end and a verified end record.
+    complete: bool,
     /// The running stream hash of the first `valid_bytes` bytes.
     hasher: blake3::Hasher,
 }
 
-/// Reads an undo stream up to its first incomplete record.
+/// Reads an undo stream up to its first incomplete record. A snapshot-end without a verified
+/// end record after it (an apply killed while closing the stream) is left out: closing it
+/// writes both again.
 fn scan(path: &Path) -> Result<Scan, ReceiveError> {
     let file = File::open(path).map_err(|e| undo_err(path, e))?;
     let mut reader = StreamReader::new(std::io::BufReader::new(file))
@@ -206,22 +251,29 @@ fn scan(path: &Path) -> Result<Scan, ReceiveError> {
         records: 1,
         valid_bytes: reader.position(),
         saved_upto: 0,
+        ranges: 0,
+        complete: false,
         hasher: reader.stream_hasher(),
     };
+    let mut ended = false;
     loop {
         match reader.next_record() {
-            Ok(Some(Record::Data(d))) if d.plain(reader.record_position()).is_ok() => {
+            Ok(Some(Record::Data(d))) if !ended && d.plain(reader.record_position()).is_ok() => {
                 scan.saved_upto = d.offset + u64::from(d.len);
+                scan.ranges += 1;
             }
-            Ok(Some(Record::Zero { offset, len } | Record::Discard { offset, len })) => {
+            Ok(Some(Record::Zero { offset, len } | Record::Discard { offset, len })) if !ended => {
                 scan.saved_upto = offset + len;
+                scan.ranges += 1;
             }
-            Ok(Some(Record::Checkpoint(_))) => {}
-            Ok(Some(Record::SnapshotEnd(_) | Record::End(_))) => {
-                return Err(undo_err(
-                    path,
-                    "it is complete already: choose another file",
-                ));
+            Ok(Some(Record::Checkpoint(_))) if !ended => {}
+            Ok(Some(Record::SnapshotEnd(_))) if !ended => {
+                ended = true;
+                continue;
+            }
+            Ok(Some(Record::End(_))) if ended => {
+                scan.complete = true;
+                return Ok(scan);
             }
             _ => return Ok(scan),
         }
@@ -229,4 +281,17 @@ fn scan(path: &Path) -> Result<Scan, ReceiveError> {
         scan.valid_bytes = reader.position();
         scan.hasher = reader.stream_hasher();
     }
+}
+
+/// Whether `path` is an undo stream of `forward` (the transition it would undo) in which
+/// nothing was saved: what an apply killed right after creating it leaves.
+pub fn is_unused(path: &Path, forward: &Transition) -> bool {
+    let Ok(scan) = scan(path) else {
+        return false;
+    };
+    let t = &scan.header.transitions[0];
+    scan.ranges == 0
+        && !scan.complete
+        && t.from.as_ref() == Some(&forward.to)
+        && Some(&t.to) == forward.from.as_ref()
 }

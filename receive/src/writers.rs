@@ -80,7 +80,7 @@ impl<'a> Writers<'a> {
             .is_some_and(|tx| tx.send(Job { offset, bytes }).is_ok());
         if !sent {
             self.progress.done(Ok(()));
-            return Err(ReceiveError::Refused(
+            return Err(ReceiveError::Failed(
                 "the target's writer threads stopped".into(),
             ));
         }
@@ -199,7 +199,7 @@ pub(crate) fn run(
             }
         }))
         .unwrap_or_else(|_| {
-            Err(ReceiveError::Refused(format!(
+            Err(ReceiveError::Failed(format!(
                 "writing {len} bytes at offset {} failed unexpectedly",
                 job.offset
             )))

@@ -8,7 +8,7 @@ use blkdelta_common::digest::to_hex;
 use blkdelta_common::image::qcow2::Qcow2Image;
 use blkdelta_common::stream::{Compression, Record, SnapRef, StreamHeader};
 use blkdelta_receive::apply::ReceiveSummary;
-use blkdelta_receive::state::ReplicaState;
+use blkdelta_receive::state::{Health, ReplicaState};
 use blkdelta_send::pipeline::plan_transitions;
 use blkdelta_send::ChangeSource;
 use serde_json::{json, Value};
@@ -121,15 +121,46 @@ pub fn dump(a: DumpArgs, out: &mut dyn Write) -> Result<()> {
 }
 
 /// `blkdelta status`.
-pub fn status(a: &StatusArgs, st: &ReplicaState, path: &Path, out: &mut dyn Write) -> Result<()> {
+pub fn status(
+    a: &StatusArgs,
+    st: &ReplicaState,
+    health: &Health,
+    path: &Path,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let replica = match health {
+        Health::Unchanged => "unchanged".to_string(),
+        Health::Missing => "missing".to_string(),
+        Health::Changed(what) => format!("changed since blkdelta last wrote it: {what}"),
+    };
     if a.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(st)?)?;
+        let mut v = serde_json::to_value(st)?;
+        v["replica"] = json!(replica);
+        v["resume_token"] = json!(st
+            .in_progress
+            .as_ref()
+            .and_then(|p| p.token())
+            .map(|t| t.to_string()));
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
     writeln!(out, "replica:      {}", a.target.display())?;
     writeln!(out, "state file:   {}", path.display())?;
     writeln!(out, "source:       {} {}", st.source_kind, st.source_name)?;
     writeln!(out, "virtual size: {}", st.virtual_size)?;
+    if *health != Health::Unchanged {
+        let last = st
+            .snapshot
+            .as_ref()
+            .map_or(String::new(), |s| format!("; it last held '{}'", s.name));
+        writeln!(out, "state:        the replica is {replica}{last}")?;
+        writeln!(
+            out,
+            "              it holds no known snapshot: 'blkdelta verify' shows what differs, \
+             'blkdelta send --against' repairs it, or seed it again"
+        )?;
+        return Ok(());
+    }
     match (&st.snapshot, &st.in_progress) {
         (_, Some(p)) => {
             let from = p

@@ -356,3 +356,21 @@ pub fn lock_held(img: &Path, byte: u64) -> bool {
         line.contains("OFDLCK") && start.is_some_and(|s| s <= byte) && end >= Some(byte)
     })
 }
+
+/// Makes the state file `state` describe the replica file `replica` as it is now (device,
+/// inode, size, time): what a copy of a replica and its state needs to stand for the original
+/// (blkdelta itself refuses a replica that is another file than its state recorded).
+pub fn adopt_replica(replica: &Path, state: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(replica).unwrap();
+    let mut st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state).unwrap()).unwrap();
+    st["identity"] = serde_json::json!({
+        "kind": "file",
+        "dev": m.dev(),
+        "ino": m.ino(),
+        "size": m.size(),
+        "mtime_ns": m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+    });
+    std::fs::write(state, serde_json::to_string_pretty(&st).unwrap()).unwrap();
+}

@@ -13,6 +13,59 @@ pub struct SnapRef {
     pub guid: [u8; 16],
 }
 
+/// Domain of the GUIDs of named states (derived from the name, see [`SnapRef::named`]).
+const NAMED_STATE_DOMAIN: &[u8] = b"blkdelta-named-state-v1";
+
+impl SnapRef {
+    /// A reference to *whichever* state is called `name`, for sources whose states have no
+    /// identity of their own (a bitmap's epoch, a raw file, a change map): its GUID is the first
+    /// 16 bytes of blake3("blkdelta-named-state-v1" || name). A stream names its base this way;
+    /// a receiver matches it with a held state of that name (see [`SnapRef::answers_to`]).
+    pub fn named(name: &str) -> SnapRef {
+        SnapRef {
+            name: name.to_string(),
+            guid: named_guid(name),
+        }
+    }
+
+    /// One particular state called `name`, told apart from every other state of that name by
+    /// `fingerprint` (what the source looked like when it was sent): the first 8 bytes of its
+    /// GUID are those of [`SnapRef::named`], the last 8 those of blake3(fingerprint). Two
+    /// cycles of a bitmap called `daily` thus produce two states a replica can tell apart,
+    /// while sending the same unchanged source again gives the same state.
+    pub fn named_state(name: &str, fingerprint: &[u8]) -> SnapRef {
+        let mut guid = named_guid(name);
+        guid[8..].copy_from_slice(&blake3::hash(fingerprint).as_bytes()[..8]);
+        SnapRef {
+            name: name.to_string(),
+            guid,
+        }
+    }
+
+    /// Whether this is a reference to any state of its name ([`SnapRef::named`]).
+    pub fn is_name_ref(&self) -> bool {
+        self.guid == named_guid(&self.name)
+    }
+
+    /// Whether a replica holding the state `held` (name and GUID) holds this one: the same
+    /// GUID, or, for a reference by name, a named state of that name.
+    pub fn answers_to(&self, held_name: &str, held_guid: &[u8; 16]) -> bool {
+        if self.guid == *held_guid {
+            return true;
+        }
+        self.is_name_ref() && held_name == self.name && held_guid[..8] == self.guid[..8]
+    }
+}
+
+fn named_guid(name: &str) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(NAMED_STATE_DOMAIN);
+    h.update(name.as_bytes());
+    let mut guid = [0u8; 16];
+    guid.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    guid
+}
+
 /// One step of a stream: the replica goes from `from` to `to`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transition {
@@ -120,4 +173,26 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod named_tests {
+    use super::SnapRef;
+
+    #[test]
+    fn a_name_reference_answers_to_every_state_of_that_name_and_only_those() {
+        let any = SnapRef::named("daily");
+        let first = SnapRef::named_state("daily", b"cycle 1");
+        let second = SnapRef::named_state("daily", b"cycle 2");
+        assert!(any.is_name_ref() && !first.is_name_ref());
+        assert_ne!(first.guid, second.guid);
+        assert_eq!(first, SnapRef::named_state("daily", b"cycle 1"));
+        assert!(any.answers_to("daily", &first.guid));
+        assert!(any.answers_to("daily", &any.guid));
+        assert!(!any.answers_to("weekly", &SnapRef::named_state("weekly", b"x").guid));
+        // A state of another kind that happens to share the name is not a named state.
+        assert!(!any.answers_to("daily", &[7; 16]));
+        // A particular state answers only to itself.
+        assert!(!first.answers_to("daily", &second.guid));
+    }
 }

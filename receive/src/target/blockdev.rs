@@ -11,6 +11,7 @@ use super::{pwrite_all, sync_data, try_fallocate, write_zeroes_plain, Target, Wr
 use blkdelta_common::image::lock::lock_for_write;
 use blkdelta_common::image::raw::RawImage;
 
+use crate::identity::{DeviceKey, Identity};
 use crate::ReceiveError;
 
 /// `BLKZEROOUT`, `_IO(0x12, 127)`: zero a byte range `[start, len]` of a block device.
@@ -27,6 +28,7 @@ pub struct BlockDevTarget {
     device_bytes: u64,
     size: u64,
     behind: WriteBehind,
+    key: Option<DeviceKey>,
 }
 
 impl BlockDevTarget {
@@ -52,6 +54,7 @@ impl BlockDevTarget {
             device_bytes,
             size: device_bytes,
             behind: WriteBehind::default(),
+            key: DeviceKey::of(path, device_bytes).ok(),
         })
     }
 
@@ -137,6 +140,10 @@ impl Target for BlockDevTarget {
 
     fn is_block_device(&self) -> bool {
         true
+    }
+
+    fn identity(&self) -> Option<Identity> {
+        self.key.clone().map(Identity::Device)
     }
 
     fn write_handle(&self) -> Option<File> {

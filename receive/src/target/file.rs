@@ -100,6 +100,11 @@ impl Target for FileTarget {
         false
     }
 
+    fn identity(&self) -> Option<crate::identity::Identity> {
+        let meta = self.file.metadata().ok()?;
+        Some(crate::identity::Identity::of_file(&meta))
+    }
+
     fn write_handle(&self) -> Option<File> {
         self.file.try_clone().ok()
     }

@@ -31,6 +31,9 @@ pub trait Target {
     fn flush(&mut self) -> Result<(), ReceiveError>;
     /// Whether the target is a block device.
     fn is_block_device(&self) -> bool;
+    /// What the target is now (recorded in the state after each durable write), `None` for a
+    /// target that is not kept.
+    fn identity(&self) -> Option<crate::identity::Identity>;
     /// A reader of the target's current contents (for pre-images), or `None` when the target
     /// cannot be read back.
     fn reader(&self) -> Option<RawImage>;
@@ -85,6 +88,9 @@ impl Target for DryTarget {
     }
     fn is_block_device(&self) -> bool {
         false
+    }
+    fn identity(&self) -> Option<crate::identity::Identity> {
+        None
     }
     fn reader(&self) -> Option<RawImage> {
         None

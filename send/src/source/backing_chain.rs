@@ -82,7 +82,7 @@ impl BackingChain {
         let to = opts.to_name.clone().unwrap_or_else(|| file_name(top));
         let transitions = vec![Transition {
             from: Some(named(&from)),
-            to: named(&to),
+            to: super::identity::state_of(&to, &[top]),
             virtual_size: top_layer.size(),
         }];
         Ok(BackingChain {

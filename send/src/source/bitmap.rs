@@ -56,7 +56,7 @@ pub fn open(
     let to = opts.to_name.as_deref().unwrap_or(name);
     let transitions = vec![Transition {
         from: Some(identity::named(from)),
-        to: identity::named(to),
+        to: identity::state_of(to, &[image]),
         virtual_size: layer.size(),
     }];
     Ok(Box::new(BitmapSource {

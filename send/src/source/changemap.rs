@@ -57,7 +57,7 @@ pub fn open(
     };
     let transition = Transition {
         from: Some(identity::named(&from)),
-        to: identity::named(&to),
+        to: identity::state_of(&to, &[source, map]),
         virtual_size: src.size(),
     };
     Ok(Box::new(ChangeMapSource::new(

@@ -76,7 +76,7 @@ pub fn open(
     };
     let transition = Transition {
         from: Some(identity::named(&from)),
-        to: identity::named(&to),
+        to: identity::state_of(&to, &[old, new]),
         virtual_size: new_src.size(),
     };
     Ok(Box::new(CompareSource::new(

@@ -74,7 +74,7 @@ impl FullSource {
         Ok(FullSource::new(
             Arc::new(img),
             info,
-            super::identity::named(&name),
+            super::identity::state_of(&name, &[path]),
         ))
     }
 }

@@ -1,21 +1,43 @@
 //! Identities of states that have none of their own (a bitmap's epoch, a raw file, a change
-//! map): the user names them, and the GUID is derived from the name, so the receiver checks a
-//! name exactly as it checks a qcow2 snapshot's GUID.
+//! map, an overlay): the user names them. A stream's base is a reference to whichever state
+//! of that name the replica holds ([`named`]); the state a stream produces is one particular
+//! state of that name ([`state_of`]), fingerprinted by what its files looked like when it was
+//! sent, so a replica tells two cycles of a bitmap called `daily` apart (and refuses to replay
+//! the older one), while sending the same unchanged source again gives the same state.
 
-use blkdelta_common::stream::SnapRef;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
 
-/// The state called `name`: its GUID is the first 16 bytes of
-/// blake3("blkdelta-named-state-v1" || name).
+use blkdelta_common::stream::{random_id, SnapRef};
+
+/// A reference to any state called `name`: what a stream's base is called.
 pub fn named(name: &str) -> SnapRef {
-    let mut h = blake3::Hasher::new();
-    h.update(b"blkdelta-named-state-v1");
-    h.update(name.as_bytes());
-    let mut guid = [0u8; 16];
-    guid.copy_from_slice(&h.finalize().as_bytes()[..16]);
-    SnapRef {
-        name: name.to_string(),
-        guid,
+    SnapRef::named(name)
+}
+
+/// The state called `name` that `files` hold now: its fingerprint is each file's device,
+/// inode, size and modification time. A block device's times do not change with its content,
+/// so a state read from one is new at every send (a fresh random fingerprint).
+pub fn state_of(name: &str, files: &[&Path]) -> SnapRef {
+    let mut fp = Vec::new();
+    for f in files {
+        match std::fs::metadata(f) {
+            Ok(m) if m.file_type().is_block_device() => {
+                fp.extend_from_slice(&m.rdev().to_le_bytes());
+                fp.extend_from_slice(&random_id());
+            }
+            Ok(m) => {
+                for v in [m.dev(), m.ino(), m.size()] {
+                    fp.extend_from_slice(&v.to_le_bytes());
+                }
+                fp.extend_from_slice(&m.mtime().to_le_bytes());
+                fp.extend_from_slice(&m.mtime_nsec().to_le_bytes());
+            }
+            // Unreadable metadata: nothing stable to go by.
+            Err(_) => fp.extend_from_slice(&random_id()),
+        }
     }
+    SnapRef::named_state(name, &fp)
 }
 
 #[cfg(test)]
@@ -23,9 +45,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_give_stable_distinct_guids() {
-        assert_eq!(named("daily"), named("daily"));
+    fn a_state_is_stable_while_its_files_are_and_changes_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("disk.raw");
+        std::fs::write(&f, b"one").unwrap();
+        let first = state_of("daily", &[&f]);
+        assert_eq!(first, state_of("daily", &[&f]));
+        assert!(named("daily").answers_to("daily", &first.guid));
+        std::fs::write(&f, b"two!").unwrap();
+        let second = state_of("daily", &[&f]);
+        assert_ne!(first.guid, second.guid);
+        assert!(named("daily").answers_to("daily", &second.guid));
         assert_ne!(named("daily").guid, named("weekly").guid);
-        assert_eq!(named("daily").name, "daily");
     }
 }

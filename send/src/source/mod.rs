@@ -111,7 +111,7 @@ pub fn open_source_opts(
     }
     let source = open_source_with(spec, &opts.open)?;
     match &opts.to_name {
-        Some(name) => FullSource::renamed(source, identity::named(name)),
+        Some(name) => FullSource::renamed(source, identity::state_of(name, &[path])),
         None => Ok(source),
     }
 }

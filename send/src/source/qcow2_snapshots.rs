@@ -14,7 +14,7 @@ use blkdelta_common::image::qcow2::tables::{
 };
 use blkdelta_common::image::qcow2::{L2Table, Layer, Qcow2Image, Qcow2Layer, Snapshot};
 use blkdelta_common::image::{BlockSource, OpenOptions};
-use blkdelta_common::stream::{random_id, SnapRef, SourceInfo, Transition};
+use blkdelta_common::stream::{SnapRef, SourceInfo, Transition};
 
 use super::full::{file_name, push_status};
 use super::ChangeSource;
@@ -95,10 +95,10 @@ impl Qcow2Snapshots {
                 let to = image.layer(Layer::Active)?;
                 transitions.push(Transition {
                     from: None,
-                    to: SnapRef {
-                        name: format!("{}@active", file_name(path)),
-                        guid: random_id(),
-                    },
+                    to: super::identity::state_of(
+                        &format!("{}@active", file_name(path)),
+                        &[path],
+                    ),
                     virtual_size: to.size(),
                 });
                 steps.push(Step { from: None, to });

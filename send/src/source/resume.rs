@@ -16,15 +16,27 @@ pub struct Resumed {
     inner: Box<dyn ChangeSource>,
     first: usize,
     offset: u64,
+    /// The inner source's transitions from `first` on, the first one producing the token's state.
+    transitions: Vec<Transition>,
+}
+
+/// Whether `t` is the transition `token` names. A named state read from a block device is
+/// new at every send (its content cannot be fingerprinted), so it matches the token's state
+/// of the same name (the first 8 bytes of a named state's GUID come from its name).
+fn names(t: &Transition, token: &ResumeToken) -> bool {
+    let from = t.from.as_ref().map(|f| f.guid) == token.from;
+    let to = t.to.guid == token.to || (!t.to.is_name_ref() && t.to.guid[..8] == token.to[..8]);
+    from && to
 }
 
 impl Resumed {
     /// Starts `inner` where `token` says; refuses a token for another image or transition.
     pub fn new(inner: Box<dyn ChangeSource>, token: &ResumeToken) -> Result<Self, SendError> {
-        let first = inner
-            .transitions()
+        let all = inner.transitions();
+        let first = all
             .iter()
             .position(|t| t.from.as_ref().map(|f| f.guid) == token.from && t.to.guid == token.to)
+            .or_else(|| all.iter().position(|t| names(t, token)))
             .ok_or_else(|| {
                 SendError::Usage(
                     "the resume token is for another image or another transition than SOURCE \
@@ -32,15 +44,21 @@ impl Resumed {
                         .into(),
                 )
             })?;
-        if token.offset > inner.transitions()[first].virtual_size {
+        if token.offset > all[first].virtual_size {
             return Err(SendError::Usage(
                 "the resume token's offset lies past its transition's virtual size".into(),
             ));
+        }
+        let mut transitions = all[first..].to_vec();
+        transitions[0].to.guid = token.to;
+        if let Some(next) = transitions.get_mut(1).and_then(|t| t.from.as_mut()) {
+            next.guid = token.to;
         }
         Ok(Resumed {
             inner,
             first,
             offset: token.offset,
+            transitions,
         })
     }
 }
@@ -51,7 +69,7 @@ impl ChangeSource for Resumed {
     }
 
     fn transitions(&self) -> &[Transition] {
-        &self.inner.transitions()[self.first..]
+        &self.transitions
     }
 
     fn changes(&self, index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
