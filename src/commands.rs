@@ -14,6 +14,7 @@ use blkdelta_common::stream::ResumeToken;
 use blkdelta_common::stream::{Record, StreamReader};
 use blkdelta_receive::apply::{describe, receive_path, ReceiveOptions};
 use blkdelta_receive::plan::{Overrides, TargetProbe};
+use blkdelta_receive::ReceiveError;
 use blkdelta_receive::state::{self, default_state_path, Health};
 use blkdelta_send::pipeline::{send, SendOptions};
 use blkdelta_send::source::{open_source_opts, Resumed, SourceOptions};
@@ -213,13 +214,18 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
             }
             Ok(())
         }
-        Err(e) if held.is_some_and(|s| s.in_progress.is_some()) => bail!(
+        Err(e)
+            if held.is_some_and(|s| s.in_progress.is_some())
+                && !matches!(e, ReceiveError::Refused { .. }) =>
+        {
+            bail!(
             "{:#}; the replica is marked in progress: apply the same stream again, or resume \
              with the token 'blkdelta status {}{}' prints",
             anyhow::Error::new(e),
             a.target.display(),
             state_arg(a.state.as_deref())
-        ),
+        )
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -253,8 +259,15 @@ fn open_image(
                 let sp = state_path
                     .map(Path::to_path_buf)
                     .unwrap_or_else(|| default_state_path(path, true));
-                if let Some(st) = state::load(&sp)? {
-                    raw.limit_size(st.virtual_size);
+                match state::load(&sp)? {
+                    Some(st) => raw.limit_size(st.virtual_size),
+                    None => eprintln!(
+                        "note: {} has no blkdelta state (looked for {}): this is the digest of \
+                         the whole device, {} bytes",
+                        path.display(),
+                        sp.display(),
+                        raw.size()
+                    ),
                 }
             }
             Ok(Arc::new(raw))

@@ -198,7 +198,8 @@ pub fn receive<R: Read + Send + 'static>(
 
 /// A record as the decoder hands it over: data already decompressed and verified.
 enum Item {
-    Data(u64, AlignedBuf),
+    /// Offset, plain bytes and their (verified) blake3.
+    Data(u64, AlignedBuf, [u8; 32]),
     Other(Record),
 }
 
@@ -221,11 +222,11 @@ fn decode<R: Read>(
         let item = match reader.next_record() {
             Ok(None) => return,
             Ok(Some(Record::Data(d))) => {
-                let (offset, at) = (d.offset, reader.record_position());
+                let (offset, hash, at) = (d.offset, d.hash, reader.record_position());
                 d.into_plain(at, std::mem::take(&mut out))
                     .map(|(plain, left)| {
                         out = left;
-                        (Item::Data(offset, plain), at)
+                        (Item::Data(offset, plain, hash), at)
                     })
             }
             Ok(Some(rec)) => Ok((Item::Other(rec), reader.record_position())),
@@ -240,7 +241,8 @@ fn decode<R: Read>(
 
 /// A verified record waiting to be written.
 enum Pending {
-    Data(u64, AlignedBuf),
+    /// Offset, plain bytes and their blake3.
+    Data(u64, AlignedBuf, [u8; 32]),
     Zero(u64, u64),
     Discard(u64, u64),
 }
@@ -248,7 +250,7 @@ enum Pending {
 impl Pending {
     fn range(&self) -> (u64, u64) {
         match self {
-            Pending::Data(off, bytes) => (*off, bytes.len() as u64),
+            Pending::Data(off, bytes, _) => (*off, bytes.len() as u64),
             Pending::Zero(off, len) | Pending::Discard(off, len) => (*off, *len),
         }
     }
@@ -334,6 +336,9 @@ impl Apply<'_> {
         if t.virtual_size > target.size() {
             self.mark_started(target)?;
             target.set_size(t.virtual_size)?;
+            if let Some(k) = &mut self.kept {
+                k.set_size(t.virtual_size)?;
+            }
             self.state.virtual_size = t.virtual_size;
             self.save(target)?;
         }
@@ -348,18 +353,18 @@ impl Apply<'_> {
         progress: &dyn Progress,
     ) -> Result<(), ReceiveError> {
         let rec = match item {
-            Item::Data(offset, plain) => {
+            Item::Data(offset, plain, hash) => {
                 progress.advance(plain.len() as u64);
-                return self.hold(Pending::Data(offset, plain));
+                return self.hold(Pending::Data(offset, plain, hash));
             }
             Item::Other(rec) => rec,
         };
         let pending = match rec {
             Record::Data(d) => {
-                let offset = d.offset;
+                let (offset, hash) = (d.offset, d.hash);
                 let (plain, _) = d.into_plain(at, AlignedBuf::new())?;
                 progress.advance(plain.len() as u64);
-                Pending::Data(offset, plain)
+                Pending::Data(offset, plain, hash)
             }
             Record::Zero { offset, len } => {
                 progress.advance(len);
@@ -373,7 +378,14 @@ impl Apply<'_> {
             Record::SnapshotEnd(end) => {
                 if self.applying() {
                     self.verified(target, true)?;
-                    self.reached(&end.name, &end.guid, end.virtual_size, target)?;
+                    let expected = end.digest;
+                    self.reached(
+                        &end.name,
+                        &end.guid,
+                        end.virtual_size,
+                        expected.as_ref(),
+                        target,
+                    )?;
                 }
                 self.unverified.clear();
                 self.transition += 1;
@@ -391,7 +403,7 @@ impl Apply<'_> {
         let zeroing = !matches!(pending, Pending::Data(..));
         if self.applying() && !(zeroing && self.skip_zeroing && self.transition == 0) {
             self.unverified.push(pending);
-        } else if let Pending::Data(_, bytes) = pending {
+        } else if let Pending::Data(_, bytes, _) = pending {
             let _ = self.spare.send(bytes);
         }
         Ok(())
@@ -406,7 +418,7 @@ impl Apply<'_> {
             return Ok(());
         }
         for p in self.unverified.drain(..) {
-            if let Pending::Data(_, bytes) = &p {
+            if let Pending::Data(_, bytes, _) = &p {
                 self.pending_bytes += bytes.len() as u64;
             }
             self.pending.push(p);
@@ -424,6 +436,7 @@ impl Apply<'_> {
         }
         self.wait_writes()?;
         target.flush()?;
+        self.settle_kept(target)?;
         if let Some(p) = &mut self.state.in_progress {
             p.durable_offset = self.applied_end;
         }
@@ -450,7 +463,10 @@ impl Apply<'_> {
         for p in pending.drain(..) {
             let (off, len) = p.range();
             match p {
-                Pending::Data(off, bytes) => {
+                Pending::Data(off, bytes, hash) => {
+                    if let Some(k) = &mut self.kept {
+                        k.wrote(off, len, &hash);
+                    }
                     match &self.writers {
                         Some(w) => w.write(bytes, off)?,
                         None => {
@@ -465,11 +481,17 @@ impl Apply<'_> {
                 Pending::Zero(off, len) => {
                     self.settle_page_edges(off, len)?;
                     target.write_zeroes(off, len)?;
+                    if let Some(k) = &mut self.kept {
+                        k.zeroed(off, len);
+                    }
                     self.summary.zero_bytes = self.summary.zero_bytes.saturating_add(len);
                 }
                 Pending::Discard(off, len) => {
                     self.settle_page_edges(off, len)?;
                     target.discard(off, len)?;
+                    if let Some(k) = &mut self.kept {
+                        k.zeroed(off, len);
+                    }
                     self.summary.zero_bytes = self.summary.zero_bytes.saturating_add(len);
                 }
             }
@@ -489,6 +511,7 @@ impl Apply<'_> {
         name: &str,
         guid: &[u8; 16],
         virtual_size: u64,
+        expected: Option<&[u8; 32]>,
         target: &mut dyn Target,
     ) -> Result<(), ReceiveError> {
         self.wait_writes()?;
@@ -500,8 +523,23 @@ impl Apply<'_> {
                 undo.sync()?;
             }
             target.set_size(virtual_size)?;
+            if let Some(k) = &mut self.kept {
+                k.set_size(virtual_size)?;
+            }
         }
         target.flush()?;
+        self.settle_kept(target)?;
+        let digest = self.kept.as_ref().map(KeptHashes::digest).transpose()?;
+        if let (Some(have), Some(want)) = (&digest, expected) {
+            if have != want {
+                return Err(ReceiveError::Failed(format!(
+                    "after the stream the replica's content digest is {}, but '{name}' has {}: \
+                     the replica changed while it was repaired; repair it again",
+                    to_hex(have),
+                    to_hex(want)
+                )));
+            }
+        }
         if let Some(undo) = self.undo.take() {
             undo.finish()?;
         }
@@ -513,12 +551,26 @@ impl Apply<'_> {
             guid: to_hex(guid),
         });
         self.state.remember(&to_hex(guid));
+        self.state.digest = digest.as_ref().map(|d| to_hex(d));
         self.state.virtual_size = virtual_size;
         self.since_checkpoint = 0;
         self.applied_end = 0;
         self.save(target)?;
         self.summary.snapshots.push(name.to_string());
         Ok(())
+    }
+
+    /// Brings the kept block hashes up to date with what the target holds now (every write
+    /// is done and durable) and makes them durable too, before the state says so.
+    fn settle_kept(&mut self, target: &dyn Target) -> Result<(), ReceiveError> {
+        let Some(k) = &mut self.kept else {
+            return Ok(());
+        };
+        let reader = target.reader().ok_or_else(|| {
+            ReceiveError::Failed("the target cannot be read back to hash its blocks".into())
+        })?;
+        k.settle(&reader)?;
+        k.sync()
     }
 
     /// Waits for the writer threads to finish every write handed to them.

@@ -1,0 +1,250 @@
+//! The kept block hashes as the rest of blkdelta uses them: opened (or started) for an apply,
+//! trusted or not for `checksum`, compared with the disk by `verify`, and checked against a
+//! repair stream's base before it applies.
+//!
+//! Kept hashes stand for the replica's content only when every one of these holds: no apply is
+//! in progress, the replica is the file or device its state describes and unchanged since
+//! blkdelta last wrote it, and the hashes give the digest the state recorded when the replica
+//! reached its snapshot. Anything else is read from the disk.
+
+use std::path::{Path, PathBuf};
+
+use blkdelta_common::digest::{to_hex, BLOCK_BYTES};
+use blkdelta_common::image::raw::RawImage;
+use blkdelta_common::image::BlockSource;
+use blkdelta_common::stream::StreamHeader;
+
+use crate::hashes::{hashes_path, KeptHashes};
+use crate::plan::{Plan, TargetProbe};
+use crate::state::{self, default_state_path, Health, ReplicaState};
+use crate::ReceiveError;
+
+/// A replica as `checksum` and `verify` see it: its state, how it compares with it, and its
+/// kept hashes if they stand for its content.
+pub struct Replica {
+    /// The replica's path.
+    pub path: PathBuf,
+    /// Where its state lives.
+    pub state_path: PathBuf,
+    /// Its state.
+    pub state: ReplicaState,
+    /// How the replica compares with its state.
+    pub health: Health,
+    /// The kept hashes, when they stand for the replica's content; else why not.
+    pub kept: Result<KeptHashes, String>,
+}
+
+impl Replica {
+    /// The replica at `path` (state at `state_path`, or where it lives by default), `None` when
+    /// there is no state: then it is no replica, just a file or device.
+    pub fn open(path: &Path, state_path: Option<&Path>) -> Result<Option<Self>, ReceiveError> {
+        let probe = TargetProbe::of(path)?;
+        let state_path = state_path
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| default_state_path(path, probe.is_block_device));
+        let Some(st) = state::load(&state_path)? else {
+            return Ok(None);
+        };
+        let health = st.health(probe.identity.as_ref());
+        let kept = trusted(&state_path, &st, &health);
+        Ok(Some(Replica {
+            path: path.to_path_buf(),
+            state_path,
+            state: st,
+            health,
+            kept,
+        }))
+    }
+
+    /// A reader of the replica's content: its virtual size, not the whole device.
+    pub fn reader(&self) -> Result<RawImage, ReceiveError> {
+        let mut raw = RawImage::open(&self.path).map_err(|e| ReceiveError::OpenTarget {
+            path: self.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        if raw.is_block_device() {
+            raw.limit_size(self.state.virtual_size);
+        }
+        Ok(raw)
+    }
+}
+
+/// The kept hashes of a replica in state `st`, if they stand for its content (see the module
+/// docs); else why not, in a few words.
+pub fn trusted(state_path: &Path, st: &ReplicaState, health: &Health) -> Result<KeptHashes, String> {
+    if st.in_progress.is_some() {
+        return Err("an apply is in progress".into());
+    }
+    match health {
+        Health::Unchanged => {}
+        Health::Missing => return Err("the replica is missing".into()),
+        Health::Changed(what) => {
+            return Err(format!(
+                "the replica changed since blkdelta last wrote it: {what}"
+            ))
+        }
+    }
+    intact(state_path, st)
+}
+
+/// The kept hashes of the replica in state `st` if they are what blkdelta last left there
+/// (they give the digest the state recorded), whatever the replica holds now.
+pub fn intact(state_path: &Path, st: &ReplicaState) -> Result<KeptHashes, String> {
+    let Some(recorded) = &st.digest else {
+        return Err("no block hashes are kept for it".into());
+    };
+    let kept = KeptHashes::open_read_only(&hashes_path(state_path)).map_err(|e| e.to_string())?;
+    let digest = kept.digest().map_err(|e| e.to_string())?;
+    if !to_hex(&digest).eq_ignore_ascii_case(recorded) || kept.size() != st.virtual_size {
+        return Err("its kept block hashes do not match its state".into());
+    }
+    Ok(kept)
+}
+
+/// The kept hashes an apply updates as it writes: the replica's own when they are intact (or
+/// part way through the apply this one finishes); new ones when the stream writes every range
+/// of an empty or overwritten target; none otherwise (an incremental onto a replica whose
+/// hashes were never kept, or are damaged: its content is not known without reading it all).
+pub(crate) fn for_apply(
+    header: &StreamHeader,
+    plan: &Plan,
+    state_path: &Path,
+    target_size: u64,
+) -> Result<Option<KeptHashes>, ReceiveError> {
+    let path = hashes_path(state_path);
+    if let Some(st) = &plan.prior {
+        let finishing = st.in_progress.is_some() && path.exists();
+        let usable = finishing || intact(state_path, st).is_ok();
+        if usable && plan.first > 0 || usable && !header.is_full() {
+            return KeptHashes::open(&path).map(Some);
+        }
+        if finishing {
+            // Finishing an interrupted full stream: what it wrote is in the hashes already.
+            return KeptHashes::open(&path).map(Some);
+        }
+    }
+    let whole = header.is_full() && plan.first == 0 && header.resume_offset == 0;
+    if plan.fresh || whole {
+        return KeptHashes::create(&path, target_size).map(Some);
+    }
+    // Nobody may take stale hashes for the replica's content.
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ReceiveError::State {
+            path,
+            reason: format!("cannot remove stale block hashes: {e}"),
+        }),
+    }
+}
+
+/// Before a repair stream applies: the replica's content must be the one the block list
+/// described (the stream's base GUID is the first 16 bytes of that content's digest). Uses
+/// the kept hashes when they stand for the content, else reads the replica whole and keeps
+/// what it read. Returns the kept hashes the repair updates.
+pub(crate) fn for_repair(
+    header: &StreamHeader,
+    plan: &Plan,
+    state_path: &Path,
+    disk: &dyn BlockSource,
+    threads: usize,
+) -> Result<KeptHashes, ReceiveError> {
+    let base = header.transitions[0]
+        .from
+        .as_ref()
+        .expect("a repair stream has a base");
+    let known = plan.prior.as_ref().and_then(|st| {
+        let probe_health = plan.health.clone().unwrap_or(Health::Unchanged);
+        trusted(state_path, st, &probe_health).ok()
+    });
+    let (kept, digest) = match known {
+        Some(k) => {
+            let d = k.digest()?;
+            (KeptHashes::open(k.path())?, d)
+        }
+        None => {
+            let mut k = KeptHashes::create(&hashes_path(state_path), disk.size())?;
+            k.rebuild(disk, threads)?;
+            k.sync()?;
+            let d = k.digest()?;
+            (k, d)
+        }
+    };
+    if digest[..16] != base.guid {
+        return Err(ReceiveError::refused_outright(format!(
+            "the replica's content (digest {}) is not the one the repair stream's block list \
+             describes ({}...): it changed since 'blkdelta checksum --blocks' read it; make the \
+             block list again",
+            &to_hex(&digest)[..16],
+            &to_hex(&base.guid)[..16]
+        )));
+    }
+    Ok(kept)
+}
+
+/// A run of whole blocks whose content differs from the kept hashes: byte offset and length
+/// (the last one clipped to the virtual size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mismatch {
+    /// First byte.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VerifySummary {
+    /// Blocks compared.
+    pub blocks: u64,
+    /// Blocks whose content differs from the kept hashes.
+    pub differing: u64,
+}
+
+/// Reads `disk` whole and compares every block with `kept`, calling `each` for every run of
+/// differing blocks, in order.
+pub fn verify(
+    kept: &KeptHashes,
+    disk: &dyn BlockSource,
+    threads: usize,
+    each: &mut dyn FnMut(Mismatch),
+) -> Result<VerifySummary, ReceiveError> {
+    let size = kept.size();
+    let mut summary = VerifySummary::default();
+    let mut run: Option<Mismatch> = None;
+    let mut expected = Vec::new();
+    let mut next_entry = 0u64;
+    let read_err = |e: blkdelta_common::ImageError| ReceiveError::Failed(format!("reading the replica: {e}"));
+    blkdelta_common::digest::block_hashes(disk, threads, &mut |i, hash| {
+        if i >= next_entry + expected.len() as u64 || i < next_entry {
+            next_entry = i;
+            expected = kept
+                .entries(i, 64 * 1024)
+                .map_err(|e| blkdelta_common::ImageError::Io(std::io::Error::other(e.to_string())))?;
+        }
+        summary.blocks += 1;
+        let offset = i * BLOCK_BYTES;
+        if expected[(i - next_entry) as usize] == *hash {
+            if let Some(r) = run.take() {
+                each(r);
+            }
+            return Ok(());
+        }
+        summary.differing += 1;
+        let len = BLOCK_BYTES.min(size - offset);
+        match &mut run {
+            Some(r) if r.offset + r.len == offset => r.len += len,
+            _ => {
+                if let Some(r) = run.replace(Mismatch { offset, len }) {
+                    each(r);
+                }
+            }
+        }
+        Ok(())
+    })
+    .map_err(read_err)?;
+    if let Some(r) = run {
+        each(r);
+    }
+    Ok(summary)
+}
