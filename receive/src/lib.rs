@@ -15,6 +15,7 @@
 //! ```
 
 pub mod apply;
+pub mod hashes;
 pub mod plan;
 pub mod state;
 pub mod target;
