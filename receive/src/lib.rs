@@ -15,7 +15,9 @@
 //! ```
 
 pub mod apply;
+pub mod hashes;
 pub mod identity;
+pub mod kept;
 pub mod plan;
 pub mod state;
 pub mod target;

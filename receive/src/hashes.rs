@@ -1,0 +1,657 @@
+//! The replica's kept block hashes: the blake3 of every 1 MiB block of the replica, kept beside
+//! its state file and updated as the receiver writes, so that the digest of a replica costs
+//! O(blocks) without reading the disk, and `verify` has something to compare the disk with.
+//!
+//! The file `<state path>.hashes` (see [`hashes_path`]):
+//!
+//! ```text
+//! offset  bytes  field
+//!      0      8  magic "BDHASH01"
+//!      8      4  version, u32 LE (1)
+//!     12      4  block bytes, u32 LE (1 MiB, digest::BLOCK_BYTES)
+//!     16      8  virtual size of the disk, u64 LE
+//!     24     40  reserved, zero
+//!     64   32×n  one entry per block, n = ceil(size / block bytes):
+//!                all zeros = the block reads as zeros, anything else = the block's blake3
+//! ```
+//!
+//! A zero entry stands for the hash of zeros at the block's own length (the last block may be
+//! short), so a new or grown disk costs a `set_len` of a sparse file, and zeroing a long range
+//! punches a hole in the file instead of writing an entry per block.
+//!
+//! Updates are gathered in memory between [`KeptHashes::settle`] calls, bounded by what was
+//! written since: a whole aligned block written at once takes the record's hash (that hash is
+//! the block hash), whole blocks zeroed become a run of zero entries, and a block only partly
+//! covered is marked to be re-hashed from the disk at the next settle (the one place that
+//! reads; merging blake3 subtree chaining values could replace it later).
+//!
+//! Durability follows the data: the caller syncs the target, then settles and syncs the
+//! hashes, then saves the state. A block touched after the last sync is touched again when
+//! the stream is applied again from the state's durable offset, so its entry is mended then.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use blkdelta_common::buf::AlignedBuf;
+use blkdelta_common::digest::{self, DigestBuilder, BLOCK_BYTES};
+use blkdelta_common::image::BlockSource;
+use blkdelta_common::limits::MAX_VIRTUAL_BYTES;
+
+use crate::ReceiveError;
+
+#[cfg(test)]
+mod tests;
+
+/// Magic of a hashes file.
+pub const HASHES_MAGIC: [u8; 8] = *b"BDHASH01";
+/// Version of the hashes file layout.
+pub const HASHES_VERSION: u32 = 1;
+/// Bytes of the header before the first entry.
+pub const HEADER_BYTES: u64 = 64;
+/// Bytes of one entry.
+pub const ENTRY_BYTES: u64 = 32;
+
+/// What [`KeptHashes::for_each`] calls for every block: its index and its hash.
+pub type EachBlock<'a> = dyn FnMut(u64, &[u8; 32]) -> Result<(), ReceiveError> + 'a;
+
+/// The entry of a block that reads as zeros.
+const ZERO_ENTRY: [u8; 32] = [0; 32];
+/// Entries read or written per system call (1 MiB of entries, 32 GiB of disk).
+const ENTRIES_PER_IO: u64 = 32 * 1024;
+/// Blocks hashed per parallel batch in [`KeptHashes::rebuild`].
+const REBUILD_BATCH_BLOCKS: u64 = 1024;
+/// Zero runs at least this long (in file bytes) punch a hole rather than write zeros.
+const PUNCH_MIN_BYTES: u64 = 64 * 1024;
+
+/// Where the kept hashes of the replica whose state lives at `state_path` are.
+pub fn hashes_path(state_path: &Path) -> PathBuf {
+    let mut name = state_path.as_os_str().to_owned();
+    name.push(".hashes");
+    PathBuf::from(name)
+}
+
+/// Number of blocks of a disk of `size` bytes.
+fn block_count(size: u64) -> u64 {
+    size.div_ceil(BLOCK_BYTES)
+}
+
+/// Offset in the file of the entry of `block` (also the file length for `block` entries).
+fn entry_offset(block: u64) -> u64 {
+    HEADER_BYTES + block * ENTRY_BYTES
+}
+
+/// What became of a block since the last settle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Its new entry is known (a whole block written: its hash, or zero).
+    Entry([u8; 32]),
+    /// Only part of it was written or zeroed: its hash must be worked out from the disk.
+    Rehash,
+}
+
+/// Updates not yet in the file. Zero runs are applied first, then single blocks, which win
+/// over them: zeroing drops the single-block changes it covers, so the order holds.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Whole blocks zeroed, as merged runs: first block → end block (exclusive).
+    zero_runs: BTreeMap<u64, u64>,
+    /// Blocks changed after any zero run that covers them.
+    blocks: BTreeMap<u64, Change>,
+}
+
+impl Pending {
+    fn zero_run(&mut self, first: u64, end: u64) {
+        let inside: Vec<u64> = self.blocks.range(first..end).map(|(&b, _)| b).collect();
+        for b in inside {
+            self.blocks.remove(&b);
+        }
+        let (mut first, mut end) = (first, end);
+        if let Some((&s, &e)) = self.zero_runs.range(..=first).next_back() {
+            if e >= first {
+                self.zero_runs.remove(&s);
+                first = s;
+                end = end.max(e);
+            }
+        }
+        while let Some((&s, &e)) = self.zero_runs.range(first..=end).next() {
+            self.zero_runs.remove(&s);
+            end = end.max(e);
+        }
+        self.zero_runs.insert(first, end);
+    }
+
+    /// Forgets everything at or past block `blocks` (the disk shrank).
+    fn truncate(&mut self, blocks: u64) {
+        self.blocks.split_off(&blocks);
+        self.zero_runs.split_off(&blocks);
+        if let Some((_, end)) = self.zero_runs.iter_mut().next_back() {
+            *end = (*end).min(blocks);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.zero_runs.clear();
+        self.blocks.clear();
+    }
+}
+
+/// The kept block hashes of a replica: the file described in the [module docs](self), and the
+/// updates since the last [`settle`](KeptHashes::settle). Memory is bounded by those updates,
+/// never by the disk size.
+#[derive(Debug)]
+pub struct KeptHashes {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    pending: Pending,
+    /// blake3 of a whole block of zeros.
+    zero_block: [u8; 32],
+    /// blake3 of the last block's length of zeros (equal to `zero_block` when it is whole).
+    zero_tail: [u8; 32],
+    buf: AlignedBuf,
+}
+
+impl KeptHashes {
+    /// Opens the file at `path`, or creates it for a disk of `size` bytes that reads as zeros
+    /// everywhere (a new target; an existing replica whose content is unknown needs a
+    /// [`rebuild`](Self::rebuild) after). An existing file is opened as it is: its size may
+    /// differ from `size`, which [`set_size`](Self::set_size) mends.
+    pub fn open_or_create(path: &Path, size: u64) -> Result<Self, ReceiveError> {
+        match Self::open(path) {
+            Err(_) if !path.exists() => Self::create(path, size),
+            other => other,
+        }
+    }
+
+    /// Opens an existing file for reading and updating; an error naming the file when it is
+    /// missing or damaged.
+    pub fn open(path: &Path) -> Result<Self, ReceiveError> {
+        let file = OpenOptions::new().read(true).write(true).open(path);
+        Self::from_file(
+            path,
+            file.map_err(|e| state_err(path, format!("cannot open: {e}")))?,
+        )
+    }
+
+    /// Opens an existing file only to read it ([`digest`](Self::digest),
+    /// [`for_each`](Self::for_each)): for a caller that may not write beside the replica.
+    pub fn open_read_only(path: &Path) -> Result<Self, ReceiveError> {
+        let file = File::open(path);
+        Self::from_file(
+            path,
+            file.map_err(|e| state_err(path, format!("cannot open: {e}")))?,
+        )
+    }
+
+    /// Creates (or replaces) the file for a disk of `size` bytes that reads as zeros.
+    pub fn create(path: &Path, size: u64) -> Result<Self, ReceiveError> {
+        check_size(path, size)?;
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = PathBuf::from(tmp_name);
+        let write = || -> std::io::Result<()> {
+            let file = File::create(&tmp)?;
+            file.set_len(entry_offset(block_count(size)))?;
+            file.write_all_at(&encode_header(size), 0)?;
+            file.sync_data()?;
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|e| state_err(path, format!("cannot create: {e}")))?;
+        Self::open(path)
+    }
+
+    fn from_file(path: &Path, file: File) -> Result<Self, ReceiveError> {
+        let len = file
+            .metadata()
+            .map_err(|e| state_err(path, format!("cannot stat: {e}")))?
+            .len();
+        let mut header = [0u8; HEADER_BYTES as usize];
+        if len < HEADER_BYTES {
+            return Err(state_err(
+                path,
+                format!("{len} bytes, shorter than the {HEADER_BYTES}-byte header"),
+            ));
+        }
+        file.read_exact_at(&mut header, 0)
+            .map_err(|e| state_err(path, format!("cannot read the header: {e}")))?;
+        let size = decode_header(&header).map_err(|reason| state_err(path, reason))?;
+        let expected = entry_offset(block_count(size));
+        if len != expected {
+            return Err(state_err(
+                path,
+                format!("{len} bytes where a disk of {size} bytes needs {expected}"),
+            ));
+        }
+        let zero_block = digest::zero_hash(BLOCK_BYTES);
+        Ok(KeptHashes {
+            path: path.to_path_buf(),
+            file,
+            size,
+            pending: Pending::default(),
+            zero_block,
+            zero_tail: zero_tail(size, &zero_block),
+            buf: AlignedBuf::new(),
+        })
+    }
+
+    /// The virtual size of the disk, in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Blocks with an update not yet in the file (zero runs count one each).
+    pub fn pending_updates(&self) -> usize {
+        self.pending.blocks.len() + self.pending.zero_runs.len()
+    }
+
+    /// The disk is now `size` bytes: a grown range reads as zeros; a last block whose length
+    /// changed (a shrink to, or a grow from, a size that is not whole blocks) is re-hashed at
+    /// the next settle. Updates it makes are in the file at once (header, length).
+    pub fn set_size(&mut self, size: u64) -> Result<(), ReceiveError> {
+        check_size(&self.path, size)?;
+        let old = self.size;
+        if size == old {
+            return Ok(());
+        }
+        let blocks = block_count(size);
+        self.pending.truncate(blocks);
+        if size < old && size % BLOCK_BYTES != 0 {
+            self.pending
+                .blocks
+                .insert(size / BLOCK_BYTES, Change::Rehash);
+        }
+        if size > old && old % BLOCK_BYTES != 0 {
+            self.pending
+                .blocks
+                .insert(old / BLOCK_BYTES, Change::Rehash);
+        }
+        // Entries past the old end are cut off by a shrink; a grow adds zero entries.
+        self.file
+            .set_len(entry_offset(blocks))
+            .map_err(|e| self.err(format!("cannot resize to {size} bytes of disk: {e}")))?;
+        self.file
+            .write_all_at(&encode_header(size), 0)
+            .map_err(|e| self.err(format!("cannot write the header: {e}")))?;
+        self.size = size;
+        self.zero_tail = zero_tail(size, &self.zero_block);
+        Ok(())
+    }
+
+    /// `len` bytes were written at `offset`; `hash` is the blake3 of those bytes. A range past
+    /// the disk's end is clipped (the target refuses such writes).
+    pub fn wrote(&mut self, offset: u64, len: u64, hash: &[u8; 32]) {
+        let Some((start, end)) = self.clip(offset, len) else {
+            return;
+        };
+        let block = start / BLOCK_BYTES;
+        let whole = start % BLOCK_BYTES == 0 && end - start == self.block_len(block);
+        if whole && offset.checked_add(len) == Some(end) {
+            let entry = self.entry_of(block, hash);
+            self.pending.blocks.insert(block, Change::Entry(entry));
+            return;
+        }
+        for b in block..=(end - 1) / BLOCK_BYTES {
+            self.pending.blocks.insert(b, Change::Rehash);
+        }
+    }
+
+    /// `[offset, offset + len)` now reads as zeros (a zero or discard record). Whole blocks
+    /// take zero entries without any read, however long the range.
+    pub fn zeroed(&mut self, offset: u64, len: u64) {
+        let Some((start, end)) = self.clip(offset, len) else {
+            return;
+        };
+        let first_whole = start.div_ceil(BLOCK_BYTES);
+        let end_whole = if end == self.size {
+            block_count(end)
+        } else {
+            end / BLOCK_BYTES
+        };
+        if first_whole < end_whole {
+            self.pending.zero_run(first_whole, end_whole);
+        }
+        for b in [start / BLOCK_BYTES, (end - 1) / BLOCK_BYTES] {
+            if b < first_whole || b >= end_whole {
+                self.pending.blocks.insert(b, Change::Rehash);
+            }
+        }
+    }
+
+    /// Brings every entry up to date in the file: blocks only partly covered by writes or
+    /// zeroing since the last settle are re-hashed by reading them from `disk` (the target,
+    /// once its writes completed; at least [`size`](Self::size) bytes). Costs O(blocks
+    /// touched), never O(disk). After an error the updates are kept, and a later settle
+    /// applies them again.
+    pub fn settle(&mut self, disk: &dyn BlockSource) -> Result<(), ReceiveError> {
+        if disk.size() < self.size {
+            return Err(self.err(format!(
+                "the disk holds {} bytes, the hashes describe {}",
+                disk.size(),
+                self.size
+            )));
+        }
+        self.write_zero_runs()?;
+        self.rehash_partial_blocks(disk)?;
+        self.write_block_entries()?;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Makes the entries durable (`fdatasync`); call after [`settle`](Self::settle).
+    pub fn sync(&mut self) -> Result<(), ReceiveError> {
+        self.file
+            .sync_data()
+            .map_err(|e| self.err(format!("cannot sync: {e}")))
+    }
+
+    /// The digest of the disk as the entries give it (as of the last settle): reads the file
+    /// in bounded pieces and folds the hashes, O(blocks).
+    pub fn digest(&self) -> Result<[u8; 32], ReceiveError> {
+        let mut top = DigestBuilder::new(self.size);
+        self.for_each(&mut |_, hash| {
+            top.push(hash);
+            Ok(())
+        })?;
+        Ok(top.finish())
+    }
+
+    /// Calls `each(block_index, &hash)` for every block in order (as of the last settle),
+    /// zero entries given as the real hash of the block's zeros. Stops at the first error.
+    pub fn for_each(&self, each: &mut EachBlock<'_>) -> Result<(), ReceiveError> {
+        let blocks = block_count(self.size);
+        let mut piece = vec![0u8; (ENTRIES_PER_IO.min(blocks) * ENTRY_BYTES) as usize];
+        let mut first = 0;
+        while first < blocks {
+            let count = (blocks - first).min(ENTRIES_PER_IO);
+            let bytes = &mut piece[..(count * ENTRY_BYTES) as usize];
+            self.file
+                .read_exact_at(bytes, entry_offset(first))
+                .map_err(|e| self.err(format!("cannot read entries from block {first}: {e}")))?;
+            for (i, entry) in bytes.chunks_exact(ENTRY_BYTES as usize).enumerate() {
+                let block = first + i as u64;
+                let entry: &[u8; 32] = entry.try_into().expect("chunks of 32 bytes");
+                each(block, self.hash_of(block, entry))?;
+            }
+            first += count;
+        }
+        Ok(())
+    }
+
+    /// Rewrites every entry by reading `disk` whole (at least [`size`](Self::size) bytes),
+    /// with `threads` workers, in bounded batches: for a replica whose content is unknown.
+    /// Updates not yet settled are dropped, since the disk's content supersedes them.
+    pub fn rebuild(&mut self, disk: &dyn BlockSource, threads: usize) -> Result<(), ReceiveError> {
+        if disk.size() < self.size {
+            return Err(self.err(format!(
+                "the disk holds {} bytes, the hashes describe {}",
+                disk.size(),
+                self.size
+            )));
+        }
+        self.pending.clear();
+        let blocks = block_count(self.size);
+        let mut first = 0;
+        while first < blocks {
+            let count = (blocks - first).min(REBUILD_BATCH_BLOCKS);
+            let hashes = self.hash_blocks(disk, first, count, threads.max(1))?;
+            let mut bytes = Vec::with_capacity((count * ENTRY_BYTES) as usize);
+            for (i, hash) in hashes.iter().enumerate() {
+                bytes.extend_from_slice(&self.entry_of(first + i as u64, hash));
+            }
+            self.write_entries(first, &bytes)?;
+            first += count;
+        }
+        Ok(())
+    }
+
+    /// Hashes `count` blocks from `first` with `threads` workers.
+    fn hash_blocks(
+        &self,
+        disk: &dyn BlockSource,
+        first: u64,
+        count: u64,
+        threads: usize,
+    ) -> Result<Vec<[u8; 32]>, ReceiveError> {
+        let out = Mutex::new(vec![[0u8; 32]; count as usize]);
+        let next = AtomicUsize::new(0);
+        let failure = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads.min(count as usize) {
+                s.spawn(|| {
+                    let mut buf = AlignedBuf::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count as usize || failure.lock().expect("not poisoned").is_some() {
+                            break;
+                        }
+                        match self.read_block_hash(disk, first + i as u64, &mut buf) {
+                            Ok(h) => out.lock().expect("not poisoned")[i] = h,
+                            Err(e) => *failure.lock().expect("not poisoned") = Some(e),
+                        }
+                    }
+                });
+            }
+        });
+        match failure.into_inner().expect("not poisoned") {
+            Some(e) => Err(e),
+            None => Ok(out.into_inner().expect("not poisoned")),
+        }
+    }
+
+    /// The hash of `block` as read from `disk` (its allocated parts only).
+    fn read_block_hash(
+        &self,
+        disk: &dyn BlockSource,
+        block: u64,
+        buf: &mut AlignedBuf,
+    ) -> Result<[u8; 32], ReceiveError> {
+        let offset = block * BLOCK_BYTES;
+        digest::block_hash(disk, offset, self.block_len(block), &self.zero_block, buf)
+            .map_err(|e| self.err(format!("cannot re-hash block {block}: {}", error_chain(&e))))
+    }
+
+    /// Works out the entries of the blocks only partly covered since the last settle. The
+    /// one step that reads the disk.
+    fn rehash_partial_blocks(&mut self, disk: &dyn BlockSource) -> Result<(), ReceiveError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut pending = std::mem::take(&mut self.pending.blocks);
+        let mut result = Ok(());
+        for (&block, change) in pending.iter_mut() {
+            if *change != Change::Rehash {
+                continue;
+            }
+            match self.read_block_hash(disk, block, &mut buf) {
+                Ok(hash) => *change = Change::Entry(self.entry_of(block, &hash)),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.pending.blocks = pending;
+        self.buf = buf;
+        result
+    }
+
+    /// Writes the single-block entries, consecutive blocks in one write.
+    fn write_block_entries(&self) -> Result<(), ReceiveError> {
+        let max_bytes = (ENTRIES_PER_IO * ENTRY_BYTES) as usize;
+        let mut run = Vec::with_capacity(max_bytes.min(self.pending.blocks.len() * 32));
+        let mut run_first = 0;
+        for (&block, change) in &self.pending.blocks {
+            let Change::Entry(entry) = change else {
+                unreachable!("every block re-hashed before its entry is written");
+            };
+            let run_end = run_first + (run.len() as u64) / ENTRY_BYTES;
+            if !run.is_empty() && (block != run_end || run.len() >= max_bytes) {
+                self.write_entries(run_first, &run)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_first = block;
+            }
+            run.extend_from_slice(entry);
+        }
+        if !run.is_empty() {
+            self.write_entries(run_first, &run)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the zero runs' entries: a hole punched for a long run, zeros written otherwise
+    /// (and where the filesystem punches no holes).
+    fn write_zero_runs(&self) -> Result<(), ReceiveError> {
+        for (&first, &end) in &self.pending.zero_runs {
+            let (start, len) = (entry_offset(first), (end - first) * ENTRY_BYTES);
+            if len >= PUNCH_MIN_BYTES && self.punch_hole(start, len)? {
+                continue;
+            }
+            let zeros = vec![0u8; (len.min(ENTRIES_PER_IO * ENTRY_BYTES)) as usize];
+            let mut block = first;
+            while block < end {
+                let count = (end - block).min(ENTRIES_PER_IO);
+                self.write_entries(block, &zeros[..(count * ENTRY_BYTES) as usize])?;
+                block += count;
+            }
+        }
+        Ok(())
+    }
+
+    /// Punches `[start, start + len)` out of the file; `false` where the filesystem cannot.
+    fn punch_hole(&self, start: u64, len: u64) -> Result<bool, ReceiveError> {
+        use rustix::fs::FallocateFlags;
+        use rustix::io::Errno;
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(&self.file, flags, start, len) {
+            Ok(()) => Ok(true),
+            Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL | Errno::NODEV) => Ok(false),
+            Err(e) => Err(self.err(format!("cannot punch entries at {start} (+{len}): {e}"))),
+        }
+    }
+
+    fn write_entries(&self, first: u64, bytes: &[u8]) -> Result<(), ReceiveError> {
+        self.file
+            .write_all_at(bytes, entry_offset(first))
+            .map_err(|e| self.err(format!("cannot write entries from block {first}: {e}")))
+    }
+
+    /// The part of `[offset, offset + len)` inside the disk, if any.
+    fn clip(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let end = offset.saturating_add(len).min(self.size);
+        (offset < end).then_some((offset, end))
+    }
+
+    /// Length of `block`: a whole block, or what is left of the disk for the last one.
+    fn block_len(&self, block: u64) -> u64 {
+        BLOCK_BYTES.min(self.size - block * BLOCK_BYTES)
+    }
+
+    fn zero_hash_of(&self, block: u64) -> &[u8; 32] {
+        if block + 1 == block_count(self.size) {
+            &self.zero_tail
+        } else {
+            &self.zero_block
+        }
+    }
+
+    /// The entry that records `hash` for `block`: zero when it is the hash of zeros.
+    fn entry_of(&self, block: u64, hash: &[u8; 32]) -> [u8; 32] {
+        if hash == self.zero_hash_of(block) {
+            ZERO_ENTRY
+        } else {
+            *hash
+        }
+    }
+
+    /// The hash an entry of `block` stands for.
+    fn hash_of<'a>(&'a self, block: u64, entry: &'a [u8; 32]) -> &'a [u8; 32] {
+        if *entry == ZERO_ENTRY {
+            self.zero_hash_of(block)
+        } else {
+            entry
+        }
+    }
+
+    fn err(&self, reason: String) -> ReceiveError {
+        state_err(&self.path, reason)
+    }
+}
+
+fn state_err(path: &Path, reason: impl Into<String>) -> ReceiveError {
+    ReceiveError::State {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+fn check_size(path: &Path, size: u64) -> Result<(), ReceiveError> {
+    if size > MAX_VIRTUAL_BYTES {
+        return Err(state_err(
+            path,
+            format!("a disk of {size} bytes is past the {MAX_VIRTUAL_BYTES}-byte limit"),
+        ));
+    }
+    Ok(())
+}
+
+/// The hash of zeros at the length of the last block of a disk of `size` bytes.
+fn zero_tail(size: u64, zero_block: &[u8; 32]) -> [u8; 32] {
+    match size % BLOCK_BYTES {
+        0 => *zero_block,
+        tail => digest::zero_hash(tail),
+    }
+}
+
+fn encode_header(size: u64) -> [u8; HEADER_BYTES as usize] {
+    let mut h = [0u8; HEADER_BYTES as usize];
+    h[0..8].copy_from_slice(&HASHES_MAGIC);
+    h[8..12].copy_from_slice(&HASHES_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(BLOCK_BYTES as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&size.to_le_bytes());
+    h
+}
+
+/// Checks a header and gives the virtual size it holds.
+fn decode_header(h: &[u8; HEADER_BYTES as usize]) -> Result<u64, String> {
+    let u32_at = |at: usize| u32::from_le_bytes(h[at..at + 4].try_into().expect("4 bytes"));
+    if h[0..8] != HASHES_MAGIC {
+        return Err(format!("bad magic {:02x?}", &h[0..8]));
+    }
+    let version = u32_at(8);
+    if version != HASHES_VERSION {
+        return Err(format!("unsupported version {version}"));
+    }
+    let block_bytes = u32_at(12);
+    if u64::from(block_bytes) != BLOCK_BYTES {
+        return Err(format!("block size {block_bytes}, expected {BLOCK_BYTES}"));
+    }
+    let size = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"));
+    if size > MAX_VIRTUAL_BYTES {
+        return Err(format!("virtual size {size} is past the limit"));
+    }
+    if h[24..].iter().any(|&b| b != 0) {
+        return Err("reserved header bytes are not zero".to_string());
+    }
+    Ok(size)
+}
