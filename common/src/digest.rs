@@ -6,8 +6,9 @@
 //! Blocks are 1 MiB (the last one may be shorter and is hashed at its own length). A block that
 //! the source reports as unallocated or zero is not read: its hash is the hash of zeros.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+mod walk;
+
+use std::sync::OnceLock;
 
 use crate::buf::AlignedBuf;
 use crate::image::{Allocation, BlockSource};
@@ -16,9 +17,6 @@ use crate::ImageError;
 
 /// Size of a digest block.
 pub const BLOCK_BYTES: u64 = CHUNK_BYTES;
-
-/// Blocks hashed per parallel batch: bounds memory whatever the disk size.
-const BATCH_BLOCKS: usize = 256;
 
 /// The blake3 of `len` zero bytes.
 pub fn zero_hash(len: u64) -> [u8; 32] {
@@ -31,6 +29,19 @@ pub fn zero_hash(len: u64) -> [u8; 32] {
         left -= n as u64;
     }
     *h.finalize().as_bytes()
+}
+
+/// The blake3 of a whole block of zeros (computed once).
+pub fn zero_block_hash() -> &'static [u8; 32] {
+    static HASH: OnceLock<[u8; 32]> = OnceLock::new();
+    HASH.get_or_init(|| zero_hash(BLOCK_BYTES))
+}
+
+/// [`FOLD_BATCH_BYTES`] of repeated [`zero_block_hash`]es: runs of zero blocks are folded
+/// from it, 2048 blocks per hasher call, with no per-block work.
+fn zero_run() -> &'static [u8] {
+    static RUN: OnceLock<Vec<u8>> = OnceLock::new();
+    RUN.get_or_init(|| zero_block_hash().repeat(FOLD_BATCH_BYTES / 32))
 }
 
 /// Hashes the block at `offset` of `len` bytes, reading only its allocated parts (into `buf`,
@@ -71,58 +82,67 @@ pub fn block_hash(
     Ok(*blake3::hash(buf).as_bytes())
 }
 
-/// Computes the digest of `src` with `threads` workers (at least one).
-pub fn image_digest(src: &dyn BlockSource, threads: usize) -> Result<[u8; 32], ImageError> {
-    let size = src.size();
-    let blocks = size.div_ceil(BLOCK_BYTES);
-    let zero_block = zero_hash(BLOCK_BYTES);
-    let mut top = DigestBuilder::new(size);
-    let mut first = 0u64;
-    while first < blocks {
-        let count = (blocks - first).min(BATCH_BLOCKS as u64) as usize;
-        let hashes = hash_batch(src, first, count, threads.max(1), &zero_block)?;
-        for h in &hashes {
-            top.push(h);
-        }
-        first += count as u64;
-    }
-    Ok(top.finish())
+/// A run of blocks in disk order, as [`block_runs`] hands them on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockRun {
+    /// Block `index` hashes to `hash`.
+    Block {
+        /// Index of the block (its offset divided by [`BLOCK_BYTES`]).
+        index: u64,
+        /// Its blake3 hash.
+        hash: [u8; 32],
+    },
+    /// `count` whole blocks from block `first` read as zeros: each hashes to
+    /// `zero_hash(BLOCK_BYTES)`. A short last block of zeros comes as a [`BlockRun::Block`].
+    Zeros {
+        /// Index of the first block.
+        first: u64,
+        /// Number of blocks (at least one).
+        count: u64,
+    },
 }
 
-fn hash_batch(
+/// Hands every block of `src` to `each`, in order, as runs: a range the source reports as
+/// unallocated or zero costs one call for the whole range, whatever its length; blocks holding
+/// data are read and hashed on `threads` workers (at least one). Memory is bounded by the
+/// threads. Stops at the first error, of the source or of `each`.
+pub fn block_runs(
     src: &dyn BlockSource,
-    first: u64,
-    count: usize,
     threads: usize,
-    zero_block: &[u8; 32],
-) -> Result<Vec<[u8; 32]>, ImageError> {
-    let size = src.size();
-    let out = Mutex::new(vec![[0u8; 32]; count]);
-    let next = AtomicUsize::new(0);
-    let failure = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..threads.min(count) {
-            s.spawn(|| {
-                let mut buf = AlignedBuf::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count || failure.lock().expect("not poisoned").is_some() {
-                        break;
-                    }
-                    let offset = (first + i as u64) * BLOCK_BYTES;
-                    let len = BLOCK_BYTES.min(size - offset);
-                    match block_hash(src, offset, len, zero_block, &mut buf) {
-                        Ok(h) => out.lock().expect("not poisoned")[i] = h,
-                        Err(e) => *failure.lock().expect("not poisoned") = Some(e),
-                    }
-                }
-            });
+    each: &mut dyn FnMut(BlockRun) -> Result<(), ImageError>,
+) -> Result<(), ImageError> {
+    walk::walk(src, threads, each)
+}
+
+/// Calls `each` with the index and hash of every block of `src`, in order (see
+/// [`block_runs`], which this expands: zero blocks cost no reading, only the call).
+// The callback's signature is the API: spelled out, it documents itself better than an alias.
+#[allow(clippy::type_complexity)]
+pub fn block_hashes(
+    src: &dyn BlockSource,
+    threads: usize,
+    each: &mut dyn FnMut(u64, &[u8; 32]) -> Result<(), ImageError>,
+) -> Result<(), ImageError> {
+    let zero_block = zero_block_hash();
+    block_runs(src, threads, &mut |run| match run {
+        BlockRun::Block { index, hash } => each(index, &hash),
+        BlockRun::Zeros { first, count } => {
+            (first..first + count).try_for_each(|index| each(index, zero_block))
         }
-    });
-    match failure.into_inner().expect("not poisoned") {
-        Some(e) => Err(e),
-        None => Ok(out.into_inner().expect("not poisoned")),
-    }
+    })
+}
+
+/// Computes the digest of `src` with `threads` workers (at least one).
+pub fn image_digest(src: &dyn BlockSource, threads: usize) -> Result<[u8; 32], ImageError> {
+    let mut top = DigestBuilder::new(src.size());
+    block_runs(src, threads, &mut |run| {
+        match run {
+            BlockRun::Block { hash, .. } => top.push(&hash),
+            BlockRun::Zeros { count, .. } => top.push_zero_blocks(count),
+        }
+        Ok(())
+    })?;
+    Ok(top.finish())
 }
 
 /// Bytes of block hashes gathered before they are fed to the top-level hasher: blake3 hashes
@@ -143,7 +163,6 @@ const FOLD_BATCH_BYTES: usize = 64 << 10;
 pub struct DigestBuilder {
     top: blake3::Hasher,
     batch: Vec<u8>,
-    zero_block: [u8; 32],
     pushed: u64,
 }
 
@@ -155,7 +174,6 @@ impl DigestBuilder {
         DigestBuilder {
             top,
             batch: Vec::with_capacity(FOLD_BATCH_BYTES),
-            zero_block: zero_hash(BLOCK_BYTES),
             pushed: 0,
         }
     }
@@ -169,12 +187,26 @@ impl DigestBuilder {
         }
     }
 
-    /// Appends `count` whole blocks of zeros.
+    /// Appends `count` whole blocks of zeros, at the hasher's speed (no per-block work).
     pub fn push_zero_blocks(&mut self, count: u64) {
-        let zero = self.zero_block;
-        for _ in 0..count {
-            self.push(&zero);
+        let run = zero_run();
+        let mut left = count;
+        while left > 0 {
+            if self.batch.is_empty() && left >= (run.len() / 32) as u64 {
+                // A whole batch of zero hashes: straight from the prebuilt run, no copy.
+                self.top.update(run);
+                left -= (run.len() / 32) as u64;
+                continue;
+            }
+            let room = (FOLD_BATCH_BYTES - self.batch.len()) / 32;
+            let n = left.min(room as u64) as usize;
+            self.batch.extend_from_slice(&run[..n * 32]);
+            left -= n as u64;
+            if self.batch.len() >= FOLD_BATCH_BYTES {
+                self.fold();
+            }
         }
+        self.pushed += count;
     }
 
     /// Blocks pushed so far.
@@ -200,64 +232,4 @@ pub fn to_hex(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::image::mem::MemImage;
-
-    fn naive_digest(bytes: &[u8]) -> [u8; 32] {
-        let mut top = blake3::Hasher::new();
-        top.update(&(bytes.len() as u64).to_le_bytes());
-        for block in bytes.chunks(BLOCK_BYTES as usize) {
-            top.update(blake3::hash(block).as_bytes());
-        }
-        *top.finalize().as_bytes()
-    }
-
-    #[test]
-    fn digest_matches_the_definition_with_holes_and_a_short_tail() {
-        let size = 5 * BLOCK_BYTES + 1234;
-        let mut img = MemImage::new(size, 4096);
-        img.write(BLOCK_BYTES + 17, &[3u8; 9000]);
-        img.write(size - 10, &[9u8; 10]);
-        for threads in [1, 2, 7] {
-            assert_eq!(
-                image_digest(&img, threads).unwrap(),
-                naive_digest(img.bytes())
-            );
-        }
-    }
-
-    #[test]
-    fn a_reused_buffer_never_leaks_an_earlier_block_into_the_holes_of_the_next() {
-        // One thread, one buffer: a full block, then blocks with data between holes.
-        let size = 4 * BLOCK_BYTES;
-        let mut img = MemImage::new(size, 4096);
-        img.write(0, &vec![0xee; BLOCK_BYTES as usize]);
-        img.write(BLOCK_BYTES + 8192, &[1; 4096]);
-        img.write(2 * BLOCK_BYTES, &[2; 4096]);
-        img.write(3 * BLOCK_BYTES - 4096, &[3; 4096]);
-        img.write(3 * BLOCK_BYTES + 4096, &[4; 100]);
-        assert_eq!(image_digest(&img, 1).unwrap(), naive_digest(img.bytes()));
-    }
-
-    #[test]
-    fn holes_are_not_read() {
-        let img = MemImage::new(3 * BLOCK_BYTES, 4096);
-        img.fail_reads_at(BLOCK_BYTES + 5);
-        assert_eq!(image_digest(&img, 2).unwrap(), naive_digest(img.bytes()));
-    }
-
-    #[test]
-    fn read_errors_surface() {
-        let mut img = MemImage::new(3 * BLOCK_BYTES, 4096);
-        img.write(BLOCK_BYTES, &[1; 10]);
-        img.fail_reads_at(BLOCK_BYTES + 5);
-        assert!(image_digest(&img, 2).is_err());
-    }
-
-    #[test]
-    fn empty_disk_has_a_digest() {
-        let img = MemImage::new(0, 4096);
-        assert_eq!(image_digest(&img, 1).unwrap(), naive_digest(&[]));
-    }
-}
+mod tests;
