@@ -28,6 +28,8 @@ pub enum Command {
     Status(StatusArgs),
     /// List a qcow2 image's snapshots and bitmaps.
     List(ListArgs),
+    /// Read a replica and compare every 1 MiB block with its kept block hashes.
+    Verify(VerifyArgs),
 }
 
 /// Progress and verbosity switches shared by the long-running commands.
@@ -154,6 +156,22 @@ pub struct ChecksumArgs {
     #[arg(short = 'U', long)]
     pub force_share: bool,
     /// Replica state of a block device, whose virtual size bounds the digest.
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<PathBuf>,
+    /// Worker threads, 1 to 32 (default: the cores, at most 8).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub threads: Option<u16>,
+    /// For a replica: read it, even when its kept block hashes could answer.
+    #[arg(long)]
+    pub read: bool,
+}
+
+/// `blkdelta verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The replica: a raw image file or a block device.
+    pub target: PathBuf,
+    /// Where the replica's state lives (as for receive).
     #[arg(long, value_name = "PATH")]
     pub state: Option<PathBuf>,
     /// Worker threads, 1 to 32 (default: the cores, at most 8).

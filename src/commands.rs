@@ -14,8 +14,8 @@ use blkdelta_common::stream::ResumeToken;
 use blkdelta_common::stream::{Record, StreamReader};
 use blkdelta_receive::apply::{describe, receive_path, ReceiveOptions};
 use blkdelta_receive::plan::{Overrides, TargetProbe};
-use blkdelta_receive::ReceiveError;
 use blkdelta_receive::state::{self, default_state_path, Health};
+use blkdelta_receive::ReceiveError;
 use blkdelta_send::pipeline::{send, SendOptions};
 use blkdelta_send::source::{open_source_opts, Resumed, SourceOptions};
 use blkdelta_send::SendError;
@@ -23,6 +23,7 @@ use blkdelta_send::SendError;
 use crate::cli::{ChecksumArgs, Command, ListArgs, ReceiveArgs, SendArgs, StatusArgs};
 use crate::{progress, UsageError};
 
+mod replica;
 mod report;
 
 /// Writing to stdout failed because its reader went away.
@@ -46,6 +47,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Dump(a) => print_out(|out| report::dump(a, out)),
         Command::Status(a) => print_out(|out| cmd_status(a, out)),
         Command::List(a) => print_out(|out| cmd_list(a, out)),
+        Command::Verify(a) => replica::verify(a),
     }
 }
 
@@ -219,12 +221,12 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
                 && !matches!(e, ReceiveError::Refused { .. }) =>
         {
             bail!(
-            "{:#}; the replica is marked in progress: apply the same stream again, or resume \
+                "{:#}; the replica is marked in progress: apply the same stream again, or resume \
              with the token 'blkdelta status {}{}' prints",
-            anyhow::Error::new(e),
-            a.target.display(),
-            state_arg(a.state.as_deref())
-        )
+                anyhow::Error::new(e),
+                a.target.display(),
+                state_arg(a.state.as_deref())
+            )
         }
         Err(e) => Err(e.into()),
     }
@@ -276,6 +278,9 @@ fn open_image(
 }
 
 fn cmd_checksum(a: ChecksumArgs) -> Result<()> {
+    if replica::checksum(&a)?.is_some() {
+        return Ok(());
+    }
     let src = open_image(&a.image, a.state.as_deref(), &share(a.force_share))
         .with_context(|| format!("cannot checksum {}", a.image))?;
     let digest = image_digest(src.as_ref(), threads(a.threads))?;

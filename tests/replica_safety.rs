@@ -164,7 +164,10 @@ fn a_replaced_or_resized_replica_file_is_refused() {
     let out = receive_file(&inc, &replica, &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("changed since blkdelta last wrote it"), "{err}");
+    assert!(
+        err.contains("changed since blkdelta last wrote it"),
+        "{err}"
+    );
     assert!(err.contains("its size is 8388608 bytes"), "{err}");
     assert!(err.contains("--overwrite overrides"), "{err}");
 }

@@ -12,10 +12,13 @@ use blkdelta_common::progress::Progress;
 use blkdelta_common::stream::{Record, StreamHeader, StreamReader};
 use blkdelta_common::StreamError;
 
-pub use crate::plan::{ReceiveOptions, CHECKPOINT_BYTES};
+use crate::hashes::KeptHashes;
 use crate::plan::{plan, Plan, TargetProbe, UndoMode};
+pub use crate::plan::{ReceiveOptions, CHECKPOINT_BYTES};
 pub use crate::state::describe;
-use crate::state::{self, absolute_display, default_state_path, InProgress, ReplicaState, StateSnap};
+use crate::state::{
+    self, absolute_display, default_state_path, InProgress, ReplicaState, StateSnap,
+};
 use crate::target::{open_target, DryTarget, Target};
 use crate::undo::{undo_header, UndoWriter};
 use crate::writers::{self, Writers};
@@ -30,6 +33,9 @@ const DECODE_QUEUE: usize = 4;
 
 /// How long the applier waits for a record before it looks for a failed write.
 const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Threads reading a replica whose content a repair must check and has no kept hashes for.
+const REPAIR_THREADS: usize = 4;
 
 /// Threads writing data records into the target.
 const WRITER_THREADS: usize = 4;
@@ -102,6 +108,23 @@ pub fn receive<R: Read + Send + 'static>(
         .prior
         .clone()
         .unwrap_or_else(|| ReplicaState::new(target.size()));
+    let kept = match state_path {
+        None => None,
+        Some(sp) if plan.repair => {
+            let mut disk = target.reader().ok_or_else(|| {
+                ReceiveError::Failed("the target cannot be read back to check it".into())
+            })?;
+            disk.limit_size(target.size());
+            Some(crate::kept::for_repair(
+                &header,
+                &plan,
+                sp,
+                &disk,
+                REPAIR_THREADS,
+            )?)
+        }
+        Some(sp) => crate::kept::for_apply(&header, &plan, sp, target.size())?,
+    };
     let (spare_tx, spare_rx) = channel();
     let mut run = Apply {
         header: &header,
@@ -116,6 +139,7 @@ pub fn receive<R: Read + Send + 'static>(
         started: false,
         state,
         undo: None,
+        kept,
         pending: Vec::new(),
         pending_bytes: 0,
         unverified: Vec::new(),
@@ -272,6 +296,8 @@ struct Apply<'a> {
     started: bool,
     state: ReplicaState,
     undo: Option<UndoWriter>,
+    /// The replica's kept block hashes, updated as records are applied (none: not kept).
+    kept: Option<KeptHashes>,
     pending: Vec<Pending>,
     pending_bytes: u64,
     /// Records read since the last checkpoint or snapshot-end record, not yet vouched for.
@@ -311,6 +337,7 @@ impl Apply<'_> {
         self.state.source_kind = self.header.source.kind.clone();
         self.state.source_name = self.header.source.name.clone();
         self.state.snapshot = None;
+        self.state.digest = None;
         self.state.in_progress = Some(InProgress {
             stream_id: to_hex(&self.header.stream_id),
             from: t.from.as_ref().map(StateSnap::from),

@@ -368,22 +368,33 @@ impl KeptHashes {
     /// zero entries given as the real hash of the block's zeros. Stops at the first error.
     pub fn for_each(&self, each: &mut EachBlock<'_>) -> Result<(), ReceiveError> {
         let blocks = block_count(self.size);
-        let mut piece = vec![0u8; (ENTRIES_PER_IO.min(blocks) * ENTRY_BYTES) as usize];
         let mut first = 0;
         while first < blocks {
-            let count = (blocks - first).min(ENTRIES_PER_IO);
-            let bytes = &mut piece[..(count * ENTRY_BYTES) as usize];
-            self.file
-                .read_exact_at(bytes, entry_offset(first))
-                .map_err(|e| self.err(format!("cannot read entries from block {first}: {e}")))?;
-            for (i, entry) in bytes.chunks_exact(ENTRY_BYTES as usize).enumerate() {
-                let block = first + i as u64;
-                let entry: &[u8; 32] = entry.try_into().expect("chunks of 32 bytes");
-                each(block, self.hash_of(block, entry))?;
+            let hashes = self.entries(first, ENTRIES_PER_IO)?;
+            for (i, hash) in hashes.iter().enumerate() {
+                each(first + i as u64, hash)?;
             }
-            first += count;
+            first += hashes.len() as u64;
         }
         Ok(())
+    }
+
+    /// The hashes of at most `count` blocks from block `first` on, as of the last settle
+    /// (zero entries given as the real hash of zeros); fewer at the end of the disk.
+    pub fn entries(&self, first: u64, count: u64) -> Result<Vec<[u8; 32]>, ReceiveError> {
+        let count = block_count(self.size).saturating_sub(first).min(count);
+        let mut bytes = vec![0u8; (count * ENTRY_BYTES) as usize];
+        self.file
+            .read_exact_at(&mut bytes, entry_offset(first))
+            .map_err(|e| self.err(format!("cannot read entries from block {first}: {e}")))?;
+        Ok(bytes
+            .chunks_exact(ENTRY_BYTES as usize)
+            .enumerate()
+            .map(|(i, entry)| {
+                let entry: &[u8; 32] = entry.try_into().expect("chunks of 32 bytes");
+                *self.hash_of(first + i as u64, entry)
+            })
+            .collect())
     }
 
     /// Rewrites every entry by reading `disk` whole (at least [`size`](Self::size) bytes),

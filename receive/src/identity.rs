@@ -209,7 +209,10 @@ mod tests {
         std::fs::write(&other, [1u8; 4096]).unwrap();
         std::fs::rename(&other, &p).unwrap();
         let swapped = Identity::of_path(&p, 0).unwrap().unwrap();
-        assert!(before.changed(&swapped, false).unwrap().contains("another file"));
+        assert!(before
+            .changed(&swapped, false)
+            .unwrap()
+            .contains("another file"));
         std::fs::remove_file(&p).unwrap();
         assert_eq!(Identity::of_path(&p, 0).unwrap(), None);
     }

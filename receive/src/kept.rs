@@ -71,7 +71,11 @@ impl Replica {
 
 /// The kept hashes of a replica in state `st`, if they stand for its content (see the module
 /// docs); else why not, in a few words.
-pub fn trusted(state_path: &Path, st: &ReplicaState, health: &Health) -> Result<KeptHashes, String> {
+pub fn trusted(
+    state_path: &Path,
+    st: &ReplicaState,
+    health: &Health,
+) -> Result<KeptHashes, String> {
     if st.in_progress.is_some() {
         return Err("an apply is in progress".into());
     }
@@ -113,13 +117,13 @@ pub(crate) fn for_apply(
 ) -> Result<Option<KeptHashes>, ReceiveError> {
     let path = hashes_path(state_path);
     if let Some(st) = &plan.prior {
+        // Part way through an apply, the hashes are as far as the replica is durable.
         let finishing = st.in_progress.is_some() && path.exists();
-        let usable = finishing || intact(state_path, st).is_ok();
-        if usable && plan.first > 0 || usable && !header.is_full() {
-            return KeptHashes::open(&path).map(Some);
-        }
-        if finishing {
-            // Finishing an interrupted full stream: what it wrote is in the hashes already.
+        // A replica changed behind blkdelta's back (applied to with --overwrite) is not what
+        // its hashes say, and will not be after the stream either.
+        let unchanged = plan.health == Some(Health::Unchanged);
+        let intact = unchanged && intact(state_path, st).is_ok();
+        if finishing || (intact && (plan.first > 0 || !header.is_full())) {
             return KeptHashes::open(&path).map(Some);
         }
     }
@@ -153,10 +157,11 @@ pub(crate) fn for_repair(
         .from
         .as_ref()
         .expect("a repair stream has a base");
-    let known = plan.prior.as_ref().and_then(|st| {
-        let probe_health = plan.health.clone().unwrap_or(Health::Unchanged);
-        trusted(state_path, st, &probe_health).ok()
-    });
+    let known = plan
+        .prior
+        .as_ref()
+        .zip(plan.health.as_ref())
+        .and_then(|(st, health)| trusted(state_path, st, health).ok());
     let (kept, digest) = match known {
         Some(k) => {
             let d = k.digest()?;
@@ -202,7 +207,7 @@ pub struct VerifySummary {
 }
 
 /// Reads `disk` whole and compares every block with `kept`, calling `each` for every run of
-/// differing blocks, in order.
+/// differing blocks, in order. A disk of another size than the hashes differs in its tail.
 pub fn verify(
     kept: &KeptHashes,
     disk: &dyn BlockSource,
@@ -210,41 +215,109 @@ pub fn verify(
     each: &mut dyn FnMut(Mismatch),
 ) -> Result<VerifySummary, ReceiveError> {
     let size = kept.size();
+    let mut runs = Runs {
+        run: None,
+        each,
+        size: size.max(disk.size()),
+    };
     let mut summary = VerifySummary::default();
-    let mut run: Option<Mismatch> = None;
-    let mut expected = Vec::new();
-    let mut next_entry = 0u64;
-    let read_err = |e: blkdelta_common::ImageError| ReceiveError::Failed(format!("reading the replica: {e}"));
-    blkdelta_common::digest::block_hashes(disk, threads, &mut |i, hash| {
-        if i >= next_entry + expected.len() as u64 || i < next_entry {
-            next_entry = i;
-            expected = kept
-                .entries(i, 64 * 1024)
-                .map_err(|e| blkdelta_common::ImageError::Io(std::io::Error::other(e.to_string())))?;
+    let mut expected: Vec<[u8; 32]> = Vec::new();
+    let mut first = 0u64;
+    let mut failed = None;
+    let common = disk.size().min(size);
+    let clipped = Clipped {
+        inner: disk,
+        size: common,
+    };
+    let walked = blkdelta_common::digest::block_hashes(&clipped, threads, &mut |i, hash| {
+        if i < first || i >= first + expected.len() as u64 {
+            first = i;
+            expected = match kept.entries(i, VERIFY_BATCH_BLOCKS) {
+                Ok(e) => e,
+                Err(e) => {
+                    failed = Some(e);
+                    return Err(blkdelta_common::ImageError::Cancelled);
+                }
+            };
         }
         summary.blocks += 1;
-        let offset = i * BLOCK_BYTES;
-        if expected[(i - next_entry) as usize] == *hash {
-            if let Some(r) = run.take() {
-                each(r);
-            }
-            return Ok(());
-        }
-        summary.differing += 1;
-        let len = BLOCK_BYTES.min(size - offset);
-        match &mut run {
-            Some(r) if r.offset + r.len == offset => r.len += len,
-            _ => {
-                if let Some(r) = run.replace(Mismatch { offset, len }) {
-                    each(r);
-                }
-            }
+        // The last common block is short when the sizes differ: it differs unless both end
+        // there.
+        let whole = (i + 1) * BLOCK_BYTES <= common || common == size;
+        if whole && expected[(i - first) as usize] == *hash {
+            runs.end();
+        } else {
+            summary.differing += 1;
+            runs.add(i * BLOCK_BYTES);
         }
         Ok(())
-    })
-    .map_err(read_err)?;
-    if let Some(r) = run {
-        each(r);
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
+    walked.map_err(|e| ReceiveError::Failed(format!("reading the replica: {e}")))?;
+    // Blocks past the end of the shorter of the two.
+    let mut at = common.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+    while at < size.max(disk.size()) {
+        summary.blocks += 1;
+        summary.differing += 1;
+        runs.add(at);
+        at += BLOCK_BYTES;
+    }
+    runs.end();
     Ok(summary)
+}
+
+/// Kept hashes compared per batch of blocks.
+const VERIFY_BATCH_BLOCKS: u64 = 32 * 1024;
+
+/// Runs of differing blocks, merged as they come.
+struct Runs<'a> {
+    run: Option<Mismatch>,
+    each: &'a mut dyn FnMut(Mismatch),
+    size: u64,
+}
+
+impl Runs<'_> {
+    fn add(&mut self, offset: u64) {
+        let len = BLOCK_BYTES.min(self.size - offset);
+        match &mut self.run {
+            Some(r) if r.offset + r.len == offset => r.len += len,
+            _ => {
+                self.end();
+                self.run = Some(Mismatch { offset, len });
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        if let Some(r) = self.run.take() {
+            (self.each)(r);
+        }
+    }
+}
+
+/// A disk seen only up to `size` bytes.
+struct Clipped<'a> {
+    inner: &'a dyn BlockSource,
+    size: u64,
+}
+
+impl BlockSource for Clipped<'_> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), blkdelta_common::ImageError> {
+        self.inner.read_at(buf, offset)
+    }
+
+    fn status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<(blkdelta_common::image::Allocation, u64), blkdelta_common::ImageError> {
+        self.inner
+            .status(offset, len.min(self.size.saturating_sub(offset)))
+    }
 }

@@ -147,6 +147,8 @@ pub struct Plan {
     pub checkpoint_bytes: u64,
     /// A repair stream: the replica's content must match the stream's base digest.
     pub repair: bool,
+    /// How the replica compares with its state (none: no state).
+    pub health: Option<crate::state::Health>,
 }
 
 fn named(s: &SnapRef) -> String {
@@ -188,6 +190,7 @@ pub fn plan(
         check_resume_offset(header, in_progress, probe)?;
     }
     let undo = undo_plan(header, first, in_progress, opts)?;
+    let health = prior.as_ref().map(|st| st.health(probe.identity.as_ref()));
     let checkpoint_bytes = match opts.checkpoint_bytes {
         0 => CHECKPOINT_BYTES,
         n => n,
@@ -199,6 +202,7 @@ pub fn plan(
         undo,
         checkpoint_bytes,
         repair: opts.repair,
+        health,
     })
 }
 
@@ -387,7 +391,10 @@ fn first_transition(
         (_, Some(_)) => None,
         (held, None) => held.as_ref(),
     };
-    if let Some(k) = held.and_then(|h| ts.iter().position(|t| t.from.as_ref().is_some_and(|f| h.satisfies(f)))) {
+    if let Some(k) = held.and_then(|h| {
+        ts.iter()
+            .position(|t| t.from.as_ref().is_some_and(|f| h.satisfies(f)))
+    }) {
         // A base named by reference matches any state of that name: a stream whose states
         // the replica went through already is an old one replayed.
         let replayed = ts[k..].iter().find(|t| st.went_through(&t.to));
@@ -416,7 +423,10 @@ fn first_transition(
             overrides.rewind,
         ),
         None if st.in_progress.is_some() => (
-            format!("the replica has {} that this stream does not carry", describe(st)),
+            format!(
+                "the replica has {} that this stream does not carry",
+                describe(st)
+            ),
             "--rebase",
             overrides.rebase,
         ),
@@ -466,9 +476,8 @@ fn full_stream(
     if probe.is_empty() {
         return Ok(0);
     }
-    let same_source = prior.filter(|st| {
-        st.source_kind == header.source.kind && st.source_name == header.source.name
-    });
+    let same_source = prior
+        .filter(|st| st.source_kind == header.source.kind && st.source_name == header.source.name);
     let Some(st) = same_source else {
         if overrides.overwrite {
             return Ok(0);

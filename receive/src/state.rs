@@ -378,7 +378,10 @@ mod history_tests {
         }
         st.remember(&format!("{:032x}", HISTORY_LIMIT + 5));
         assert_eq!(st.history.len(), HISTORY_LIMIT);
-        assert_eq!(st.history.last().unwrap(), &format!("{:032x}", HISTORY_LIMIT + 5));
+        assert_eq!(
+            st.history.last().unwrap(),
+            &format!("{:032x}", HISTORY_LIMIT + 5)
+        );
         let old = SnapRef {
             name: "x".into(),
             guid: [0; 16],

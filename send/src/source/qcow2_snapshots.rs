@@ -95,10 +95,7 @@ impl Qcow2Snapshots {
                 let to = image.layer(Layer::Active)?;
                 transitions.push(Transition {
                     from: None,
-                    to: super::identity::state_of(
-                        &format!("{}@active", file_name(path)),
-                        &[path],
-                    ),
+                    to: super::identity::state_of(&format!("{}@active", file_name(path)), &[path]),
                     virtual_size: to.size(),
                 });
                 steps.push(Step { from: None, to });
