@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use blkdelta_common::digest::{to_hex, BLOCK_BYTES};
 use blkdelta_common::image::raw::RawImage;
-use blkdelta_common::image::BlockSource;
+use blkdelta_common::image::{BlockSource, OpenOptions};
+use blkdelta_common::ImageError;
 use blkdelta_common::stream::StreamHeader;
 
 use crate::hashes::{hashes_path, KeptHashes};
@@ -56,12 +57,10 @@ impl Replica {
         }))
     }
 
-    /// A reader of the replica's content: its virtual size, not the whole device.
-    pub fn reader(&self) -> Result<RawImage, ReceiveError> {
-        let mut raw = RawImage::open(&self.path).map_err(|e| ReceiveError::OpenTarget {
-            path: self.path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    /// A reader of the replica's content (its virtual size, not the whole device), taking
+    /// QEMU's image locks as `options` say.
+    pub fn reader(&self, options: &OpenOptions) -> Result<RawImage, ImageError> {
+        let mut raw = RawImage::open_with(&self.path, options)?;
         if raw.is_block_device() {
             raw.limit_size(self.state.virtual_size);
         }

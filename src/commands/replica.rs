@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use blkdelta_common::digest::{image_digest, to_hex};
 use blkdelta_receive::kept::{self, Replica};
 use blkdelta_receive::state::Health;
@@ -21,21 +21,25 @@ pub fn checksum(a: &ChecksumArgs) -> Result<Option<()>> {
     let Some(replica) = Replica::open(path, a.state.as_deref())? else {
         return Ok(None);
     };
-    let digest = match (&replica.kept, a.read) {
-        (Ok(kept), false) => {
-            eprintln!("note: digest from the kept block hashes (--read reads the replica)");
-            kept.digest()?
-        }
+    let (digest, note) = match (&replica.kept, a.read) {
+        (Ok(kept), false) => (
+            kept.digest()?,
+            "digest from the kept block hashes (--read reads the replica)".to_string(),
+        ),
         (kept, _) => {
-            match kept {
+            let disk = replica
+                .reader(&super::share(a.force_share))
+                .with_context(|| format!("cannot checksum {}", a.image))?;
+            let note = match kept {
                 Err(why) if !a.read => {
-                    eprintln!("note: read the replica (its kept block hashes are not used: {why})")
+                    format!("read the replica (its kept block hashes are not used: {why})")
                 }
-                _ => eprintln!("note: read the replica"),
-            }
-            image_digest(&replica.reader()?, threads(a.threads))?
+                _ => "read the replica".to_string(),
+            };
+            (image_digest(&disk, threads(a.threads))?, note)
         }
     };
+    eprintln!("note: {note}");
     print_out(|out| {
         writeln!(out, "{}  {}", to_hex(&digest), a.image)?;
         Ok(())
@@ -64,7 +68,9 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
     }
     let kept = kept::intact(&replica.state_path, st)
         .map_err(|why| anyhow::anyhow!("cannot verify {}: {why}", a.target.display()))?;
-    let disk = replica.reader()?;
+    let disk = replica
+        .reader(&Default::default())
+        .with_context(|| format!("cannot verify {}", a.target.display()))?;
     let mut lines = Vec::new();
     let summary = kept::verify(&kept, &disk, threads(a.threads), &mut |m| {
         lines.push(format!("differs: offset {} length {}", m.offset, m.len));
