@@ -629,7 +629,7 @@ fn undo_killed_before_the_final_state_rename_is_finished_by_the_same_command() {
     // The last rename onto the state file: the undo file is complete by then.
     let i = calls
         .iter()
-        .rposition(|c| is_rename(c) && c.args.contains("r.raw.blkdelta\")"))
+        .rposition(|c| is_rename(c) && c.args.contains("r.raw.blkdelta\""))
         .expect("a rename onto the state file");
     rig.killed(&kill_at(&calls, i));
     let undo = rig.real("u.bd");
