@@ -435,6 +435,9 @@ impl Fixture {
                      last checkpoint record vouches for records up to disk offset {verified}:\n{st}"
                 );
             }
+            // Part way through an apply, the kept hashes stand for nothing: checksum reads.
+            let (_, note) = checksum_with_note(replica, state);
+            assert!(!note.contains("from the kept block hashes"), "{note}\n{st}");
             // An unparseable target name (a damaged header) is in progress all the same.
             (
                 Truth::InProgress(to_index.unwrap_or(usize::MAX)),
@@ -447,6 +450,7 @@ impl Fixture {
             let k = snap_index(&name)
                 .unwrap_or_else(|| panic!("status claims a snapshot the stream never had:\n{st}"));
             assert_same_file(replica, &self.exports[k]);
+            self.assert_kept_hashes_hold(replica, state, k);
             if let (true, Some(fed)) = (k > 0, fed) {
                 let end = self.ends()[k - 1].end;
                 assert!(
@@ -457,6 +461,22 @@ impl Fixture {
             }
             (Truth::Holds(k), 0, None)
         }
+    }
+
+    /// A replica that holds snapshot `k` answers `checksum` from its kept block hashes with
+    /// s`k`'s digest, and `verify` finds every block as they say.
+    fn assert_kept_hashes_hold(&self, replica: &Path, state: &[&str], k: usize) {
+        let (digest, note) = checksum_with_note(replica, state);
+        assert!(note.contains("from the kept block hashes"), "{note}");
+        assert_eq!(
+            digest,
+            checksum(self.exports[k].to_str().unwrap(), &[]),
+            "kept hashes of a replica holding {}",
+            SNAPS[k]
+        );
+        let mut args = vec!["verify", replica.to_str().unwrap()];
+        args.extend_from_slice(state);
+        blkdelta_ok(&args);
     }
 
     /// Applies the intact stream again: it succeeds and the replica is exactly s3.
@@ -490,6 +510,10 @@ impl Fixture {
         let copy = self.s.path(name);
         std::fs::copy(replica, &copy).unwrap();
         std::fs::copy(state_of(replica), state_of(&copy)).unwrap();
+        let hashes = |r: &Path| PathBuf::from(format!("{}.hashes", state_of(r).display()));
+        if hashes(replica).exists() {
+            std::fs::copy(hashes(replica), hashes(&copy)).unwrap();
+        }
         adopt_replica(&copy, &state_of(&copy));
         copy
     }
@@ -515,6 +539,16 @@ fn quoted_after(line: &str, prefix: &str) -> Option<String> {
 
 fn state_of(replica: &Path) -> PathBuf {
     PathBuf::from(format!("{}.blkdelta", replica.display()))
+}
+
+/// `blkdelta checksum REPLICA`: the digest, and the note on stderr saying how it was found.
+fn checksum_with_note(replica: &Path, state: &[&str]) -> (String, String) {
+    let mut args = vec!["checksum", replica.to_str().unwrap()];
+    args.extend_from_slice(state);
+    let out = blkdelta_ok(&args);
+    let digest = String::from_utf8(out.stdout).unwrap();
+    let digest = digest.split_whitespace().next().unwrap().to_string();
+    (digest, String::from_utf8(out.stderr).unwrap())
 }
 
 fn status_text(replica: &Path, state: &[&str]) -> String {
