@@ -12,6 +12,7 @@
 // `sysconf` in `image::raw`) and for the byte view of `buf::AlignedBuf`.
 #![deny(unsafe_code)]
 
+pub mod blocklist;
 pub mod buf;
 pub mod digest;
 pub mod error;

@@ -52,3 +52,7 @@ pub const MAX_UNVERIFIED_STREAM_BYTES: u64 = 16 << 20;
 
 /// Most plain data bytes a reader accepts between two verified points.
 pub const MAX_UNVERIFIED_PLAIN_BYTES: u64 = 16 << 20;
+
+/// Most entries a block list held in memory may have: hashes of blocks that are not all zeros,
+/// plus runs of zero blocks (32 and 16 bytes each, so at most 128 MiB: 4 TiB of data blocks).
+pub const MAX_BLOCK_LIST_ENTRIES: u64 = 1 << 22;

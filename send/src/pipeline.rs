@@ -173,6 +173,7 @@ pub fn send<W: Write>(
         let planner = s.spawn(move || plan(source, opts.level, plan_tx, job_tx));
         let written = write_in_order(
             &plan_rx,
+            source,
             &header,
             &mut writer,
             &mut summary,
@@ -310,6 +311,7 @@ impl ExtentSink for Planner<'_> {
 /// Writes planned records in order, merging adjacent zero ranges into one record.
 fn write_in_order<W: Write>(
     plan_rx: &Receiver<Planned>,
+    source: &dyn ChangeSource,
     header: &StreamHeader,
     writer: &mut StreamWriter<W>,
     summary: &mut SendSummary,
@@ -347,12 +349,14 @@ fn write_in_order<W: Write>(
             Planned::SnapshotEnd(i) => {
                 flush_zero(writer, &mut zero)?;
                 let t = &header.transitions[i];
+                // The planner queued this after the transition's changes() returned, so a
+                // source that hashed every block of `to` knows its digest by now.
                 writer.snapshot_end(&SnapshotEnd {
                     transition: i as u32,
                     name: t.to.name.clone(),
                     guid: t.to.guid,
                     virtual_size: t.virtual_size,
-                    digest: None,
+                    digest: source.to_digest(i),
                     prefix_hash: [0; 32],
                 })?;
                 None

@@ -151,9 +151,24 @@ impl ChangeSource for CompareSource {
 }
 
 /// Passes extents on and keeps a copy, up to [`MAX_CACHED_EXTENTS`].
-struct Recorder<'a> {
+pub(super) struct Recorder<'a> {
     sink: &'a mut dyn ExtentSink,
     kept: Option<Vec<Extent>>,
+}
+
+impl<'a> Recorder<'a> {
+    /// Passes extents on to `sink`.
+    pub(super) fn new(sink: &'a mut dyn ExtentSink) -> Self {
+        Recorder {
+            sink,
+            kept: Some(Vec::new()),
+        }
+    }
+
+    /// The extents passed on, unless there were too many to keep.
+    pub(super) fn into_kept(self) -> Option<Vec<Extent>> {
+        self.kept
+    }
 }
 
 impl ExtentSink for Recorder<'_> {

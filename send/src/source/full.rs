@@ -149,4 +149,8 @@ impl ChangeSource for Renamed {
     fn reader(&self, index: usize) -> Arc<dyn BlockSource> {
         self.inner.reader(index)
     }
+
+    fn to_digest(&self, index: usize) -> Option<[u8; 32]> {
+        self.inner.to_digest(index)
+    }
 }

@@ -1,5 +1,6 @@
 //! Change sources: what a stream carries and which extents changed in each transition.
 
+mod against;
 mod backing_chain;
 mod bitmap;
 mod changemap;
@@ -9,6 +10,7 @@ pub mod identity;
 mod qcow2_snapshots;
 mod resume;
 
+pub use against::{content_state, repair, AgainstSource};
 pub use full::FullSource;
 pub use qcow2_snapshots::{Qcow2Snapshots, SnapshotSpec};
 pub use resume::Resumed;
@@ -41,6 +43,13 @@ pub trait ChangeSource: Send + Sync {
     fn resume_offset(&self) -> u64 {
         0
     }
+
+    /// The image digest of transition `index`'s `to` state, when the source knows it (it
+    /// hashed every block of `to`) once [`ChangeSource::changes`] ran for that transition;
+    /// the snapshot-end record carries it.
+    fn to_digest(&self, _index: usize) -> Option<[u8; 32]> {
+        None
+    }
 }
 
 /// What `send` is asked for beyond SOURCE: the change source to use and the names of states
@@ -65,14 +74,45 @@ pub struct SourceOptions {
     pub era_block_bytes: Option<u64>,
     /// Send what differs from OLD, by content (`--compare`).
     pub compare_old: Option<PathBuf>,
+    /// Send only the blocks whose hash differs from this block list's, a repair of the
+    /// replica it lists (`--against`): SOURCE must be one state, sent in full otherwise.
+    pub against: Option<PathBuf>,
 }
 
-/// Opens the source `send` is asked for: SOURCE alone (see [`open_source`]) or with one of
-/// `--bitmap`, `--since`, `--changed-blocks`, `--compare`.
+/// Opens the source `send` is asked for: SOURCE alone (see [`open_source`]), with one of
+/// `--bitmap`, `--since`, `--changed-blocks`, `--compare`, or as a repair (`--against`).
 pub fn open_source_opts(
     spec: &str,
     opts: &SourceOptions,
 ) -> Result<Box<dyn ChangeSource>, SendError> {
+    let Some(list_path) = &opts.against else {
+        return open_changes(spec, opts);
+    };
+    let others = opts.bitmap.is_some()
+        || opts.since.is_some()
+        || opts.changed_blocks.is_some()
+        || opts.compare_old.is_some()
+        || opts.from_name.is_some();
+    if others {
+        return Err(SendError::Usage(
+            "--against excludes --bitmap, --since, --changed-blocks, --compare and --from-name"
+                .into(),
+        ));
+    }
+    let source = open_changes(spec, opts)?;
+    // Checked before the list is read: a wrong SOURCE is a usage error whatever the list.
+    if source.transitions().len() != 1 || source.transitions()[0].from.is_some() {
+        return Err(SendError::Usage(format!(
+            "--against repairs a replica from one state, not the range '{spec}'"
+        )));
+    }
+    let list = against::read_list(list_path)?;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
+    Ok(Box::new(AgainstSource::new(source, list, threads)?))
+}
+
+/// [`open_source_opts`] without `--against`.
+fn open_changes(spec: &str, opts: &SourceOptions) -> Result<Box<dyn ChangeSource>, SendError> {
     let chosen = [
         opts.bitmap.is_some(),
         opts.since.is_some(),

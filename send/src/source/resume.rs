@@ -87,6 +87,10 @@ impl ChangeSource for Resumed {
         self.inner.reader(self.first + index)
     }
 
+    fn to_digest(&self, index: usize) -> Option<[u8; 32]> {
+        self.inner.to_digest(self.first + index)
+    }
+
     fn resume_offset(&self) -> u64 {
         self.offset
     }
