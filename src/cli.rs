@@ -69,6 +69,11 @@ pub struct SendArgs {
     /// Send what differs between OLD and SOURCE, found by reading both.
     #[arg(long, value_name = "OLD", help_heading = "Change sources")]
     pub compare: Option<PathBuf>,
+    /// Repair: send only the 1 MiB blocks whose hash differs from the block list BLOCKS
+    /// (`blkdelta checksum --blocks REPLICA` on the replica's side); apply with
+    /// `receive --repair`.
+    #[arg(long, value_name = "BLOCKS", help_heading = "Change sources")]
+    pub against: Option<PathBuf>,
     /// Name of the state the replica must hold, for sources without an identity of their own
     /// (default: the bitmap's name, BASE's or OLD's file name, SOURCE's file name for maps).
     #[arg(long, value_name = "NAME", help_heading = "Change sources")]
@@ -164,6 +169,10 @@ pub struct ChecksumArgs {
     /// For a replica: read it, even when its kept block hashes could answer.
     #[arg(long)]
     pub read: bool,
+    /// Print the hash of every 1 MiB block (a block list, for `send --against`) instead of
+    /// the digest.
+    #[arg(long)]
+    pub blocks: bool,
 }
 
 /// `blkdelta verify`.

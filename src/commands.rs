@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use blkdelta_common::digest::{image_digest, to_hex};
+use blkdelta_common::blocklist::write_block_list;
+use blkdelta_common::digest::image_digest;
 use blkdelta_common::image::qcow2::{Layer, Qcow2Image};
 use blkdelta_common::image::raw::RawImage;
 use blkdelta_common::image::{probe_format, BlockSource, Format, OpenOptions};
@@ -100,6 +101,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         changed_blocks: a.changed_blocks.clone(),
         era_block_bytes: a.era_block_size,
         compare_old: a.compare.clone(),
+        against: a.against.clone(),
     };
     let mut source = open_source_opts(&a.source, &opts).map_err(usage_or)?;
     if let Some(token) = &a.resume {
@@ -283,11 +285,19 @@ fn cmd_checksum(a: ChecksumArgs) -> Result<()> {
     }
     let src = open_image(&a.image, a.state.as_deref(), &share(a.force_share))
         .with_context(|| format!("cannot checksum {}", a.image))?;
-    let digest = image_digest(src.as_ref(), threads(a.threads))?;
-    print_out(|out| {
-        writeln!(out, "{}  {}", to_hex(&digest), a.image)?;
-        Ok(())
-    })
+    print_digest_or_blocks(&a, src.as_ref())
+}
+
+/// Prints the digest of `src`, or with `--blocks` its block list.
+fn print_digest_or_blocks(a: &ChecksumArgs, src: &dyn BlockSource) -> Result<()> {
+    if a.blocks {
+        return print_out(|out| {
+            write_block_list(src, threads(a.threads), out)?;
+            Ok(())
+        });
+    }
+    let digest = image_digest(src, threads(a.threads))?;
+    print_out(|out| replica::digest_line(&digest, &a.image, out))
 }
 
 fn cmd_status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {

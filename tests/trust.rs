@@ -420,6 +420,26 @@ fn status_of_a_deleted_replica_says_missing() {
     assert!(!text.contains("holds snapshot"), "{text}");
 }
 
+#[test]
+fn seeding_a_deleted_replica_again_with_the_snapshot_its_state_names_writes_it_whole() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = history(&s);
+    let replica = s.path("r.raw");
+    pipe(&spec(&img, "s0"), &replica, &[]);
+    std::fs::remove_file(&replica).unwrap();
+    // Another file takes the deleted replica's inode number, if the file system reuses it.
+    let other = s.random_file("other", 4096, 5);
+    // The state still says 's0': the stream must not be taken as one the replica is past.
+    pipe(&spec(&img, "s0"), &replica, &[]);
+    assert_same_file(&replica, &export_of(&img, "s0", &s));
+    assert_holds(&replica, &[], "s0");
+    blkdelta_ok(&["verify", p(&replica)]);
+    drop(other);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Block devices, whatever path names them.
 // ---------------------------------------------------------------------------------------------

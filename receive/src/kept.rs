@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use blkdelta_common::digest::{to_hex, BLOCK_BYTES};
 use blkdelta_common::image::raw::RawImage;
 use blkdelta_common::image::{BlockSource, OpenOptions};
-use blkdelta_common::ImageError;
 use blkdelta_common::stream::StreamHeader;
+use blkdelta_common::ImageError;
 
 use crate::hashes::{hashes_path, KeptHashes};
 use crate::plan::{Plan, TargetProbe};

@@ -182,6 +182,7 @@ pub fn plan(
     let first = if opts.repair {
         repair_transition(header)?
     } else {
+        refuse_repair_stream(header)?;
         check_identity(header, prior.as_ref(), probe, &opts.overrides)?;
         first_transition(header, prior.as_ref(), probe, &opts.overrides)?
     };
@@ -214,6 +215,22 @@ fn repair_transition(header: &StreamHeader) -> Result<usize, ReceiveError> {
         _ => Err(ReceiveError::refused_outright(
             "--repair takes a repair stream (blkdelta send --against BLOCKS SOURCE); this one is not",
         )),
+    }
+}
+
+/// A repair stream applies only where its base (the content its block list describes) is
+/// checked, with `--repair`.
+fn refuse_repair_stream(header: &StreamHeader) -> Result<(), ReceiveError> {
+    match header.transitions[0].from.as_ref() {
+        Some(from) if is_repair_base(from) => Err(ReceiveError::refused(
+            format!(
+                "this is a repair stream (for the disk whose block list digest starts {}): it \
+                 applies only with --repair",
+                &to_hex(&from.guid)[..16]
+            ),
+            "--repair",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -354,17 +371,14 @@ fn first_transition(
     overrides: &Overrides,
 ) -> Result<usize, ReceiveError> {
     let ts = &header.transitions;
-    if let Some(from) = ts[0].from.as_ref().filter(|f| is_repair_base(f)) {
-        return Err(ReceiveError::refused(
-            format!(
-                "this is a repair stream (from the disk whose block list digest is {}): it \
-                 applies only with --repair",
-                &to_hex(&from.guid)[..16]
-            ),
-            "--repair",
-        ));
+    if header.is_full() && probe.is_empty() {
+        // A new seed (a resumed one is refused later: it lacks what the target lacks).
+        return Ok(0);
     }
-    if let Some(k) = prior.and_then(|st| finishing(ts, st)) {
+    // Only a replica as its state describes it is part way through, or past, a stream.
+    let as_described =
+        prior.filter(|st| st.health(probe.identity.as_ref()) == crate::state::Health::Unchanged);
+    if let Some(k) = as_described.and_then(|st| finishing(ts, st)) {
         return Ok(k);
     }
     if header.is_full() {

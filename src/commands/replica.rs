@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use blkdelta_common::digest::{image_digest, to_hex};
+use blkdelta_common::blocklist::BlockListWriter;
+use blkdelta_common::digest::to_hex;
+use blkdelta_receive::hashes::KeptHashes;
 use blkdelta_receive::kept::{self, Replica};
 use blkdelta_receive::state::Health;
 
@@ -21,30 +23,52 @@ pub fn checksum(a: &ChecksumArgs) -> Result<Option<()>> {
     let Some(replica) = Replica::open(path, a.state.as_deref())? else {
         return Ok(None);
     };
-    let (digest, note) = match (&replica.kept, a.read) {
-        (Ok(kept), false) => (
-            kept.digest()?,
-            "digest from the kept block hashes (--read reads the replica)".to_string(),
-        ),
+    let note = match (&replica.kept, a.read) {
+        (Ok(kept), false) => {
+            if a.blocks {
+                print_out(|out| write_kept_list(kept, out))?;
+            } else {
+                let digest = kept.digest()?;
+                print_out(|out| digest_line(&digest, &a.image, out))?;
+            }
+            "from the kept block hashes (--read reads the replica)".to_string()
+        }
         (kept, _) => {
             let disk = replica
                 .reader(&super::share(a.force_share))
                 .with_context(|| format!("cannot checksum {}", a.image))?;
-            let note = match kept {
+            super::print_digest_or_blocks(a, &disk)?;
+            match kept {
                 Err(why) if !a.read => {
                     format!("read the replica (its kept block hashes are not used: {why})")
                 }
                 _ => "read the replica".to_string(),
-            };
-            (image_digest(&disk, threads(a.threads))?, note)
+            }
         }
     };
     eprintln!("note: {note}");
-    print_out(|out| {
-        writeln!(out, "{}  {}", to_hex(&digest), a.image)?;
-        Ok(())
-    })?;
     Ok(Some(()))
+}
+
+/// The output line of `checksum`: the digest first.
+pub fn digest_line(digest: &[u8; 32], name: &str, out: &mut dyn std::io::Write) -> Result<()> {
+    writeln!(out, "{}  {name}", to_hex(digest))?;
+    Ok(())
+}
+
+/// The block list of the kept hashes.
+fn write_kept_list(kept: &KeptHashes, out: &mut dyn std::io::Write) -> Result<()> {
+    let mut w = BlockListWriter::new(out, kept.size())?;
+    let mut failed = None;
+    kept.for_each(&mut |_, hash| {
+        w.push(hash).map_err(|e| {
+            failed = Some(e);
+            blkdelta_receive::ReceiveError::Failed("writing the block list".into())
+        })
+    })
+    .map_err(|e| failed.map_or_else(|| anyhow::Error::new(e), anyhow::Error::new))?;
+    w.finish()?;
+    Ok(())
 }
 
 /// `blkdelta verify TARGET`.
