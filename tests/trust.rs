@@ -758,6 +758,23 @@ fn kept_hashes_answer_checksum_and_verify_finds_and_repair_fixes_damage() {
     std::fs::write(&blocks, &out.stdout).unwrap();
     let damaged = std::fs::read(&replica).unwrap();
     let send = ["--against", p(&blocks), &spec(&img, "s2")];
+    // Only the two damaged blocks travel (at most 1.1 times their bytes).
+    let stream = s.path("repair.bd");
+    blkdelta_ok(&["send", "-q", send[0], send[1], send[2], "-o", p(&stream)]);
+    let bytes = std::fs::metadata(&stream).unwrap().len();
+    assert!(bytes <= 2 * MIB * 11 / 10, "the repair sent {bytes} bytes");
+    let out = blkdelta_ok(&["dump", p(&stream)]);
+    let data: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("data "))
+        .map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with("offset="))
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(data, ["offset=5242880", "offset=9437184"]);
     let recv = pipe_args(&send, &replica, &[]);
     assert_eq!(
         recv.status.code(),
@@ -778,6 +795,96 @@ fn kept_hashes_answer_checksum_and_verify_finds_and_repair_fixes_damage() {
         String::from_utf8_lossy(&out.stdout),
         stderr(&out)
     );
+}
+
+/// A block device's content can change without its identity changing: `receive` cannot see
+/// it, `verify` finds it (exact range), records it in the state, and a repair over the link
+/// mends it sending only that block.
+#[test]
+fn a_device_written_behind_blkdeltas_back_is_found_by_verify_and_repaired() {
+    if !have("qemu-img") || !have("losetup") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = history(&s);
+    let backing = s.path("dev.img");
+    std::fs::write(&backing, vec![0x5au8; 20 << 20]).unwrap();
+    let Some(dev) = Loop::attach(&backing, false) else {
+        return;
+    };
+    let state_dir = s.path("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    let env = [("BLKDELTA_STATE_DIR", state_dir.as_path())];
+    let run = |args: &[&str]| bd_env(&env, args);
+    let seed = s.path("s0.bd");
+    send_to_file(&spec(&img, "s0"), &seed);
+    let out = run(&["receive", "-q", "-i", p(&seed), &dev.0]);
+    assert_refused(&out, "--overwrite", "a seed onto a device holding data");
+    assert_ok(
+        &run(&["receive", "-q", "--overwrite", "-i", p(&seed), &dev.0]),
+        "seed",
+    );
+    let inc = s.path("s0s2.bd");
+    send_to_file(&spec(&img, "s0..s2"), &inc);
+    assert_ok(
+        &run(&["receive", "-q", "-i", p(&inc), &dev.0]),
+        "incremental",
+    );
+    let want = checksum(&spec(&img, "s2"), &[]);
+    let out = run(&["checksum", &dev.0]);
+    assert_ok(&out, "checksum of the device");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&want));
+    assert!(
+        stderr(&out).contains("from the kept block hashes"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Behind blkdelta's back: 2 bytes in block 3, straight onto the device.
+    flip_bytes(Path::new(&dev.0), 3 * MIB + 5, 2);
+    let out = run(&["verify", &dev.0]);
+    assert_eq!(out.status.code(), Some(1), "verify: {}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let differs: Vec<&str> = text.lines().filter(|l| l.starts_with("differs:")).collect();
+    assert_eq!(
+        differs,
+        ["differs: offset 3145728 length 1048576"],
+        "{text}"
+    );
+    // Now the state knows: no snapshot is claimed, and an incremental is refused.
+    let (code, st) = status(Path::new(&dev.0), &env);
+    assert_eq!(code, Some(1), "{st}");
+    assert!(st.contains("changed since blkdelta last wrote it"), "{st}");
+    assert!(!st.contains("holds snapshot"), "{st}");
+    let out = run(&["checksum", &dev.0]);
+    assert!(!String::from_utf8_lossy(&out.stdout).starts_with(&want));
+
+    let out = run(&["checksum", "--blocks", &dev.0]);
+    assert_ok(&out, "checksum --blocks");
+    let blocks = s.path("dev.blocks");
+    std::fs::write(&blocks, &out.stdout).unwrap();
+    let stream = s.path("repair.bd");
+    blkdelta_ok(&[
+        "send",
+        "-q",
+        "--against",
+        p(&blocks),
+        &spec(&img, "s2"),
+        "-o",
+        p(&stream),
+    ]);
+    let bytes = std::fs::metadata(&stream).unwrap().len();
+    assert!(
+        bytes < MIB + 64 * 1024,
+        "a repair of one block sent {bytes} bytes"
+    );
+    assert_ok(
+        &run(&["receive", "-q", "--repair", "-i", p(&stream), &dev.0]),
+        "receive --repair",
+    );
+    assert_same_prefix(Path::new(&dev.0), &export_of(&img, "s2", &s));
+    assert_holds(Path::new(&dev.0), &env, "s2");
+    assert_ok(&run(&["verify", &dev.0]), "verify after the repair");
 }
 
 // ---------------------------------------------------------------------------------------------

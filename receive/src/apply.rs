@@ -578,6 +578,7 @@ impl Apply<'_> {
             guid: to_hex(guid),
         });
         self.state.remember(&to_hex(guid));
+        self.state.diverged = None;
         self.state.digest = digest.as_ref().map(|d| to_hex(d));
         self.state.virtual_size = virtual_size;
         self.since_checkpoint = 0;

@@ -161,11 +161,18 @@ pub(crate) fn for_repair(
         .as_ref()
         .zip(plan.health.as_ref())
         .and_then(|(st, health)| trusted(state_path, st, health).ok());
-    let (kept, digest) = match known {
+    // The kept hashes are a shortcut: when they do not give the list's digest, the replica
+    // is read before the repair is refused (a device written behind blkdelta's back keeps
+    // its identity).
+    let known = match known {
         Some(k) => {
             let d = k.digest()?;
-            (KeptHashes::open(k.path())?, d)
+            (d[..16] == base.guid).then_some((k, d))
         }
+        None => None,
+    };
+    let (kept, digest) = match known {
+        Some((k, d)) => (KeptHashes::open(k.path())?, d),
         None => {
             let mut k = KeptHashes::create(&hashes_path(state_path), disk.size())?;
             k.rebuild(disk, threads)?;

@@ -123,6 +123,10 @@ pub struct ReplicaState {
     /// block hashes.
     #[serde(default)]
     pub digest: Option<String>,
+    /// What `verify` found when it read the replica and some blocks no longer matched its
+    /// kept hashes: the replica holds no known snapshot until it is repaired or seeded again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diverged: Option<String>,
 }
 
 /// How a replica compares with its state.
@@ -151,6 +155,7 @@ impl ReplicaState {
             identity: None,
             history: Vec::new(),
             digest: None,
+            diverged: None,
         }
     }
 
@@ -175,6 +180,9 @@ impl ReplicaState {
         let Some(now) = now else {
             return Health::Missing;
         };
+        if let Some(found) = &self.diverged {
+            return Health::Changed(format!("verify found {found}"));
+        }
         let Some(recorded) = &self.identity else {
             return Health::Unchanged;
         };

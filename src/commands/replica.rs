@@ -8,7 +8,7 @@ use blkdelta_common::blocklist::BlockListWriter;
 use blkdelta_common::digest::to_hex;
 use blkdelta_receive::hashes::KeptHashes;
 use blkdelta_receive::kept::{self, Replica};
-use blkdelta_receive::state::Health;
+use blkdelta_receive::state::{self, Health};
 
 use super::{print_out, threads};
 use crate::cli::{ChecksumArgs, VerifyArgs};
@@ -124,6 +124,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
         Ok(())
     })?;
     if summary.differing > 0 {
+        record_divergence(&replica, summary.differing, summary.blocks)?;
         bail!(
             "{}: {} of {} blocks differ from the kept block hashes: repair it with \
              'blkdelta checksum --blocks' and 'blkdelta send --against', or seed it again",
@@ -132,5 +133,25 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             summary.blocks
         );
     }
+    Ok(())
+}
+
+/// Notes in the replica's state what `verify` found, so that `status`, `receive` and
+/// `checksum` no longer take the replica for the snapshot it held (a block device's content can
+/// change without its identity changing).
+fn record_divergence(replica: &Replica, differing: u64, blocks: u64) -> Result<()> {
+    let _lock = state::lock(&replica.state_path)?;
+    let Some(mut st) = state::load(&replica.state_path)? else {
+        return Ok(());
+    };
+    if st != replica.state {
+        // Something applied meanwhile: what was read belongs to the state before it.
+        return Ok(());
+    }
+    st.diverged = Some(format!(
+        "{differing} of {blocks} blocks differing from the kept block hashes ({})",
+        super::report::utc_date(state::now_unix())
+    ));
+    state::save(&replica.state_path, &st)?;
     Ok(())
 }
