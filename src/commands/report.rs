@@ -189,11 +189,17 @@ pub fn status(
                 writeln!(out, "undo stream:  {u} (pass --undo {u} to finish)")?;
             }
         }
-        (Some(s), None) => writeln!(
-            out,
-            "state:        holds snapshot '{}' (guid {})",
-            s.name, s.guid
-        )?,
+        (Some(s), None) => {
+            writeln!(
+                out,
+                "state:        holds snapshot '{}' (guid {})",
+                s.name, s.guid
+            )?;
+            match &st.digest {
+                Some(d) => writeln!(out, "digest:       {d} (kept block hashes)")?,
+                None => writeln!(out, "digest:       no block hashes kept")?,
+            }
+        }
         (None, None) => writeln!(out, "state:        holds no snapshot")?,
     }
     Ok(())
