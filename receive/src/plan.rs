@@ -17,6 +17,9 @@ use crate::identity::Identity;
 use crate::state::{absolute_display, describe, InProgress, ReplicaState};
 use crate::ReceiveError;
 
+#[cfg(test)]
+mod tests;
+
 /// Applied bytes between two checkpoints of the durable offset (a sync and a state update).
 pub const CHECKPOINT_BYTES: u64 = 256 << 20;
 
