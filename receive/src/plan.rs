@@ -378,9 +378,11 @@ fn first_transition(
         // A new seed (a resumed one is refused later: it lacks what the target lacks).
         return Ok(0);
     }
-    // Only a replica as its state describes it is part way through, or past, a stream.
-    let as_described =
-        prior.filter(|st| st.health(probe.identity.as_ref()) == crate::state::Health::Unchanged);
+    // Only a replica as its state describes it is part way through, or past, a stream. While
+    // an apply is in progress only which file it is counts: an emptied one holds nothing of it.
+    let as_described = prior.filter(|st| {
+        !probe.is_empty() && st.health(probe.identity.as_ref()) == crate::state::Health::Unchanged
+    });
     if let Some(k) = as_described.and_then(|st| finishing(ts, st)) {
         return Ok(k);
     }

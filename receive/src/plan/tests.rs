@@ -360,6 +360,21 @@ fn an_interrupted_apply_is_finished_by_a_stream_that_carries_it() {
     ]);
 }
 
+/// An apply killed part way through, then its file emptied (same inode, so the identity of
+/// an apply in progress matches): the file holds none of what the state says is durable.
+#[test]
+#[rustfmt::skip]
+fn an_emptied_file_is_not_part_way_through_an_incremental() {
+    let (a, b) = (snap("a", 1), snap("b", 2));
+    let st = applying(Some(&a), &b, 1 << 20);
+    let emptied = probe(Some(file_id(7, 0, 999)));
+    let same = header(vec![inc(&a, &b)]);
+    check(vec![
+        row("the same stream", &same, Some(&st), &emptied, none(), Refused(None)),
+        row("the same stream, forced", &same, Some(&st), &emptied, force(), Refused(None)),
+    ]);
+}
+
 #[test]
 #[rustfmt::skip]
 fn a_replica_past_the_stream_applies_nothing_or_the_rest() {
