@@ -410,13 +410,17 @@ fn first_transition(
         (_, Some(_)) => None,
         (held, None) => held.as_ref(),
     };
-    if let Some(k) = held.and_then(|h| {
-        ts.iter()
-            .position(|t| t.from.as_ref().is_some_and(|f| h.satisfies(f)))
-    }) {
+    let base = held.and_then(|h| {
+        let k = ts
+            .iter()
+            .position(|t| t.from.as_ref().is_some_and(|f| h.satisfies(f)))?;
+        Some((k, ts[k].from.as_ref().is_some_and(|f| h.is(f))))
+    });
+    if let Some((k, exact)) = base {
         // A base named by reference matches any state of that name: a stream whose states
-        // the replica went through already is an old one replayed.
-        let replayed = ts[k..].iter().find(|t| st.went_through(&t.to));
+        // the replica went through already is an old one replayed. A base matched by GUID is
+        // no replay (the stream undone, then applied again; here onto a changed replica).
+        let replayed = ts[k..].iter().find(|t| !exact && st.went_through(&t.to));
         return match replayed {
             Some(t) if !overrides.rewind => Err(ReceiveError::refused(
                 format!(

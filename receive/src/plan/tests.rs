@@ -441,8 +441,10 @@ fn an_exact_base_is_never_a_replay() {
     let (a, b) = (snap("a", 1), snap("b", 2));
     let rolled_back = holding(&a, &[&b]);
     let a_b = header(vec![inc(&a, &b)]);
+    let written = probe(Some(file_id(7, SIZE, 200)));
     check(vec![
         row("after an undo", &a_b, Some(&rolled_back), &unchanged(), none(), From(0)),
+        row("after an undo, the replica changed, overwritten", &a_b, Some(&rolled_back), &written, overwrite(), From(0)),
     ]);
 }
 
