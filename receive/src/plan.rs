@@ -154,6 +154,17 @@ pub struct Plan {
     pub health: Option<crate::state::Health>,
 }
 
+impl Plan {
+    /// The interrupted apply this plan finishes, on the very replica it was writing: the
+    /// transition applied first is the one in progress, and the replica was neither replaced
+    /// nor emptied since. Only then do that apply's durable offset and kept hashes carry over.
+    pub fn finishes(&self, header: &StreamHeader) -> Option<&InProgress> {
+        let p = self.prior.as_ref()?.in_progress.as_ref()?;
+        let same_replica = !self.fresh && self.health == Some(crate::state::Health::Unchanged);
+        (same_replica && resume_point(&header.transitions, p) == Some(self.first)).then_some(p)
+    }
+}
+
 fn named(s: &SnapRef) -> String {
     format!("'{}' ({})", s.name, to_hex(&s.guid))
 }
