@@ -126,7 +126,14 @@ pub(crate) fn for_apply(
         // its hashes say, and will not be after the stream either.
         let unchanged = plan.health == Some(Health::Unchanged);
         let intact = unchanged && intact(state_path, st).is_ok();
-        if finishing || (intact && (plan.first > 0 || !header.is_full())) {
+        if finishing {
+            // Killed between resizing the target and its hashes, the two differ: the
+            // target's size is what it holds.
+            let mut kept = KeptHashes::open(&path)?;
+            kept.set_size(target_size)?;
+            return Ok(Some(kept));
+        }
+        if intact && (plan.first > 0 || !header.is_full()) {
             return KeptHashes::open(&path).map(Some);
         }
     }

@@ -159,3 +159,19 @@ fn another_stream_onto_an_interrupted_apply_drops_its_hashes() {
     assert!(kept_for(&header(Some(&a), &b), &st, &file(8, SIZE), all, &sp).is_none());
     assert!(!hashes_path(&sp).exists());
 }
+
+/// An apply killed between shrinking the target and shrinking its hashes (or, on a device,
+/// between growing them and recording the new size): the apply that finishes it must not
+/// fail at every checkpoint because the disk is smaller than its hashes.
+#[test]
+fn an_interrupted_apply_continues_hashes_resized_to_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (snap("a", 1), snap("b", 2));
+    let (sp, st) = interrupted(dir.path(), Some(&a), &b);
+    let h = header(Some(&a), &b);
+    let shrunk = SIZE / 2 + 4096;
+    let mut k = kept_for(&h, &st, &file(7, shrunk), Default::default(), &sp).unwrap();
+    assert_eq!(k.size(), shrunk);
+    let disk = blkdelta_common::image::mem::MemImage::new(shrunk, 4096);
+    k.settle(&disk).unwrap();
+}
