@@ -24,6 +24,9 @@ use crate::undo::{undo_header, UndoWriter};
 use crate::writers::{self, Writers};
 use crate::ReceiveError;
 
+#[cfg(test)]
+mod tests;
+
 /// With an undo stream, bytes of records gathered before their pre-images are saved and
 /// synced together (bounds memory and the number of syncs).
 const UNDO_BATCH_BYTES: u64 = 32 << 20;
@@ -133,6 +136,7 @@ pub fn receive<R: Read + Send + 'static>(
         state_path,
         skip_zeroing: plan.fresh && header.is_full(),
         first: plan.first,
+        finishing: plan.finishes(&header).map(|p| p.durable_offset),
         undo_plan: plan.undo.clone(),
         checkpoint_bytes: plan.checkpoint_bytes,
         transition: 0,
@@ -290,6 +294,8 @@ struct Apply<'a> {
     state_path: Option<&'a Path>,
     skip_zeroing: bool,
     first: usize,
+    /// The durable offset of the interrupted apply this one finishes (see [`Plan::finishes`]).
+    finishing: Option<u64>,
     undo_plan: Option<(PathBuf, UndoMode)>,
     checkpoint_bytes: u64,
     transition: usize,
@@ -329,8 +335,8 @@ impl Apply<'_> {
                 UndoMode::Restart => UndoWriter::restart(path, header)?,
             });
         }
-        let durable = match &self.state.in_progress {
-            Some(p) if p.to.is(&t.to) => p.durable_offset,
+        let durable = match self.finishing {
+            Some(d) if self.transition == self.first => d,
             _ if self.transition == 0 => self.header.resume_offset,
             _ => 0,
         };

@@ -20,6 +20,9 @@ use crate::plan::{Plan, TargetProbe};
 use crate::state::{self, default_state_path, Health, ReplicaState};
 use crate::ReceiveError;
 
+#[cfg(test)]
+mod tests;
+
 /// A replica as `checksum` and `verify` see it: its state, how it compares with it, and its
 /// kept hashes if they stand for its content.
 pub struct Replica {
@@ -116,13 +119,21 @@ pub(crate) fn for_apply(
 ) -> Result<Option<KeptHashes>, ReceiveError> {
     let path = hashes_path(state_path);
     if let Some(st) = &plan.prior {
-        // Part way through an apply, the hashes are as far as the replica is durable.
-        let finishing = st.in_progress.is_some() && path.exists();
+        // Part way through an apply, the hashes are as far as the replica is durable: for
+        // the apply that finishes it, on that replica (not a new seed or another stream).
+        let finishing = plan.finishes(header).is_some() && path.exists();
         // A replica changed behind blkdelta's back (applied to with --overwrite) is not what
         // its hashes say, and will not be after the stream either.
         let unchanged = plan.health == Some(Health::Unchanged);
         let intact = unchanged && intact(state_path, st).is_ok();
-        if finishing || (intact && (plan.first > 0 || !header.is_full())) {
+        if finishing {
+            // Killed between resizing the target and its hashes, the two differ: the
+            // target's size is what it holds.
+            let mut kept = KeptHashes::open(&path)?;
+            kept.set_size(target_size)?;
+            return Ok(Some(kept));
+        }
+        if intact && (plan.first > 0 || !header.is_full()) {
             return KeptHashes::open(&path).map(Some);
         }
     }

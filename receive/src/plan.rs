@@ -17,6 +17,9 @@ use crate::identity::Identity;
 use crate::state::{absolute_display, describe, InProgress, ReplicaState};
 use crate::ReceiveError;
 
+#[cfg(test)]
+mod tests;
+
 /// Applied bytes between two checkpoints of the durable offset (a sync and a state update).
 pub const CHECKPOINT_BYTES: u64 = 256 << 20;
 
@@ -149,6 +152,17 @@ pub struct Plan {
     pub repair: bool,
     /// How the replica compares with its state (none: no state).
     pub health: Option<crate::state::Health>,
+}
+
+impl Plan {
+    /// The interrupted apply this plan finishes, on the very replica it was writing: the
+    /// transition applied first is the one in progress, and the replica was neither replaced
+    /// nor emptied since. Only then do that apply's durable offset and kept hashes carry over.
+    pub fn finishes(&self, header: &StreamHeader) -> Option<&InProgress> {
+        let p = self.prior.as_ref()?.in_progress.as_ref()?;
+        let same_replica = !self.fresh && self.health == Some(crate::state::Health::Unchanged);
+        (same_replica && resume_point(&header.transitions, p) == Some(self.first)).then_some(p)
+    }
 }
 
 fn named(s: &SnapRef) -> String {
@@ -375,9 +389,11 @@ fn first_transition(
         // A new seed (a resumed one is refused later: it lacks what the target lacks).
         return Ok(0);
     }
-    // Only a replica as its state describes it is part way through, or past, a stream.
-    let as_described =
-        prior.filter(|st| st.health(probe.identity.as_ref()) == crate::state::Health::Unchanged);
+    // Only a replica as its state describes it is part way through, or past, a stream. While
+    // an apply is in progress only which file it is counts: an emptied one holds nothing of it.
+    let as_described = prior.filter(|st| {
+        !probe.is_empty() && st.health(probe.identity.as_ref()) == crate::state::Health::Unchanged
+    });
     if let Some(k) = as_described.and_then(|st| finishing(ts, st)) {
         return Ok(k);
     }
@@ -405,13 +421,17 @@ fn first_transition(
         (_, Some(_)) => None,
         (held, None) => held.as_ref(),
     };
-    if let Some(k) = held.and_then(|h| {
-        ts.iter()
-            .position(|t| t.from.as_ref().is_some_and(|f| h.satisfies(f)))
-    }) {
+    let base = held.and_then(|h| {
+        let k = ts
+            .iter()
+            .position(|t| t.from.as_ref().is_some_and(|f| h.satisfies(f)))?;
+        Some((k, ts[k].from.as_ref().is_some_and(|f| h.is(f))))
+    });
+    if let Some((k, exact)) = base {
         // A base named by reference matches any state of that name: a stream whose states
-        // the replica went through already is an old one replayed.
-        let replayed = ts[k..].iter().find(|t| st.went_through(&t.to));
+        // the replica went through already is an old one replayed. A base matched by GUID is
+        // no replay (the stream undone, then applied again; here onto a changed replica).
+        let replayed = ts[k..].iter().find(|t| !exact && st.went_through(&t.to));
         return match replayed {
             Some(t) if !overrides.rewind => Err(ReceiveError::refused(
                 format!(
