@@ -797,6 +797,53 @@ fn kept_hashes_answer_checksum_and_verify_finds_and_repair_fixes_damage() {
     );
 }
 
+/// A replica that changed again after its block list was made: the repair is refused, nothing
+/// is written, and the kept hashes still tell `verify` every block that differs.
+#[test]
+fn a_repair_against_a_stale_block_list_is_refused_and_keeps_the_hashes() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = history(&s);
+    let replica = s.path("r.raw");
+    pipe(&spec(&img, "s0"), &replica, &[]);
+    pipe(&spec(&img, "s0..s2"), &replica, &[]);
+    flip_bytes(&replica, 5 * MIB + 1, 1);
+    let out = blkdelta_ok(&["checksum", "--blocks", p(&replica)]);
+    let blocks = s.path("r.blocks");
+    std::fs::write(&blocks, &out.stdout).unwrap();
+    flip_bytes(&replica, 9 * MIB + 1, 1);
+    let before = std::fs::read(&replica).unwrap();
+    let recv = pipe_args(
+        &["--against", p(&blocks), &spec(&img, "s2")],
+        &replica,
+        &["--repair"],
+    );
+    assert_eq!(recv.status.code(), Some(1), "{}", stderr(&recv));
+    assert!(
+        stderr(&recv).contains("make the block list again"),
+        "{}",
+        stderr(&recv)
+    );
+    assert!(
+        std::fs::read(&replica).unwrap() == before,
+        "a refused repair wrote"
+    );
+    let out = blkdelta(&["verify", p(&replica)]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let differs: Vec<&str> = text.lines().filter(|l| l.starts_with("differs:")).collect();
+    assert_eq!(
+        differs,
+        [
+            "differs: offset 5242880 length 1048576",
+            "differs: offset 9437184 length 1048576"
+        ],
+        "{text}{}",
+        stderr(&out)
+    );
+}
+
 /// A block device's content can change without its identity changing: `receive` cannot see
 /// it, `verify` finds it (exact range), records it in the state, and a repair over the link
 /// mends it sending only that block.

@@ -583,6 +583,11 @@ impl Apply<'_> {
             name: name.to_string(),
             guid: to_hex(guid),
         });
+        if self.header.transitions[self.transition].from.is_none() {
+            // A full stream starts the replica's history anew (after --rewind or --overwrite,
+            // what it went through before is no longer what it holds).
+            self.state.history.clear();
+        }
         self.state.remember(&to_hex(guid));
         self.state.diverged = None;
         self.state.digest = digest.as_ref().map(|d| to_hex(d));

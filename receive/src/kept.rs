@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use blkdelta_common::digest::{to_hex, BLOCK_BYTES};
 use blkdelta_common::image::raw::RawImage;
 use blkdelta_common::image::{BlockSource, OpenOptions};
-use blkdelta_common::stream::StreamHeader;
+use blkdelta_common::stream::{SnapRef, StreamHeader};
 use blkdelta_common::ImageError;
 
 use crate::hashes::{hashes_path, KeptHashes};
@@ -185,23 +185,42 @@ pub(crate) fn for_repair(
     let (kept, digest) = match known {
         Some((k, d)) => (KeptHashes::open(k.path())?, d),
         None => {
-            let mut k = KeptHashes::create(&hashes_path(state_path), disk.size())?;
+            // Read into a file of its own: a refused repair leaves the kept hashes as they
+            // were, for `verify` to say what differs.
+            let path = hashes_path(state_path);
+            let mut name = path.clone().into_os_string();
+            name.push(".read");
+            let read = PathBuf::from(name);
+            let mut k = KeptHashes::create(&read, disk.size())?;
             k.rebuild(disk, threads)?;
             k.sync()?;
             let d = k.digest()?;
-            (k, d)
+            if d[..16] != base.guid {
+                let _ = std::fs::remove_file(&read);
+                return Err(not_the_base(&d, base));
+            }
+            std::fs::rename(&read, &path).map_err(|e| ReceiveError::State {
+                path: path.clone(),
+                reason: format!("cannot keep the block hashes read: {e}"),
+            })?;
+            (KeptHashes::open(&path)?, d)
         }
     };
     if digest[..16] != base.guid {
-        return Err(ReceiveError::refused_outright(format!(
-            "the replica's content (digest {}) is not the one the repair stream's block list \
-             describes ({}...): it changed since 'blkdelta checksum --blocks' read it; make the \
-             block list again",
-            &to_hex(&digest)[..16],
-            &to_hex(&base.guid)[..16]
-        )));
+        return Err(not_the_base(&digest, base));
     }
     Ok(kept)
+}
+
+/// The refusal of a repair stream whose base is not the replica's content.
+fn not_the_base(digest: &[u8; 32], base: &SnapRef) -> ReceiveError {
+    ReceiveError::refused_outright(format!(
+        "the replica's content (digest {}) is not the one the repair stream's block list \
+         describes ({}...): it changed since 'blkdelta checksum --blocks' read it; make the \
+         block list again",
+        &to_hex(digest)[..16],
+        &to_hex(&base.guid)[..16]
+    ))
 }
 
 /// A run of whole blocks whose content differs from the kept hashes: byte offset and length
