@@ -26,14 +26,14 @@ pub(crate) struct Job {
     bytes: AlignedBuf,
 }
 
-/// Writes handed over and not done yet, and the first error met.
+/// Writes handed over and not done yet (in flight), and the first error met.
 #[derive(Default)]
-pub(crate) struct Progress {
+pub(crate) struct InFlight {
     state: Mutex<(usize, Option<ReceiveError>)>,
     idle: Condvar,
 }
 
-impl Progress {
+impl InFlight {
     fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<ReceiveError>)> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -51,16 +51,16 @@ impl Progress {
 /// The applier's end of the pool.
 pub(crate) struct Writers<'a> {
     jobs: Option<SyncSender<Job>>,
-    progress: &'a Progress,
+    in_flight: &'a InFlight,
 }
 
 impl<'a> Writers<'a> {
     /// A pool whose threads the caller runs with [`run`] on the returned queue.
-    pub(crate) fn new(progress: &'a Progress) -> (Self, Receiver<Job>) {
+    pub(crate) fn new(in_flight: &'a InFlight) -> (Self, Receiver<Job>) {
         let (tx, rx) = sync_channel(QUEUE);
         let w = Writers {
             jobs: Some(tx),
-            progress,
+            in_flight,
         };
         (w, rx)
     }
@@ -68,7 +68,7 @@ impl<'a> Writers<'a> {
     /// Hands `bytes` at `offset` to a writer thread; fails with an earlier write's error.
     pub(crate) fn write(&self, bytes: AlignedBuf, offset: u64) -> Result<(), ReceiveError> {
         {
-            let mut s = self.progress.lock();
+            let mut s = self.in_flight.lock();
             if let Some(e) = s.1.take() {
                 return Err(e);
             }
@@ -79,7 +79,7 @@ impl<'a> Writers<'a> {
             .as_ref()
             .is_some_and(|tx| tx.send(Job { offset, bytes }).is_ok());
         if !sent {
-            self.progress.done(Ok(()));
+            self.in_flight.done(Ok(()));
             return Err(ReceiveError::Failed(
                 "the target's writer threads stopped".into(),
             ));
@@ -89,15 +89,15 @@ impl<'a> Writers<'a> {
 
     /// The first error a write has met so far, without waiting for the writes in flight.
     pub(crate) fn check(&self) -> Result<(), ReceiveError> {
-        self.progress.lock().1.take().map_or(Ok(()), Err)
+        self.in_flight.lock().1.take().map_or(Ok(()), Err)
     }
 
     /// Waits until every write handed over is done; the first error any met.
     pub(crate) fn wait(&self) -> Result<(), ReceiveError> {
-        let mut s = self.progress.lock();
+        let mut s = self.in_flight.lock();
         while s.0 > 0 {
             s = self
-                .progress
+                .in_flight
                 .idle
                 .wait(s)
                 .unwrap_or_else(|e| e.into_inner());
@@ -172,7 +172,7 @@ pub(crate) fn run(
     file: File,
     mut direct: Option<Direct>,
     jobs: &Mutex<Receiver<Job>>,
-    progress: &Progress,
+    in_flight: &InFlight,
     spare: Sender<AlignedBuf>,
 ) {
     let mut behind = WriteBehind::default();
@@ -205,7 +205,7 @@ pub(crate) fn run(
             )))
         });
         let _ = spare.send(job.bytes);
-        progress.done(result);
+        in_flight.done(result);
     }
 }
 
@@ -225,17 +225,17 @@ mod tests {
         direct: Option<&File>,
         jobs: &[(u64, Vec<u8>)],
     ) -> Result<(), ReceiveError> {
-        let progress = Progress::default();
+        let in_flight = InFlight::default();
         let (spare, returned) = channel();
-        let (pool, queue) = Writers::new(&progress);
+        let (pool, queue) = Writers::new(&in_flight);
         let queue = Mutex::new(queue);
         let mut taken = 0;
         let result = std::thread::scope(|s| {
             for _ in 0..2 {
                 let (file, spare) = (file.try_clone().unwrap(), spare.clone());
-                let (queue, progress) = (&queue, &progress);
+                let (queue, in_flight) = (&queue, &in_flight);
                 let direct = direct.map(|d| Direct::new(d.try_clone().unwrap()));
-                s.spawn(move || run(file, direct, queue, progress, spare));
+                s.spawn(move || run(file, direct, queue, in_flight, spare));
             }
             // A write handed over after an earlier one failed is refused with that error (its
             // buffer is not taken), and the handing over stops there.

@@ -6,6 +6,7 @@ use blkdelta_common::stream::{
 };
 
 use super::*;
+use crate::state::{InProgress, StateSnap};
 
 const SIZE: u64 = 4 << 20;
 const MIB: u64 = 1 << 20;
