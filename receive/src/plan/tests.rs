@@ -5,7 +5,9 @@ use blkdelta_common::stream::{SnapRef, SourceInfo, StreamHeader, Transition};
 
 use super::*;
 use crate::identity::{DeviceKey, Identity};
+use crate::state::absolute_display;
 use crate::state::{Health, InProgress, ReplicaState, StateSnap};
+use std::path::Path;
 
 const SIZE: u64 = 4 << 20;
 

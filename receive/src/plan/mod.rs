@@ -7,133 +7,25 @@
 //! transition. Transitions before the one the replica needs are read and verified, not applied,
 //! so applying the same multi-snapshot stream again finishes an interrupted apply.
 
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use blkdelta_common::digest::to_hex;
 use blkdelta_common::stream::{SnapRef, StreamHeader, Transition};
 
-use crate::identity::Identity;
-use crate::state::{absolute_display, describe, InProgress, ReplicaState};
+use crate::state::{describe, InProgress, ReplicaState};
 use crate::ReceiveError;
+
+mod options;
+mod probe;
+mod undo;
 
 #[cfg(test)]
 mod tests;
 
-/// Applied bytes between two checkpoints of the durable offset (a sync and a state update).
-pub const CHECKPOINT_BYTES: u64 = 256 << 20;
-
-/// The checks a receive may be told to skip, one switch each, since their risks differ.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Overrides {
-    /// `--rebase`: apply an incremental onto a replica that does not hold its base.
-    pub rebase: bool,
-    /// `--overwrite`: write onto unknown data, or onto a replica changed since blkdelta last
-    /// wrote it.
-    pub overwrite: bool,
-    /// `--rewind`: apply a stream older than what the replica holds, one it already went
-    /// through, or a full stream onto an existing replica of the same source.
-    pub rewind: bool,
-}
-
-impl Overrides {
-    /// Every check skipped (`--force`).
-    pub fn all() -> Self {
-        Overrides {
-            rebase: true,
-            overwrite: true,
-            rewind: true,
-        }
-    }
-}
-
-/// How to receive.
-#[derive(Debug, Clone, Default)]
-pub struct ReceiveOptions {
-    /// The checks to skip.
-    pub overrides: Overrides,
-    /// Accept a replica whose state is missing, changed or in progress, for a repair stream
-    /// (`send --against`): its content is checked against the stream's base digest instead.
-    pub repair: bool,
-    /// Save the old contents of every overwritten range into this undo stream.
-    pub undo: Option<PathBuf>,
-    /// Read and verify everything, touch nothing.
-    pub dry_run: bool,
-    /// Applied bytes between checkpoints of the durable offset (0: [`CHECKPOINT_BYTES`]).
-    pub checkpoint_bytes: u64,
-}
-
-/// What the target path holds, looked at without opening it for writing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetProbe {
-    /// Whether the path exists.
-    pub exists: bool,
-    /// Whether it is a block device.
-    pub is_block_device: bool,
-    /// Its size in bytes (0 when missing).
-    pub size: u64,
-    /// What it is (`None` when missing).
-    pub identity: Option<Identity>,
-}
-
-impl TargetProbe {
-    /// Looks at `path`.
-    pub fn of(path: &Path) -> Result<Self, ReceiveError> {
-        let open_err = |source: std::io::Error| ReceiveError::OpenTarget {
-            path: path.to_path_buf(),
-            source,
-        };
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(TargetProbe {
-                    exists: false,
-                    is_block_device: false,
-                    size: 0,
-                    identity: None,
-                })
-            }
-            Err(source) => return Err(open_err(source)),
-        };
-        if meta.is_dir() {
-            return Err(open_err(std::io::Error::new(
-                std::io::ErrorKind::IsADirectory,
-                "it is a directory",
-            )));
-        }
-        let is_block_device = meta.file_type().is_block_device();
-        let size = if is_block_device {
-            let f = std::fs::File::open(path).map_err(open_err)?;
-            rustix::fs::seek(&f, rustix::fs::SeekFrom::End(0)).map_err(|e| open_err(e.into()))?
-        } else {
-            meta.len()
-        };
-        let identity = Identity::of_path(path, size).map_err(open_err)?;
-        Ok(TargetProbe {
-            exists: true,
-            is_block_device,
-            size,
-            identity,
-        })
-    }
-
-    /// Whether the target reads as zeros everywhere: a missing or empty file.
-    pub fn is_empty(&self) -> bool {
-        !self.exists || (!self.is_block_device && self.size == 0)
-    }
-}
-
-/// How the undo stream is opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UndoMode {
-    /// A new undo stream (the file must not exist).
-    Create,
-    /// The undo stream of the interrupted apply this one finishes.
-    Continue,
-    /// An undo stream of this transition that an apply created and never used (it was killed
-    /// before recording anything): started again.
-    Restart,
-}
+pub use options::{Overrides, ReceiveOptions, CHECKPOINT_BYTES};
+pub use probe::TargetProbe;
+use undo::undo_plan;
+pub use undo::UndoMode;
 
 /// How a stream is to be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,74 +200,6 @@ fn check_resume_offset(
         )));
     }
     Ok(())
-}
-
-/// Checks the undo rules: one incremental transition; a new file for a new apply; the same
-/// file to finish an interrupted apply that had one.
-fn undo_plan(
-    header: &StreamHeader,
-    first: usize,
-    in_progress: Option<&InProgress>,
-    opts: &ReceiveOptions,
-) -> Result<Option<(PathBuf, UndoMode)>, ReceiveError> {
-    let refuse = |why: String| Err(ReceiveError::refused_outright(why));
-    let resuming = in_progress.filter(|p| {
-        header
-            .transitions
-            .get(first)
-            .is_some_and(|t| p.to.is(&t.to))
-    });
-    let Some(path) = &opts.undo else {
-        return match resuming.and_then(|p| p.undo.as_ref()) {
-            Some(u) if !opts.overrides.overwrite => Err(ReceiveError::refused(
-                format!(
-                    "the interrupted apply writes the undo stream {u}: pass --undo {u} to \
-                     finish it"
-                ),
-                "--overwrite",
-            )),
-            _ => Ok(None),
-        };
-    };
-    let applied = &header.transitions[first.min(header.transitions.len())..];
-    match applied {
-        [] => return Ok(None),
-        [t] if t.from.is_some() => {}
-        [_] => {
-            return refuse(
-                "--undo takes an incremental stream: a full stream replaces everything, and \
-                 its undo would be a whole copy of the old replica"
-                    .into(),
-            )
-        }
-        _ => {
-            return refuse(format!(
-            "--undo takes a stream that applies one incremental transition; this one applies {} \
-                 (send the range one snapshot at a time)",
-            applied.len()
-        ))
-        }
-    }
-    match resuming {
-        Some(p) if p.undo.as_deref() == Some(&*absolute_display(path)) => {
-            Ok(Some((path.clone(), UndoMode::Continue)))
-        }
-        Some(_) => refuse(format!(
-            "the interrupted apply did not write {}: its old contents are partly overwritten \
-             already; finish it without --undo",
-            path.display()
-        )),
-        // Created by an apply killed before it recorded anything: nothing was saved in it,
-        // and nothing written to the replica.
-        None if crate::undo::is_unused(path, &applied[0]) => {
-            Ok(Some((path.clone(), UndoMode::Restart)))
-        }
-        None if path.exists() => refuse(format!(
-            "the undo file {} exists already: choose another",
-            path.display()
-        )),
-        None => Ok(Some((path.clone(), UndoMode::Create))),
-    }
 }
 
 fn first_transition(
