@@ -5,6 +5,7 @@ use blkdelta_common::image::{check_range, Allocation};
 use blkdelta_common::ImageError;
 
 use super::*;
+use blkdelta_common::limits::MAX_VIRTUAL_BYTES;
 
 const MIB: u64 = BLOCK_BYTES;
 const PAGE: u64 = 4096;

@@ -29,22 +29,25 @@
 //! hashes, then saves the state. A block touched after the last sync is touched again when
 //! the stream is applied again from the state's durable offset, so its entry is mended then.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 use blkdelta_common::buf::AlignedBuf;
 use blkdelta_common::digest::{self, DigestBuilder, BLOCK_BYTES};
 use blkdelta_common::image::BlockSource;
-use blkdelta_common::limits::MAX_VIRTUAL_BYTES;
 
 use crate::ReceiveError;
 
+mod layout;
+mod pending;
+mod write;
+
 #[cfg(test)]
 mod tests;
+
+use layout::{check_size, decode_header, encode_header, zero_tail};
+use pending::{Change, Pending};
 
 /// Magic of a hashes file.
 pub const HASHES_MAGIC: [u8; 8] = *b"BDHASH01";
@@ -82,61 +85,6 @@ fn block_count(size: u64) -> u64 {
 /// Offset in the file of the entry of `block` (also the file length for `block` entries).
 fn entry_offset(block: u64) -> u64 {
     HEADER_BYTES + block * ENTRY_BYTES
-}
-
-/// What became of a block since the last settle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Change {
-    /// Its new entry is known (a whole block written: its hash, or zero).
-    Entry([u8; 32]),
-    /// Only part of it was written or zeroed: its hash must be worked out from the disk.
-    Rehash,
-}
-
-/// Updates not yet in the file. Zero runs are applied first, then single blocks, which win
-/// over them: zeroing drops the single-block changes it covers, so the order holds.
-#[derive(Debug, Default)]
-struct Pending {
-    /// Whole blocks zeroed, as merged runs: first block → end block (exclusive).
-    zero_runs: BTreeMap<u64, u64>,
-    /// Blocks changed after any zero run that covers them.
-    blocks: BTreeMap<u64, Change>,
-}
-
-impl Pending {
-    fn zero_run(&mut self, first: u64, end: u64) {
-        let inside: Vec<u64> = self.blocks.range(first..end).map(|(&b, _)| b).collect();
-        for b in inside {
-            self.blocks.remove(&b);
-        }
-        let (mut first, mut end) = (first, end);
-        if let Some((&s, &e)) = self.zero_runs.range(..=first).next_back() {
-            if e >= first {
-                self.zero_runs.remove(&s);
-                first = s;
-                end = end.max(e);
-            }
-        }
-        while let Some((&s, &e)) = self.zero_runs.range(first..=end).next() {
-            self.zero_runs.remove(&s);
-            end = end.max(e);
-        }
-        self.zero_runs.insert(first, end);
-    }
-
-    /// Forgets everything at or past block `blocks` (the disk shrank).
-    fn truncate(&mut self, blocks: u64) {
-        self.blocks.split_off(&blocks);
-        self.zero_runs.split_off(&blocks);
-        if let Some((_, end)) = self.zero_runs.iter_mut().next_back() {
-            *end = (*end).min(blocks);
-        }
-    }
-
-    fn clear(&mut self) {
-        self.zero_runs.clear();
-        self.blocks.clear();
-    }
 }
 
 /// The kept block hashes of a replica: the file described in the [module docs](self), and the
@@ -397,164 +345,6 @@ impl KeptHashes {
             .collect())
     }
 
-    /// Rewrites every entry by reading `disk` whole (at least [`size`](Self::size) bytes),
-    /// with `threads` workers, in bounded batches: for a replica whose content is unknown.
-    /// Updates not yet settled are dropped, since the disk's content supersedes them.
-    pub fn rebuild(&mut self, disk: &dyn BlockSource, threads: usize) -> Result<(), ReceiveError> {
-        if disk.size() < self.size {
-            return Err(self.err(format!(
-                "the disk holds {} bytes, the hashes describe {}",
-                disk.size(),
-                self.size
-            )));
-        }
-        self.pending.clear();
-        let blocks = block_count(self.size);
-        let mut first = 0;
-        while first < blocks {
-            let count = (blocks - first).min(REBUILD_BATCH_BLOCKS);
-            let hashes = self.hash_blocks(disk, first, count, threads.max(1))?;
-            let mut bytes = Vec::with_capacity((count * ENTRY_BYTES) as usize);
-            for (i, hash) in hashes.iter().enumerate() {
-                bytes.extend_from_slice(&self.entry_of(first + i as u64, hash));
-            }
-            self.write_entries(first, &bytes)?;
-            first += count;
-        }
-        Ok(())
-    }
-
-    /// Hashes `count` blocks from `first` with `threads` workers.
-    fn hash_blocks(
-        &self,
-        disk: &dyn BlockSource,
-        first: u64,
-        count: u64,
-        threads: usize,
-    ) -> Result<Vec<[u8; 32]>, ReceiveError> {
-        let out = Mutex::new(vec![[0u8; 32]; count as usize]);
-        let next = AtomicUsize::new(0);
-        let failure = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..threads.min(count as usize) {
-                s.spawn(|| {
-                    let mut buf = AlignedBuf::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= count as usize || failure.lock().expect("not poisoned").is_some() {
-                            break;
-                        }
-                        match self.read_block_hash(disk, first + i as u64, &mut buf) {
-                            Ok(h) => out.lock().expect("not poisoned")[i] = h,
-                            Err(e) => *failure.lock().expect("not poisoned") = Some(e),
-                        }
-                    }
-                });
-            }
-        });
-        match failure.into_inner().expect("not poisoned") {
-            Some(e) => Err(e),
-            None => Ok(out.into_inner().expect("not poisoned")),
-        }
-    }
-
-    /// The hash of `block` as read from `disk` (its allocated parts only).
-    fn read_block_hash(
-        &self,
-        disk: &dyn BlockSource,
-        block: u64,
-        buf: &mut AlignedBuf,
-    ) -> Result<[u8; 32], ReceiveError> {
-        let offset = block * BLOCK_BYTES;
-        digest::block_hash(disk, offset, self.block_len(block), &self.zero_block, buf)
-            .map_err(|e| self.err(format!("cannot re-hash block {block}: {}", error_chain(&e))))
-    }
-
-    /// Works out the entries of the blocks only partly covered since the last settle. The
-    /// one step that reads the disk.
-    fn rehash_partial_blocks(&mut self, disk: &dyn BlockSource) -> Result<(), ReceiveError> {
-        let mut buf = std::mem::take(&mut self.buf);
-        let mut pending = std::mem::take(&mut self.pending.blocks);
-        let mut result = Ok(());
-        for (&block, change) in pending.iter_mut() {
-            if *change != Change::Rehash {
-                continue;
-            }
-            match self.read_block_hash(disk, block, &mut buf) {
-                Ok(hash) => *change = Change::Entry(self.entry_of(block, &hash)),
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        self.pending.blocks = pending;
-        self.buf = buf;
-        result
-    }
-
-    /// Writes the single-block entries, consecutive blocks in one write.
-    fn write_block_entries(&self) -> Result<(), ReceiveError> {
-        let max_bytes = (ENTRIES_PER_IO * ENTRY_BYTES) as usize;
-        let mut run = Vec::with_capacity(max_bytes.min(self.pending.blocks.len() * 32));
-        let mut run_first = 0;
-        for (&block, change) in &self.pending.blocks {
-            let Change::Entry(entry) = change else {
-                unreachable!("every block re-hashed before its entry is written");
-            };
-            let run_end = run_first + (run.len() as u64) / ENTRY_BYTES;
-            if !run.is_empty() && (block != run_end || run.len() >= max_bytes) {
-                self.write_entries(run_first, &run)?;
-                run.clear();
-            }
-            if run.is_empty() {
-                run_first = block;
-            }
-            run.extend_from_slice(entry);
-        }
-        if !run.is_empty() {
-            self.write_entries(run_first, &run)?;
-        }
-        Ok(())
-    }
-
-    /// Sets the zero runs' entries: a hole punched for a long run, zeros written otherwise
-    /// (and where the filesystem punches no holes).
-    fn write_zero_runs(&self) -> Result<(), ReceiveError> {
-        for (&first, &end) in &self.pending.zero_runs {
-            let (start, len) = (entry_offset(first), (end - first) * ENTRY_BYTES);
-            if len >= PUNCH_MIN_BYTES && self.punch_hole(start, len)? {
-                continue;
-            }
-            let zeros = vec![0u8; (len.min(ENTRIES_PER_IO * ENTRY_BYTES)) as usize];
-            let mut block = first;
-            while block < end {
-                let count = (end - block).min(ENTRIES_PER_IO);
-                self.write_entries(block, &zeros[..(count * ENTRY_BYTES) as usize])?;
-                block += count;
-            }
-        }
-        Ok(())
-    }
-
-    /// Punches `[start, start + len)` out of the file; `false` where the filesystem cannot.
-    fn punch_hole(&self, start: u64, len: u64) -> Result<bool, ReceiveError> {
-        use rustix::fs::FallocateFlags;
-        use rustix::io::Errno;
-        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        match rustix::fs::fallocate(&self.file, flags, start, len) {
-            Ok(()) => Ok(true),
-            Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL | Errno::NODEV) => Ok(false),
-            Err(e) => Err(self.err(format!("cannot punch entries at {start} (+{len}): {e}"))),
-        }
-    }
-
-    fn write_entries(&self, first: u64, bytes: &[u8]) -> Result<(), ReceiveError> {
-        self.file
-            .write_all_at(bytes, entry_offset(first))
-            .map_err(|e| self.err(format!("cannot write entries from block {first}: {e}")))
-    }
-
     /// The part of `[offset, offset + len)` inside the disk, if any.
     fn clip(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
         let end = offset.saturating_add(len).min(self.size);
@@ -614,55 +404,4 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
-}
-
-fn check_size(path: &Path, size: u64) -> Result<(), ReceiveError> {
-    if size > MAX_VIRTUAL_BYTES {
-        return Err(state_err(
-            path,
-            format!("a disk of {size} bytes is past the {MAX_VIRTUAL_BYTES}-byte limit"),
-        ));
-    }
-    Ok(())
-}
-
-/// The hash of zeros at the length of the last block of a disk of `size` bytes.
-fn zero_tail(size: u64, zero_block: &[u8; 32]) -> [u8; 32] {
-    match size % BLOCK_BYTES {
-        0 => *zero_block,
-        tail => digest::zero_hash(tail),
-    }
-}
-
-fn encode_header(size: u64) -> [u8; HEADER_BYTES as usize] {
-    let mut h = [0u8; HEADER_BYTES as usize];
-    h[0..8].copy_from_slice(&HASHES_MAGIC);
-    h[8..12].copy_from_slice(&HASHES_VERSION.to_le_bytes());
-    h[12..16].copy_from_slice(&(BLOCK_BYTES as u32).to_le_bytes());
-    h[16..24].copy_from_slice(&size.to_le_bytes());
-    h
-}
-
-/// Checks a header and gives the virtual size it holds.
-fn decode_header(h: &[u8; HEADER_BYTES as usize]) -> Result<u64, String> {
-    let u32_at = |at: usize| u32::from_le_bytes(h[at..at + 4].try_into().expect("4 bytes"));
-    if h[0..8] != HASHES_MAGIC {
-        return Err(format!("bad magic {:02x?}", &h[0..8]));
-    }
-    let version = u32_at(8);
-    if version != HASHES_VERSION {
-        return Err(format!("unsupported version {version}"));
-    }
-    let block_bytes = u32_at(12);
-    if u64::from(block_bytes) != BLOCK_BYTES {
-        return Err(format!("block size {block_bytes}, expected {BLOCK_BYTES}"));
-    }
-    let size = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"));
-    if size > MAX_VIRTUAL_BYTES {
-        return Err(format!("virtual size {size} is past the limit"));
-    }
-    if h[24..].iter().any(|&b| b != 0) {
-        return Err("reserved header bytes are not zero".to_string());
-    }
-    Ok(size)
 }
