@@ -138,7 +138,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
                 )
                 .into());
             }
-            enlarge_pipe(libc::STDOUT_FILENO);
+            enlarge_pipe(io::stdout());
             let out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
             send(source.as_ref(), &opts, out, progress.as_ref())?
         }
@@ -162,7 +162,7 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
             .into())
         }
         None => {
-            enlarge_pipe(libc::STDIN_FILENO);
+            enlarge_pipe(io::stdin());
             Box::new(io::stdin())
         }
     };
@@ -338,13 +338,12 @@ fn cmd_list(a: ListArgs, out: &mut dyn Write) -> Result<()> {
 
 /// Grows the pipe on `fd`, if it is one, to 1 MiB (a whole data record), so that sender and
 /// receiver trade records with fewer wake-ups. Best effort: the limit may be lower.
-fn enlarge_pipe(fd: libc::c_int) {
-    // SAFETY: fstat and fcntl on a descriptor this process owns, with a valid stat buffer.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO {
-            libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20);
-        }
+fn enlarge_pipe(fd: impl std::os::fd::AsFd) {
+    let is_pipe = rustix::fs::fstat(&fd).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo
+    });
+    if is_pipe {
+        let _ = rustix::pipe::fcntl_setpipe_size(&fd, 1 << 20);
     }
 }
 

@@ -1,6 +1,8 @@
 //! `blkdelta`: the command line. Parsing, then one function per subcommand; everything a
 //! library user could want lives in the `blkdelta-common`, `-send` and `-receive` crates.
 
+#![forbid(unsafe_code)]
+
 mod cli;
 mod commands;
 mod progress;

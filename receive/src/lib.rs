@@ -14,6 +14,10 @@
 //! receive_path(stream, path, None, &ReceiveOptions::default(), &none).unwrap();
 //! ```
 
+// unsafe only where a syscall needs it and rustix has no safe call for it (`sync_file_range`
+// in `target`, the `BLKZEROOUT` ioctl in `target::blockdev`), each block with a SAFETY line.
+#![deny(unsafe_code)]
+
 pub mod apply;
 pub mod hashes;
 pub mod identity;

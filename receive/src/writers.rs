@@ -117,9 +117,7 @@ impl<'a> Writers<'a> {
 /// The page size (at least 4 KiB): direct writes cover whole pages, so that no page is shared
 /// with a write through the page cache.
 pub(crate) fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(page).unwrap_or(0).max(ALIGN as u64)
+    (rustix::param::page_size() as u64).max(ALIGN as u64)
 }
 
 /// Writes that bypass the page cache (`O_DIRECT`), for the aligned whole-page writes that

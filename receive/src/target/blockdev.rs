@@ -84,6 +84,7 @@ impl BlockDevTarget {
         write_zeroes_plain(&self.file, start, stop - start)
     }
 
+    #[allow(unsafe_code)]
     fn blkzeroout(&self, offset: u64, len: u64) -> bool {
         let range: [u64; 2] = [offset, len];
         // SAFETY: BLKZEROOUT reads a `[u64; 2]` through the pointer, which stays valid for the

@@ -161,6 +161,7 @@ impl WriteBehind {
     /// Notes a write of `len` bytes at `offset` to `file`; every [`WRITE_BEHIND_BYTES`]
     /// starts the write-back of the range written since the last time (without waiting for
     /// it). Best effort: durability still comes from [`Target::flush`].
+    #[allow(unsafe_code)]
     pub(crate) fn wrote(&mut self, file: &std::fs::File, offset: u64, len: u64) {
         use std::os::fd::AsRawFd;
         if self.start == self.end {
