@@ -82,9 +82,12 @@ pub struct SendArgs {
     /// SOURCE's file name for --since and --compare).
     #[arg(long, value_name = "NAME", help_heading = "Change sources")]
     pub to_name: Option<String>,
-    /// Write the stream to FILE instead of stdout.
+    /// Write the stream to FILE instead of stdout (an existing FILE only with --force).
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// With -o: replace FILE if it exists.
+    #[arg(long, requires = "output")]
+    pub force: bool,
     /// Read even if a QEMU writer (a running VM) holds the image, as qemu-img -U: safe for
     /// internal snapshots, not for the active layer.
     #[arg(short = 'U', long)]

@@ -27,6 +27,27 @@ use crate::{progress, UsageError};
 mod replica;
 mod report;
 
+/// The stream's reader (a receive) went away before the stream ended: it has said why, so the
+/// sender says nothing more and exits 1.
+#[derive(Debug)]
+pub struct ReceiverGone;
+
+impl std::fmt::Display for ReceiverGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the receiver of the stream went away")
+    }
+}
+
+impl std::error::Error for ReceiverGone {}
+
+/// Whether `err` comes from a write into a pipe whose reader went away.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Writing to stdout failed because its reader went away.
 #[derive(Debug)]
 pub struct StdoutClosed;
@@ -115,9 +136,18 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         level: a.level,
         threads: threads(a.threads),
     };
-    let progress = progress::make(a.progress, "send");
+    let progress = progress::make(a.progress, "send", false);
+    let started = std::time::Instant::now();
     let summary = match &a.output {
         Some(path) => {
+            let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+            if regular && !a.force {
+                return Err(UsageError(format!(
+                    "{} exists: refusing to overwrite it (--force replaces it)",
+                    path.display()
+                ))
+                .into());
+            }
             let file =
                 File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
             let out = BufWriter::with_capacity(1 << 20, &file);
@@ -140,13 +170,27 @@ fn cmd_send(a: SendArgs) -> Result<()> {
             }
             enlarge_pipe(io::stdout());
             let out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
-            send(source.as_ref(), &opts, out, progress.as_ref())?
+            send(source.as_ref(), &opts, out, progress.as_ref()).map_err(|e| {
+                let e = anyhow::Error::new(e);
+                if is_broken_pipe(&e) {
+                    anyhow::Error::new(ReceiverGone)
+                } else {
+                    e
+                }
+            })?
         }
     };
-    if !a.progress.quiet && (a.progress.progress || io::stderr().is_terminal()) {
+    if !a.progress.quiet {
+        let what = format!(
+            "sent {} of data in {} records, {} zeroed or discarded; stream {}",
+            progress::human(summary.data_bytes),
+            summary.data_records,
+            progress::human(summary.zero_bytes),
+            progress::human(summary.stream_bytes)
+        );
         eprintln!(
-            "sent {} data bytes in {} records, {} bytes zeroed or discarded; stream {} bytes",
-            summary.data_bytes, summary.data_records, summary.zero_bytes, summary.stream_bytes
+            "{}",
+            progress::summary(&what, summary.stream_bytes, started, "")
         );
     }
     Ok(())
@@ -189,7 +233,9 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
         dry_run: a.dry_run,
         checkpoint_bytes: a.checkpoint_bytes,
     };
-    let progress = progress::make(a.progress, "receive");
+    let from_pipe = a.input.is_none();
+    let progress = progress::make(a.progress, "receive", from_pipe);
+    let started = std::time::Instant::now();
     let result = receive_path(
         reader,
         &a.target,
@@ -208,19 +254,26 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
                      was written",
                     held.as_ref().map(describe).unwrap_or_default()
                 );
-            } else if !a.progress.quiet && (a.progress.progress || io::stderr().is_terminal()) {
-                eprintln!(
-                    "received {} data bytes, {} bytes zeroed or discarded; replica holds {}",
-                    summary.data_bytes,
-                    summary.zero_bytes,
+            } else if !a.progress.quiet {
+                let what = format!(
+                    "received {} of data, {} zeroed or discarded",
+                    progress::human(summary.data_bytes),
+                    progress::human(summary.zero_bytes),
+                );
+                let tail = format!(
+                    "; replica holds {}",
                     held.as_ref().map(describe).unwrap_or_default()
+                );
+                eprintln!(
+                    "{}",
+                    progress::summary(&what, summary.data_bytes, started, &tail)
                 );
             }
             Ok(())
         }
         Err(e)
             if held.is_some_and(|s| s.in_progress.is_some())
-                && !matches!(e, ReceiveError::Refused { .. }) =>
+                && !matches!(e, ReceiveError::Refused { .. } | ReceiveError::Busy { .. }) =>
         {
             bail!(
                 "{:#}; the replica is marked in progress: apply the same stream again, or resume \
@@ -353,6 +406,12 @@ fn open_stream(file: Option<&Path>) -> Result<StreamReader<Box<dyn Read>>> {
         Some(p) => Box::new(BufReader::new(
             File::open(p).with_context(|| format!("cannot open {}", p.display()))?,
         )),
+        None if io::stdin().is_terminal() => {
+            return Err(UsageError(
+                "refusing to read a stream from a terminal: pipe one in or name a FILE".into(),
+            )
+            .into())
+        }
         None => Box::new(BufReader::new(io::stdin().lock())),
     };
     Ok(StreamReader::new(input)?)

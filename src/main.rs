@@ -70,6 +70,10 @@ fn report(err: &anyhow::Error) -> ExitCode {
         // The reader of our output went away: that is its choice, not our failure.
         return ExitCode::SUCCESS;
     }
+    if err.downcast_ref::<commands::ReceiverGone>().is_some() {
+        // The receiver stopped reading (it refused the stream, or failed): it said why.
+        return ExitCode::from(1);
+    }
     let line = format!("{err:#}").replace('\n', " ");
     let _ = writeln!(std::io::stderr(), "blkdelta: {line}");
     if err.downcast_ref::<UsageError>().is_some() {

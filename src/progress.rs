@@ -10,9 +10,11 @@ use indicatif::{HumanBytes, HumanDuration, ProgressBar, ProgressDrawTarget, Prog
 
 use crate::cli::ProgressArgs;
 
-/// Picks the progress display for the switches and for whether stderr is a terminal.
-pub fn make(args: ProgressArgs, verb: &'static str) -> Box<dyn Progress> {
-    if args.quiet {
+/// Picks the progress display for the switches and for whether stderr is a terminal. A
+/// command that `yields` (a receive reading a pipe, whose sender on the same terminal shows
+/// the bar) shows none unless asked for with `--progress`, so that two bars never collide.
+pub fn make(args: ProgressArgs, verb: &'static str, yields: bool) -> Box<dyn Progress> {
+    if args.quiet || (yields && !args.progress) {
         return Box::new(NoProgress);
     }
     if std::io::stderr().is_terminal() {
@@ -22,6 +24,23 @@ pub fn make(args: ProgressArgs, verb: &'static str) -> Box<dyn Progress> {
         return Box::new(Lines::new(verb));
     }
     Box::new(NoProgress)
+}
+
+/// The one line a finished send or receive leaves on stderr (unless `-q`), for terminals,
+/// cron mail and the journal alike: what moved, in human units, how long it took, how fast.
+pub fn summary(what: &str, bytes: u64, started: Instant, tail: &str) -> String {
+    let secs = started.elapsed().as_secs_f64();
+    let rate = bytes as f64 / secs.max(1e-3);
+    format!(
+        "{what} in {:.1} s ({}/s){tail}",
+        secs,
+        HumanBytes(rate as u64)
+    )
+}
+
+/// Bytes in human units.
+pub fn human(bytes: u64) -> String {
+    HumanBytes(bytes).to_string()
 }
 
 /// An indicatif bar: bytes, rate and ETA from the stream's totals.

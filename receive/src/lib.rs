@@ -81,6 +81,40 @@ pub enum ReceiveError {
         /// What went wrong.
         reason: String,
     },
+    /// Reading or writing the replica state (or its lock, or its kept hashes) failed.
+    #[error("replica state {path}: cannot {op}")]
+    StateIo {
+        /// The file.
+        path: PathBuf,
+        /// What was being done (read, write, lock, ...).
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another receive is applying to this replica.
+    #[error("another blkdelta receive{} is applying to this replica (its lock is {}): wait for it to end", .pid.map_or(String::new(), |p| format!(" (pid {p})")), .lock.display())]
+    Busy {
+        /// The lock file.
+        lock: PathBuf,
+        /// The process holding it, as it wrote in the lock file.
+        pid: Option<u32>,
+    },
+    /// Reading the replica back (its old contents for an undo stream, its blocks to hash
+    /// them) failed.
+    #[error("reading the replica failed")]
+    ReadReplica(#[source] ImageError),
+    /// Writing or continuing the undo stream failed on I/O.
+    #[error("undo stream {path}: cannot {op}")]
+    UndoIo {
+        /// The undo file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// Writing or continuing the undo stream failed.
     #[error("undo stream {path}: {reason}")]
     Undo {

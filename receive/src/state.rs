@@ -6,6 +6,7 @@
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use blkdelta_common::digest::to_hex;
@@ -240,6 +241,14 @@ pub fn default_state_path(target: &Path, is_block_device: bool) -> PathBuf {
     dir.join(device_state_name(&key))
 }
 
+fn state_io(path: &Path, op: &'static str, source: std::io::Error) -> ReceiveError {
+    ReceiveError::StateIo {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
 fn state_err(path: &Path, reason: impl ToString) -> ReceiveError {
     ReceiveError::State {
         path: path.to_path_buf(),
@@ -252,7 +261,7 @@ pub fn load(path: &Path) -> Result<Option<ReplicaState>, ReceiveError> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(state_err(path, e)),
+        Err(e) => return Err(state_io(path, "read", e)),
     };
     serde_json::from_str(&text)
         .map(Some)
@@ -265,7 +274,7 @@ pub fn save(path: &Path, state: &ReplicaState) -> Result<(), ReceiveError> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    fs::create_dir_all(&dir).map_err(|e| state_err(path, e))?;
+    fs::create_dir_all(&dir).map_err(|e| state_io(path, "create its directory", e))?;
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
@@ -278,38 +287,73 @@ pub fn save(path: &Path, state: &ReplicaState) -> Result<(), ReceiveError> {
         fs::rename(&tmp, path)?;
         File::open(&dir)?.sync_all()
     };
-    write().map_err(|e| state_err(path, e))
+    write().map_err(|e| state_io(path, "write", e))
 }
 
-/// An exclusive hold on a replica, released on drop: two receives never apply at once.
+/// An exclusive hold on a replica, released on drop: two receives never apply at once. The
+/// lock file holds the pid of its holder; it is removed on drop when the replica has no state
+/// (a refused first receive leaves nothing behind).
 #[derive(Debug)]
 pub struct StateLock {
-    _file: File,
+    file: File,
+    lock_path: PathBuf,
+    state_path: PathBuf,
 }
 
-/// Takes the replica's lock (`<state>.lock`, `flock`), failing at once if another process
-/// holds it.
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        // Still held: nobody can take this file's lock while it is unlinked.
+        if !self.state_path.exists() {
+            let _ = fs::remove_file(&self.lock_path);
+        }
+        let _ = &self.file;
+    }
+}
+
+/// Takes the replica's lock (`<state>.lock`, `flock`), failing at once, naming the holder's
+/// pid, if another process holds it.
 pub fn lock(state_path: &Path) -> Result<StateLock, ReceiveError> {
     use rustix::fs::FlockOperation;
     let mut name = state_path.as_os_str().to_owned();
     name.push(".lock");
     let lock_path = PathBuf::from(name);
     if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(|e| state_err(state_path, e))?;
+        fs::create_dir_all(dir).map_err(|e| state_io(state_path, "create its directory", e))?;
     }
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| state_err(state_path, e))?;
-    match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(StateLock { _file: file }),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(state_err(
-            state_path,
-            "another blkdelta receive is applying to this replica",
-        )),
-        Err(e) => Err(state_err(state_path, e)),
+    loop {
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| state_io(&lock_path, "open the lock", e))?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut file, &mut text);
+                return Err(ReceiveError::Busy {
+                    lock: lock_path,
+                    pid: text.trim().parse().ok(),
+                });
+            }
+            Err(e) => return Err(state_io(&lock_path, "lock", e.into())),
+        }
+        // A holder that removed the file on its way out: lock the one at the path now.
+        let same = fs::metadata(&lock_path).ok().map(|m| (m.dev(), m.ino()))
+            == file.metadata().ok().map(|m| (m.dev(), m.ino()));
+        if !same {
+            continue;
+        }
+        file.set_len(0)
+            .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .map_err(|e| state_io(&lock_path, "write the lock", e))?;
+        return Ok(StateLock {
+            file,
+            lock_path,
+            state_path: state_path.to_path_buf(),
+        });
     }
 }
 
@@ -361,6 +405,10 @@ mod tests {
         let first = lock(&path).unwrap();
         let err = lock(&path).unwrap_err().to_string();
         assert!(err.contains("another blkdelta receive"), "{err}");
+        assert!(
+            err.contains(&format!("(pid {})", std::process::id())),
+            "{err}"
+        );
         drop(first);
         lock(&path).unwrap();
     }

@@ -35,6 +35,14 @@ pub struct UndoWriter {
     complete: bool,
 }
 
+fn undo_io(path: &Path, op: &'static str, source: std::io::Error) -> ReceiveError {
+    ReceiveError::UndoIo {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
 fn undo_err(path: &Path, reason: impl ToString) -> ReceiveError {
     ReceiveError::Undo {
         path: path.to_path_buf(),
@@ -82,7 +90,7 @@ impl UndoWriter {
             .create_new(!replace)
             .truncate(replace)
             .open(path)
-            .map_err(|e| undo_err(path, e))?;
+            .map_err(|e| undo_io(path, "open", e))?;
         let writer = StreamWriter::new(BufWriter::with_capacity(1 << 20, file), &header)?;
         let old_size = header.virtual_size;
         let mut w = UndoWriter {
@@ -101,7 +109,7 @@ impl UndoWriter {
         };
         File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| undo_err(path, e))?;
+            .map_err(|e| undo_io(path, "open", e))?;
         Ok(w)
     }
 
@@ -121,7 +129,7 @@ impl UndoWriter {
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|e| undo_err(path, e))?;
+            .map_err(|e| undo_io(path, "open", e))?;
         // A complete stream is kept as it is: nothing more is written to it.
         let keep = if scan.complete {
             Ok(())
@@ -129,7 +137,7 @@ impl UndoWriter {
             file.set_len(scan.valid_bytes)
         };
         keep.and_then(|()| file.seek(SeekFrom::End(0)).map(|_| ()))
-            .map_err(|e| undo_err(path, e))?;
+            .map_err(|e| undo_io(path, "open", e))?;
         let writer = StreamWriter::continue_after(
             BufWriter::with_capacity(1 << 20, file),
             scan.hasher,
@@ -159,7 +167,7 @@ impl UndoWriter {
         while pos < end {
             let (alloc, n) = replica
                 .status(pos, end - pos)
-                .map_err(|e| undo_err(&self.path, e))?;
+                .map_err(ReceiveError::ReadReplica)?;
             let n = n.clamp(1, end - pos);
             match alloc {
                 Allocation::Hole => self.writer.discard(pos, n)?,
@@ -180,7 +188,7 @@ impl UndoWriter {
             buf.resize(n as usize, 0);
             replica
                 .read_at(&mut buf, pos)
-                .map_err(|e| undo_err(&self.path, e))?;
+                .map_err(ReceiveError::ReadReplica)?;
             if buf.iter().all(|&b| b == 0) {
                 self.writer.zero(pos, n)?;
             } else {
@@ -199,7 +207,8 @@ impl UndoWriter {
         }
         self.writer.checkpoint()?;
         let file = self.writer.flush_inner()?.get_ref();
-        file.sync_data().map_err(|e| undo_err(&self.path, e))
+        file.sync_data()
+            .map_err(|e| undo_io(&self.path, "write", e))
     }
 
     /// Closes the undo stream: the replica now holds the forward transition's `to`.
@@ -219,8 +228,8 @@ impl UndoWriter {
         let file = self.writer.finish()?;
         let file = file
             .into_inner()
-            .map_err(|e| undo_err(&self.path, e.error()))?;
-        file.sync_all().map_err(|e| undo_err(&self.path, e))
+            .map_err(|e| undo_io(&self.path, "write", e.into_error()))?;
+        file.sync_all().map_err(|e| undo_io(&self.path, "write", e))
     }
 }
 
@@ -242,7 +251,7 @@ struct Scan {
 /// end record after it (an apply killed while closing the stream) is left out: closing it
 /// writes both again.
 fn scan(path: &Path) -> Result<Scan, ReceiveError> {
-    let file = File::open(path).map_err(|e| undo_err(path, e))?;
+    let file = File::open(path).map_err(|e| undo_io(path, "open", e))?;
     let mut reader = StreamReader::new(std::io::BufReader::new(file))
         .map_err(|e| undo_err(path, format!("not an undo stream: {e}")))?;
     let header = reader.header().clone();

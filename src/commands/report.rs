@@ -178,9 +178,13 @@ pub fn status(
             )?;
             if let Some(token) = p.token() {
                 writeln!(out, "resume token: {token}")?;
+                let undo = p
+                    .undo
+                    .as_ref()
+                    .map_or(String::new(), |u| format!(" --undo {u}"));
                 writeln!(
                     out,
-                    "              or: blkdelta send --resume {token} SOURCE | blkdelta receive {}{}",
+                    "              or: blkdelta send --resume {token} SOURCE | blkdelta receive{undo} {}{}",
                     a.target.display(),
                     super::state_arg(a.state.as_deref())
                 )?;

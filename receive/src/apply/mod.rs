@@ -82,6 +82,7 @@ pub fn receive_path<R: Read + Send + 'static>(
         let mut target = DryTarget::new(probe.size);
         return receive(reader, &mut target, None, plan, progress);
     }
+    refuse_missing_directory(path, &probe)?;
     let _lock = state::lock(&state_path)?;
     let prior = state::load(&state_path)?;
     let plan = plan(reader.header(), prior, &probe, opts)?;
@@ -227,4 +228,23 @@ fn writer_handles(target: &dyn Target) -> Option<Vec<(std::fs::File, Option<writ
             Some((f, d))
         })
         .collect()
+}
+
+/// A new file goes only into a directory that exists: a mistyped path is refused rather than
+/// created, with its directories, as a new replica.
+fn refuse_missing_directory(path: &Path, probe: &TargetProbe) -> Result<(), ReceiveError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => return Ok(()),
+    };
+    if probe.exists || dir.is_dir() {
+        return Ok(());
+    }
+    Err(ReceiveError::OpenTarget {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("its directory {} does not exist", dir.display()),
+        ),
+    })
 }
