@@ -3,24 +3,17 @@
 //! compared with qemu's export of the image byte for byte; and the refusals (unknown,
 //! disabled, in use, inconsistent bitmaps; an incremental the replica has no base for).
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 
 fn have_qemu() -> bool {
     have("qemu-img") && have("qemu-io")
-}
-
-/// A path as a command-line argument.
-fn arg(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// `qemu-img bitmap ARGS IMG NAME`.
@@ -40,38 +33,12 @@ fn send(args: &[&str], stream: &Path) -> u64 {
     std::fs::metadata(stream).unwrap().len()
 }
 
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "failed ({:?}): {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The command failed with status 1 and one line on stderr, starting `blkdelta:` and
-/// containing each of `expect`.
-fn assert_refused(out: &Output, expect: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert_eq!(err.lines().count(), 1, "not one line: {err}");
-    assert!(err.starts_with("blkdelta: "), "{err}");
-    for e in expect {
-        assert!(err.contains(e), "expected '{e}' in: {err}");
-    }
-}
-
 /// The replica equals qemu's raw export of the image's active layer.
 fn assert_replica_is_image(s: &Scratch, img: &Path, replica: &Path) {
     let expected = s.path("expected.raw");
     let _ = std::fs::remove_file(&expected);
     export(img, None, &expected);
     assert_same_file(replica, &expected);
-}
-
-fn holds(replica: &Path, name: &str) -> bool {
-    let out = blkdelta_ok(&["status", arg(replica)]);
-    String::from_utf8_lossy(&out.stdout).contains(&format!("holds snapshot '{name}'"))
 }
 
 /// An image with 4 MiB of random data and bitmap 'daily' of `gran` bytes per bit, seeded
@@ -88,11 +55,10 @@ fn seeded(s: &Scratch, opts: &str, gran: &str) -> (PathBuf, PathBuf) {
     );
     bitmap(&img, &["--add", "-g", gran], "daily");
     let replica = s.path("replica.raw");
-    assert_ok(&pipe_args(
-        &["--to-name", "daily", arg(&img)],
-        &replica,
-        &[],
-    ));
+    assert_ok(
+        &pipe_args(&["--to-name", "daily", arg(&img)], &replica, &[]),
+        "receive",
+    );
     assert_replica_is_image(s, &img, &replica);
     assert!(holds(&replica, "daily"));
     (img, replica)
@@ -119,7 +85,7 @@ fn incremental(s: &Scratch, img: &Path, replica: &Path, dirty: u64, step: &str) 
         len < dirty + 64 * KIB,
         "{step}: a stream of {len} bytes for {dirty} bytes of dirty granules"
     );
-    assert_ok(&receive_file(&stream, replica, &[]));
+    assert_ok(&receive_file(&stream, replica, &[]), "receive");
     assert_replica_is_image(s, img, replica);
     assert!(holds(replica, "daily"));
 }
@@ -214,11 +180,15 @@ fn unknown_bitmap_is_refused_naming_those_there_are() {
     let s = Scratch::new();
     let img = s.qcow2("vm.qcow2", "16M", "");
     let out = blkdelta(&["send", "--bitmap", "daily", "-o", "/dev/null", arg(&img)]);
-    assert_refused(&out, &["no bitmap named 'daily'", "it has no bitmaps"]);
+    assert_refused(&out, &["no bitmap named 'daily'", "it has no bitmaps"], "");
     bitmap(&img, &["--add"], "daily");
     bitmap(&img, &["--add"], "weekly");
     let out = blkdelta(&["send", "--bitmap", "monthly", "-o", "/dev/null", arg(&img)]);
-    assert_refused(&out, &["no bitmap named 'monthly'", "'daily', 'weekly'"]);
+    assert_refused(
+        &out,
+        &["no bitmap named 'monthly'", "'daily', 'weekly'"],
+        "",
+    );
 }
 
 #[test]
@@ -234,7 +204,11 @@ fn disabled_bitmap_is_refused_unless_allowed() {
     qemu_io(&img, &["write -P 0x22 8M 64k".into()]);
     let stream = s.path("paused.bd");
     let out = blkdelta(&["send", "--bitmap", "paused", "-o", arg(&stream), arg(&img)]);
-    assert_refused(&out, &["bitmap 'paused' is disabled", "--allow-disabled"]);
+    assert_refused(
+        &out,
+        &["bitmap 'paused' is disabled", "--allow-disabled"],
+        "",
+    );
     send(
         &["--bitmap", "paused", "--allow-disabled", arg(&img)],
         &stream,
@@ -246,40 +220,28 @@ fn disabled_bitmap_is_refused_unless_allowed() {
     assert!(!dump.contains(&format!("offset={}", 8 * MIB)), "{dump}");
 }
 
-/// A qemu-io process holding the image open for writing; killed with SIGKILL (and reaped)
-/// when dropped.
-struct Writer(Child);
-
-impl Writer {
-    /// Starts qemu-io on `img` and writes through it, waiting until the write is done.
-    fn start(img: &Path) -> Writer {
-        let child = Command::new("qemu-io")
-            .args(["-f", "qcow2"])
-            .arg(img)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut w = Writer(child);
-        let stdin = w.0.stdin.as_mut().unwrap();
-        stdin.write_all(b"write -P 0x77 2M 64k\n").unwrap();
-        stdin.flush().unwrap();
-        let mut out = BufReader::new(w.0.stdout.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("wrote") {
-            line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "qemu-io exited");
-        }
-        w
+/// Starts qemu-io on `img` and writes through it, waiting until the write is done: a process
+/// holding the image open for writing, killed with SIGKILL (and reaped) when dropped.
+fn start_writer(img: &Path) -> Reaped {
+    let child = Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(img)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut w = Reaped(child);
+    let stdin = w.stdin.as_mut().unwrap();
+    stdin.write_all(b"write -P 0x77 2M 64k\n").unwrap();
+    stdin.flush().unwrap();
+    let mut out = BufReader::new(w.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("wrote") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "qemu-io exited");
     }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    w
 }
 
 #[test]
@@ -290,7 +252,7 @@ fn bitmap_of_a_crashed_writer_is_refused_as_in_use() {
     let s = Scratch::new();
     let img = s.qcow2("vm.qcow2", "16M", "");
     bitmap(&img, &["--add"], "daily");
-    let writer = Writer::start(&img);
+    let writer = start_writer(&img);
     // While the writer runs, its locks refuse the image.
     let out = blkdelta(&["send", "--bitmap", "daily", "-o", "/dev/null", arg(&img)]);
     assert_eq!(out.status.code(), Some(1));
@@ -302,6 +264,7 @@ fn bitmap_of_a_crashed_writer_is_refused_as_in_use() {
             "bitmap 'daily' is marked in use",
             "QEMU did not close the image cleanly",
         ],
+        "",
     );
     let out = blkdelta(&[
         "send",
@@ -312,7 +275,7 @@ fn bitmap_of_a_crashed_writer_is_refused_as_in_use() {
         "/dev/null",
         arg(&img),
     ]);
-    assert_refused(&out, &["marked in use"]);
+    assert_refused(&out, &["marked in use"], "");
 }
 
 #[test]
@@ -329,7 +292,11 @@ fn inconsistent_bitmaps_are_refused() {
     bytes[95] &= !1;
     std::fs::write(&img, bytes).unwrap();
     let out = blkdelta(&["send", "--bitmap", "daily", "-o", "/dev/null", arg(&img)]);
-    assert_refused(&out, &["bitmap 'daily'", "inconsistent", "autoclear bit 0"]);
+    assert_refused(
+        &out,
+        &["bitmap 'daily'", "inconsistent", "autoclear bit 0"],
+        "",
+    );
 }
 
 #[test]
@@ -352,13 +319,13 @@ fn receiver_checks_the_named_base_and_force_overrides() {
     send(&[&weekly[..], &[arg(&img)]].concat(), &stream);
     let before = std::fs::read(&replica).unwrap();
     let out = receive_file(&stream, &replica, &[]);
-    assert_refused(&out, &["'daily'", "'weekly'"]);
+    assert_refused(&out, &["'daily'", "'weekly'"], "");
     assert!(
         std::fs::read(&replica).unwrap() == before,
         "replica changed"
     );
     assert!(holds(&replica, "daily"));
-    assert_ok(&receive_file(&stream, &replica, &["--force"]));
+    assert_ok(&receive_file(&stream, &replica, &["--force"]), "receive");
     assert_replica_is_image(&s, &img, &replica);
     assert!(holds(&replica, "tue"));
 }
@@ -373,11 +340,10 @@ fn named_states_chain_and_a_stale_name_is_refused() {
     // daily → tue → wed; then an incremental from 'daily' no longer applies.
     qemu_io(&img, &["write -P 0x21 5M 100k".into()]);
     let to_tue = ["--bitmap", "daily", "--to-name", "tue"];
-    assert_ok(&pipe_args(
-        &[&to_tue[..], &[arg(&img)]].concat(),
-        &replica,
-        &[],
-    ));
+    assert_ok(
+        &pipe_args(&[&to_tue[..], &[arg(&img)]].concat(), &replica, &[]),
+        "receive",
+    );
     assert!(holds(&replica, "tue"));
     bitmap(&img, &["--clear"], "daily");
     qemu_io(&img, &["write -P 0x22 6M 64k".into()]);
@@ -389,18 +355,21 @@ fn named_states_chain_and_a_stale_name_is_refused() {
         "--to-name",
         "wed",
     ];
-    assert_ok(&pipe_args(
-        &[&to_wed[..], &[arg(&img)]].concat(),
-        &replica,
-        &[],
-    ));
+    assert_ok(
+        &pipe_args(&[&to_wed[..], &[arg(&img)]].concat(), &replica, &[]),
+        "receive",
+    );
     assert_replica_is_image(&s, &img, &replica);
     assert!(holds(&replica, "wed"));
     bitmap(&img, &["--clear"], "daily");
     qemu_io(&img, &["write -P 0x23 7M 64k".into()]);
     let again = s.path("again.bd");
     send(&["--bitmap", "daily", arg(&img)], &again);
-    assert_refused(&receive_file(&again, &replica, &[]), &["'wed'", "'daily'"]);
+    assert_refused(
+        &receive_file(&again, &replica, &[]),
+        &["'wed'", "'daily'"],
+        "",
+    );
 }
 
 #[test]
@@ -412,8 +381,8 @@ fn seed_without_a_name_does_not_start_a_bitmap_chain() {
     let img = s.qcow2("vm.qcow2", "16M", "");
     bitmap(&img, &["--add"], "daily");
     let replica = s.path("replica.raw");
-    assert_ok(&pipe_args(&[arg(&img)], &replica, &[]));
+    assert_ok(&pipe_args(&[arg(&img)], &replica, &[]), "receive");
     qemu_io(&img, &["write -P 0x21 1M 64k".into()]);
     let out = pipe_args(&["--bitmap", "daily", arg(&img)], &replica, &[]);
-    assert_refused(&out, &["'daily'"]);
+    assert_refused(&out, &["'daily'"], "");
 }

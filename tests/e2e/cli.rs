@@ -1,10 +1,8 @@
 //! The command-line contract: exit codes, one-line errors, base checks, list, dump, status.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 
 fn three_snapshots(s: &Scratch) -> PathBuf {
     let img = s.qcow2("vm.qcow2", "16M", "");
@@ -15,13 +13,6 @@ fn three_snapshots(s: &Scratch) -> PathBuf {
     qemu_io(&img, &["write -P 0x3 2M 1M".into()]);
     snapshot(&img, "s3");
     img
-}
-
-fn one_error_line(out: &std::process::Output) -> String {
-    let err = String::from_utf8(out.stderr.clone()).unwrap();
-    assert_eq!(err.lines().count(), 1, "not one line: {err}");
-    assert!(err.starts_with("blkdelta: "), "{err}");
-    err
 }
 
 #[test]
@@ -45,11 +36,11 @@ fn usage_errors_are_one_line_and_exit_2() {
 #[test]
 fn help_texts_are_as_documented() {
     for (args, golden) in [
-        (&["--help"][..], include_str!("golden/help.txt")),
-        (&["send", "--help"], include_str!("golden/send-help.txt")),
+        (&["--help"][..], include_str!("../golden/help.txt")),
+        (&["send", "--help"], include_str!("../golden/send-help.txt")),
         (
             &["receive", "--help"],
-            include_str!("golden/receive-help.txt"),
+            include_str!("../golden/receive-help.txt"),
         ),
     ] {
         let out = blkdelta_ok(args);

@@ -2,14 +2,10 @@
 //! raw files or qcow2 active layers, of equal or different sizes, with holes), and the raw
 //! full seed of a large sparse file.
 
-mod common;
-mod source_util;
-
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use common::*;
-use source_util::*;
+use crate::common::*;
 
 /// A sparse file of `size` bytes with the same data at 0..8 MiB, 16..17 MiB and 30..32 MiB
 /// (those of the ranges that fit).
@@ -27,14 +23,14 @@ fn base_image(path: &Path, size: u64) {
 fn seeded_replica(sc: &Scratch, old: &Path) -> PathBuf {
     let replica = sc.path("replica.raw");
     let name = old.file_name().unwrap().to_str().unwrap();
-    send_receive_ok(&["--to-name", name, s(old)], &replica);
+    pipe_args_ok(&["--to-name", name, arg(old)], &replica, &[]);
     replica
 }
 
 /// `send --compare OLD NEW` to a stream file, received into `replica`; returns the stream size.
 fn compare_into(sc: &Scratch, old: &Path, new: &Path, replica: &Path) -> u64 {
     let stream = sc.path("delta.bd");
-    let size = send_file(&["--compare", s(old), s(new)], &stream);
+    let size = send_file(&["--compare", arg(old), arg(new)], &stream);
     let out = receive_file(&stream, replica, &[]);
     assert!(
         out.status.success(),
@@ -66,7 +62,7 @@ fn compare_sends_only_what_differs_between_two_raw_files() {
     // and discard records.
     let data = 64 * KIB + 100 * KIB;
     assert!(size > data && size < data + 16 * KIB, "{size}");
-    let status = blkdelta_ok(&["status", s(&replica)]);
+    let status = blkdelta_ok(&["status", arg(&replica)]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("'new.raw'"));
 }
 
@@ -96,24 +92,24 @@ fn compare_names_can_be_given_and_are_checked() {
     base_image(&new, 16 * MIB);
     write_random(&new, MIB, 10, 31);
     let replica = sc.path("replica.raw");
-    send_receive_ok(&["--to-name", "monday", s(&old)], &replica);
+    pipe_args_ok(&["--to-name", "monday", arg(&old)], &replica, &[]);
     // The default base name (mon.raw) is not what the replica holds.
     let stream = sc.path("d.bd");
-    send_file(&["--compare", s(&old), s(&new)], &stream);
+    send_file(&["--compare", arg(&old), arg(&new)], &stream);
     let out = receive_file(&stream, &replica, &[]);
     assert_eq!(out.status.code(), Some(1));
     let args = [
         "--compare",
-        s(&old),
+        arg(&old),
         "--from-name",
         "monday",
         "--to-name",
         "tuesday",
-        s(&new),
+        arg(&new),
     ];
-    send_receive_ok(&args, &replica);
+    pipe_args_ok(&args, &replica, &[]);
     assert_same_file(&replica, &new);
-    let status = blkdelta_ok(&["status", s(&replica)]);
+    let status = blkdelta_ok(&["status", arg(&replica)]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("'tuesday'"));
 }
 
@@ -139,7 +135,7 @@ fn compare_reads_qcow2_active_layers() {
     );
     let replica = seeded_replica(&sc, &old);
     let stream = sc.path("q.bd");
-    let size = send_file(&["--compare", s(&old), s(&new)], &stream);
+    let size = send_file(&["--compare", arg(&old), arg(&new)], &stream);
     assert!(size < 64 * KIB, "patterned data compresses: {size}");
     assert!(receive_file(&stream, &replica, &[]).status.success());
     let expect = sc.path("new.raw");
@@ -168,7 +164,7 @@ fn a_sparse_4_gib_raw_file_seeds_fast_and_stays_sparse() {
 
     let stream = sc.path("seed.bd");
     let started = Instant::now();
-    let size = send_file(&[s(&big)], &stream);
+    let size = send_file(&[arg(&big)], &stream);
     let sent = started.elapsed();
     let replica = sc.path("replica.raw");
     let out = receive_file(&stream, &replica, &[]);
@@ -190,5 +186,5 @@ fn a_sparse_4_gib_raw_file_seeds_fast_and_stays_sparse() {
         "replica allocates {replica_allocated}"
     );
     assert_eq!(std::fs::metadata(&replica).unwrap().len(), 4 << 30);
-    assert_eq!(checksum(s(&big), &[]), checksum(s(&replica), &[]));
+    assert_eq!(checksum(arg(&big), &[]), checksum(arg(&replica), &[]));
 }

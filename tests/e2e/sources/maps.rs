@@ -3,13 +3,9 @@
 //! change; the replica must equal the device byte for byte, and each stream be as small as
 //! the change.
 
-mod common;
-mod source_util;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
-use source_util::*;
+use crate::common::*;
 
 /// thin_delta's data block in these tests: 128 sectors.
 const BLOCK: u64 = 64 * KIB;
@@ -32,7 +28,7 @@ impl Fixture {
         write_random(&dev, 20 * MIB, 2 * MIB, 2);
         write_random(&dev, 40 * MIB, 512 * KIB, 3);
         let replica = sc.path("replica.raw");
-        send_receive_ok(&["--to-name", "dev0", s(&dev)], &replica);
+        pipe_args_ok(&["--to-name", "dev0", arg(&dev)], &replica, &[]);
         assert_same_file(&replica, &dev);
         Fixture { sc, dev, replica }
     }
@@ -50,14 +46,14 @@ impl Fixture {
         let stream = self.sc.path(&format!("{to}.bd"));
         let mut args = vec![
             "--changed-blocks",
-            s(map),
+            arg(map),
             "--from-name",
             from,
             "--to-name",
             to,
         ];
         args.extend_from_slice(extra);
-        args.push(s(&self.dev));
+        args.push(arg(&self.dev));
         let size = send_file(&args, &stream);
         let out = receive_file(&stream, &self.replica, &[]);
         assert!(
@@ -155,10 +151,10 @@ fn offset_length_lines_send_exactly_those_bytes() {
     let stream = f.sc.path("wrong.bd");
     let args = [
         "--changed-blocks",
-        s(&map),
+        arg(&map),
         "--from-name",
         "dev9",
-        s(&f.dev),
+        arg(&f.dev),
     ];
     send_file(&args, &stream);
     let before = std::fs::read(&f.replica).unwrap();
@@ -189,7 +185,7 @@ fn a_loop_device_is_a_source_for_change_maps() {
     let stream = f.sc.path("loop.bd");
     let args = [
         "--changed-blocks",
-        s(&map),
+        arg(&map),
         "--from-name",
         "dev0",
         "--to-name",
@@ -210,9 +206,9 @@ fn a_loop_device_is_a_source_for_change_maps() {
 
 /// `blkdelta send --changed-blocks MAP EXTRA... dev.raw -o /dev/null`.
 fn send_map_to_null(f: &Fixture, map: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["send", "--changed-blocks", s(map)];
+    let mut args = vec!["send", "--changed-blocks", arg(map)];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&[s(&f.dev), "-o", "/dev/null"]);
+    args.extend_from_slice(&[arg(&f.dev), "-o", "/dev/null"]);
     blkdelta(&args)
 }
 
@@ -255,7 +251,7 @@ fn malformed_maps_fail_with_one_line_naming_the_line() {
     for (name, text, needles) in cases {
         let out = send_map_to_null(&f, &f.map(name, &text), &[]);
         assert_eq!(out.status.code(), Some(1), "{name}");
-        let err = one_line(&out);
+        let err = one_error_line(&out);
         for n in needles {
             assert!(err.contains(n), "{name}: {err}");
         }
@@ -269,7 +265,7 @@ fn era_maps_need_their_block_size_and_must_fit() {
     // 256 blocks of 256 KiB: the block starts at the end of the 64 MiB device.
     let out = send_map_to_null(&f, &era, &["--era-block-size", "262144"]);
     assert_eq!(out.status.code(), Some(1));
-    let err = one_line(&out);
+    let err = one_error_line(&out);
     assert!(
         err.contains("line 2") && err.contains("<block block=\"256\">"),
         "{err}"
@@ -278,13 +274,6 @@ fn era_maps_need_their_block_size_and_must_fit() {
     for extra in [&[][..], &["--era-block-size", "128"]] {
         let out = send_map_to_null(&f, &era, extra);
         assert_eq!(out.status.code(), Some(2), "{extra:?}");
-        assert!(one_line(&out).contains("--era-block-size"));
+        assert!(one_error_line(&out).contains("--era-block-size"));
     }
-}
-
-fn one_line(out: &std::process::Output) -> String {
-    let err = String::from_utf8(out.stderr.clone()).unwrap();
-    assert_eq!(err.lines().count(), 1, "not one line: {err}");
-    assert!(err.starts_with("blkdelta: "), "{err}");
-    err
 }

@@ -1,55 +1,17 @@
 //! What the receiver accepts and refuses around interrupted and stale replicas.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
+/// A 16 MiB image with snapshots s0, s1, s2: random data, a pattern, zeros.
 fn history(s: &Scratch) -> PathBuf {
-    let img = s.qcow2("vm.qcow2", "16M", "");
-    let r = s.random_file("r", 4 << 20, 3);
-    qemu_io(&img, &[format!("write -s {} 0 4M", r.display())]);
-    snapshot(&img, "s0");
-    qemu_io(&img, &["write -P 0x1 4M 2M".into()]);
-    snapshot(&img, "s1");
-    let r2 = s.random_file("r2", 6 << 20, 4);
-    qemu_io(
-        &img,
-        &[
-            format!("write -s {} 8M 6M", r2.display()),
-            "write -z 0 1M".into(),
-        ],
-    );
-    snapshot(&img, "s2");
-    img
-}
-
-fn spec(img: &Path, snaps: &str) -> String {
-    format!("{}@{snaps}", img.display())
-}
-
-fn status_text(replica: &Path) -> String {
-    String::from_utf8(blkdelta_ok(&["status", replica.to_str().unwrap()]).stdout).unwrap()
-}
-
-/// The stream position of record `n` (0 = header) of the given type, from `dump --json`.
-fn record_at(stream: &Path, kind: &str, n: usize) -> usize {
-    let out = blkdelta_ok(&["dump", "--json", stream.to_str().unwrap()]);
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["record"] == kind)
-        .nth(n)
-        .unwrap()["at"]
-        .as_u64()
-        .unwrap() as usize
-}
-
-fn truncated_copy(stream: &Path, len: usize, out: &Path) {
-    let bytes = std::fs::read(stream).unwrap();
-    std::fs::write(out, &bytes[..len]).unwrap();
+    let steps = [
+        ("s0", vec![random(0, 4, 3)]),
+        ("s1", vec![io("write -P 0x1 4M 2M")]),
+        ("s2", vec![random(8, 6, 4), io("write -z 0 1M")]),
+    ];
+    s.history("vm.qcow2", "16M", "", &steps)
 }
 
 fn assert_replica_is(img: &Path, snap: &str, replica: &Path, s: &Scratch) {
@@ -82,7 +44,7 @@ fn reapplying_an_interrupted_multi_snapshot_stream_finishes_it() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("apply the same stream again"), "{err}");
-    let st = status_text(&replica);
+    let st = status_text(&replica, &[]);
     assert!(st.contains("in progress, 's1' -> 's2'"), "{st}");
     assert!(!st.contains("holds snapshot"), "{st}");
 
@@ -92,7 +54,7 @@ fn reapplying_an_interrupted_multi_snapshot_stream_finishes_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(status_text(&replica).contains("holds snapshot 's2'"));
+    assert!(status_text(&replica, &[]).contains("holds snapshot 's2'"));
     assert_replica_is(&img, "s2", &replica, &s);
     // Applying it once more changes nothing, succeeds, and says so.
     let again = blkdelta_ok(&[
@@ -185,7 +147,7 @@ fn a_stream_the_replica_is_already_past_is_verified_and_skipped() {
     // s0..s2 starts before what the replica holds: its first transition is only verified.
     pipe(&spec(&img, "s0..s2"), &replica, &[]);
     assert_replica_is(&img, "s2", &replica, &s);
-    assert!(status_text(&replica).contains("holds snapshot 's2'"));
+    assert!(status_text(&replica, &[]).contains("holds snapshot 's2'"));
 }
 
 /// A well-formed record inserted into a stream (a repeated or foreign frame) passes its own
@@ -223,7 +185,7 @@ fn an_inserted_record_never_reaches_the_replica() {
     let out = receive_file(&bad, &replica, &[]);
     assert_eq!(out.status.code(), Some(1));
     // s1 was reached; nothing of the forged transition was written.
-    assert!(status_text(&replica).contains("holds snapshot 's1'"));
+    assert!(status_text(&replica, &[]).contains("holds snapshot 's1'"));
     assert_same_file(&replica, &before_s1);
     assert!(receive_file(&stream, &replica, &[]).status.success());
     assert_replica_is(&img, "s2", &replica, &s);

@@ -2,22 +2,11 @@
 //! test time with `qemu-img create -b NAME -F FMT` from the images' directory (relative
 //! backing names), and the replica must equal qemu's raw export of the top, byte for byte.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-
-/// Runs blkdelta in `dir` (so relative names resolve there); returns the output.
-fn blkdelta_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin())
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap()
-}
+use crate::common::*;
 
 /// `blkdelta send -q SEND_ARGS | blkdelta receive -q TARGET RECV_ARGS`, both run in `dir`.
 fn pipe_in(dir: &Path, send_args: &[&str], target: &Path, recv_args: &[&str]) -> Output {
@@ -334,14 +323,6 @@ fn shrunk_middle_layer_hides_the_base_tail() {
     assert_same_file(&replica, &exported(&s, &o2));
 }
 
-/// The first line of stderr, which must be the only one and start with `blkdelta:`.
-fn one_error_line(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(err.lines().count(), 1, "stderr: {err}");
-    assert!(err.starts_with("blkdelta: "), "stderr: {err}");
-    err
-}
-
 #[test]
 fn base_not_in_the_chain_is_refused() {
     if !have("qemu-img") {
@@ -513,16 +494,6 @@ fn large_sparse_chain_sends_only_the_change() {
     );
     let plan = String::from_utf8_lossy(&out.stdout);
     assert!(plan.contains("3 extents, 131072 data bytes"), "{plan}");
-}
-
-/// A child process killed and reaped when dropped, so that none outlives a failed test.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A running VM (here qemu-storage-daemon) writes the newest overlay: that one is refused

@@ -1,10 +1,8 @@
 //! Receiving into a block device (a loop device), and checksums across formats.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn seed_and_incremental_into_a_loop_device() {

@@ -6,13 +6,20 @@
 //! A refusal is exit status 1 with one line on stderr, `blkdelta: REASON (nothing written;
 //! --SWITCH overrides)`, and the replica exactly as it was.
 
-mod common;
-
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
+
+/// A 16 MiB image with snapshots s0, s1, s2: random data, a pattern, zeros.
+fn history(s: &Scratch) -> PathBuf {
+    let steps = [
+        ("s0", vec![random(0, 6, 21)]),
+        ("s1", vec![io("write -P 0x11 4M 4M")]),
+        ("s2", vec![random(8, 5, 22), io("write -z 0 1M")]),
+    ];
+    s.history("vm.qcow2", "16M", "", &steps)
+}
 
 const MIB: u64 = 1 << 20;
 
@@ -20,87 +27,8 @@ const MIB: u64 = 1 << 20;
 // Helpers.
 // ---------------------------------------------------------------------------------------------
 
-/// A 16 MiB image with snapshots s0, s1, s2: random data, a pattern, zeros.
-fn history(s: &Scratch) -> PathBuf {
-    let img = s.qcow2("vm.qcow2", "16M", "");
-    let r = s.random_file("r", 6 << 20, 21);
-    qemu_io(&img, &[format!("write -s {} 0 6M", r.display())]);
-    snapshot(&img, "s0");
-    qemu_io(&img, &["write -P 0x11 4M 4M".into()]);
-    snapshot(&img, "s1");
-    let r2 = s.random_file("r2", 5 << 20, 22);
-    qemu_io(
-        &img,
-        &[
-            format!("write -s {} 8M 5M", r2.display()),
-            "write -z 0 1M".into(),
-        ],
-    );
-    snapshot(&img, "s2");
-    img
-}
-
-fn spec(img: &Path, snaps: &str) -> String {
-    format!("{}@{snaps}", img.display())
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: exit {:?}: {}",
-        out.status.code(),
-        stderr(out)
-    );
-}
-
-/// qemu's export of `snap` (once per scratch directory).
-fn export_of(img: &Path, snap: &str, s: &Scratch) -> PathBuf {
-    let e = s.path(&format!("{snap}.export"));
-    if !e.exists() {
-        export(img, Some(snap), &e);
-    }
-    e
-}
-
-/// A refusal: exit 1, one line `blkdelta: ...` on stderr naming the switch that overrides it.
-fn assert_refused(out: &Output, switch: &str, what: &str) {
-    let err = stderr(out);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{what}: must be refused (exit 1), got {:?}: {err}",
-        out.status.code()
-    );
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{what}: one line on stderr, got: {err}");
-    assert!(lines[0].starts_with("blkdelta: "), "{what}: {err}");
-    assert!(
-        lines[0].contains(switch),
-        "{what}: must name {switch}: {err}"
-    );
-}
-
-/// `blkdelta status TARGET`: exit code and stdout followed by stderr.
-fn status(target: &Path, env: &[(&str, &Path)]) -> (Option<i32>, String) {
-    let out = bd_env(env, &["status", p(target)]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
-}
-
 fn assert_holds(target: &Path, env: &[(&str, &Path)], snap: &str) {
-    let (code, text) = status(target, env);
+    let (code, text) = status_env(target, env);
     assert_eq!(code, Some(0), "status: {text}");
     assert!(
         text.contains(&format!("holds snapshot '{snap}'")),
@@ -110,22 +38,13 @@ fn assert_holds(target: &Path, env: &[(&str, &Path)], snap: &str) {
 
 /// `status` of a replica changed behind blkdelta's back.
 fn assert_status_changed(target: &Path) {
-    let (code, text) = status(target, &[]);
+    let (code, text) = status_env(target, &[]);
     assert_eq!(code, Some(1), "status of a changed replica: {text}");
     assert!(
         text.contains("changed since blkdelta last wrote it"),
         "status must say the replica changed: {text}"
     );
     assert!(!text.contains("holds snapshot"), "{text}");
-}
-
-/// blkdelta with extra environment variables.
-fn bd_env(env: &[(&str, &Path)], args: &[&str]) -> Output {
-    let mut cmd = Command::new(bin());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.args(args).output().unwrap()
 }
 
 /// blkdelta run in `dir` (relative paths), optionally under strace injecting faults.
@@ -138,34 +57,6 @@ fn bd_in(dir: &Path, strace: &[&str], args: &[&str]) -> Output {
         c
     };
     cmd.current_dir(dir).args(args).output().unwrap()
-}
-
-/// The stream position of record `n` of the given type, from `dump --json`.
-fn records_of(stream: &Path, kind: &str) -> Vec<usize> {
-    let out = blkdelta_ok(&["dump", "--json", p(stream)]);
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["record"] == kind)
-        .map(|v| v["at"].as_u64().unwrap() as usize)
-        .collect()
-}
-
-/// XORs the bytes of `file` at `offset` with 0xff (a write behind blkdelta's back).
-fn flip_bytes(file: &Path, offset: u64, len: usize) {
-    let f = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open(file)
-        .unwrap();
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, offset).unwrap();
-    for b in &mut buf {
-        *b ^= 0xff;
-    }
-    f.write_all_at(&buf, offset).unwrap();
-    f.sync_all().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -193,7 +84,7 @@ fn resuming_a_seed_onto_a_deleted_replica_is_refused() {
     let replica = s.path("r.raw");
     let out = receive_file(&cut, &replica, &["--checkpoint-bytes", "4194304"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let (_, st) = status(&replica, &[]);
+    let (_, st) = status_env(&replica, &[]);
     let token = st
         .split_whitespace()
         .find(|w| w.starts_with("bd1-"))
@@ -212,7 +103,7 @@ fn resuming_a_seed_onto_a_deleted_replica_is_refused() {
         !replica.exists(),
         "a refused receive must not create the replica"
     );
-    let (_, st) = status(&replica, &[]);
+    let (_, st) = status_env(&replica, &[]);
     assert!(!st.contains("holds snapshot"), "{st}");
 }
 
@@ -236,7 +127,11 @@ fn a_same_size_file_swapped_in_for_the_replica_is_refused() {
     std::fs::write(&other, vec![0x5au8; 16 << 20]).unwrap();
     std::fs::rename(&other, &replica).unwrap();
     let out = receive_file(&inc, &replica, &[]);
-    assert_refused(&out, "--overwrite", "an incremental onto a swapped-in file");
+    assert_refused(
+        &out,
+        &["--overwrite"],
+        "an incremental onto a swapped-in file",
+    );
     let now = std::fs::read(&replica).unwrap();
     assert!(
         now.len() == 16 << 20 && now.iter().all(|&b| b == 0x5a),
@@ -265,10 +160,14 @@ fn a_replica_written_through_a_loop_device_is_refused() {
         run(&mut Command::new("sync"));
     }
     let before = std::fs::read(&replica).unwrap();
-    let e0 = std::fs::read(export_of(&img, "s0", &s)).unwrap();
+    let e0 = std::fs::read(s.export_of(&img, "s0")).unwrap();
     assert!(before != e0, "mkfs.ext4 did not change the replica");
     let out = receive_file(&inc, &replica, &[]);
-    assert_refused(&out, "--overwrite", "an incremental onto a mkfs'd replica");
+    assert_refused(
+        &out,
+        &["--overwrite"],
+        "an incremental onto a mkfs'd replica",
+    );
     assert!(
         std::fs::read(&replica).unwrap() == before,
         "a refused receive must leave the replica as it was"
@@ -297,7 +196,7 @@ fn a_shortened_or_extended_replica_is_refused() {
             .unwrap();
         let before = std::fs::read(&replica).unwrap();
         let out = receive_file(&inc, &replica, &[]);
-        assert_refused(&out, "--overwrite", &format!("{name} resized to {len}"));
+        assert_refused(&out, &["--overwrite"], &format!("{name} resized to {len}"));
         assert!(
             std::fs::read(&replica).unwrap() == before,
             "{name}: a refused receive must leave the replica as it was"
@@ -321,7 +220,7 @@ fn bitmap_cycles(s: &Scratch) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
         .arg(&img)
         .arg("daily"));
     let replica = s.path("r.raw");
-    let recv = pipe_args(&["--to-name", "daily", p(&img)], &replica, &[]);
+    let recv = pipe_args(&["--to-name", "daily", arg(&img)], &replica, &[]);
     assert_ok(&recv, "seed");
     let clear = || {
         run(Command::new("qemu-img")
@@ -332,7 +231,15 @@ fn bitmap_cycles(s: &Scratch) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     let cycle = |n: usize, cmds: &[String]| {
         qemu_io(&img, cmds);
         let stream = s.path(&format!("c{n}.bd"));
-        blkdelta_ok(&["send", "-q", "--bitmap", "daily", p(&img), "-o", p(&stream)]);
+        blkdelta_ok(&[
+            "send",
+            "-q",
+            "--bitmap",
+            "daily",
+            arg(&img),
+            "-o",
+            arg(&stream),
+        ]);
         assert_ok(&receive_file(&stream, &replica, &[]), "cycle");
         clear();
         stream
@@ -356,7 +263,7 @@ fn an_older_bitmap_cycle_applied_again_is_refused_as_a_rewind() {
     export(&img, None, &now);
     assert_same_file(&replica, &now);
     let out = receive_file(&c1, &replica, &[]);
-    assert_refused(&out, "--rewind", "cycle 1's stream after cycle 2");
+    assert_refused(&out, &["--rewind"], "cycle 1's stream after cycle 2");
     assert_same_file(&replica, &now);
 }
 
@@ -394,12 +301,16 @@ fn a_full_stream_of_an_older_snapshot_needs_rewind() {
     let seed = s.path("s0.bd");
     send_to_file(&spec(&img, "s0"), &seed);
     let out = receive_file(&seed, &replica, &[]);
-    assert_refused(&out, "--rewind", "a full stream of s0 onto a replica of s2");
-    assert_same_file(&replica, &export_of(&img, "s2", &s));
+    assert_refused(
+        &out,
+        &["--rewind"],
+        "a full stream of s0 onto a replica of s2",
+    );
+    assert_same_file(&replica, &s.export_of(&img, "s2"));
     assert_holds(&replica, &[], "s2");
 
     assert_ok(&receive_file(&seed, &replica, &["--rewind"]), "--rewind");
-    assert_same_file(&replica, &export_of(&img, "s0", &s));
+    assert_same_file(&replica, &s.export_of(&img, "s0"));
     assert_holds(&replica, &[], "s0");
 }
 
@@ -414,7 +325,7 @@ fn status_of_a_deleted_replica_says_missing() {
     pipe(&spec(&img, "s0"), &replica, &[]);
     assert_holds(&replica, &[], "s0");
     std::fs::remove_file(&replica).unwrap();
-    let (code, text) = status(&replica, &[]);
+    let (code, text) = status_env(&replica, &[]);
     assert_eq!(code, Some(1), "status of a deleted replica: {text}");
     assert!(text.contains("missing"), "{text}");
     assert!(!text.contains("holds snapshot"), "{text}");
@@ -434,9 +345,9 @@ fn seeding_a_deleted_replica_again_with_the_snapshot_its_state_names_writes_it_w
     let other = s.random_file("other", 4096, 5);
     // The state still says 's0': the stream must not be taken as one the replica is past.
     pipe(&spec(&img, "s0"), &replica, &[]);
-    assert_same_file(&replica, &export_of(&img, "s0", &s));
+    assert_same_file(&replica, &s.export_of(&img, "s0"));
     assert_holds(&replica, &[], "s0");
-    blkdelta_ok(&["verify", p(&replica)]);
+    blkdelta_ok(&["verify", arg(&replica)]);
     drop(other);
 }
 
@@ -461,16 +372,19 @@ fn a_device_state_is_found_through_a_symlink() {
     let env = [("BLKDELTA_STATE_DIR", state_dir.as_path())];
     let seed = s.path("s0.bd");
     send_to_file(&spec(&img, "s0"), &seed);
-    let out = bd_env(&env, &["receive", "-q", "--force", "-i", p(&seed), &dev.0]);
+    let out = blkdelta_env(
+        &env,
+        &["receive", "-q", "--force", "-i", arg(&seed), &dev.0],
+    );
     assert_ok(&out, "seed onto the device");
 
     let link = s.path("dev-link");
     std::os::unix::fs::symlink(&dev.0, &link).unwrap();
     let inc = s.path("s0s2.bd");
     send_to_file(&spec(&img, "s0..s2"), &inc);
-    let out = bd_env(&env, &["receive", "-q", "-i", p(&inc), p(&link)]);
+    let out = blkdelta_env(&env, &["receive", "-q", "-i", arg(&inc), arg(&link)]);
     assert_ok(&out, "an incremental through a symlink to the device");
-    assert_same_prefix(Path::new(&dev.0), &export_of(&img, "s2", &s));
+    assert_same_prefix(Path::new(&dev.0), &s.export_of(&img, "s2"));
     assert_holds(&link, &env, "s2");
     assert_holds(Path::new(&dev.0), &env, "s2");
 }
@@ -488,7 +402,7 @@ fn checksum_of_a_device_without_state_says_it_digests_the_whole_device() {
     };
     let state_dir = s.path("state");
     std::fs::create_dir(&state_dir).unwrap();
-    let out = bd_env(
+    let out = blkdelta_env(
         &[("BLKDELTA_STATE_DIR", state_dir.as_path())],
         &["checksum", &dev.0],
     );
@@ -498,7 +412,7 @@ fn checksum_of_a_device_without_state_says_it_digests_the_whole_device() {
         .next()
         .unwrap_or_default()
         .to_string();
-    assert_eq!(digest, checksum(p(&backing), &[]));
+    assert_eq!(digest, checksum(arg(&backing), &[]));
     assert!(
         stderr(&out).contains("whole device"),
         "checksum must say it digests the whole device: {}",
@@ -593,7 +507,7 @@ impl UndoRig {
         let log = self.s.path("trial.log");
         let out = bd_in(
             &self.s.path("trial"),
-            &["-f", "-qq", "-o", p(&log), "-e", "trace=all"],
+            &["-f", "-qq", "-o", arg(&log), "-e", "trace=all"],
             &UNDO_ARGS,
         );
         assert_ok(&out, "the traced trial receive");
@@ -623,15 +537,15 @@ impl UndoRig {
         let replica = self.real("r.raw");
         let out = bd_in(&self.s.path("real"), &[], &UNDO_ARGS);
         assert_ok(&out, "the same receive --undo again");
-        assert_same_file(&replica, &export_of(&self.img, "s1", &self.s));
+        assert_same_file(&replica, &self.s.export_of(&self.img, "s1"));
         assert_holds(&replica, &[], "s1");
         let out = receive_file(&self.real("u.bd"), &replica, &[]);
         assert_ok(&out, "applying the undo stream");
-        assert_same_file(&replica, &export_of(&self.img, "s0", &self.s));
+        assert_same_file(&replica, &self.s.export_of(&self.img, "s0"));
         assert_holds(&replica, &[], "s0");
         // And the original stream replays.
         assert_ok(&receive_file(&self.inc, &replica, &[]), "replay");
-        assert_same_file(&replica, &export_of(&self.img, "s1", &self.s));
+        assert_same_file(&replica, &self.s.export_of(&self.img, "s1"));
     }
 }
 
@@ -654,10 +568,10 @@ fn undo_killed_before_the_final_state_rename_is_finished_by_the_same_command() {
     rig.killed(&kill_at(&calls, i));
     let undo = rig.real("u.bd");
     assert!(undo.exists(), "the undo file was not written");
-    let out = blkdelta(&["dump", p(&undo)]);
+    let out = blkdelta(&["dump", arg(&undo)]);
     assert_ok(&out, "the undo file is complete");
 
-    let (_, st) = status(&rig.real("r.raw"), &[]);
+    let (_, st) = status_env(&rig.real("r.raw"), &[]);
     assert!(
         st.contains("--undo") && st.contains("u.bd"),
         "status must name --undo u.bd: {st}"
@@ -709,7 +623,7 @@ fn kept_hashes_answer_checksum_and_verify_finds_and_repair_fixes_damage() {
     pipe(&spec(&img, "s0..s2"), &replica, &[]);
     let want = checksum(&spec(&img, "s2"), &[]);
 
-    let out = blkdelta(&["checksum", p(&replica)]);
+    let out = blkdelta(&["checksum", arg(&replica)]);
     assert_ok(&out, "checksum of the replica");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(
@@ -726,13 +640,13 @@ fn kept_hashes_answer_checksum_and_verify_finds_and_repair_fixes_damage() {
     // Damage behind blkdelta's back: 3 bytes in block 5, 1 byte in block 9.
     flip_bytes(&replica, 5 * MIB + 7, 3);
     flip_bytes(&replica, 9 * MIB, 1);
-    let out = blkdelta(&["checksum", "--read", p(&replica)]);
+    let out = blkdelta(&["checksum", "--read", arg(&replica)]);
     assert_ok(&out, "checksum --read");
     assert!(stderr(&out).contains("read"), "{}", stderr(&out));
     let read = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_ne!(read.split_whitespace().next(), Some(want.as_str()));
 
-    let out = blkdelta(&["verify", p(&replica)]);
+    let out = blkdelta(&["verify", arg(&replica)]);
     assert_eq!(out.status.code(), Some(1), "verify: {}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let differs: Vec<&str> = text.lines().filter(|l| l.starts_with("differs:")).collect();
@@ -752,18 +666,18 @@ fn kept_hashes_answer_checksum_and_verify_finds_and_repair_fixes_damage() {
     );
 
     // Repair: the replica's block list, a stream of only the blocks that differ.
-    let out = blkdelta(&["checksum", "--blocks", p(&replica)]);
+    let out = blkdelta(&["checksum", "--blocks", arg(&replica)]);
     assert_ok(&out, "checksum --blocks");
     let blocks = s.path("r.blocks");
     std::fs::write(&blocks, &out.stdout).unwrap();
     let damaged = std::fs::read(&replica).unwrap();
-    let send = ["--against", p(&blocks), &spec(&img, "s2")];
+    let send = ["--against", arg(&blocks), &spec(&img, "s2")];
     // Only the two damaged blocks travel (at most 1.1 times their bytes).
     let stream = s.path("repair.bd");
-    blkdelta_ok(&["send", "-q", send[0], send[1], send[2], "-o", p(&stream)]);
+    blkdelta_ok(&["send", "-q", send[0], send[1], send[2], "-o", arg(&stream)]);
     let bytes = std::fs::metadata(&stream).unwrap().len();
     assert!(bytes <= 2 * MIB * 11 / 10, "the repair sent {bytes} bytes");
-    let out = blkdelta_ok(&["dump", p(&stream)]);
+    let out = blkdelta_ok(&["dump", arg(&stream)]);
     let data: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.starts_with("data "))
@@ -785,9 +699,9 @@ fn kept_hashes_answer_checksum_and_verify_finds_and_repair_fixes_damage() {
     assert!(std::fs::read(&replica).unwrap() == damaged);
     let recv = pipe_args(&send, &replica, &["--repair"]);
     assert_ok(&recv, "receive --repair");
-    assert_same_file(&replica, &export_of(&img, "s2", &s));
+    assert_same_file(&replica, &s.export_of(&img, "s2"));
     assert_holds(&replica, &[], "s2");
-    let out = blkdelta(&["verify", p(&replica)]);
+    let out = blkdelta(&["verify", arg(&replica)]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -810,13 +724,13 @@ fn a_repair_against_a_stale_block_list_is_refused_and_keeps_the_hashes() {
     pipe(&spec(&img, "s0"), &replica, &[]);
     pipe(&spec(&img, "s0..s2"), &replica, &[]);
     flip_bytes(&replica, 5 * MIB + 1, 1);
-    let out = blkdelta_ok(&["checksum", "--blocks", p(&replica)]);
+    let out = blkdelta_ok(&["checksum", "--blocks", arg(&replica)]);
     let blocks = s.path("r.blocks");
     std::fs::write(&blocks, &out.stdout).unwrap();
     flip_bytes(&replica, 9 * MIB + 1, 1);
     let before = std::fs::read(&replica).unwrap();
     let recv = pipe_args(
-        &["--against", p(&blocks), &spec(&img, "s2")],
+        &["--against", arg(&blocks), &spec(&img, "s2")],
         &replica,
         &["--repair"],
     );
@@ -830,7 +744,7 @@ fn a_repair_against_a_stale_block_list_is_refused_and_keeps_the_hashes() {
         std::fs::read(&replica).unwrap() == before,
         "a refused repair wrote"
     );
-    let out = blkdelta(&["verify", p(&replica)]);
+    let out = blkdelta(&["verify", arg(&replica)]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let differs: Vec<&str> = text.lines().filter(|l| l.starts_with("differs:")).collect();
     assert_eq!(
@@ -862,19 +776,19 @@ fn a_device_written_behind_blkdeltas_back_is_found_by_verify_and_repaired() {
     let state_dir = s.path("state");
     std::fs::create_dir(&state_dir).unwrap();
     let env = [("BLKDELTA_STATE_DIR", state_dir.as_path())];
-    let run = |args: &[&str]| bd_env(&env, args);
+    let run = |args: &[&str]| blkdelta_env(&env, args);
     let seed = s.path("s0.bd");
     send_to_file(&spec(&img, "s0"), &seed);
-    let out = run(&["receive", "-q", "-i", p(&seed), &dev.0]);
-    assert_refused(&out, "--overwrite", "a seed onto a device holding data");
+    let out = run(&["receive", "-q", "-i", arg(&seed), &dev.0]);
+    assert_refused(&out, &["--overwrite"], "a seed onto a device holding data");
     assert_ok(
-        &run(&["receive", "-q", "--overwrite", "-i", p(&seed), &dev.0]),
+        &run(&["receive", "-q", "--overwrite", "-i", arg(&seed), &dev.0]),
         "seed",
     );
     let inc = s.path("s0s2.bd");
     send_to_file(&spec(&img, "s0..s2"), &inc);
     assert_ok(
-        &run(&["receive", "-q", "-i", p(&inc), &dev.0]),
+        &run(&["receive", "-q", "-i", arg(&inc), &dev.0]),
         "incremental",
     );
     let want = checksum(&spec(&img, "s2"), &[]);
@@ -899,7 +813,7 @@ fn a_device_written_behind_blkdeltas_back_is_found_by_verify_and_repaired() {
         "{text}"
     );
     // Now the state knows: no snapshot is claimed, and an incremental is refused.
-    let (code, st) = status(Path::new(&dev.0), &env);
+    let (code, st) = status_env(Path::new(&dev.0), &env);
     assert_eq!(code, Some(1), "{st}");
     assert!(st.contains("changed since blkdelta last wrote it"), "{st}");
     assert!(!st.contains("holds snapshot"), "{st}");
@@ -915,10 +829,10 @@ fn a_device_written_behind_blkdeltas_back_is_found_by_verify_and_repaired() {
         "send",
         "-q",
         "--against",
-        p(&blocks),
+        arg(&blocks),
         &spec(&img, "s2"),
         "-o",
-        p(&stream),
+        arg(&stream),
     ]);
     let bytes = std::fs::metadata(&stream).unwrap().len();
     assert!(
@@ -926,10 +840,10 @@ fn a_device_written_behind_blkdeltas_back_is_found_by_verify_and_repaired() {
         "a repair of one block sent {bytes} bytes"
     );
     assert_ok(
-        &run(&["receive", "-q", "--repair", "-i", p(&stream), &dev.0]),
+        &run(&["receive", "-q", "--repair", "-i", arg(&stream), &dev.0]),
         "receive --repair",
     );
-    assert_same_prefix(Path::new(&dev.0), &export_of(&img, "s2", &s));
+    assert_same_prefix(Path::new(&dev.0), &s.export_of(&img, "s2"));
     assert_holds(Path::new(&dev.0), &env, "s2");
     assert_ok(&run(&["verify", &dev.0]), "verify after the repair");
 }
@@ -964,7 +878,7 @@ fn checksum_of_an_empty_16_tib_qcow2_finishes() {
         .status()
         .is_ok_and(|st| st.success());
     if made {
-        assert_eq!(digest, checksum(p(&raw), &[]));
+        assert_eq!(digest, checksum(arg(&raw), &[]));
     } else {
         eprintln!(
             "SKIPPED (comparison with a raw file): this filesystem cannot hold a 16 TiB sparse \

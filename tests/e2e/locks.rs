@@ -3,15 +3,13 @@
 //! and while blkdelta reads an image, QEMU cannot start writing it. A receive refuses a replica
 //! that QEMU holds, and while it writes one, neither QEMU nor blkdelta can open it.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use blkdelta_common::image::qcow2::Qcow2Image;
-use common::*;
 
 /// QEMU's lock byte for "holds write permission" (`RAW_LOCK_PERM_BASE` + `BLK_PERM_WRITE`).
 const WRITE_BYTE: u64 = 101;
@@ -21,7 +19,7 @@ const READ_BYTE: u64 = 100;
 /// A QEMU process holding an image open; killed and reaped when dropped, so that no process
 /// outlives its test, even a failed one.
 struct Holder {
-    child: Child,
+    child: Reaped,
 }
 
 impl Holder {
@@ -33,7 +31,9 @@ impl Holder {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let mut holder = Holder { child };
+        let mut holder = Holder {
+            child: Reaped(child),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !lock_held(img, byte) {
             if let Some(status) = holder.child.try_wait().unwrap() {
@@ -91,13 +91,6 @@ impl Holder {
     }
 }
 
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn have_qemu() -> bool {
     have("qemu-img") && have("qemu-io") && have("qemu-storage-daemon")
 }
@@ -113,10 +106,6 @@ fn image(s: &Scratch) -> PathBuf {
     img
 }
 
-fn at(img: &Path, snaps: &str) -> String {
-    format!("{}@{snaps}", img.display())
-}
-
 /// qemu's raw export of a snapshot of an image in use (`qemu-img convert -U`).
 fn export_shared(img: &Path, snap: &str, out: &Path) {
     run(Command::new("qemu-img")
@@ -128,15 +117,10 @@ fn export_shared(img: &Path, snap: &str, out: &Path) {
 }
 
 /// Asserts a refusal: exit 1, one `blkdelta:` line naming the writer and `--force-share`.
-fn assert_refused(out: &Output, names: &Path) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "not one line: {err}");
-    assert!(err.starts_with("blkdelta: "), "{err}");
+fn assert_writer_refused(out: &Output, names: &Path) {
     let name = names.display().to_string();
-    for word in [name.as_str(), "writer", "write lock", "--force-share"] {
-        assert!(err.contains(word), "no {word:?} in: {err}");
-    }
+    let words = [name.as_str(), "writer", "write lock", "--force-share"];
+    assert_refused(out, &words, "a refusal of an image a writer holds");
 }
 
 #[test]
@@ -149,8 +133,8 @@ fn send_refuses_an_image_a_writer_holds() {
     let _vm = Holder::storage_daemon(&img);
     let stream = s.path("s1.bd");
     for snaps in ["s1", "s1..s2"] {
-        let out = blkdelta(&["send", &at(&img, snaps), "-o", stream.to_str().unwrap()]);
-        assert_refused(&out, &img);
+        let out = blkdelta(&["send", &spec(&img, snaps), "-o", stream.to_str().unwrap()]);
+        assert_writer_refused(&out, &img);
         assert!(!stream.exists(), "a refused send created its output");
     }
     let out = blkdelta(&[
@@ -159,7 +143,7 @@ fn send_refuses_an_image_a_writer_holds() {
         "-o",
         stream.to_str().unwrap(),
     ]);
-    assert_refused(&out, &img);
+    assert_writer_refused(&out, &img);
 }
 
 #[test]
@@ -175,7 +159,7 @@ fn force_share_sends_what_qemu_exports_of_a_running_image() {
         "send",
         "-q",
         "-U",
-        &at(&img, "s1"),
+        &spec(&img, "s1"),
         "-o",
         full.to_str().unwrap(),
     ]);
@@ -183,7 +167,7 @@ fn force_share_sends_what_qemu_exports_of_a_running_image() {
         "send",
         "-q",
         "--force-share",
-        &at(&img, "s1..s2"),
+        &spec(&img, "s1..s2"),
         "-o",
         incr.to_str().unwrap(),
     ]);
@@ -208,9 +192,9 @@ fn checksum_and_list_refuse_a_writer_unless_force_share() {
     let oracle = s.path("s1.raw");
     export_shared(&img, "s1", &oracle);
     let mut vm = Holder::qemu_io(&img, false);
-    let spec = at(&img, "s1");
-    assert_refused(&blkdelta(&["checksum", &spec]), &img);
-    assert_refused(&blkdelta(&["list", img.to_str().unwrap()]), &img);
+    let spec = spec(&img, "s1");
+    assert_writer_refused(&blkdelta(&["checksum", &spec]), &img);
+    assert_writer_refused(&blkdelta(&["list", img.to_str().unwrap()]), &img);
     assert_eq!(
         checksum(&spec, &["-U"]),
         checksum(oracle.to_str().unwrap(), &[])
@@ -231,13 +215,13 @@ fn a_read_only_holder_does_not_block() {
     let mut reader = Holder::qemu_io(&img, true);
     assert!(!lock_held(&img, WRITE_BYTE));
     let stream = s.path("s1.bd");
-    send_to_file(&at(&img, "s1"), &stream);
+    send_to_file(&spec(&img, "s1"), &stream);
     let oracle = s.path("s1.raw");
     export_shared(&img, "s1", &oracle);
     let replica = s.path("replica.raw");
     assert!(receive_file(&stream, &replica, &[]).status.success());
     assert_same_file(&replica, &oracle);
-    checksum(&at(&img, "s2"), &[]);
+    checksum(&spec(&img, "s2"), &[]);
     blkdelta_ok(&["list", img.to_str().unwrap()]);
     reader.still_there();
 }
@@ -288,14 +272,14 @@ fn a_writer_on_the_backing_file_blocks_the_overlay() {
     qemu_io(&top, &["write -P 0x6 1M 1M".into()]);
     snapshot(&top, "s1");
     let _writer = Holder::qemu_io(&base, false);
-    let out = blkdelta(&["send", &at(&top, "s1"), "-o", "/dev/null"]);
-    assert_refused(&out, &base);
+    let out = blkdelta(&["send", &spec(&top, "s1"), "-o", "/dev/null"]);
+    assert_writer_refused(&out, &base);
     let stream = s.path("s1.bd");
     blkdelta_ok(&[
         "send",
         "-q",
         "-U",
-        &at(&top, "s1"),
+        &spec(&top, "s1"),
         "-o",
         stream.to_str().unwrap(),
     ]);
@@ -308,14 +292,11 @@ fn a_writer_on_the_backing_file_blocks_the_overlay() {
 /// An image whose snapshot `s1` holds 6 MiB of incompressible data (a stream of some MiB), and
 /// `s2` 1 MiB more.
 fn big_image(s: &Scratch) -> PathBuf {
-    let img = s.qcow2("big.qcow2", "16M", "");
-    let r1 = s.random_file("r1", 6 << 20, 21);
-    qemu_io(&img, &[format!("write -s {} 0 6M", r1.display())]);
-    snapshot(&img, "s1");
-    let r2 = s.random_file("r2", 1 << 20, 22);
-    qemu_io(&img, &[format!("write -s {} 8M 1M", r2.display())]);
-    snapshot(&img, "s2");
-    img
+    let steps = [
+        ("s1", vec![random(0, 6, 21)]),
+        ("s2", vec![random(8, 1, 22)]),
+    ];
+    s.history("big.qcow2", "16M", "", &steps)
 }
 
 /// Asserts that a receive refused a replica QEMU holds: exit 1, one `blkdelta:` line naming
@@ -349,8 +330,8 @@ fn receive_refuses_a_replica_qemu_holds() {
     let s = Scratch::new();
     let img = big_image(&s);
     let (full, incr) = (s.path("s1.bd"), s.path("s1-s2.bd"));
-    send_to_file(&at(&img, "s1"), &full);
-    send_to_file(&at(&img, "s1..s2"), &incr);
+    send_to_file(&spec(&img, "s1"), &full);
+    send_to_file(&spec(&img, "s1..s2"), &incr);
     let replica = s.path("replica.raw");
     let state = s.path("replica.raw.blkdelta");
     let out = receive_file(&full, &replica, &[]);
@@ -384,57 +365,6 @@ fn receive_refuses_a_replica_qemu_holds() {
     assert_same_file(&replica, &oracle);
 }
 
-/// A `blkdelta receive` of `replica` reading its stream from a pipe the test writes.
-struct Receiving {
-    child: Child,
-}
-
-impl Receiving {
-    fn start(replica: &Path) -> Receiving {
-        let child = Command::new(bin())
-            .args(["receive", "-q"])
-            .arg(replica)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Receiving { child }
-    }
-
-    /// Writes `bytes` of the stream into the pipe, which stays open.
-    fn feed(&mut self, bytes: &[u8]) {
-        let fed = self.child.stdin.as_mut().unwrap().write_all(bytes);
-        if let Err(e) = fed {
-            let _ = self.child.kill();
-            let mut err = String::new();
-            let _ = std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err);
-            panic!("the receive stopped reading its stream ({e}): {err}");
-        }
-    }
-
-    /// Closes the pipe and waits for the receive to end.
-    fn finish(mut self) -> Output {
-        drop(self.child.stdin.take());
-        let mut stderr = Vec::new();
-        let pipe = self.child.stderr.as_mut().unwrap();
-        std::io::Read::read_to_end(pipe, &mut stderr).unwrap();
-        let status = self.child.wait().unwrap();
-        Output {
-            status,
-            stdout: Vec::new(),
-            stderr,
-        }
-    }
-}
-
-impl Drop for Receiving {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_replica_being_received_is_locked() {
     if !have_qemu() {
@@ -443,10 +373,10 @@ fn a_replica_being_received_is_locked() {
     let s = Scratch::new();
     let img = big_image(&s);
     let stream = s.path("s1.bd");
-    send_to_file(&at(&img, "s1"), &stream);
+    send_to_file(&spec(&img, "s1"), &stream);
     let bytes = std::fs::read(&stream).unwrap();
     let replica = s.path("replica.raw");
-    let mut recv = Receiving::start(&replica);
+    let mut recv = Receiver::start(&replica, &[]);
     let half = bytes.len() / 2;
     recv.feed(&bytes[..half]);
     // The receive has read the header, opened the replica and sized it; it now waits for the
@@ -508,6 +438,6 @@ fn a_replica_being_received_is_locked() {
     );
     assert_eq!(
         checksum(replica.to_str().unwrap(), &[]),
-        checksum(&at(&img, "s1"), &[])
+        checksum(&spec(&img, "s1"), &[])
     );
 }

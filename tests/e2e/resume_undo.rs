@@ -1,44 +1,25 @@
 //! Resume tokens, undo streams and dry runs, end to end.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
+/// A 32 MiB image with snapshots s0 and s1: random data, then random data over part of it,
+/// zeros, a discard and a pattern.
 fn history(s: &Scratch) -> PathBuf {
-    let img = s.qcow2("vm.qcow2", "32M", "");
-    let r = s.random_file("r", 8 << 20, 5);
-    qemu_io(&img, &[format!("write -s {} 0 8M", r.display())]);
-    snapshot(&img, "s0");
-    let w = s.random_file("w", 8 << 20, 6);
-    qemu_io(
-        &img,
-        &[
-            format!("write -s {} 2M 8M", w.display()),
-            "write -z 0 1M".into(),
-            "discard 12M 1M".into(),
-            "write -P 0x7 20M 3M".into(),
-        ],
-    );
-    snapshot(&img, "s1");
-    img
-}
-
-fn spec(img: &Path, snaps: &str) -> String {
-    format!("{}@{snaps}", img.display())
-}
-
-fn export_of(img: &Path, snap: &str, s: &Scratch) -> PathBuf {
-    let e = s.path(&format!("{snap}.export"));
-    if !e.exists() {
-        export(img, Some(snap), &e);
-    }
-    e
-}
-
-fn status_text(replica: &Path) -> String {
-    String::from_utf8(blkdelta_ok(&["status", replica.to_str().unwrap()]).stdout).unwrap()
+    let steps = [
+        ("s0", vec![random(0, 8, 5)]),
+        (
+            "s1",
+            vec![
+                random(2, 8, 6),
+                io("write -z 0 1M"),
+                io("discard 12M 1M"),
+                io("write -P 0x7 20M 3M"),
+            ],
+        ),
+    ];
+    s.history("vm.qcow2", "32M", "", &steps)
 }
 
 fn cut(stream: &Path, fraction: f64, out: &Path) {
@@ -62,7 +43,7 @@ fn an_interrupted_receive_resumes_from_its_token() {
     cut(&stream, 0.7, &part);
     let out = receive_file(&part, &replica, &["--checkpoint-bytes", "1048576"]);
     assert_eq!(out.status.code(), Some(1));
-    let st = status_text(&replica);
+    let st = status_text(&replica, &[]);
     let token = st
         .lines()
         .find_map(|l| l.strip_prefix("resume token: "))
@@ -88,8 +69,8 @@ fn an_interrupted_receive_resumes_from_its_token() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_same_file(&replica, &export_of(&img, "s1", &s));
-    assert!(status_text(&replica).contains("holds snapshot 's1'"));
+    assert_same_file(&replica, &s.export_of(&img, "s1"));
+    assert!(status_text(&replica, &[]).contains("holds snapshot 's1'"));
 
     // A resumed stream cannot be applied to a replica that does not hold its beginning.
     let other = s.path("other.raw");
@@ -115,7 +96,7 @@ fn a_token_for_another_image_is_refused() {
     let part = s.path("part.bd");
     cut(&stream, 0.5, &part);
     receive_file(&part, &replica, &["--checkpoint-bytes", "1048576"]);
-    let st = status_text(&replica);
+    let st = status_text(&replica, &[]);
     let token = st
         .lines()
         .find_map(|l| l.strip_prefix("resume token: "))
@@ -159,7 +140,7 @@ fn undo_rolls_back_and_the_stream_replays() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_same_file(&replica, &export_of(&img, "s1", &s));
+    assert_same_file(&replica, &s.export_of(&img, "s1"));
 
     // The undo stream takes the replica back to s0, and the state says so.
     let dump = String::from_utf8(blkdelta_ok(&["dump", undo.to_str().unwrap()]).stdout).unwrap();
@@ -168,12 +149,12 @@ fn undo_rolls_back_and_the_stream_replays() {
         "{dump}"
     );
     assert!(receive_file(&undo, &replica, &[]).status.success());
-    assert_same_file(&replica, &export_of(&img, "s0", &s));
-    assert!(status_text(&replica).contains("holds snapshot 's0'"));
+    assert_same_file(&replica, &s.export_of(&img, "s0"));
+    assert!(status_text(&replica, &[]).contains("holds snapshot 's0'"));
 
     // And forward again.
     assert!(receive_file(&stream, &replica, &[]).status.success());
-    assert_same_file(&replica, &export_of(&img, "s1", &s));
+    assert_same_file(&replica, &s.export_of(&img, "s1"));
 
     // An existing undo file is never overwritten.
     let out = receive_file(&undo, &replica, &["--undo", undo.to_str().unwrap()]);
@@ -201,7 +182,7 @@ fn an_interrupted_receive_with_undo_continues_its_undo_stream() {
         receive_file(&part, &replica, &small_batches).status.code(),
         Some(1)
     );
-    assert!(status_text(&replica).contains("undo stream:"));
+    assert!(status_text(&replica, &[]).contains("undo stream:"));
     // Finishing without the undo file would lose the rollback: refused.
     let out = receive_file(&stream, &replica, &[]);
     assert_eq!(out.status.code(), Some(1));
@@ -212,9 +193,9 @@ fn an_interrupted_receive_with_undo_continues_its_undo_stream() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_same_file(&replica, &export_of(&img, "s1", &s));
+    assert_same_file(&replica, &s.export_of(&img, "s1"));
     assert!(receive_file(&undo, &replica, &[]).status.success());
-    assert_same_file(&replica, &export_of(&img, "s0", &s));
+    assert_same_file(&replica, &s.export_of(&img, "s0"));
 }
 
 #[test]
@@ -315,7 +296,7 @@ fn dry_runs_touch_nothing() {
     let out = receive_file(&stream, &replica, &["--dry-run"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("reaching 's1'"));
-    assert_same_file(&replica, &export_of(&img, "s0", &s));
+    assert_same_file(&replica, &s.export_of(&img, "s0"));
     assert_eq!(std::fs::read(s.path("r.raw.blkdelta")).unwrap(), state);
 
     let mut bad = std::fs::read(&stream).unwrap();
@@ -324,7 +305,7 @@ fn dry_runs_touch_nothing() {
     std::fs::write(&stream, bad).unwrap();
     let out = receive_file(&stream, &replica, &["--dry-run"]);
     assert_eq!(out.status.code(), Some(1));
-    assert_same_file(&replica, &export_of(&img, "s0", &s));
+    assert_same_file(&replica, &s.export_of(&img, "s0"));
 }
 
 #[test]
@@ -363,7 +344,7 @@ fn an_interrupted_growing_apply_is_finished_by_reapplying() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_same_file(&replica, &export_of(&img, "grown", &s));
+        assert_same_file(&replica, &s.export_of(&img, "grown"));
         if with_undo {
             assert!(receive_file(&undo, &replica, &[]).status.success());
             assert_eq!(

@@ -1,8 +1,6 @@
 //! End to end: qcow2 snapshots → stream → raw replica, compared with qemu's own export.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// Builds an image with three snapshots holding random and patterned writes, zero writes,
 /// discards and compressed clusters, then a further write to the active layer.

@@ -1,0 +1,19 @@
+//! End-to-end tests of the blkdelta binary: one test binary, one module per area, and the
+//! fixture builders and helpers they share in `common`.
+//!
+//! Images are built at test time with qemu-img and qemu-io, and qemu's own raw export is the
+//! oracle. A test that needs a tool the machine lacks skips loudly, naming it; with
+//! `BLKDELTA_REQUIRE_TOOLS=1` (as `.ci/run` sets) it fails instead.
+
+mod common;
+
+mod blockdev;
+mod cli;
+mod faults;
+mod locks;
+mod qcow2;
+mod replica_safety;
+mod resume_undo;
+mod sources;
+mod ssh;
+mod trust;
