@@ -245,7 +245,7 @@ fn progress_lines_on_request_and_silence_with_q() {
     ]);
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("send 2.00 MiB of 2.00 MiB"), "{err}");
-    assert!(err.contains("sent 2097152 data bytes"), "{err}");
+    assert!(err.contains("sent 2.00 MiB of data in "), "{err}");
     let replica = s.path("r.raw");
     let out = blkdelta_ok(&[
         "receive",

@@ -113,7 +113,8 @@ pub fn send_to_file(source: &str, stream: &Path) -> u64 {
 
 /// `blkdelta send -q SEND_ARGS... -o STREAM`; returns the stream's size.
 pub fn send_file(send_args: &[&str], stream: &Path) -> u64 {
-    let mut args = vec!["send", "-q", "-o", arg(stream)];
+    // Tests send to the same file again on purpose: --force replaces it.
+    let mut args = vec!["send", "-q", "--force", "-o", arg(stream)];
     args.extend_from_slice(send_args);
     blkdelta_ok(&args);
     std::fs::metadata(stream).unwrap().len()
