@@ -14,6 +14,7 @@ mod locks;
 mod qcow2;
 mod replica_safety;
 mod resume_undo;
+mod rough_edges;
 mod sources;
 mod ssh;
 mod trust;

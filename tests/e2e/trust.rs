@@ -576,6 +576,12 @@ fn undo_killed_before_the_final_state_rename_is_finished_by_the_same_command() {
         st.contains("--undo") && st.contains("u.bd"),
         "status must name --undo u.bd: {st}"
     );
+    // The resume command it prints is one that works: with the undo stream.
+    let resume = st
+        .lines()
+        .find(|l| l.contains("blkdelta send --resume"))
+        .unwrap_or_else(|| panic!("no resume command: {st}"));
+    assert!(resume.contains("receive --undo "), "{resume}");
     assert!(!st.contains("holds snapshot"), "{st}");
     rig.retry_then_undo();
 }
