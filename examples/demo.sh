@@ -30,6 +30,7 @@ time "$bd" receive -i mon-fri.bd replica.raw
 
 echo "== verify"
 "$bd" checksum vm.qcow2@fri
-"$bd" checksum replica.raw
+"$bd" checksum replica.raw          # from the replica's kept block hashes
+"$bd" verify replica.raw            # reads the replica against them
 qemu-img convert -l snapshot.name=fri -O raw vm.qcow2 fri-export.raw
 cmp replica.raw fri-export.raw && echo "replica.raw is byte-identical to qemu's export of fri"
