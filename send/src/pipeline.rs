@@ -16,7 +16,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use blkdelta_common::buf::AlignedBuf;
-use blkdelta_common::extent::{Extent, ExtentKind, ExtentSink, Totals};
+use blkdelta_common::extent::{Extent, ExtentKind, ExtentSink, Totals, Visit};
 use blkdelta_common::image::BlockSource;
 use blkdelta_common::limits::CHUNK_BYTES;
 use blkdelta_common::stream::{
@@ -254,13 +254,11 @@ fn plan(
             level,
             plan_tx: &plan_tx,
             job_tx: &job_tx,
+            stopped: false,
         };
-        match source.changes(index, &mut sink) {
-            // The writer stopped: its own error is the one to report.
-            Err(SendError::Image(ImageError::Cancelled)) => return Ok(()),
-            other => other?,
-        }
-        if plan_tx.send(Planned::SnapshotEnd(index)).is_err() {
+        source.changes(index, &mut sink)?;
+        // The writer stopped (its own error is the one to report): the sink said so.
+        if sink.stopped || plan_tx.send(Planned::SnapshotEnd(index)).is_err() {
             return Ok(());
         }
     }
@@ -272,28 +270,48 @@ struct Planner<'a> {
     level: i32,
     plan_tx: &'a SyncSender<Planned>,
     job_tx: &'a SyncSender<Job>,
+    /// The writer or the workers went away: the source is told to stop.
+    stopped: bool,
 }
 
 impl Planner<'_> {
-    fn queue(&self, planned: Planned) -> Result<(), ImageError> {
-        self.plan_tx
-            .send(planned)
-            .map_err(|_| ImageError::Cancelled)
+    /// Queues `planned`; false when the writer went away.
+    fn queue(&mut self, planned: Planned) -> bool {
+        self.stopped |= self.plan_tx.send(planned).is_err();
+        !self.stopped
+    }
+
+    fn visit(&self) -> Visit {
+        if self.stopped {
+            Visit::Stop
+        } else {
+            Visit::Continue
+        }
     }
 }
 
 impl ExtentSink for Planner<'_> {
-    fn push(&mut self, e: Extent) -> Result<(), ImageError> {
+    fn push(&mut self, e: Extent) -> Result<Visit, ImageError> {
         match e.kind {
-            ExtentKind::Zero => return self.queue(Planned::Zero(e.offset, e.len)),
-            ExtentKind::Discard => return self.queue(Planned::Discard(e.offset, e.len)),
-            ExtentKind::Data => {}
-        }
+            ExtentKind::Zero => self.queue(Planned::Zero(e.offset, e.len)),
+            ExtentKind::Discard => self.queue(Planned::Discard(e.offset, e.len)),
+            ExtentKind::Data => self.queue_chunks(e),
+        };
+        Ok(self.visit())
+    }
+}
+
+impl Planner<'_> {
+    /// Queues the chunks of a data extent and their jobs; false when the writer or the
+    /// workers went away.
+    fn queue_chunks(&mut self, e: Extent) -> bool {
         let mut pos = e.offset;
         while pos < e.end() {
             let len = (CHUNK_BYTES - pos % CHUNK_BYTES).min(e.end() - pos);
             let (reply, rx) = sync_channel(1);
-            self.queue(Planned::Data(rx))?;
+            if !self.queue(Planned::Data(rx)) {
+                return false;
+            }
             let job = Job {
                 reader: Arc::clone(&self.reader),
                 offset: pos,
@@ -301,10 +319,13 @@ impl ExtentSink for Planner<'_> {
                 level: self.level,
                 reply,
             };
-            self.job_tx.send(job).map_err(|_| ImageError::Cancelled)?;
+            self.stopped |= self.job_tx.send(job).is_err();
+            if self.stopped {
+                return false;
+            }
             pos += len;
         }
-        Ok(())
+        true
     }
 }
 

@@ -20,7 +20,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use blkdelta_common::extent::{Coalescer, ExtentSink};
+use blkdelta_common::extent::{Coalescer, ExtentSink, Visit};
 use blkdelta_common::image::qcow2::{Layer, Qcow2Image, Qcow2Layer};
 use blkdelta_common::image::raw::RawImage;
 use blkdelta_common::image::{probe_format, BlockSource, Format, OpenOptions};
@@ -28,8 +28,8 @@ use blkdelta_common::limits::MAX_BACKING_DEPTH;
 use blkdelta_common::stream::{SourceInfo, Transition};
 use blkdelta_common::ImageError;
 
-use super::full::{file_name, push_status};
 use super::identity::named;
+use super::util::{file_name, push_status, stop_if_told};
 use super::{ChangeSource, SourceOptions};
 use crate::SendError;
 
@@ -95,25 +95,25 @@ impl BackingChain {
     }
 
     /// Pushes the ranges below `limit` that some overlay holds, as the top reads them.
-    fn push_held(&self, limit: u64, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
+    fn push_held(&self, limit: u64, sink: &mut dyn ExtentSink) -> Result<Visit, SendError> {
         // Start of the run of held ranges not pushed yet: consecutive held runs (of different
         // layers) go to `push_status` together.
         let mut pending: Option<u64> = None;
-        merge_held(&self.overlays, limit, |start, _end, held| {
+        stop_if_told!(merge_held(&self.overlays, limit, |start, _end, held| {
             match (held, pending) {
                 (true, None) => pending = Some(start),
                 (false, Some(from)) => {
                     pending = None;
-                    push_status(&self.top, from, start, sink)?;
+                    return push_status(&self.top, from, start, sink);
                 }
                 _ => {}
             }
-            Ok(())
-        })?;
-        if let Some(from) = pending {
-            push_status(&self.top, from, limit, sink)?;
+            Ok(Visit::Continue)
+        }));
+        match pending {
+            Some(from) => push_status(&self.top, from, limit, sink),
+            None => Ok(Visit::Continue),
         }
-        Ok(())
     }
 }
 
@@ -133,9 +133,8 @@ impl ChangeSource for BackingChain {
         let mut c = Coalescer::new(sink);
         let end = self.top.size();
         let shared = self.shared_bytes.min(end);
-        self.push_held(shared, &mut c)?;
-        if end > shared {
-            push_status(&self.top, shared, end, &mut c)?;
+        if !self.push_held(shared, &mut c)?.is_stop() && end > shared {
+            let _ = push_status(&self.top, shared, end, &mut c)?;
         }
         c.finish()?;
         Ok(())
@@ -243,13 +242,14 @@ struct Cursor<'a, L> {
 }
 
 /// Calls `visit(start, end, held)` for consecutive runs covering `[0, limit)`, in order:
-/// `held` when at least one layer holds the run. Each layer is asked again only when its
-/// current run ends, so the work is proportional to the number of runs in all layers.
+/// `held` when at least one layer holds the run, until `visit` says stop. Each layer is asked
+/// again only when its current run ends, so the work is proportional to the number of runs in
+/// all layers.
 fn merge_held<L: HeldRuns>(
     layers: &[L],
     limit: u64,
-    mut visit: impl FnMut(u64, u64, bool) -> Result<(), SendError>,
-) -> Result<(), SendError> {
+    mut visit: impl FnMut(u64, u64, bool) -> Result<Visit, SendError>,
+) -> Result<Visit, SendError> {
     let mut cursors: Vec<Cursor<'_, L>> = layers
         .iter()
         .map(|layer| Cursor {
@@ -272,10 +272,10 @@ fn merge_held<L: HeldRuns>(
             Some(end) => (true, end),
             None => (false, cursors.iter().map(|c| c.end).min().unwrap_or(limit)),
         };
-        visit(pos, end, held)?;
+        stop_if_told!(visit(pos, end, held));
         pos = end;
     }
-    Ok(())
+    Ok(Visit::Continue)
 }
 
 #[cfg(test)]
@@ -308,7 +308,7 @@ mod tests {
     fn union(layers: &[Ranges], limit: u64) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut next = 0;
-        merge_held(layers, limit, |start, end, held| {
+        let _ = merge_held(layers, limit, |start, end, held| {
             assert_eq!(start, next, "runs are consecutive");
             assert!(end > start && end <= limit);
             next = end;
@@ -317,7 +317,7 @@ mod tests {
                 _ if held => out.push((start, end)),
                 _ => {}
             }
-            Ok(())
+            Ok(Visit::Continue)
         })
         .unwrap();
         assert_eq!(next, limit);

@@ -18,12 +18,11 @@ use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
-use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink};
+use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink, Visit};
 use blkdelta_common::image::BlockSource;
 use blkdelta_common::stream::{SourceInfo, Transition};
 
-use super::compare::open_image;
-use super::full::{file_name, push_status};
+use super::util::{file_name, open_image, push_status, stop_if_told};
 use super::{identity, ChangeSource, SourceOptions};
 use crate::SendError;
 
@@ -124,6 +123,23 @@ impl ChangeMapSource {
     }
 }
 
+impl ChangeMapSource {
+    /// Pushes each listed range, a changed one as the device holds it, until told to stop.
+    fn push_ranges(&self, out: &mut dyn ExtentSink) -> Result<Visit, SendError> {
+        for r in &self.ranges {
+            match r.kind {
+                MapKind::Changed => {
+                    stop_if_told!(push_status(self.src.as_ref(), r.offset, r.end(), out))
+                }
+                MapKind::Discarded => {
+                    stop_if_told!(out.push(Extent::new(r.offset, r.len, ExtentKind::Discard)))
+                }
+            }
+        }
+        Ok(Visit::Continue)
+    }
+}
+
 impl ChangeSource for ChangeMapSource {
     fn info(&self) -> SourceInfo {
         self.info.clone()
@@ -135,14 +151,7 @@ impl ChangeSource for ChangeMapSource {
 
     fn changes(&self, _index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
         let mut out = Coalescer::new(sink);
-        for r in &self.ranges {
-            match r.kind {
-                MapKind::Changed => push_status(self.src.as_ref(), r.offset, r.end(), &mut out)?,
-                MapKind::Discarded => {
-                    out.push(Extent::new(r.offset, r.len, ExtentKind::Discard))?
-                }
-            }
-        }
+        let _ = self.push_ranges(&mut out)?;
         out.finish()?;
         Ok(())
     }

@@ -9,6 +9,7 @@ mod full;
 pub mod identity;
 mod qcow2_snapshots;
 mod resume;
+mod util;
 
 pub use against::{content_state, repair, AgainstSource};
 pub use full::FullSource;
@@ -33,7 +34,8 @@ pub trait ChangeSource: Send + Sync {
     fn transitions(&self) -> &[Transition];
 
     /// Pushes the extents that differ between transition `index`'s `from` and `to` states,
-    /// sorted and non-overlapping, within the `to` state's virtual size.
+    /// sorted and non-overlapping, within the `to` state's virtual size. Returns early, and
+    /// successfully, when the sink says [`Visit::Stop`](blkdelta_common::extent::Visit).
     fn changes(&self, index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError>;
 
     /// A reader of transition `index`'s `to` state, for the data extents.
