@@ -8,10 +8,13 @@
 //! that does not fit the device stops the send with the offending line.
 
 mod collect;
+mod map;
 mod parse;
 mod xml;
 
-pub use parse::{ChangeMap, MapError, MapFormat, MapKind, MapOptions, MapRange};
+pub use map::{ChangeMap, MapError, MapFormat, MapKind, MapOptions, MapRange};
+pub use parse::{MAX_DEPTH, MAX_LINE_BYTES};
+pub use xml::MAX_TAG_BYTES;
 
 use std::fs::File;
 use std::io::BufReader;
@@ -96,6 +99,13 @@ pub fn read_map(
         MapError::Usage(m) => SendError::Usage(format!("{shown}: {m}")),
         invalid @ MapError::Invalid { .. } => SendError::Source(format!("{shown}: {invalid}")),
     })
+}
+
+/// The parser itself, on a map held in memory: the entry point of the `change_map` fuzz
+/// target (`fuzz/fuzz_targets/change_map.rs`), not an API to build on.
+#[doc(hidden)]
+pub fn fuzz_parse(map: &[u8], opts: &MapOptions) -> Result<ChangeMap, MapError> {
+    parse::parse(map, opts)
 }
 
 /// The ranges a change map lists, read from the device they describe.

@@ -3,7 +3,7 @@
 mod against;
 mod backing_chain;
 mod bitmap;
-mod changemap;
+pub mod changemap;
 mod compare;
 mod full;
 pub mod identity;
