@@ -15,6 +15,7 @@ use blkdelta_common::image::qcow2::tables::{
 use blkdelta_common::image::qcow2::{L2Table, Layer, Qcow2Image, Qcow2Layer, Snapshot};
 use blkdelta_common::image::{BlockSource, OpenOptions};
 use blkdelta_common::stream::{SnapRef, SourceInfo, Transition};
+use blkdelta_common::ImageError;
 
 use super::util::{file_name, push_status, stop_if_told};
 use super::ChangeSource;
@@ -101,7 +102,7 @@ impl Qcow2Snapshots {
                 steps.push(Step { from: None, to });
             }
             SnapshotSpec::Snapshot(name) => {
-                let i = image.find_snapshot(name)?;
+                let i = find_snapshot(&image, name)?;
                 let to = image.layer(Layer::Snapshot(i))?;
                 transitions.push(Transition {
                     from: None,
@@ -111,7 +112,7 @@ impl Qcow2Snapshots {
                 steps.push(Step { from: None, to });
             }
             SnapshotSpec::Range { from, to } => {
-                let (fi, ti) = (image.find_snapshot(from)?, image.find_snapshot(to)?);
+                let (fi, ti) = (find_snapshot(&image, from)?, find_snapshot(&image, to)?);
                 if fi >= ti {
                     return Err(SendError::Usage(format!(
                         "snapshot '{from}' is not older than '{to}'"
@@ -172,6 +173,29 @@ impl ChangeSource for Qcow2Snapshots {
 
     fn reader(&self, index: usize) -> Arc<dyn BlockSource> {
         Arc::new(self.steps[index].to.clone())
+    }
+}
+
+/// The index of snapshot `name` (by name, then by id); a name that matches none is refused
+/// with the names the image has, so a typo shows what was meant.
+fn find_snapshot(image: &Qcow2Image, name: &str) -> Result<usize, SendError> {
+    match image.find_snapshot(name) {
+        Err(ImageError::NoSuchSnapshot(_)) => {
+            let names: Vec<String> = image
+                .snapshots()
+                .iter()
+                .map(|s| format!("'{}'", s.name))
+                .collect();
+            let have = match names.len() {
+                0 => "it has no snapshots".to_string(),
+                _ => format!("it has {}", names.join(", ")),
+            };
+            Err(SendError::Source(format!(
+                "{}: no snapshot named or numbered '{name}' ({have})",
+                file_name(image.path())
+            )))
+        }
+        other => Ok(other?),
     }
 }
 
