@@ -105,15 +105,72 @@ impl Pool {
     }
 }
 
-/// Computes the totals of every transition, from metadata only.
-pub fn plan_totals(source: &dyn ChangeSource) -> Result<Totals, SendError> {
+/// Most extents kept, over all transitions, from the pass that counts a stream's totals, so
+/// that the records are planned from them instead of finding the changes a second time (for
+/// a qcow2 snapshot diff, reading every differing L2 table again). A transition whose list
+/// would not fit is found again. 24 bytes each: 24 MiB at most.
+pub const MAX_BUFFERED_EXTENTS: usize = 1 << 20;
+
+/// Counts the extents pushed and keeps them while the shared budget allows.
+struct Counting<'a> {
+    totals: Totals,
+    kept: Option<Vec<Extent>>,
+    /// Extents the transitions after this one may still keep.
+    budget: &'a mut usize,
+}
+
+impl ExtentSink for Counting<'_> {
+    fn push(&mut self, e: Extent) -> Result<Visit, ImageError> {
+        let _ = self.totals.push(e)?;
+        match &mut self.kept {
+            Some(kept) if *self.budget > 0 => {
+                kept.push(e);
+                *self.budget -= 1;
+            }
+            Some(kept) => {
+                // Too many: this transition's changes are found again; its share goes back.
+                *self.budget += kept.len();
+                self.kept = None;
+            }
+            None => {}
+        }
+        Ok(Visit::Continue)
+    }
+}
+
+/// The totals of each transition and, within [`MAX_BUFFERED_EXTENTS`], its extents.
+fn count_transitions(
+    source: &dyn ChangeSource,
+) -> Result<(Vec<Totals>, Vec<Option<Vec<Extent>>>), SendError> {
+    let mut budget = MAX_BUFFERED_EXTENTS;
+    let mut totals = Vec::new();
+    let mut kept = Vec::new();
+    for i in 0..source.transitions().len() {
+        let mut sink = Counting {
+            totals: Totals::default(),
+            kept: Some(Vec::new()),
+            budget: &mut budget,
+        };
+        source.changes(i, &mut sink)?;
+        totals.push(sink.totals);
+        kept.push(sink.kept);
+    }
+    Ok((totals, kept))
+}
+
+fn sum(per_transition: &[Totals]) -> Totals {
     let mut totals = Totals::default();
-    for t in plan_transitions(source)? {
+    for t in per_transition {
         totals.extents += t.extents;
         totals.data_bytes += t.data_bytes;
         totals.zero_bytes += t.zero_bytes;
     }
-    Ok(totals)
+    totals
+}
+
+/// Computes the totals of every transition, from metadata only.
+pub fn plan_totals(source: &dyn ChangeSource) -> Result<Totals, SendError> {
+    Ok(sum(&plan_transitions(source)?))
 }
 
 /// The totals of each transition, from metadata only (what `send --dry-run` shows).
@@ -149,7 +206,8 @@ pub fn send<W: Write>(
     out: W,
     progress: &dyn Progress,
 ) -> Result<SendSummary, SendError> {
-    let totals = plan_totals(source)?;
+    let (per_transition, kept) = count_transitions(source)?;
+    let totals = sum(&per_transition);
     let header = make_header(source, &totals);
     progress.start(totals.data_bytes + totals.zero_bytes);
     let mut writer = StreamWriter::new(out, &header)?;
@@ -170,7 +228,8 @@ pub fn send<W: Write>(
         // Only the workers hold the job queue: if they all stop, the planner's sends fail
         // instead of blocking forever.
         drop(job_rx);
-        let planner = s.spawn(move || plan(source, opts.level, plan_tx, job_tx));
+        let kept = &kept;
+        let planner = s.spawn(move || plan(source, kept, opts.level, plan_tx, job_tx));
         let written = write_in_order(
             &plan_rx,
             source,
@@ -241,9 +300,11 @@ fn is_zero(buf: &[u8]) -> bool {
         && chunks.remainder().iter().all(|&b| b == 0)
 }
 
-/// Walks the change lists and queues one planned record per chunk or range.
+/// Walks the change lists (those kept from the totals pass, else the source's) and queues
+/// one planned record per chunk or range.
 fn plan(
     source: &dyn ChangeSource,
+    kept: &[Option<Vec<Extent>>],
     level: i32,
     plan_tx: SyncSender<Planned>,
     job_tx: SyncSender<Job>,
@@ -256,10 +317,23 @@ fn plan(
             job_tx: &job_tx,
             stopped: false,
         };
-        source.changes(index, &mut sink)?;
+        match kept.get(index).and_then(Option::as_ref) {
+            Some(list) => replay(list, &mut sink)?,
+            None => source.changes(index, &mut sink)?,
+        }
         // The writer stopped (its own error is the one to report): the sink said so.
         if sink.stopped || plan_tx.send(Planned::SnapshotEnd(index)).is_err() {
             return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Pushes `list` to `sink` until it says stop.
+fn replay(list: &[Extent], sink: &mut dyn ExtentSink) -> Result<(), ImageError> {
+    for e in list {
+        if sink.push(*e)?.is_stop() {
+            break;
         }
     }
     Ok(())
