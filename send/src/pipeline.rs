@@ -138,10 +138,11 @@ impl ExtentSink for Counting<'_> {
     }
 }
 
+/// Each transition's extents, when they were kept.
+type Kept = Vec<Option<Vec<Extent>>>;
+
 /// The totals of each transition and, within [`MAX_BUFFERED_EXTENTS`], its extents.
-fn count_transitions(
-    source: &dyn ChangeSource,
-) -> Result<(Vec<Totals>, Vec<Option<Vec<Extent>>>), SendError> {
+fn count_transitions(source: &dyn ChangeSource) -> Result<(Vec<Totals>, Kept), SendError> {
     let mut budget = MAX_BUFFERED_EXTENTS;
     let mut totals = Vec::new();
     let mut kept = Vec::new();
