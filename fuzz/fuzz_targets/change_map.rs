@@ -5,8 +5,8 @@
 //! (high 4 bits; a quarter of the choices give none); the rest is the map. Each map is read
 //! twice:
 //!
-//! - by the parser itself, `parse(reader, options)`. Its module is private to blkdelta-send,
-//!   so its three files are compiled into this target. An accepted map is checked against
+//! - by the parser itself, through its hidden entry point
+//!   `blkdelta_send::source::changemap::fuzz_parse(bytes, options)`. An accepted map is checked against
 //!   what the parser promises: ranges non-empty, sorted, apart, merged, within the device; an
 //!   era_invalidate map only with an era block size; a lines map gives the ranges a simple
 //!   model of its lines gives; and the ranges, written back as lines and as XML, read back
@@ -16,30 +16,16 @@
 //!   size `open` accepts), and push every listed byte as a discard: the device is all holes.
 #![no_main]
 
-// The parser's files, as modules of this crate (`parse` reaches the others through
-// `super::`). rustfmt must not follow them: they belong to blkdelta-send.
-#[allow(dead_code)]
-#[rustfmt::skip]
-#[path = "../../send/src/source/changemap/collect.rs"]
-mod collect;
-#[allow(dead_code)]
-#[rustfmt::skip]
-#[path = "../../send/src/source/changemap/parse.rs"]
-mod parse;
-#[allow(dead_code)]
-#[rustfmt::skip]
-#[path = "../../send/src/source/changemap/xml.rs"]
-mod xml;
-
 mod scratch;
 
 use std::fmt::Write as _;
 
 use blkdelta_common::extent::{Extent, ExtentKind};
+use blkdelta_send::source::changemap::{
+    fuzz_parse, ChangeMap, MapError, MapFormat, MapKind, MapOptions, MapRange,
+};
 use blkdelta_send::source::{open_source_opts, SourceOptions};
 use libfuzzer_sys::fuzz_target;
-
-use parse::{parse, ChangeMap, MapError, MapFormat, MapKind, MapOptions, MapRange};
 
 /// Device sizes, picked by the low 4 bits of the first byte.
 const DEVICE_BYTES: [u64; 16] = [
@@ -98,7 +84,7 @@ fn parse_bytes(
         device_bytes,
         era_block_bytes,
     };
-    parse(map, &opts)
+    fuzz_parse(map, &opts)
 }
 
 /// What the parser promises of the ranges of an accepted map.

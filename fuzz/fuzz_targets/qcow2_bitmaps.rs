@@ -16,7 +16,7 @@ mod scratch;
 
 use std::path::Path;
 
-use blkdelta_common::extent::{Extent, ExtentSink};
+use blkdelta_common::extent::{Extent, ExtentSink, Visit};
 use blkdelta_common::image::qcow2::{BitmapInfo, DirtyBitmap, Layer, Qcow2Image, TableEntry};
 use blkdelta_common::ImageError;
 use blkdelta_send::source::{open_source_opts, SourceOptions};
@@ -158,17 +158,18 @@ fn check_bitmap(image: &Qcow2Image, info: &BitmapInfo, bitmap: &DirtyBitmap, dat
     }
 }
 
-/// Keeps the first extents pushed, then stops the walk.
+/// Keeps the first extents pushed, then stops the walk (and says it did).
 #[derive(Default)]
-struct Capped(Vec<Extent>);
+struct Capped(Vec<Extent>, bool);
 
 impl ExtentSink for Capped {
-    fn push(&mut self, extent: Extent) -> Result<(), ImageError> {
+    fn push(&mut self, extent: Extent) -> Result<Visit, ImageError> {
         if self.0.len() == MAX_RANGES {
-            return Err(ImageError::Cancelled);
+            self.1 = true;
+            return Ok(Visit::Stop);
         }
         self.0.push(extent);
-        Ok(())
+        Ok(Visit::Continue)
     }
 }
 
@@ -198,7 +199,7 @@ fn check_send(path: &Path, image: &Qcow2Image, info: &BitmapInfo, direct: Option
     assert_eq!(source.transitions()[0].virtual_size, size);
     let mut sink = Capped::default();
     let complete = match source.changes(0, &mut sink) {
-        Ok(()) => true,
+        Ok(()) => !sink.1,
         Err(e) => {
             check_message(&e);
             false

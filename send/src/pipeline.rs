@@ -16,7 +16,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use blkdelta_common::buf::AlignedBuf;
-use blkdelta_common::extent::{Extent, ExtentKind, ExtentSink, Totals};
+use blkdelta_common::extent::{Extent, ExtentKind, ExtentSink, Totals, Visit};
 use blkdelta_common::image::BlockSource;
 use blkdelta_common::limits::CHUNK_BYTES;
 use blkdelta_common::stream::{
@@ -105,15 +105,73 @@ impl Pool {
     }
 }
 
-/// Computes the totals of every transition, from metadata only.
-pub fn plan_totals(source: &dyn ChangeSource) -> Result<Totals, SendError> {
+/// Most extents kept, over all transitions, from the pass that counts a stream's totals, so
+/// that the records are planned from them instead of finding the changes a second time (for
+/// a qcow2 snapshot diff, reading every differing L2 table again). A transition whose list
+/// would not fit is found again. 24 bytes each: 24 MiB at most.
+pub const MAX_BUFFERED_EXTENTS: usize = 1 << 20;
+
+/// Counts the extents pushed and keeps them while the shared budget allows.
+struct Counting<'a> {
+    totals: Totals,
+    kept: Option<Vec<Extent>>,
+    /// Extents the transitions after this one may still keep.
+    budget: &'a mut usize,
+}
+
+impl ExtentSink for Counting<'_> {
+    fn push(&mut self, e: Extent) -> Result<Visit, ImageError> {
+        let _ = self.totals.push(e)?;
+        match &mut self.kept {
+            Some(kept) if *self.budget > 0 => {
+                kept.push(e);
+                *self.budget -= 1;
+            }
+            Some(kept) => {
+                // Too many: this transition's changes are found again; its share goes back.
+                *self.budget += kept.len();
+                self.kept = None;
+            }
+            None => {}
+        }
+        Ok(Visit::Continue)
+    }
+}
+
+/// Each transition's extents, when they were kept.
+type Kept = Vec<Option<Vec<Extent>>>;
+
+/// The totals of each transition and, within [`MAX_BUFFERED_EXTENTS`], its extents.
+fn count_transitions(source: &dyn ChangeSource) -> Result<(Vec<Totals>, Kept), SendError> {
+    let mut budget = MAX_BUFFERED_EXTENTS;
+    let mut totals = Vec::new();
+    let mut kept = Vec::new();
+    for i in 0..source.transitions().len() {
+        let mut sink = Counting {
+            totals: Totals::default(),
+            kept: Some(Vec::new()),
+            budget: &mut budget,
+        };
+        source.changes(i, &mut sink)?;
+        totals.push(sink.totals);
+        kept.push(sink.kept);
+    }
+    Ok((totals, kept))
+}
+
+fn sum(per_transition: &[Totals]) -> Totals {
     let mut totals = Totals::default();
-    for t in plan_transitions(source)? {
+    for t in per_transition {
         totals.extents += t.extents;
         totals.data_bytes += t.data_bytes;
         totals.zero_bytes += t.zero_bytes;
     }
-    Ok(totals)
+    totals
+}
+
+/// Computes the totals of every transition, from metadata only.
+pub fn plan_totals(source: &dyn ChangeSource) -> Result<Totals, SendError> {
+    Ok(sum(&plan_transitions(source)?))
 }
 
 /// The totals of each transition, from metadata only (what `send --dry-run` shows).
@@ -149,7 +207,8 @@ pub fn send<W: Write>(
     out: W,
     progress: &dyn Progress,
 ) -> Result<SendSummary, SendError> {
-    let totals = plan_totals(source)?;
+    let (per_transition, kept) = count_transitions(source)?;
+    let totals = sum(&per_transition);
     let header = make_header(source, &totals);
     progress.start(totals.data_bytes + totals.zero_bytes);
     let mut writer = StreamWriter::new(out, &header)?;
@@ -170,7 +229,8 @@ pub fn send<W: Write>(
         // Only the workers hold the job queue: if they all stop, the planner's sends fail
         // instead of blocking forever.
         drop(job_rx);
-        let planner = s.spawn(move || plan(source, opts.level, plan_tx, job_tx));
+        let kept = &kept;
+        let planner = s.spawn(move || plan(source, kept, opts.level, plan_tx, job_tx));
         let written = write_in_order(
             &plan_rx,
             source,
@@ -241,9 +301,11 @@ fn is_zero(buf: &[u8]) -> bool {
         && chunks.remainder().iter().all(|&b| b == 0)
 }
 
-/// Walks the change lists and queues one planned record per chunk or range.
+/// Walks the change lists (those kept from the totals pass, else the source's) and queues
+/// one planned record per chunk or range.
 fn plan(
     source: &dyn ChangeSource,
+    kept: &[Option<Vec<Extent>>],
     level: i32,
     plan_tx: SyncSender<Planned>,
     job_tx: SyncSender<Job>,
@@ -254,14 +316,25 @@ fn plan(
             level,
             plan_tx: &plan_tx,
             job_tx: &job_tx,
+            stopped: false,
         };
-        match source.changes(index, &mut sink) {
-            // The writer stopped: its own error is the one to report.
-            Err(SendError::Image(ImageError::Cancelled)) => return Ok(()),
-            other => other?,
+        match kept.get(index).and_then(Option::as_ref) {
+            Some(list) => replay(list, &mut sink)?,
+            None => source.changes(index, &mut sink)?,
         }
-        if plan_tx.send(Planned::SnapshotEnd(index)).is_err() {
+        // The writer stopped (its own error is the one to report): the sink said so.
+        if sink.stopped || plan_tx.send(Planned::SnapshotEnd(index)).is_err() {
             return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Pushes `list` to `sink` until it says stop.
+fn replay(list: &[Extent], sink: &mut dyn ExtentSink) -> Result<(), ImageError> {
+    for e in list {
+        if sink.push(*e)?.is_stop() {
+            break;
         }
     }
     Ok(())
@@ -272,28 +345,48 @@ struct Planner<'a> {
     level: i32,
     plan_tx: &'a SyncSender<Planned>,
     job_tx: &'a SyncSender<Job>,
+    /// The writer or the workers went away: the source is told to stop.
+    stopped: bool,
 }
 
 impl Planner<'_> {
-    fn queue(&self, planned: Planned) -> Result<(), ImageError> {
-        self.plan_tx
-            .send(planned)
-            .map_err(|_| ImageError::Cancelled)
+    /// Queues `planned`; false when the writer went away.
+    fn queue(&mut self, planned: Planned) -> bool {
+        self.stopped |= self.plan_tx.send(planned).is_err();
+        !self.stopped
+    }
+
+    fn visit(&self) -> Visit {
+        if self.stopped {
+            Visit::Stop
+        } else {
+            Visit::Continue
+        }
     }
 }
 
 impl ExtentSink for Planner<'_> {
-    fn push(&mut self, e: Extent) -> Result<(), ImageError> {
+    fn push(&mut self, e: Extent) -> Result<Visit, ImageError> {
         match e.kind {
-            ExtentKind::Zero => return self.queue(Planned::Zero(e.offset, e.len)),
-            ExtentKind::Discard => return self.queue(Planned::Discard(e.offset, e.len)),
-            ExtentKind::Data => {}
-        }
+            ExtentKind::Zero => self.queue(Planned::Zero(e.offset, e.len)),
+            ExtentKind::Discard => self.queue(Planned::Discard(e.offset, e.len)),
+            ExtentKind::Data => self.queue_chunks(e),
+        };
+        Ok(self.visit())
+    }
+}
+
+impl Planner<'_> {
+    /// Queues the chunks of a data extent and their jobs; false when the writer or the
+    /// workers went away.
+    fn queue_chunks(&mut self, e: Extent) -> bool {
         let mut pos = e.offset;
         while pos < e.end() {
             let len = (CHUNK_BYTES - pos % CHUNK_BYTES).min(e.end() - pos);
             let (reply, rx) = sync_channel(1);
-            self.queue(Planned::Data(rx))?;
+            if !self.queue(Planned::Data(rx)) {
+                return false;
+            }
             let job = Job {
                 reader: Arc::clone(&self.reader),
                 offset: pos,
@@ -301,10 +394,13 @@ impl ExtentSink for Planner<'_> {
                 level: self.level,
                 reply,
             };
-            self.job_tx.send(job).map_err(|_| ImageError::Cancelled)?;
+            self.stopped |= self.job_tx.send(job).is_err();
+            if self.stopped {
+                return false;
+            }
             pos += len;
         }
-        Ok(())
+        true
     }
 }
 

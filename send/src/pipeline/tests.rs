@@ -4,7 +4,7 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use blkdelta_common::extent::ExtentSink;
+use blkdelta_common::extent::{Extent, ExtentSink, Visit};
 use blkdelta_common::image::mem::MemImage;
 use blkdelta_common::image::{Allocation, BlockSource};
 use blkdelta_common::stream::{Record, SnapRef, SourceInfo, StreamReader, Transition};
@@ -152,4 +152,66 @@ fn a_failing_change_walk_is_reported() {
     let src = FailingWalk(full(Arc::new(image())));
     let err = send(&src, &SendOptions::default(), io::sink(), &NoProgress).unwrap_err();
     assert_eq!(err.to_string(), "walk failed");
+}
+
+/// A source that counts how often its changes are found.
+struct Counted(FullSource, std::sync::atomic::AtomicUsize);
+
+impl ChangeSource for Counted {
+    fn info(&self) -> SourceInfo {
+        self.0.info()
+    }
+    fn transitions(&self) -> &[Transition] {
+        self.0.transitions()
+    }
+    fn changes(&self, index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.changes(index, sink)
+    }
+    fn reader(&self, index: usize) -> Arc<dyn BlockSource> {
+        self.0.reader(index)
+    }
+}
+
+#[test]
+fn the_changes_are_found_once_for_totals_and_records() {
+    let img = image();
+    let want = img.bytes().to_vec();
+    let src = Counted(full(Arc::new(img)), Default::default());
+    let mut out = Vec::new();
+    send(&src, &SendOptions::default(), &mut out, &NoProgress).unwrap();
+    assert_eq!(src.1.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(replay(&out), want);
+}
+
+/// A sink that stops after `left` extents, recording them.
+struct StopAfter {
+    left: usize,
+    got: Vec<Extent>,
+}
+
+impl ExtentSink for StopAfter {
+    fn push(&mut self, e: Extent) -> Result<Visit, ImageError> {
+        self.got.push(e);
+        self.left -= 1;
+        Ok(if self.left == 0 {
+            Visit::Stop
+        } else {
+            Visit::Continue
+        })
+    }
+}
+
+#[test]
+fn a_source_stops_when_its_sink_says_so() {
+    let src = full(Arc::new(image()));
+    let mut all = Vec::new();
+    src.changes(0, &mut all).unwrap();
+    assert!(all.len() > 2, "{all:?}");
+    let mut first = StopAfter {
+        left: 2,
+        got: Vec::new(),
+    };
+    src.changes(0, &mut first).unwrap();
+    assert_eq!(first.got, all[..2]);
 }

@@ -19,13 +19,12 @@ use blkdelta_common::blocklist::{BlockList, Hashes};
 use blkdelta_common::digest::{
     block_runs, to_hex, zero_block_hash, zero_hash, BlockRun, DigestBuilder, BLOCK_BYTES,
 };
-use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink};
+use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink, Visit};
 use blkdelta_common::image::BlockSource;
 use blkdelta_common::stream::{SnapRef, SourceInfo, Transition};
 use blkdelta_common::ImageError;
 
-use super::compare::Recorder;
-use super::full::push_status;
+use super::util::{push_status, replay, Recorder};
 use super::ChangeSource;
 use crate::SendError;
 
@@ -111,9 +110,7 @@ impl ChangeSource for AgainstSource {
     /// and replayed.
     fn changes(&self, _index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
         if let Some(list) = self.cache.lock().ok().and_then(|c| c.clone()) {
-            for e in list.iter() {
-                sink.push(*e)?;
-            }
+            let _ = replay(&list, sink)?;
             return Ok(());
         }
         let mut rec = Recorder::new(sink);
@@ -123,7 +120,7 @@ impl ChangeSource for AgainstSource {
             self.threads,
             &mut rec,
         )?;
-        if let Ok(mut d) = self.to_digest.lock() {
+        if let (Some(digest), Ok(mut d)) = (digest, self.to_digest.lock()) {
             *d = Some(digest);
         }
         if let (Some(kept), Ok(mut cache)) = (rec.into_kept(), self.cache.lock()) {
@@ -142,13 +139,13 @@ impl ChangeSource for AgainstSource {
 }
 
 /// Pushes to `sink` the sorted extents that turn the disk `list` lists into `src`, and returns
-/// the digest of `src`.
+/// the digest of `src`; `None` when the sink said stop before every block was hashed.
 pub fn repair(
     src: &dyn BlockSource,
     list: &BlockList,
     threads: usize,
     sink: &mut dyn ExtentSink,
-) -> Result<[u8; 32], SendError> {
+) -> Result<Option<[u8; 32]>, SendError> {
     let size = src.size();
     let listed = list.blocks().min(size.div_ceil(BLOCK_BYTES));
     let mut out = Coalescer::new(sink);
@@ -158,13 +155,19 @@ pub fn repair(
         theirs: list.iter(),
         digest: DigestBuilder::new(size),
         out: &mut out,
+        stopped: false,
     };
-    block_runs(src, threads, &mut |run| cmp.run(run))?;
+    let walked = block_runs(src, threads, &mut |run| cmp.run(run));
+    if cmp.stopped {
+        // The walk's callback can end it only with an error: this one is the stop.
+        return Ok(None);
+    }
+    walked?;
     let digest = cmp.digest.finish();
     // Past the list's last block, the source grew: send it as a full stream would.
-    push_status(src, (listed * BLOCK_BYTES).min(size), size, &mut out)?;
+    let _ = push_status(src, (listed * BLOCK_BYTES).min(size), size, &mut out)?;
     out.finish()?;
-    Ok(digest)
+    Ok(Some(digest))
 }
 
 /// Compares the source's block hashes, in order, with the list's.
@@ -175,6 +178,8 @@ struct Comparer<'a> {
     theirs: Hashes<'a>,
     digest: DigestBuilder,
     out: &'a mut dyn ExtentSink,
+    /// The sink said stop.
+    stopped: bool,
 }
 
 impl Comparer<'_> {
@@ -212,7 +217,15 @@ impl Comparer<'_> {
         } else {
             ExtentKind::Data
         };
-        self.out.push(Extent::new(offset, len, kind))
+        match self.out.push(Extent::new(offset, len, kind))? {
+            Visit::Continue => Ok(()),
+            Visit::Stop => {
+                self.stopped = true;
+                // `block_runs` speaks ImageError only: end the walk with the one error that
+                // means "stopped"; `repair` turns it back into a stop.
+                Err(ImageError::Cancelled)
+            }
+        }
     }
 }
 

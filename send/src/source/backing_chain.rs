@@ -17,10 +17,10 @@
 //! disk size, and each layer's empty L2 ranges are skipped without being read.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use blkdelta_common::extent::{Coalescer, ExtentSink};
+use blkdelta_common::extent::{Coalescer, ExtentSink, Visit};
 use blkdelta_common::image::qcow2::{Layer, Qcow2Image, Qcow2Layer};
 use blkdelta_common::image::raw::RawImage;
 use blkdelta_common::image::{probe_format, BlockSource, Format, OpenOptions};
@@ -28,8 +28,8 @@ use blkdelta_common::limits::MAX_BACKING_DEPTH;
 use blkdelta_common::stream::{SourceInfo, Transition};
 use blkdelta_common::ImageError;
 
-use super::full::{file_name, push_status};
 use super::identity::named;
+use super::util::{file_name, push_status, stop_if_told};
 use super::{ChangeSource, SourceOptions};
 use crate::SendError;
 
@@ -66,19 +66,29 @@ impl BackingChain {
                 top.display()
             )));
         }
-        let base_id = FileId::of(base)
-            .map_err(|e| SendError::Source(format!("--since {}: {e}", base.display())))?;
-        let image = Qcow2Image::open_with(top, &opts.open)?;
-        let top_layer = image.layer(Layer::Active)?;
-        if FileId::of(top).ok() == Some(base_id) {
+        let wanted = Wanted::of(base);
+        let top_id = FileId::of(top).map_err(|e| open_error(top, e))?;
+        if wanted == Wanted::File(top_id) {
             return Err(SendError::Source(format!(
                 "--since {}: BASE is the image itself; name a file of its backing chain",
                 base.display()
             )));
         }
-        let (overlays, shared_bytes) =
-            layers_above(&image, top_layer.clone(), base, base_id, &opts.open)?;
-        let from = opts.from_name.clone().unwrap_or_else(|| file_name(base));
+        let image = Qcow2Image::open_with(top, &opts.open)?;
+        let chain = Chain::walk(&image, top_id, base, &wanted, &opts.open)?;
+        // Every file is opened by path after its identity was taken: the layers (which open
+        // the chain below them) first, then each identity is checked again.
+        let top_layer = image.layer(Layer::Active)?;
+        let mut overlays = vec![top_layer.clone()];
+        for below in chain.above_base() {
+            overlays.push(below.layer(Layer::Active)?);
+        }
+        chain.check_unchanged()?;
+        let base_path = chain.base_path();
+        let from = opts
+            .from_name
+            .clone()
+            .unwrap_or_else(|| file_name(base_path));
         let to = opts.to_name.clone().unwrap_or_else(|| file_name(top));
         let transitions = vec![Transition {
             from: Some(named(&from)),
@@ -88,32 +98,32 @@ impl BackingChain {
         Ok(BackingChain {
             top: top_layer,
             overlays,
-            shared_bytes,
+            shared_bytes: chain.shared_bytes(),
             name: file_name(top),
             transitions,
         })
     }
 
     /// Pushes the ranges below `limit` that some overlay holds, as the top reads them.
-    fn push_held(&self, limit: u64, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
+    fn push_held(&self, limit: u64, sink: &mut dyn ExtentSink) -> Result<Visit, SendError> {
         // Start of the run of held ranges not pushed yet: consecutive held runs (of different
         // layers) go to `push_status` together.
         let mut pending: Option<u64> = None;
-        merge_held(&self.overlays, limit, |start, _end, held| {
+        stop_if_told!(merge_held(&self.overlays, limit, |start, _end, held| {
             match (held, pending) {
                 (true, None) => pending = Some(start),
                 (false, Some(from)) => {
                     pending = None;
-                    push_status(&self.top, from, start, sink)?;
+                    return push_status(&self.top, from, start, sink);
                 }
                 _ => {}
             }
-            Ok(())
-        })?;
-        if let Some(from) = pending {
-            push_status(&self.top, from, limit, sink)?;
+            Ok(Visit::Continue)
+        }));
+        match pending {
+            Some(from) => push_status(&self.top, from, limit, sink),
+            None => Ok(Visit::Continue),
         }
-        Ok(())
     }
 }
 
@@ -133,9 +143,8 @@ impl ChangeSource for BackingChain {
         let mut c = Coalescer::new(sink);
         let end = self.top.size();
         let shared = self.shared_bytes.min(end);
-        self.push_held(shared, &mut c)?;
-        if end > shared {
-            push_status(&self.top, shared, end, &mut c)?;
+        if !self.push_held(shared, &mut c)?.is_stop() && end > shared {
+            let _ = push_status(&self.top, shared, end, &mut c)?;
         }
         c.finish()?;
         Ok(())
@@ -164,49 +173,147 @@ impl FileId {
     }
 }
 
-/// Walks the backing chain of `image` (whose active layer is `top`) down to the file
-/// `base_id`: returns the layers above it, top first, and the smallest virtual size below
-/// the top (the base's included). Refuses a base that is not in the chain, naming its files.
-fn layers_above(
-    image: &Qcow2Image,
-    top: Qcow2Layer,
-    base: &Path,
-    base_id: FileId,
-    options: &OpenOptions,
-) -> Result<(Vec<Qcow2Layer>, u64), SendError> {
-    let mut chain = vec![image.path().display().to_string()];
-    let mut overlays = vec![top];
-    let mut image = image.clone();
-    let mut shared = u64::MAX;
-    while chain.len() <= MAX_BACKING_DEPTH + 1 {
-        let Some(path) = image.backing_path() else {
-            break;
-        };
-        chain.push(path.display().to_string());
-        let below = match backing_format(&image, &path)? {
-            Format::Raw => None,
-            Format::Qcow2 => Some(Qcow2Image::open_with(&path, options)?),
-        };
-        let size = match &below {
-            Some(img) => img.virtual_size(),
-            None => RawImage::open_with(&path, options)?.size(),
-        };
-        shared = shared.min(size);
-        if FileId::of(&path).ok() == Some(base_id) {
-            return Ok((overlays, shared));
+fn open_error(path: &Path, e: std::io::Error) -> SendError {
+    SendError::Source(format!("cannot open {}: {e}", path.display()))
+}
+
+/// The base `--since` names: a file that exists as given, or else a name the chain resolves,
+/// as backing file names are resolved (relative to the overlay that names them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Wanted {
+    File(FileId),
+    Named(PathBuf),
+}
+
+impl Wanted {
+    fn of(base: &Path) -> Wanted {
+        match FileId::of(base) {
+            Ok(id) => Wanted::File(id),
+            Err(_) => Wanted::Named(base.to_path_buf()),
         }
-        let Some(next) = below else {
-            break;
-        };
-        overlays.push(next.layer(Layer::Active)?);
-        image = next;
     }
-    Err(SendError::Source(format!(
-        "--since {}: not in the backing chain of {} ({})",
-        base.display(),
-        chain[0],
-        chain.join(" -> ")
-    )))
+
+    /// Whether the chain's file `id` at `path`, which its overlay names `backing_name`, is
+    /// the base: the same file, or (for a name) the overlay's own name for it, or its file
+    /// name when BASE is a bare file name.
+    fn is(&self, id: FileId, path: &Path, backing_name: &str) -> bool {
+        match self {
+            Wanted::File(want) => *want == id,
+            Wanted::Named(name) => {
+                let bare = name.parent().is_none_or(|p| p.as_os_str().is_empty());
+                Path::new(backing_name) == name || (bare && path.file_name() == name.file_name())
+            }
+        }
+    }
+}
+
+/// One file of a backing chain below the top, as the walk found it.
+struct ChainFile {
+    path: PathBuf,
+    id: FileId,
+    /// The image, or `None` for a raw file (which can only be the base).
+    image: Option<Qcow2Image>,
+    virtual_size: u64,
+}
+
+/// The backing chain of an overlay down to the base, each file's identity taken before it was
+/// opened.
+struct Chain {
+    top: (PathBuf, FileId),
+    /// The files below the top, the base last.
+    files: Vec<ChainFile>,
+}
+
+impl Chain {
+    /// Walks the backing chain of `image` (the top, whose identity is `top_id`) down to the
+    /// file `wanted` names. Refuses a base that is not in the chain, naming its files.
+    fn walk(
+        image: &Qcow2Image,
+        top_id: FileId,
+        base: &Path,
+        wanted: &Wanted,
+        options: &OpenOptions,
+    ) -> Result<Chain, SendError> {
+        let top = (image.path().to_path_buf(), top_id);
+        let mut files = Vec::new();
+        let mut image = image.clone();
+        while files.len() <= MAX_BACKING_DEPTH {
+            let (Some(path), Some(name)) =
+                (image.backing_path(), image.header().backing_file.clone())
+            else {
+                break;
+            };
+            let id = FileId::of(&path).map_err(|e| open_error(&path, e))?;
+            let below = match backing_format(&image, &path)? {
+                Format::Raw => None,
+                Format::Qcow2 => Some(Qcow2Image::open_with(&path, options)?),
+            };
+            let virtual_size = match &below {
+                Some(img) => img.virtual_size(),
+                None => RawImage::open_with(&path, options)?.size(),
+            };
+            let found = wanted.is(id, &path, &name);
+            files.push(ChainFile {
+                path,
+                id,
+                image: below.clone(),
+                virtual_size,
+            });
+            if found {
+                return Ok(Chain { top, files });
+            }
+            let Some(next) = below else {
+                break;
+            };
+            image = next;
+        }
+        let mut names = vec![top.0.display().to_string()];
+        names.extend(files.iter().map(|f| f.path.display().to_string()));
+        let top = names[0].clone();
+        let why = match wanted {
+            Wanted::File(_) => "not in the backing chain of",
+            Wanted::Named(_) => "no such file, and no file of the backing chain of",
+        };
+        let names = names.join(" -> ");
+        Err(SendError::Source(match wanted {
+            Wanted::File(_) => format!("--since {}: {why} {top} ({names})", base.display()),
+            Wanted::Named(_) => format!(
+                "--since {}: {why} {top} is called that ({names})",
+                base.display()
+            ),
+        }))
+    }
+
+    /// The images between the top and the base, top first.
+    fn above_base(&self) -> impl Iterator<Item = &Qcow2Image> {
+        let above = &self.files[..self.files.len() - 1];
+        above.iter().filter_map(|f| f.image.as_ref())
+    }
+
+    /// The smallest virtual size below the top (the base's included).
+    fn shared_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.virtual_size).min().unwrap_or(0)
+    }
+
+    fn base_path(&self) -> &Path {
+        &self.files[self.files.len() - 1].path
+    }
+
+    /// Refuses a chain one of whose files was replaced (renamed over, or deleted and made
+    /// anew) since its identity was taken: then some open may have found the new file.
+    fn check_unchanged(&self) -> Result<(), SendError> {
+        let named = std::iter::once((&self.top.0, self.top.1))
+            .chain(self.files.iter().map(|f| (&f.path, f.id)));
+        for (path, id) in named {
+            if FileId::of(path).ok() != Some(id) {
+                return Err(SendError::Source(format!(
+                    "{}: the file was replaced while its backing chain was opened; try again",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The format of `image`'s backing file at `path`: from the header extension, else probed.
@@ -243,13 +350,14 @@ struct Cursor<'a, L> {
 }
 
 /// Calls `visit(start, end, held)` for consecutive runs covering `[0, limit)`, in order:
-/// `held` when at least one layer holds the run. Each layer is asked again only when its
-/// current run ends, so the work is proportional to the number of runs in all layers.
+/// `held` when at least one layer holds the run, until `visit` says stop. Each layer is asked
+/// again only when its current run ends, so the work is proportional to the number of runs in
+/// all layers.
 fn merge_held<L: HeldRuns>(
     layers: &[L],
     limit: u64,
-    mut visit: impl FnMut(u64, u64, bool) -> Result<(), SendError>,
-) -> Result<(), SendError> {
+    mut visit: impl FnMut(u64, u64, bool) -> Result<Visit, SendError>,
+) -> Result<Visit, SendError> {
     let mut cursors: Vec<Cursor<'_, L>> = layers
         .iter()
         .map(|layer| Cursor {
@@ -272,10 +380,10 @@ fn merge_held<L: HeldRuns>(
             Some(end) => (true, end),
             None => (false, cursors.iter().map(|c| c.end).min().unwrap_or(limit)),
         };
-        visit(pos, end, held)?;
+        stop_if_told!(visit(pos, end, held));
         pos = end;
     }
-    Ok(())
+    Ok(Visit::Continue)
 }
 
 #[cfg(test)]
@@ -308,7 +416,7 @@ mod tests {
     fn union(layers: &[Ranges], limit: u64) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut next = 0;
-        merge_held(layers, limit, |start, end, held| {
+        let _ = merge_held(layers, limit, |start, end, held| {
             assert_eq!(start, next, "runs are consecutive");
             assert!(end > start && end <= limit);
             next = end;
@@ -317,7 +425,7 @@ mod tests {
                 _ if held => out.push((start, end)),
                 _ => {}
             }
-            Ok(())
+            Ok(Visit::Continue)
         })
         .unwrap();
         assert_eq!(next, limit);
@@ -376,6 +484,43 @@ mod tests {
             }
             assert_eq!(union(&layers, limit), expected);
         }
+    }
+
+    #[test]
+    fn a_missing_base_is_found_by_the_chains_name_for_it() {
+        let id = FileId { dev: 1, ino: 2 };
+        let path = Path::new("/var/lib/libvirt/images/base.qcow2");
+        let named = |n: &str| Wanted::Named(n.into());
+        assert!(named("base.qcow2").is(id, path, "base.qcow2"));
+        assert!(named("base.qcow2").is(id, path, "/var/lib/libvirt/images/base.qcow2"));
+        assert!(named("../images/base.qcow2").is(id, path, "../images/base.qcow2"));
+        assert!(!named("other/base.qcow2").is(id, path, "base.qcow2"));
+        assert!(!named("o1.qcow2").is(id, path, "base.qcow2"));
+        assert!(Wanted::File(id).is(id, Path::new("x"), "y"));
+    }
+
+    #[test]
+    fn a_chain_file_replaced_after_its_identity_was_taken_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (top, base) = (dir.path().join("top"), dir.path().join("base"));
+        std::fs::write(&top, b"top").unwrap();
+        std::fs::write(&base, b"base").unwrap();
+        let file = |path: &Path| ChainFile {
+            path: path.to_path_buf(),
+            id: FileId::of(path).unwrap(),
+            image: None,
+            virtual_size: 0,
+        };
+        let chain = Chain {
+            top: (top.clone(), FileId::of(&top).unwrap()),
+            files: vec![file(&base)],
+        };
+        chain.check_unchanged().unwrap();
+        let swapped = dir.path().join("swapped");
+        std::fs::write(&swapped, b"base").unwrap();
+        std::fs::rename(&swapped, &base).unwrap();
+        let err = chain.check_unchanged().unwrap_err().to_string();
+        assert!(err.contains("replaced"), "{err}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use blkdelta_common::image::qcow2::{BitmapInfo, DirtyBitmap, Layer, Qcow2Image, 
 use blkdelta_common::image::{probe_format, BlockSource, Format};
 use blkdelta_common::stream::{SourceInfo, Transition};
 
-use super::full::{file_name, push_status};
+use super::util::{file_name, push_status};
 use super::{identity, ChangeSource, SourceOptions};
 use crate::SendError;
 
@@ -132,10 +132,13 @@ impl ChangeSource for BitmapSource {
         let mut c = Coalescer::new(sink);
         let layer = &self.layer;
         let size = layer.size();
+        // The bitmap walk stops only on an error; after a stop, the ranges left are skipped
+        // without a status call (the walk reads no more than the bitmap's own clusters).
+        let mut stopped = false;
         self.bitmap.for_each_dirty_range(|offset, len| {
             let end = offset.saturating_add(len).min(size);
-            if offset < end {
-                push_status(layer, offset, end, &mut c)?;
+            if offset < end && !stopped {
+                stopped = push_status(layer, offset, end, &mut c)?.is_stop();
             }
             Ok::<_, SendError>(())
         })?;

@@ -8,22 +8,24 @@
 //! that does not fit the device stops the send with the offending line.
 
 mod collect;
+mod map;
 mod parse;
 mod xml;
 
-pub use parse::{ChangeMap, MapError, MapFormat, MapKind, MapOptions, MapRange};
+pub use map::{ChangeMap, MapError, MapFormat, MapKind, MapOptions, MapRange};
+pub use parse::{MAX_DEPTH, MAX_LINE_BYTES};
+pub use xml::MAX_TAG_BYTES;
 
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
-use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink};
+use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink, Visit};
 use blkdelta_common::image::BlockSource;
 use blkdelta_common::stream::{SourceInfo, Transition};
 
-use super::compare::open_image;
-use super::full::{file_name, push_status};
+use super::util::{file_name, open_image, push_status, stop_if_told};
 use super::{identity, ChangeSource, SourceOptions};
 use crate::SendError;
 
@@ -99,6 +101,13 @@ pub fn read_map(
     })
 }
 
+/// The parser itself, on a map held in memory: the entry point of the `change_map` fuzz
+/// target (`fuzz/fuzz_targets/change_map.rs`), not an API to build on.
+#[doc(hidden)]
+pub fn fuzz_parse(map: &[u8], opts: &MapOptions) -> Result<ChangeMap, MapError> {
+    parse::parse(map, opts)
+}
+
 /// The ranges a change map lists, read from the device they describe.
 pub struct ChangeMapSource {
     src: Arc<dyn BlockSource>,
@@ -124,6 +133,23 @@ impl ChangeMapSource {
     }
 }
 
+impl ChangeMapSource {
+    /// Pushes each listed range, a changed one as the device holds it, until told to stop.
+    fn push_ranges(&self, out: &mut dyn ExtentSink) -> Result<Visit, SendError> {
+        for r in &self.ranges {
+            match r.kind {
+                MapKind::Changed => {
+                    stop_if_told!(push_status(self.src.as_ref(), r.offset, r.end(), out))
+                }
+                MapKind::Discarded => {
+                    stop_if_told!(out.push(Extent::new(r.offset, r.len, ExtentKind::Discard)))
+                }
+            }
+        }
+        Ok(Visit::Continue)
+    }
+}
+
 impl ChangeSource for ChangeMapSource {
     fn info(&self) -> SourceInfo {
         self.info.clone()
@@ -135,14 +161,7 @@ impl ChangeSource for ChangeMapSource {
 
     fn changes(&self, _index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
         let mut out = Coalescer::new(sink);
-        for r in &self.ranges {
-            match r.kind {
-                MapKind::Changed => push_status(self.src.as_ref(), r.offset, r.end(), &mut out)?,
-                MapKind::Discarded => {
-                    out.push(Extent::new(r.offset, r.len, ExtentKind::Discard))?
-                }
-            }
-        }
+        let _ = self.push_ranges(&mut out)?;
         out.finish()?;
         Ok(())
     }

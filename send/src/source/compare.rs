@@ -20,14 +20,12 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use blkdelta_common::buf::AlignedBuf;
-use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink};
-use blkdelta_common::image::qcow2::{Layer, Qcow2Image};
-use blkdelta_common::image::raw::RawImage;
-use blkdelta_common::image::{probe_format, Allocation, BlockSource, Format, OpenOptions};
+use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink, Visit};
+use blkdelta_common::image::{Allocation, BlockSource};
 use blkdelta_common::stream::{SourceInfo, Transition};
 use blkdelta_common::ImageError;
 
-use super::full::{file_name, push_status};
+use super::util::{file_name, open_image, push_status, replay, Recorder};
 use super::{identity, ChangeSource, SourceOptions};
 use crate::SendError;
 
@@ -37,28 +35,10 @@ pub const BLOCK_BYTES: u64 = 64 << 10;
 pub const WINDOW_BYTES: u64 = 1 << 20;
 /// Windows each reader may be ahead of the comparison.
 pub const WINDOWS_IN_FLIGHT: usize = 8;
-/// Extents kept to replay the comparison for the stream after its totals were counted; a
-/// longer list is dropped and the images are compared again instead.
-pub const MAX_CACHED_EXTENTS: usize = 4 << 20;
 /// Ranges that need no reading, queued behind windows being read, before the walk waits.
 const MAX_QUEUED: usize = 4096;
 
 static ZEROS: [u8; BLOCK_BYTES as usize] = [0; BLOCK_BYTES as usize];
-
-/// Opens a raw file, a block device, or a qcow2 image's active layer for reading; also says
-/// which (`raw` or `qcow2`).
-pub fn open_image(
-    path: &Path,
-    options: &OpenOptions,
-) -> Result<(Arc<dyn BlockSource>, &'static str), SendError> {
-    match probe_format(path)? {
-        Format::Raw => Ok((Arc::new(RawImage::open_with(path, options)?), "raw")),
-        Format::Qcow2 => {
-            let layer = Qcow2Image::open_with(path, options)?.layer(Layer::Active)?;
-            Ok((Arc::new(layer), "qcow2"))
-        }
-    }
-}
 
 /// Opens `new` to send what differs from `old`, by content.
 pub fn open(
@@ -129,17 +109,12 @@ impl ChangeSource for CompareSource {
     /// since the pipeline asks once for the totals and once for the records.
     fn changes(&self, _index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
         if let Some(list) = self.cached() {
-            for e in list.iter() {
-                sink.push(*e)?;
-            }
+            let _ = replay(&list, sink)?;
             return Ok(());
         }
-        let mut rec = Recorder {
-            sink,
-            kept: Some(Vec::new()),
-        };
+        let mut rec = Recorder::new(sink);
         compare(self.old.as_ref(), self.new.as_ref(), &mut rec)?;
-        if let (Some(kept), Ok(mut cache)) = (rec.kept, self.cache.lock()) {
+        if let (Some(kept), Ok(mut cache)) = (rec.into_kept(), self.cache.lock()) {
             *cache = Some(Arc::new(kept));
         }
         Ok(())
@@ -150,39 +125,8 @@ impl ChangeSource for CompareSource {
     }
 }
 
-/// Passes extents on and keeps a copy, up to [`MAX_CACHED_EXTENTS`].
-pub(super) struct Recorder<'a> {
-    sink: &'a mut dyn ExtentSink,
-    kept: Option<Vec<Extent>>,
-}
-
-impl<'a> Recorder<'a> {
-    /// Passes extents on to `sink`.
-    pub(super) fn new(sink: &'a mut dyn ExtentSink) -> Self {
-        Recorder {
-            sink,
-            kept: Some(Vec::new()),
-        }
-    }
-
-    /// The extents passed on, unless there were too many to keep.
-    pub(super) fn into_kept(self) -> Option<Vec<Extent>> {
-        self.kept
-    }
-}
-
-impl ExtentSink for Recorder<'_> {
-    fn push(&mut self, e: Extent) -> Result<(), ImageError> {
-        match &mut self.kept {
-            Some(k) if k.len() < MAX_CACHED_EXTENTS => k.push(e),
-            Some(_) => self.kept = None,
-            None => {}
-        }
-        self.sink.push(e)
-    }
-}
-
-/// Pushes to `sink` the sorted extents of `new` that differ from `old`, within `new`'s size.
+/// Pushes to `sink` the sorted extents of `new` that differ from `old`, within `new`'s size,
+/// until the sink says stop.
 pub fn compare(
     old: &dyn BlockSource,
     new: &dyn BlockSource,
@@ -190,7 +134,7 @@ pub fn compare(
 ) -> Result<(), SendError> {
     let common = old.size().min(new.size());
     let mut out = Coalescer::new(sink);
-    std::thread::scope(|s| {
+    let stopped = std::thread::scope(|s| {
         let (old_side, old_serve) = Side::pair();
         let (new_side, new_serve) = Side::pair();
         s.spawn(move || old_serve.run(old));
@@ -201,12 +145,14 @@ pub fn compare(
             queue: VecDeque::new(),
             windows: 0,
             out: &mut out,
+            stopped: false,
         };
         // Dropping `cmp` closes the channels, which stops the readers.
-        walk(old, new, common, &mut cmp).and_then(|()| cmp.drain())
+        walk(old, new, common, &mut cmp).and_then(|()| cmp.drain())?;
+        Ok::<_, SendError>(cmp.stopped)
     })?;
-    if new.size() > common {
-        push_status(new, common, new.size(), &mut out)?;
+    if !stopped && new.size() > common {
+        let _ = push_status(new, common, new.size(), &mut out)?;
     }
     out.finish()?;
     Ok(())
@@ -292,7 +238,8 @@ impl Serve {
     }
 }
 
-/// Walks the allocation of both images over `[0, end)` and hands each range to `cmp`.
+/// Walks the allocation of both images over `[0, end)` and hands each range to `cmp`, until
+/// its sink stops.
 fn walk(
     old: &dyn BlockSource,
     new: &dyn BlockSource,
@@ -301,7 +248,7 @@ fn walk(
 ) -> Result<(), SendError> {
     let (mut o, mut n) = (Cursor::new(old), Cursor::new(new));
     let mut pos = 0;
-    while pos < end {
+    while pos < end && !cmp.stopped {
         let (old_kind, old_end) = o.at(pos, end)?;
         let (new_kind, new_end) = n.at(pos, end)?;
         let stop = old_end.min(new_end);
@@ -360,14 +307,23 @@ struct Comparer<'a> {
     queue: VecDeque<Pending>,
     windows: usize,
     out: &'a mut dyn ExtentSink,
+    /// The sink said stop: nothing more is read or pushed.
+    stopped: bool,
 }
 
 impl Comparer<'_> {
+    /// Pushes `e` unless the sink stopped.
+    fn emit(&mut self, e: Extent) -> Result<(), SendError> {
+        if !self.stopped {
+            self.stopped = self.out.push(e)?.is_stop();
+        }
+        Ok(())
+    }
+
     /// An extent known without reading, pushed in walk order.
     fn direct(&mut self, e: Extent) -> Result<(), SendError> {
         if self.queue.is_empty() {
-            self.out.push(e)?;
-            return Ok(());
+            return self.emit(e);
         }
         self.queue.push_back(Pending::Direct(e));
         while self.queue.len() > MAX_QUEUED {
@@ -379,7 +335,7 @@ impl Comparer<'_> {
     /// Reads `[start, stop)` of NEW (and of OLD when it holds data there) window by window.
     fn windows(&mut self, start: u64, stop: u64, old: bool) -> Result<(), SendError> {
         let mut pos = start;
-        while pos < stop {
+        while pos < stop && !self.stopped {
             let len = (WINDOW_BYTES - pos % WINDOW_BYTES).min(stop - pos);
             if old {
                 self.old.request(pos, len)?;
@@ -399,13 +355,16 @@ impl Comparer<'_> {
     fn pop(&mut self) -> Result<(), SendError> {
         match self.queue.pop_front() {
             None => Ok(()),
-            Some(Pending::Direct(e)) => Ok(self.out.push(e)?),
+            Some(Pending::Direct(e)) => self.emit(e),
             Some(Pending::Window { offset, old }) => {
                 self.windows -= 1;
                 // Each reader answers its requests in order: these are this window's bytes.
                 let old_buf = if old { Some(self.old.reply()?) } else { None };
                 let new_buf = self.new.reply()?;
-                diff_window(offset, &new_buf, old_buf.as_deref(), self.out)?;
+                if !self.stopped {
+                    let visit = diff_window(offset, &new_buf, old_buf.as_deref(), self.out)?;
+                    self.stopped = visit.is_stop();
+                }
                 self.new.give_back(new_buf);
                 if let Some(buf) = old_buf {
                     self.old.give_back(buf);
@@ -416,7 +375,7 @@ impl Comparer<'_> {
     }
 
     fn drain(&mut self) -> Result<(), SendError> {
-        while !self.queue.is_empty() {
+        while !self.queue.is_empty() && !self.stopped {
             self.pop()?;
         }
         Ok(())
@@ -429,7 +388,7 @@ fn diff_window(
     new: &[u8],
     old: Option<&[u8]>,
     out: &mut dyn ExtentSink,
-) -> Result<(), SendError> {
+) -> Result<Visit, SendError> {
     let mut pos = 0usize;
     while pos < new.len() {
         let at = offset + pos as u64;
@@ -439,12 +398,16 @@ fn diff_window(
             Some(old) => old[pos..pos + n] != *block,
             None => block != &ZEROS[..n],
         };
-        if differs {
-            out.push(Extent::new(at, n as u64, ExtentKind::Data))?;
+        if differs
+            && out
+                .push(Extent::new(at, n as u64, ExtentKind::Data))?
+                .is_stop()
+        {
+            return Ok(Visit::Stop);
         }
         pos += n;
     }
-    Ok(())
+    Ok(Visit::Continue)
 }
 
 #[cfg(test)]

@@ -4,35 +4,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink};
+use blkdelta_common::extent::{Coalescer, ExtentSink};
 use blkdelta_common::image::raw::RawImage;
-use blkdelta_common::image::{Allocation, BlockSource, OpenOptions};
+use blkdelta_common::image::{BlockSource, OpenOptions};
 use blkdelta_common::stream::{SnapRef, SourceInfo, Transition};
 
+use super::util::{file_name, push_status};
 use super::ChangeSource;
 use crate::SendError;
-
-/// Pushes every range of `src` within `[offset, end)` as an extent of its allocation kind.
-pub fn push_status(
-    src: &dyn BlockSource,
-    offset: u64,
-    end: u64,
-    sink: &mut dyn ExtentSink,
-) -> Result<(), SendError> {
-    let mut pos = offset;
-    while pos < end {
-        let (alloc, len) = src.status(pos, end - pos)?;
-        let len = len.clamp(1, end - pos);
-        let kind = match alloc {
-            Allocation::Data => ExtentKind::Data,
-            Allocation::Zero => ExtentKind::Zero,
-            Allocation::Hole => ExtentKind::Discard,
-        };
-        sink.push(Extent::new(pos, len, kind))?;
-        pos += len;
-    }
-    Ok(())
-}
 
 /// A full stream of a single state: a raw image, a block device, or one qcow2 layer.
 pub struct FullSource {
@@ -79,13 +58,6 @@ impl FullSource {
     }
 }
 
-/// The last component of a path, for display in a stream header.
-pub fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
-}
-
 impl ChangeSource for FullSource {
     fn info(&self) -> SourceInfo {
         self.info.clone()
@@ -97,7 +69,7 @@ impl ChangeSource for FullSource {
 
     fn changes(&self, _index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
         let mut c = Coalescer::new(sink);
-        push_status(self.src.as_ref(), 0, self.src.size(), &mut c)?;
+        let _ = push_status(self.src.as_ref(), 0, self.src.size(), &mut c)?;
         c.finish()?;
         Ok(())
     }

@@ -3,12 +3,13 @@
 mod against;
 mod backing_chain;
 mod bitmap;
-mod changemap;
+pub mod changemap;
 mod compare;
 mod full;
 pub mod identity;
 mod qcow2_snapshots;
 mod resume;
+mod util;
 
 pub use against::{content_state, repair, AgainstSource};
 pub use full::FullSource;
@@ -33,7 +34,8 @@ pub trait ChangeSource: Send + Sync {
     fn transitions(&self) -> &[Transition];
 
     /// Pushes the extents that differ between transition `index`'s `from` and `to` states,
-    /// sorted and non-overlapping, within the `to` state's virtual size.
+    /// sorted and non-overlapping, within the `to` state's virtual size. Returns early, and
+    /// successfully, when the sink says [`Visit::Stop`](blkdelta_common::extent::Visit).
     fn changes(&self, index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError>;
 
     /// A reader of transition `index`'s `to` state, for the data extents.
@@ -125,6 +127,9 @@ fn open_changes(spec: &str, opts: &SourceOptions) -> Result<Box<dyn ChangeSource
         ));
     }
     let path = Path::new(spec);
+    if let Some(option) = chosen_option(opts) {
+        refuse_snapshots(spec, option)?;
+    }
     if let Some(name) = &opts.bitmap {
         return bitmap::open(path, name, opts);
     }
@@ -153,6 +158,33 @@ fn open_changes(spec: &str, opts: &SourceOptions) -> Result<Box<dyn ChangeSource
     match &opts.to_name {
         Some(name) => FullSource::renamed(source, identity::state_of(name, &[path])),
         None => Ok(source),
+    }
+}
+
+/// The option naming how changes are found, when one is given besides SOURCE.
+fn chosen_option(opts: &SourceOptions) -> Option<&'static str> {
+    [
+        (opts.bitmap.is_some(), "--bitmap"),
+        (opts.since.is_some(), "--since"),
+        (opts.changed_blocks.is_some(), "--changed-blocks"),
+        (opts.compare_old.is_some(), "--compare"),
+    ]
+    .into_iter()
+    .find_map(|(given, name)| given.then_some(name))
+}
+
+/// Refuses `IMAGE@SNAP` or `IMAGE@FROM..TO` as the SOURCE of `option`, which reads a plain
+/// image (a file or device, a qcow2 image's active layer).
+fn refuse_snapshots(spec: &str, option: &str) -> Result<(), SendError> {
+    if Path::new(spec).exists() {
+        return Ok(());
+    }
+    match spec.rsplit_once('@') {
+        Some((file, _)) if Path::new(file).exists() => Err(SendError::Usage(format!(
+            "{option} takes a plain image as SOURCE, not '{spec}' with @snapshots: name \
+             {file} alone (snapshots are sent as IMAGE@SNAP or IMAGE@FROM..TO without it)"
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -8,15 +8,16 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use blkdelta_common::extent::{Coalescer, ExtentSink};
+use blkdelta_common::extent::{Coalescer, ExtentSink, Visit};
 use blkdelta_common::image::qcow2::tables::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
 };
 use blkdelta_common::image::qcow2::{L2Table, Layer, Qcow2Image, Qcow2Layer, Snapshot};
 use blkdelta_common::image::{BlockSource, OpenOptions};
 use blkdelta_common::stream::{SnapRef, SourceInfo, Transition};
+use blkdelta_common::ImageError;
 
-use super::full::{file_name, push_status};
+use super::util::{file_name, push_status, stop_if_told};
 use super::ChangeSource;
 use crate::SendError;
 
@@ -101,7 +102,7 @@ impl Qcow2Snapshots {
                 steps.push(Step { from: None, to });
             }
             SnapshotSpec::Snapshot(name) => {
-                let i = image.find_snapshot(name)?;
+                let i = find_snapshot(&image, name)?;
                 let to = image.layer(Layer::Snapshot(i))?;
                 transitions.push(Transition {
                     from: None,
@@ -111,7 +112,7 @@ impl Qcow2Snapshots {
                 steps.push(Step { from: None, to });
             }
             SnapshotSpec::Range { from, to } => {
-                let (fi, ti) = (image.find_snapshot(from)?, image.find_snapshot(to)?);
+                let (fi, ti) = (find_snapshot(&image, from)?, find_snapshot(&image, to)?);
                 if fi >= ti {
                     return Err(SendError::Usage(format!(
                         "snapshot '{from}' is not older than '{to}'"
@@ -162,10 +163,10 @@ impl ChangeSource for Qcow2Snapshots {
     fn changes(&self, index: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
         let step = &self.steps[index];
         let mut c = Coalescer::new(sink);
-        match &step.from {
+        let _ = match &step.from {
             None => push_status(&step.to, 0, step.to.size(), &mut c)?,
             Some(from) => diff_layers(from, &step.to, &mut c)?,
-        }
+        };
         c.finish()?;
         Ok(())
     }
@@ -175,15 +176,39 @@ impl ChangeSource for Qcow2Snapshots {
     }
 }
 
+/// The index of snapshot `name` (by name, then by id); a name that matches none is refused
+/// with the names the image has, so a typo shows what was meant.
+fn find_snapshot(image: &Qcow2Image, name: &str) -> Result<usize, SendError> {
+    match image.find_snapshot(name) {
+        Err(ImageError::NoSuchSnapshot(_)) => {
+            let names: Vec<String> = image
+                .snapshots()
+                .iter()
+                .map(|s| format!("'{}'", s.name))
+                .collect();
+            let have = match names.len() {
+                0 => "it has no snapshots".to_string(),
+                _ => format!("it has {}", names.join(", ")),
+            };
+            Err(SendError::Source(format!(
+                "{}: no snapshot named or numbered '{name}' ({have})",
+                file_name(image.path())
+            )))
+        }
+        other => Ok(other?),
+    }
+}
+
 /// Pushes the ranges of `to` that may differ from `from`, classified by `to`'s allocation
 /// status: within the size both share, the ranges whose L1/L2 entries differ; past `from`'s
 /// size, everything `to` has (a shrink to a size inside a cluster keeps that cluster's tail,
-/// which a later grow shows again, so equal entries there prove nothing).
+/// which a later grow shows again, so equal entries there prove nothing). Stops when the sink
+/// says so.
 pub fn diff_layers(
     from: &Qcow2Layer,
     to: &Qcow2Layer,
     sink: &mut dyn ExtentSink,
-) -> Result<(), SendError> {
+) -> Result<Visit, SendError> {
     let g = to.geometry();
     if from.geometry() != g {
         return Err(SendError::Source(
@@ -206,13 +231,13 @@ pub fn diff_layers(
     for i in 0..ranges {
         if let Some((ea, eb)) = differing(i) {
             let tables = (from.read_l2(ea)?, to.read_l2(eb)?);
-            diff_l2(to, i as u64 * span, shared, &tables, sink)?;
+            stop_if_told!(diff_l2(to, i as u64 * span, shared, &tables, sink));
         }
     }
     if to.size() > shared {
-        push_status(to, shared, to.size(), sink)?;
+        stop_if_told!(push_status(to, shared, to.size(), sink));
     }
-    Ok(())
+    Ok(Visit::Continue)
 }
 
 /// Pushes the changed ranges of one L2 range starting at guest offset `base`, below `limit`.
@@ -222,7 +247,7 @@ fn diff_l2(
     limit: u64,
     (la, lb): &(Option<L2Table>, Option<L2Table>),
     sink: &mut dyn ExtentSink,
-) -> Result<(), SendError> {
+) -> Result<Visit, SendError> {
     let g = to.geometry();
     let cluster = 1u64 << g.cluster_bits;
     let sub = cluster / SUBCLUSTERS;
@@ -239,10 +264,10 @@ fn diff_l2(
             } else {
                 (off, cluster)
             };
-            push_status(to, start, (start + len).min(limit), sink)?;
+            stop_if_told!(push_status(to, start, (start + len).min(limit), sink));
         }
     }
-    Ok(())
+    Ok(Visit::Continue)
 }
 
 /// [`diff_l2`] for standard entries: blocks of entries that are equal but for the COPIED flag
@@ -255,7 +280,7 @@ fn diff_standard_l2(
     lb: &Option<L2Table>,
     entries: usize,
     sink: &mut dyn ExtentSink,
-) -> Result<(), SendError> {
+) -> Result<Visit, SendError> {
     const BLOCK: usize = 64;
     let cluster = 1u64 << to.geometry().cluster_bits;
     let none = vec![
@@ -279,11 +304,11 @@ fn diff_standard_l2(
         for (k, (a, b)) in ba.iter().zip(bb).enumerate() {
             if (a ^ b) & !QCOW_OFLAG_COPIED != 0 {
                 let off = base + (block * BLOCK + k) as u64 * cluster;
-                push_status(to, off, (off + cluster).min(limit), sink)?;
+                stop_if_told!(push_status(to, off, (off + cluster).min(limit), sink));
             }
         }
     }
-    Ok(())
+    Ok(Visit::Continue)
 }
 
 const SUBCLUSTERS: u64 = 32;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use blkdelta_common::extent::{Extent, ExtentSink};
+use blkdelta_common::extent::{Extent, ExtentSink, Visit};
 use blkdelta_common::image::BlockSource;
 use blkdelta_common::stream::{ResumeToken, SourceInfo, Transition};
 use blkdelta_common::ImageError;
@@ -103,9 +103,9 @@ struct StartAt<'a> {
 }
 
 impl ExtentSink for StartAt<'_> {
-    fn push(&mut self, e: Extent) -> Result<(), ImageError> {
+    fn push(&mut self, e: Extent) -> Result<Visit, ImageError> {
         if e.end() <= self.offset {
-            return Ok(());
+            return Ok(Visit::Continue);
         }
         let start = e.offset.max(self.offset);
         self.inner.push(Extent::new(start, e.end() - start, e.kind))
@@ -129,7 +129,7 @@ mod tests {
             Extent::new(50, 100, ExtentKind::Zero),
             Extent::new(200, 10, ExtentKind::Discard),
         ] {
-            s.push(e).unwrap();
+            assert_eq!(s.push(e).unwrap(), Visit::Continue);
         }
         assert_eq!(
             out,

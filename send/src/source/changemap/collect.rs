@@ -1,14 +1,7 @@
 //! Gathering a map's ranges: checked against the device as they are read, then sorted and
 //! merged, with discarded ranges cut where a changed range covers them.
 
-use super::parse::{MapError, MapKind, MapRange};
-
-fn invalid<T>(line: u64, reason: impl Into<String>) -> Result<T, MapError> {
-    Err(MapError::Invalid {
-        line,
-        reason: reason.into(),
-    })
-}
+use super::map::{invalid, MapError, MapKind, MapRange};
 
 /// A half-open byte range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,6 @@
-//! A small streaming reader of the XML that thin_delta and era_invalidate print: one tag at a
-//! time, with its attributes and the line it starts on.
+//! The tags of the XML that thin_delta and era_invalidate print, read with quick-xml (the
+//! reader thin-provisioning-tools' own XML code is written with): one tag at a time, with its
+//! attributes and the line it starts on.
 //!
 //! ```text
 //! <superblock uuid="" data_block_size="128" ...>     start tag       Tag { kind: Start, .. }
@@ -7,16 +8,30 @@
 //! </superblock>                                       end tag         Tag { kind: End, .. }
 //! ```
 //!
-//! Only what those tools write is understood: tags, attributes in single or double quotes,
+//! Only what those tools write is accepted: tags, attributes in single or double quotes,
 //! comments, the `<?xml ...?>` declaration, and whitespace between tags. Anything else (text,
-//! DOCTYPE, CDATA) is refused with its line. Memory is bounded: a tag longer than
-//! [`MAX_TAG_BYTES`] is refused, comments are skipped without being kept. Entity references in
-//! attribute values are not decoded: the values read are numbers, which never hold one.
+//! DOCTYPE, CDATA) is refused with its line. quick-xml reports byte positions; lines are
+//! counted here from the bytes of each event. Memory is bounded: a tag, comment or run of
+//! whitespace longer than [`MAX_TAG_BYTES`] is refused while it is being read, and a tag may
+//! have at most 32 attributes. Entity references in attribute values are not decoded: the
+//! values read are numbers, which never hold one.
 
-use std::io::{self, BufRead};
+use std::io::{self, BufRead, Read};
 
-/// The longest tag accepted, in bytes (the tools' longest is about a hundred).
+use quick_xml::errors::{Error as QuickError, SyntaxError};
+use quick_xml::events::attributes::AttrError;
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::Reader;
+
+use super::map::clip;
+
+/// The longest tag accepted, in bytes (the tools' longest is about a hundred); comments and
+/// whitespace between tags are held to it too, as quick-xml keeps each event whole.
 pub const MAX_TAG_BYTES: usize = 64 << 10;
+
+/// Most attributes a tag may have: the formats read here use at most 8. Bounds the work of
+/// the duplicate check, which compares each attribute with the ones before it.
+const MAX_ATTRS: usize = 32;
 
 /// What kind of tag was read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,12 +81,6 @@ pub enum XmlError {
     },
 }
 
-impl From<io::Error> for XmlError {
-    fn from(e: io::Error) -> Self {
-        XmlError::Io(e)
-    }
-}
-
 fn syntax<T>(line: u64, reason: impl Into<String>) -> Result<T, XmlError> {
     Err(XmlError::Syntax {
         line,
@@ -79,111 +88,167 @@ fn syntax<T>(line: u64, reason: impl Into<String>) -> Result<T, XmlError> {
     })
 }
 
+/// The input, refusing to hand quick-xml more than [`MAX_TAG_BYTES`] (and one buffer) for one
+/// event: quick-xml keeps an event's bytes whole, however long.
+struct Bounded<R> {
+    inner: R,
+    /// Bytes consumed since the current event started.
+    used: usize,
+    /// The limit was reached.
+    over: bool,
+}
+
+impl<R: BufRead> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.fill_buf()?.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.fill_buf()?[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for Bounded<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.used > MAX_TAG_BYTES + 2 {
+            self.over = true;
+            return Err(io::Error::other("markup too long"));
+        }
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.used += n;
+        self.inner.consume(n);
+    }
+}
+
+/// What one event was, copied out of quick-xml's buffer.
+enum Markup {
+    Tag(TagKind, String),
+    /// Text: whitespace, or something else at this byte of it.
+    Text(Option<usize>),
+    /// A comment, the declaration or a processing instruction.
+    Skipped,
+    /// DOCTYPE, CDATA or an entity reference.
+    Unsupported,
+    End,
+}
+
 /// Reads tags one after the other from a buffered reader.
 pub struct XmlReader<R: BufRead> {
-    input: R,
+    reader: Reader<Bounded<R>>,
+    buf: Vec<u8>,
     line: u64,
 }
 
 impl<R: BufRead> XmlReader<R> {
     /// A reader whose first byte is on line `line`.
     pub fn new(input: R, line: u64) -> Self {
-        XmlReader { input, line }
+        let bounded = Bounded {
+            inner: input,
+            used: 0,
+            over: false,
+        };
+        let mut reader = Reader::from_reader(bounded);
+        let config = reader.config_mut();
+        // The parser matches end tags itself, naming the line of the start tag.
+        config.check_end_names = false;
+        config.allow_unmatched_ends = true;
+        config.expand_empty_elements = false;
+        config.trim_text(false);
+        XmlReader {
+            reader,
+            buf: Vec::new(),
+            line,
+        }
     }
 
     /// The next tag, or `None` at the end of the document.
     pub fn next_tag(&mut self) -> Result<Option<Tag>, XmlError> {
         loop {
-            if !self.skip_to_markup()? {
-                return Ok(None);
-            }
             let line = self.line;
-            match self.peek()? {
-                Some(b'?') => self.skip_until(b"?>", line, "<?")?,
-                Some(b'!') => self.skip_comment(line)?,
-                _ => return self.read_tag(line).map(Some),
+            let markup = self.next_markup(line)?;
+            // The event's bytes, delimiters aside (which hold no line break), are in `buf`.
+            let newlines = |b: &[u8]| b.iter().filter(|&&c| c == b'\n').count() as u64;
+            match markup {
+                Markup::End => return Ok(None),
+                Markup::Tag(kind, body) => {
+                    self.line += newlines(&self.buf);
+                    return parse_tag(kind, &body, line).map(Some);
+                }
+                Markup::Text(Some(at)) => {
+                    return syntax(line + newlines(&self.buf[..at]), "text outside a tag")
+                }
+                Markup::Unsupported => {
+                    return syntax(
+                        line,
+                        "unsupported markup <!... (only comments are accepted)",
+                    )
+                }
+                Markup::Text(None) | Markup::Skipped => self.line += newlines(&self.buf),
             }
         }
     }
 
-    fn peek(&mut self) -> io::Result<Option<u8>> {
-        Ok(self.input.fill_buf()?.first().copied())
-    }
-
-    fn byte(&mut self) -> io::Result<Option<u8>> {
-        let b = self.peek()?;
-        if let Some(b) = b {
-            self.input.consume(1);
-            if b == b'\n' {
-                self.line += 1;
-            }
+    /// Reads one event and copies out what the caller needs of it.
+    fn next_markup(&mut self, line: u64) -> Result<Markup, XmlError> {
+        self.buf.clear();
+        self.reader.get_mut().used = 0;
+        let event = match self.reader.read_event_into(&mut self.buf) {
+            Ok(event) => event,
+            Err(e) => return Err(read_error(e, line, self.reader.get_ref().over)),
+        };
+        let markup = match event {
+            Event::Start(t) => Markup::Tag(TagKind::Start, start_body(&t)),
+            Event::Empty(t) => Markup::Tag(TagKind::Empty, start_body(&t)),
+            Event::End(t) => Markup::Tag(TagKind::End, t.to_string()),
+            Event::Text(t) => Markup::Text(t.find(|c: char| !c.is_ascii_whitespace())),
+            Event::Comment(_) | Event::Decl(_) | Event::PI(_) => Markup::Skipped,
+            Event::GeneralRef(_) => Markup::Text(Some(0)),
+            Event::DocType(_) | Event::CData(_) => Markup::Unsupported,
+            Event::Eof => Markup::End,
+        };
+        if self.reader.get_ref().used > MAX_TAG_BYTES + 2 {
+            return syntax(line, too_long());
         }
-        Ok(b)
+        Ok(markup)
     }
+}
 
-    /// Skips whitespace up to and including the next `<`; false at the end of the input.
-    fn skip_to_markup(&mut self) -> Result<bool, XmlError> {
-        loop {
-            match self.byte()? {
-                None => return Ok(false),
-                Some(b'<') => return Ok(true),
-                Some(b) if b.is_ascii_whitespace() => {}
-                Some(_) => return syntax(self.line, "text outside a tag"),
-            }
-        }
-    }
+fn too_long() -> String {
+    format!("tag, comment or whitespace longer than {MAX_TAG_BYTES} bytes")
+}
 
-    /// Skips input up to and including `end`, which must come before the end of the input.
-    fn skip_until(&mut self, end: &[u8], line: u64, what: &str) -> Result<(), XmlError> {
-        // The last bytes read, as many as `end` has.
-        let mut tail = Vec::with_capacity(end.len() + 1);
-        while tail != end {
-            let Some(b) = self.byte()? else {
-                return syntax(line, format!("{what} is not closed"));
-            };
-            tail.push(b);
-            if tail.len() > end.len() {
-                tail.remove(0);
-            }
-        }
-        Ok(())
-    }
+/// What lies between `<` and `>` of a start tag or empty element.
+fn start_body(t: &BytesStart<'_>) -> String {
+    t.to_string()
+}
 
-    fn skip_comment(&mut self, line: u64) -> Result<(), XmlError> {
-        self.byte()?; // the '!'
-        for _ in 0..2 {
-            if self.byte()? != Some(b'-') {
-                return syntax(
-                    line,
-                    "unsupported markup <!... (only comments are accepted)",
-                );
-            }
+/// quick-xml's error, at the line where the event that failed starts.
+fn read_error(e: QuickError, line: u64, over: bool) -> XmlError {
+    let reason = match e {
+        _ if over => too_long(),
+        QuickError::Io(e) => {
+            return XmlError::Io(io::Error::new(e.kind(), e.to_string()));
         }
-        self.skip_until(b"-->", line, "comment")
-    }
-
-    /// Reads the rest of a tag after its `<`, up to the `>` that is not inside quotes.
-    fn read_tag(&mut self, line: u64) -> Result<Tag, XmlError> {
-        let mut body = Vec::new();
-        let mut quote = None;
-        loop {
-            let Some(b) = self.byte()? else {
-                return syntax(line, "tag is not closed");
-            };
-            match (quote, b) {
-                (None, b'>') => break,
-                (None, b'<') => return syntax(line, "'<' inside a tag"),
-                (None, b'"' | b'\'') => quote = Some(b),
-                (Some(q), _) if q == b => quote = None,
-                _ => {}
+        QuickError::Syntax(s) => match s {
+            SyntaxError::InvalidBangMarkup
+            | SyntaxError::UnclosedDoctype
+            | SyntaxError::UnclosedCData => {
+                "unsupported markup <!... (only comments are accepted)".into()
             }
-            if body.len() == MAX_TAG_BYTES {
-                return syntax(line, format!("tag longer than {MAX_TAG_BYTES} bytes"));
+            SyntaxError::UnclosedComment => "comment is not closed".into(),
+            SyntaxError::UnclosedPI | SyntaxError::UnclosedXmlDecl => "<? is not closed".into(),
+            SyntaxError::UnclosedTag => "tag is not closed".into(),
+            SyntaxError::UnclosedSingleQuotedAttributeValue
+            | SyntaxError::UnclosedDoubleQuotedAttributeValue => {
+                "tag is not closed (an attribute value is open)".into()
             }
-            body.push(b);
-        }
-        parse_tag(&body, line)
-    }
+        },
+        QuickError::Encoding(_) => "not UTF-8 text".into(),
+        other => clip(&other.to_string()),
+    };
+    XmlError::Syntax { line, reason }
 }
 
 fn is_name_byte(b: u8) -> bool {
@@ -191,118 +256,107 @@ fn is_name_byte(b: u8) -> bool {
 }
 
 /// Splits `s` into a leading name and the rest.
-fn take_name(s: &[u8]) -> (&[u8], &[u8]) {
-    let n = s.iter().position(|&b| !is_name_byte(b)).unwrap_or(s.len());
+fn take_name(s: &str) -> (&str, &str) {
+    let n = s.bytes().position(|b| !is_name_byte(b)).unwrap_or(s.len());
     s.split_at(n)
 }
 
-fn trim_start(s: &[u8]) -> &[u8] {
-    let n = s
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(s.len());
-    &s[n..]
-}
-
-fn text(s: &[u8]) -> String {
-    String::from_utf8_lossy(s).into_owned()
-}
-
-/// `s` cut to a length fit for a one-line error message, control characters (a line break,
-/// a carriage return) shown as spaces.
-pub fn clip(s: &str) -> String {
-    const MAX_CHARS: usize = 40;
-    let shown = |t: &str| -> String {
-        t.chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect()
-    };
-    match s.char_indices().nth(MAX_CHARS) {
-        Some((at, _)) => format!("{}...", shown(&s[..at])),
-        None => shown(s),
-    }
-}
-
-/// Most attributes a tag may have: the formats read here use at most 8. Bounds the work of
-/// the duplicate check, which compares each attribute with the ones before it.
-const MAX_ATTRS: usize = 32;
-
-/// Parses what lies between `<` and `>`.
-fn parse_tag(body: &[u8], line: u64) -> Result<Tag, XmlError> {
-    let (kind, inner) = match body {
-        [b'/', rest @ ..] => (TagKind::End, rest),
-        [rest @ .., b'/'] => (TagKind::Empty, rest),
-        _ => (TagKind::Start, body),
-    };
-    let (name, mut rest) = take_name(inner);
+/// Checks the name of a tag whose body (between `<` and `>` or `/>`) is `body`, and reads
+/// its attributes with quick-xml.
+fn parse_tag(kind: TagKind, body: &str, line: u64) -> Result<Tag, XmlError> {
+    let (name, rest) = take_name(body);
     if name.is_empty() {
-        return syntax(line, format!("tag <{}> has no name", clip(&text(body))));
+        return syntax(line, format!("tag <{}> has no name", clip(body)));
     }
-    let name = text(name);
+    let shown = clip(name);
+    let trimmed = rest.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    let attrs_follow = !trimmed.is_empty();
+    if attrs_follow && (kind == TagKind::End || trimmed.len() == rest.len()) {
+        return syntax(line, format!("<{shown}>: unexpected '{}'", clip(trimmed)));
+    }
+    if let Some(at) = value_without_space_after(rest) {
+        return syntax(
+            line,
+            format!("<{shown}>: unexpected '{}'", clip(&rest[at..])),
+        );
+    }
     let mut attrs: Vec<(String, String)> = Vec::new();
-    loop {
-        let trimmed = trim_start(rest);
-        if trimmed.is_empty() {
-            break;
+    if attrs_follow {
+        let start = BytesStart::from_content(body, name.len());
+        let mut iter = start.attributes();
+        iter.with_checks(false);
+        for attr in iter {
+            if attrs.len() == MAX_ATTRS {
+                return syntax(
+                    line,
+                    format!("<{shown}> has more than {MAX_ATTRS} attributes"),
+                );
+            }
+            let attr = attr.map_err(|e| attr_error(e, &shown, body, line))?;
+            let key = attr.key.as_ref().to_string();
+            if attrs.iter().any(|(a, _)| *a == key) {
+                return syntax(
+                    line,
+                    format!("<{shown}>: attribute {} given twice", clip(&key)),
+                );
+            }
+            attrs.push((key, attr.value.into_owned()));
         }
-        if kind == TagKind::End || trimmed.len() == rest.len() {
-            return syntax(
-                line,
-                format!("<{}>: unexpected '{}'", clip(&name), clip(&text(trimmed))),
-            );
-        }
-        if attrs.len() == MAX_ATTRS {
-            return syntax(
-                line,
-                format!("<{}> has more than {MAX_ATTRS} attributes", clip(&name)),
-            );
-        }
-        let (attr, value, after) = parse_attr(trimmed, &name, line)?;
-        if attrs.iter().any(|(a, _)| *a == attr) {
-            return syntax(
-                line,
-                format!("<{}>: attribute {} given twice", clip(&name), clip(&attr)),
-            );
-        }
-        attrs.push((attr, value));
-        rest = after;
     }
     Ok(Tag {
         kind,
-        name,
+        name: name.to_string(),
         attrs,
         line,
     })
 }
 
-/// Parses `name = "value"` at the start of `s`; returns it and what follows.
-fn parse_attr<'a>(
-    s: &'a [u8],
-    tag: &str,
-    line: u64,
-) -> Result<(String, String, &'a [u8]), XmlError> {
-    let (attr, rest) = take_name(s);
-    let tag = clip(tag);
-    if attr.is_empty() {
-        return syntax(line, format!("<{tag}>: unexpected '{}'", clip(&text(s))));
+/// Where something other than whitespace follows the closing quote of a value: XML wants
+/// attributes apart, and quick-xml reads `x="1"y="2"` as two.
+fn value_without_space_after(attrs: &str) -> Option<usize> {
+    let mut quote = None;
+    let mut closed = false;
+    for (at, c) in attrs.char_indices() {
+        if closed && !c.is_ascii_whitespace() {
+            return Some(at);
+        }
+        closed = false;
+        match quote {
+            None if c == '"' || c == '\'' => quote = Some(c),
+            Some(q) if q == c => {
+                quote = None;
+                closed = true;
+            }
+            _ => {}
+        }
     }
-    let attr = text(attr);
-    let shown = clip(&attr);
-    let rest = trim_start(rest);
-    let Some(rest) = rest.strip_prefix(b"=") else {
-        return syntax(line, format!("<{tag}>: attribute {shown} has no value"));
+    None
+}
+
+/// An attribute quick-xml refused, with the text where it did.
+fn attr_error(e: AttrError, tag: &str, body: &str, line: u64) -> XmlError {
+    let near = |at: usize| clip(body.get(at.min(body.len())..).unwrap_or(""));
+    let reason = match e {
+        AttrError::ExpectedEq(at) | AttrError::ExpectedValue(at) => {
+            format!("<{tag}>: an attribute has no value at '{}'", near(at))
+        }
+        AttrError::UnquotedValue(at) => {
+            format!(
+                "<{tag}>: an attribute value is not quoted at '{}'",
+                near(at)
+            )
+        }
+        AttrError::ExpectedQuote(at, _) => {
+            format!(
+                "<{tag}>: an attribute value is not closed at '{}'",
+                near(at)
+            )
+        }
+        AttrError::Duplicated(at, _) => {
+            format!("<{tag}>: an attribute is given twice at '{}'", near(at))
+        }
     };
-    let rest = trim_start(rest);
-    let Some((&q, rest)) = rest
-        .split_first()
-        .filter(|(q, _)| matches!(q, b'"' | b'\''))
-    else {
-        return syntax(line, format!("<{tag}>: value of {shown} is not quoted"));
-    };
-    let Some(end) = rest.iter().position(|&b| b == q) else {
-        return syntax(line, format!("<{tag}>: value of {shown} is not closed"));
-    };
-    Ok((attr, text(&rest[..end]), &rest[end + 1..]))
+    XmlError::Syntax { line, reason }
 }
 
 #[cfg(test)]

@@ -1,3 +1,4 @@
+use super::super::map::MapRange;
 use super::*;
 
 const MIB: u64 = 1 << 20;
