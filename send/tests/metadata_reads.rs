@@ -107,6 +107,11 @@ fn have(program: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
+        assert!(
+            std::env::var_os("BLKDELTA_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
+            "{} is required (BLKDELTA_REQUIRE_TOOLS=1): apt-get install qemu-utils",
+            program
+        );
         eprintln!("SKIPPED: {program} is not installed (apt-get install qemu-utils)");
     }
     found

@@ -14,6 +14,11 @@ fn have_qemu_img() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
+        assert!(
+            std::env::var_os("BLKDELTA_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
+            "{} is required (BLKDELTA_REQUIRE_TOOLS=1): apt-get install qemu-utils",
+            "qemu-img"
+        );
         eprintln!("SKIPPED: qemu-img is not installed (apt-get install qemu-utils)");
     }
     found

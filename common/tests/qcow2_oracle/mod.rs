@@ -11,6 +11,11 @@ use blkdelta_common::image::{Allocation, BlockSource};
 pub fn have_qemu() -> bool {
     for tool in ["qemu-img", "qemu-io"] {
         if Command::new(tool).arg("--version").output().is_err() {
+            assert!(
+                std::env::var_os("BLKDELTA_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
+                "{} is required (BLKDELTA_REQUIRE_TOOLS=1): apt-get install qemu-utils",
+                tool
+            );
             eprintln!(
                 "SKIPPED: {tool} is not installed (install qemu-utils); qcow2 reader test not run"
             );
