@@ -179,7 +179,7 @@ fn bytes_at(file: &File, offset: u64, len: usize) -> Vec<u8> {
     buf
 }
 
-/// The disk-range L1 entries of each named snapshot, parsed from the file (QCOW2.md §1, §9).
+/// The disk-range L1 entries of each named snapshot, parsed from the file (qemu's docs/interop/qcow2.rst: the header and the snapshot table).
 fn snapshot_l1s(img: &Path, names: &[&str]) -> Vec<Vec<u64>> {
     let file = File::open(img).unwrap();
     let h = bytes_at(&file, 0, 72);
