@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::*;
+use crate::common::{
+    assert_same_prefix, blkdelta_ok, checksum, export, have, pipe, qemu_io, receive_file, run,
+    send_to_file, snapshot, spec, Loop, Scratch,
+};
 
 /// The device starts with qemu's export of `img@snap` (kept as `SNAP.raw`, which is returned)
 /// and has the checksum of that snapshot.

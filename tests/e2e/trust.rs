@@ -9,7 +9,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::common::*;
+use crate::common::{
+    arg, assert_ok, assert_refused, assert_same_file, assert_same_prefix, bin, blkdelta,
+    blkdelta_env, blkdelta_ok, checksum, export, flip_bytes, have, io, pipe, pipe_args, qemu_io,
+    random, receive_file, records_of, run, send_to_file, snapshot, spec, status_env, stderr, Loop,
+    Scratch,
+};
 
 /// A 16 MiB image with snapshots s0, s1, s2: random data, a pattern, zeros.
 fn history(s: &Scratch) -> PathBuf {

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use crate::common::{
+    assert_same_file, blkdelta_in, blkdelta_ok, checksum, export, have, lock_held, one_error_line,
+    pipe_args_in, qemu_io, run, Reaped, Scratch,
+};
 
 /// `blkdelta send -q SEND_ARGS | blkdelta receive -q TARGET RECV_ARGS`, both run in `dir`.
 fn pipe_in(dir: &Path, send_args: &[&str], target: &Path, recv_args: &[&str]) -> Output {
