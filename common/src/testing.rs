@@ -11,7 +11,7 @@ pub struct Rng(pub u64);
 
 impl Rng {
     /// The next number of the sequence.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -23,16 +23,16 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            self.next() % n
+            self.next_u64() % n
         }
     }
 
     /// Bytes that are mostly one value with a few others sprinkled in (cheap to make).
     pub fn bytes(&mut self, len: u64) -> Vec<u8> {
-        let mut v = vec![self.next() as u8; len as usize];
+        let mut v = vec![self.next_u64() as u8; len as usize];
         for _ in 0..8.min(len) {
             let at = self.below(len) as usize;
-            v[at] = self.next() as u8;
+            v[at] = self.next_u64() as u8;
         }
         v
     }
