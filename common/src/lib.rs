@@ -21,5 +21,7 @@ pub mod image;
 pub mod limits;
 pub mod progress;
 pub mod stream;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 pub use error::{ImageError, StreamError};

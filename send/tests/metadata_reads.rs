@@ -12,11 +12,12 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use blkdelta_common::extent::{Extent, ExtentKind};
 use blkdelta_common::image::qcow2::Layer;
 use blkdelta_common::image::BlockSource;
+use blkdelta_common::testing::{have, Rng};
 use blkdelta_send::pipeline::{plan_transitions, send, SendOptions};
 use blkdelta_send::source::{Qcow2Snapshots, SnapshotSpec};
 use blkdelta_send::{ChangeSource, NoProgress};
@@ -38,22 +39,6 @@ const OVERWRITES: usize = 100;
 /// `-c` commands per qemu-io call.
 const BATCH: usize = 1000;
 const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-
-/// xorshift64*, the generator `bench/metaops.py` implements too.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The fixture's writes as guest cluster indices: one cluster in every L2 range before s1,
 /// then the changed clusters (in write order), and the L2 ranges those fall in.
@@ -97,24 +82,6 @@ fn plan(seed: u64, changed_ranges: usize) -> Plan {
 /// The byte pattern of the `i`-th write of a batch list (never 0).
 fn pattern(i: usize) -> u8 {
     (i % 255) as u8 + 1
-}
-
-fn have(program: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {program}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("BLKDELTA_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
-            "{} is required (BLKDELTA_REQUIRE_TOOLS=1): apt-get install qemu-utils",
-            program
-        );
-        eprintln!("SKIPPED: {program} is not installed (apt-get install qemu-utils)");
-    }
-    found
 }
 
 fn run(cmd: &mut Command) {

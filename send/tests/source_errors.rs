@@ -2,26 +2,13 @@
 //! finds BASE, through the library functions the CLI calls. Images are made with qemu-img.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use blkdelta_send::source::{open_source, open_source_opts, SourceOptions};
 use blkdelta_send::SendError;
 
 fn have_qemu_img() -> bool {
-    let found = Command::new("qemu-img")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("BLKDELTA_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
-            "{} is required (BLKDELTA_REQUIRE_TOOLS=1): apt-get install qemu-utils",
-            "qemu-img"
-        );
-        eprintln!("SKIPPED: qemu-img is not installed (apt-get install qemu-utils)");
-    }
-    found
+    blkdelta_common::testing::have("qemu-img")
 }
 
 fn qemu_img(dir: &Path, args: &[&str]) {

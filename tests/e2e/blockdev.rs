@@ -1,8 +1,25 @@
 //! Receiving into a block device (a loop device), and checksums across formats.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::*;
+use crate::common::{
+    assert_same_prefix, blkdelta_ok, checksum, export, have, pipe, qemu_io, receive_file, run,
+    send_to_file, snapshot, spec, Loop, Scratch,
+};
+
+/// The device starts with qemu's export of `img@snap` (kept as `SNAP.raw`, which is returned)
+/// and has the checksum of that snapshot.
+fn assert_device_holds(s: &Scratch, img: &Path, snap: &str, dev: &Loop, st: &str) -> PathBuf {
+    let e = s.path(&format!("{snap}.raw"));
+    export(img, Some(snap), &e);
+    assert_same_prefix(dev.path(), &e);
+    assert_eq!(
+        checksum(&spec(img, snap), &[]),
+        checksum(&dev.0, &["--state", st])
+    );
+    e
+}
 
 #[test]
 fn seed_and_incremental_into_a_loop_device() {
@@ -31,18 +48,16 @@ fn seed_and_incremental_into_a_loop_device() {
     snapshot(&img, "s2");
 
     // A backing file larger than the image, full of old data: the replica must still match.
-    let backing = s.path("dev.img");
-    std::fs::write(&backing, vec![0xeeu8; 40 << 20]).unwrap();
-    let Some(dev) = Loop::attach(&backing, false) else {
+    let Some(dev) = Loop::over_new_file(&s.path("dev.img"), 40 << 20, 0xee) else {
         return;
     };
     let state = s.path("dev.state");
     let st = state.to_str().unwrap();
-    let devp = std::path::Path::new(&dev.0);
+    let devp = dev.path();
 
     // Unknown data on the device: a seed needs --force.
     let seed = s.path("seed.bd");
-    send_to_file(&format!("{}@s1", img.display()), &seed);
+    send_to_file(&spec(&img, "s1"), &seed);
     let out = receive_file(&seed, devp, &["--state", st]);
     assert_eq!(out.status.code(), Some(1));
     assert!(receive_file(&seed, devp, &["--state", st, "--force"])
@@ -52,14 +67,12 @@ fn seed_and_incremental_into_a_loop_device() {
     export(&img, Some("s1"), &e1);
     assert_same_prefix(devp, &e1);
 
-    pipe(&format!("{}@s1..s2", img.display()), devp, &["--state", st]);
-    let e2 = s.path("s2.raw");
-    export(&img, Some("s2"), &e2);
-    assert_same_prefix(devp, &e2);
-
-    let d = checksum(&format!("{}@s2", img.display()), &[]);
-    assert_eq!(d, checksum(&dev.0, &["--state", st]));
-    assert_eq!(d, checksum(e2.to_str().unwrap(), &[]));
+    pipe(&spec(&img, "s1..s2"), devp, &["--state", st]);
+    let e2 = assert_device_holds(&s, &img, "s2", &dev, st);
+    assert_eq!(
+        checksum(&spec(&img, "s2"), &[]),
+        checksum(e2.to_str().unwrap(), &[])
+    );
     let status = blkdelta_ok(&["status", &dev.0, "--state", st]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("holds snapshot 's2'"));
 }
@@ -72,17 +85,15 @@ fn device_too_small_is_refused() {
     let s = Scratch::new();
     let img = s.qcow2("vm.qcow2", "32M", "");
     snapshot(&img, "s1");
-    let backing = s.path("small.img");
-    std::fs::write(&backing, vec![0u8; 8 << 20]).unwrap();
-    let Some(dev) = Loop::attach(&backing, false) else {
+    let Some(dev) = Loop::over_new_file(&s.path("small.img"), 8 << 20, 0) else {
         return;
     };
     let seed = s.path("seed.bd");
-    send_to_file(&format!("{}@s1", img.display()), &seed);
+    send_to_file(&spec(&img, "s1"), &seed);
     let state = s.path("dev.state");
     let out = receive_file(
         &seed,
-        std::path::Path::new(&dev.0),
+        dev.path(),
         &["--state", state.to_str().unwrap(), "--force"],
     );
     assert_eq!(out.status.code(), Some(1));
@@ -104,31 +115,18 @@ fn growing_onto_a_device_zeroes_the_grown_range() {
         .arg(&img)
         .arg("2M"));
     snapshot(&img, "big");
-    let backing = s.path("dev.img");
-    std::fs::write(&backing, vec![0xeeu8; 4 << 20]).unwrap();
-    let Some(dev) = Loop::attach(&backing, false) else {
+    let Some(dev) = Loop::over_new_file(&s.path("dev.img"), 4 << 20, 0xee) else {
         return;
     };
     let state = s.path("dev.state");
     let st = state.to_str().unwrap();
-    let devp = std::path::Path::new(&dev.0);
     pipe(
-        &format!("{}@small", img.display()),
-        devp,
+        &spec(&img, "small"),
+        dev.path(),
         &["--state", st, "--force"],
     );
-    pipe(
-        &format!("{}@small..big", img.display()),
-        devp,
-        &["--state", st],
-    );
-    let e = s.path("big.raw");
-    export(&img, Some("big"), &e);
-    assert_same_prefix(devp, &e);
-    assert_eq!(
-        checksum(&format!("{}@big", img.display()), &[]),
-        checksum(&dev.0, &["--state", st])
-    );
+    pipe(&spec(&img, "small..big"), dev.path(), &["--state", st]);
+    assert_device_holds(&s, &img, "big", &dev, st);
 }
 
 /// An undo stream taken on a device covers the replica, not the whole (larger) device.
@@ -143,22 +141,16 @@ fn undo_on_a_device_rolls_back_the_replica() {
     snapshot(&img, "a");
     qemu_io(&img, &["write -P 0x6 1M 1M".into(), "discard 3M 1M".into()]);
     snapshot(&img, "b");
-    let backing = s.path("dev.img");
-    std::fs::write(&backing, vec![0xeeu8; 16 << 20]).unwrap();
-    let Some(dev) = Loop::attach(&backing, false) else {
+    let Some(dev) = Loop::over_new_file(&s.path("dev.img"), 16 << 20, 0xee) else {
         return;
     };
     let state = s.path("dev.state");
     let st = state.to_str().unwrap();
-    let devp = std::path::Path::new(&dev.0);
-    pipe(
-        &format!("{}@a", img.display()),
-        devp,
-        &["--state", st, "--force"],
-    );
+    let devp = dev.path();
+    pipe(&spec(&img, "a"), devp, &["--state", st, "--force"]);
     let undo = s.path("undo.bd");
     let stream = s.path("ab.bd");
-    send_to_file(&format!("{}@a..b", img.display()), &stream);
+    send_to_file(&spec(&img, "a..b"), &stream);
     let out = receive_file(
         &stream,
         devp,
@@ -181,7 +173,7 @@ fn undo_on_a_device_rolls_back_the_replica() {
     assert_eq!(head["virtual_size"].as_u64(), Some(4 << 20));
     assert!(receive_file(&undo, devp, &["--state", st]).status.success());
     assert_eq!(
-        checksum(&format!("{}@a", img.display()), &[]),
+        checksum(&spec(&img, "a"), &[]),
         checksum(&dev.0, &["--state", st])
     );
 }

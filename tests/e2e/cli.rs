@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
-use crate::common::*;
+use crate::common::{
+    assert_same_file, bin, blkdelta, blkdelta_ok, export, have, one_error_line, pipe, qemu_io,
+    receive_file, run, send_to_file, snapshot, Scratch,
+};
 
 fn three_snapshots(s: &Scratch) -> PathBuf {
     let img = s.qcow2("vm.qcow2", "16M", "");

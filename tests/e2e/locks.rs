@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use crate::common::{
+    assert_refused, assert_same_file, blkdelta, blkdelta_ok, checksum, export, have, lock_held,
+    qemu_io, random, receive_file, run, send_to_file, snapshot, spec, Reaped, Receiver, Scratch,
+};
 use blkdelta_common::image::qcow2::Qcow2Image;
 
 /// QEMU's lock byte for "holds write permission" (`RAW_LOCK_PERM_BASE` + `BLK_PERM_WRITE`).

@@ -1,6 +1,9 @@
 //! End to end: qcow2 snapshots → stream → raw replica, compared with qemu's own export.
 
-use crate::common::*;
+use crate::common::{
+    allocated_bytes, assert_same_file, blkdelta_ok, checksum, delete_snapshot, drop_cache, export,
+    have, pipe, qemu_io, receive_file, run, send_to_file, snapshot, Scratch,
+};
 
 /// Builds an image with three snapshots holding random and patterned writes, zero writes,
 /// discards and compressed clusters, then a further write to the active layer.

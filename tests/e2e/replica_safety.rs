@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::*;
+use crate::common::{
+    assert_same_file, blkdelta_ok, export, have, io, pipe, random, receive_file, record_at,
+    send_to_file, spec, status_text, truncated_copy, Scratch,
+};
 
 /// A 16 MiB image with snapshots s0, s1, s2: random data, a pattern, zeros.
 fn history(s: &Scratch) -> PathBuf {

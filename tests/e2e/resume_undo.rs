@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::*;
+use crate::common::{
+    assert_same_file, blkdelta, blkdelta_ok, checksum, export, have, io, pipe, qemu_io, random,
+    receive_file, run, send_to_file, snapshot, spec, status_text, Scratch,
+};
 
 /// A 32 MiB image with snapshots s0 and s1: random data, then random data over part of it,
 /// zeros, a discard and a pattern.

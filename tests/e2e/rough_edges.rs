@@ -4,7 +4,11 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use crate::common::*;
+use crate::common::{
+    arg, assert_ok, assert_refused, bin, blkdelta, blkdelta_ok, have, io, one_line_failure,
+    pipe_args, random, receive_file, records_of, run_pipe, send_to_file, spec, status_text, stderr,
+    truncated_copy, Receiver, Scratch,
+};
 
 /// A 16 MiB image with snapshots s1 (6 MiB of random data: a stream larger than a pipe holds)
 /// and s2 (and 1 MiB of 0x02 after it).

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use crate::common::{
+    assert_same_file, bin, checksum, export, have, qemu_io, run, snapshot, write_text, Scratch,
+};
 
 const SSHD: &str = "/usr/sbin/sshd";
 

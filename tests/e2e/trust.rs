@@ -9,7 +9,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::common::*;
+use crate::common::{
+    arg, assert_ok, assert_refused, assert_same_file, assert_same_prefix, bin, blkdelta,
+    blkdelta_env, blkdelta_ok, checksum, export, flip_bytes, have, io, pipe, pipe_args, qemu_io,
+    random, receive_file, records_of, run, send_to_file, snapshot, spec, status_env, stderr, Loop,
+    Scratch,
+};
 
 /// A 16 MiB image with snapshots s0, s1, s2: random data, a pattern, zeros.
 fn history(s: &Scratch) -> PathBuf {
@@ -362,9 +367,7 @@ fn a_device_state_is_found_through_a_symlink() {
     }
     let s = Scratch::new();
     let img = history(&s);
-    let backing = s.path("dev.img");
-    std::fs::write(&backing, vec![0xeeu8; 20 << 20]).unwrap();
-    let Some(dev) = Loop::attach(&backing, false) else {
+    let Some(dev) = Loop::over_new_file(&s.path("dev.img"), 20 << 20, 0xee) else {
         return;
     };
     let state_dir = s.path("state");
@@ -396,8 +399,7 @@ fn checksum_of_a_device_without_state_says_it_digests_the_whole_device() {
     }
     let s = Scratch::new();
     let backing = s.path("dev.img");
-    std::fs::write(&backing, vec![0x3cu8; 8 << 20]).unwrap();
-    let Some(dev) = Loop::attach(&backing, false) else {
+    let Some(dev) = Loop::over_new_file(&backing, 8 << 20, 0x3c) else {
         return;
     };
     let state_dir = s.path("state");
@@ -774,9 +776,7 @@ fn a_device_written_behind_blkdeltas_back_is_found_by_verify_and_repaired() {
     }
     let s = Scratch::new();
     let img = history(&s);
-    let backing = s.path("dev.img");
-    std::fs::write(&backing, vec![0x5au8; 20 << 20]).unwrap();
-    let Some(dev) = Loop::attach(&backing, false) else {
+    let Some(dev) = Loop::over_new_file(&s.path("dev.img"), 20 << 20, 0x5a) else {
         return;
     };
     let state_dir = s.path("state");

@@ -1,9 +1,8 @@
 //! The state an apply leaves behind when it stops part way.
 
 use blkdelta_common::progress::NoProgress;
-use blkdelta_common::stream::{
-    encode_chunk, SnapRef, SourceInfo, StreamHeader, StreamReader, StreamWriter, Transition,
-};
+use blkdelta_common::stream::{encode_chunk, SnapRef, StreamHeader, StreamReader, StreamWriter};
+use blkdelta_common::testing::{stream_header, transition};
 
 use super::*;
 use crate::state::{InProgress, StateSnap};
@@ -15,21 +14,8 @@ const MIB: u64 = 1 << 20;
 /// leaves it).
 fn cut_seed(to: &SnapRef) -> StreamReader<std::io::Cursor<Vec<u8>>> {
     let header = StreamHeader {
-        stream_id: [0xee; 16],
-        virtual_size: SIZE,
-        source: SourceInfo {
-            kind: "qcow2".into(),
-            name: "vm.qcow2".into(),
-        },
-        transitions: vec![Transition {
-            from: None,
-            to: to.clone(),
-            virtual_size: SIZE,
-        }],
-        total_extents: 0,
         total_data_bytes: MIB,
-        total_zero_bytes: 0,
-        resume_offset: 0,
+        ..stream_header(vec![transition(None, to, SIZE)])
     };
     let mut w = StreamWriter::new(Vec::new(), &header).unwrap();
     w.data(&encode_chunk(0, &vec![0xab; MIB as usize], 1).unwrap())

@@ -1,7 +1,9 @@
 use std::time::Instant;
 
 use blkdelta_common::digest::image_digest;
-use blkdelta_common::image::{check_range, Allocation};
+use blkdelta_common::image::mem::MemImage;
+use blkdelta_common::image::Allocation;
+use blkdelta_common::testing::Rng;
 use blkdelta_common::ImageError;
 
 use super::*;
@@ -11,92 +13,8 @@ const MIB: u64 = BLOCK_BYTES;
 const PAGE: u64 = 4096;
 
 /// A disk in memory whose pages can be holes, that grows, shrinks, and fails reads on demand.
-struct Disk {
-    data: Vec<u8>,
-    allocated: Vec<bool>,
-    fail_reads: bool,
-}
-
-impl Disk {
-    fn new(size: u64) -> Self {
-        Disk {
-            data: vec![0; size as usize],
-            allocated: vec![false; size.div_ceil(PAGE) as usize],
-            fail_reads: false,
-        }
-    }
-
-    fn write(&mut self, offset: u64, bytes: &[u8]) {
-        let start = offset as usize;
-        self.data[start..start + bytes.len()].copy_from_slice(bytes);
-        let end = offset + bytes.len() as u64;
-        for p in offset / PAGE..end.div_ceil(PAGE) {
-            self.allocated[p as usize] = true;
-        }
-    }
-
-    /// Zeroes a range (clipped to the disk), making the pages it covers whole into holes.
-    fn zero(&mut self, offset: u64, len: u64) {
-        let end = (offset + len).min(self.size());
-        if offset >= end {
-            return;
-        }
-        self.data[offset as usize..end as usize].fill(0);
-        let last_whole = if end == self.size() {
-            end.div_ceil(PAGE)
-        } else {
-            end / PAGE
-        };
-        for p in offset.div_ceil(PAGE)..last_whole {
-            self.allocated[p as usize] = false;
-        }
-    }
-
-    fn resize(&mut self, size: u64) {
-        self.data.truncate(size as usize);
-        self.data.resize(size as usize, 0);
-        self.allocated.resize(size.div_ceil(PAGE) as usize, false);
-    }
-
-    fn block_hashes(&self) -> Vec<[u8; 32]> {
-        let blocks = self.data.chunks(BLOCK_BYTES as usize);
-        blocks.map(|b| *blake3::hash(b).as_bytes()).collect()
-    }
-}
-
-impl BlockSource for Disk {
-    fn size(&self) -> u64 {
-        self.data.len() as u64
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
-        check_range(offset, buf.len() as u64, self.size())?;
-        if self.fail_reads {
-            return Err(ImageError::Read {
-                offset,
-                len: buf.len(),
-                source: std::io::Error::other("injected fault"),
-            });
-        }
-        buf.copy_from_slice(&self.data[offset as usize..offset as usize + buf.len()]);
-        Ok(())
-    }
-
-    fn status(&self, offset: u64, max_len: u64) -> Result<(Allocation, u64), ImageError> {
-        check_range(offset, 1, self.size())?;
-        let limit = offset.saturating_add(max_len).min(self.size());
-        let first = self.allocated[(offset / PAGE) as usize];
-        let mut end = (offset / PAGE + 1) * PAGE;
-        while end < limit && self.allocated[(end / PAGE) as usize] == first {
-            end += PAGE;
-        }
-        let kind = if first {
-            Allocation::Data
-        } else {
-            Allocation::Hole
-        };
-        Ok((kind, end.min(limit) - offset))
-    }
+fn page_disk(size: u64) -> MemImage {
+    MemImage::new(size, PAGE)
 }
 
 /// A disk of any size whose every byte is data and every read fails: proves nothing is read.
@@ -118,32 +36,10 @@ impl BlockSource for Unreadable {
     }
 }
 
-/// xorshift64*: reproducible test sequences without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-    /// Bytes that are mostly one value with a few others sprinkled in (cheap to make).
-    fn bytes(&mut self, len: u64) -> Vec<u8> {
-        let mut v = vec![self.next() as u8; len as usize];
-        for _ in 0..8.min(len) {
-            let at = self.below(len) as usize;
-            v[at] = self.next() as u8;
-        }
-        v
-    }
+/// The hash of each block of the disk, the last one short when the disk is.
+fn block_hashes(disk: &MemImage) -> Vec<[u8; 32]> {
+    let blocks = disk.bytes().chunks(BLOCK_BYTES as usize);
+    blocks.map(|b| *blake3::hash(b).as_bytes()).collect()
 }
 
 fn all_hashes(kept: &KeptHashes) -> Vec<[u8; 32]> {
@@ -157,13 +53,9 @@ fn all_hashes(kept: &KeptHashes) -> Vec<[u8; 32]> {
     got
 }
 
-fn assert_matches(kept: &KeptHashes, disk: &Disk, what: &str) {
+fn assert_matches(kept: &KeptHashes, disk: &MemImage, what: &str) {
     assert_eq!(kept.size(), disk.size(), "{what}: size");
-    assert_eq!(
-        all_hashes(kept),
-        disk.block_hashes(),
-        "{what}: block hashes"
-    );
+    assert_eq!(all_hashes(kept), block_hashes(disk), "{what}: block hashes");
     assert_eq!(
         kept.digest().unwrap(),
         image_digest(disk, 2).unwrap(),
@@ -182,7 +74,7 @@ fn random_size(rng: &mut Rng) -> u64 {
 }
 
 /// One random change to both the disk and the kept hashes, as a receiver makes them.
-fn random_change(rng: &mut Rng, disk: &mut Disk, kept: &mut KeptHashes) -> String {
+fn random_change(rng: &mut Rng, disk: &mut MemImage, kept: &mut KeptHashes) -> String {
     let size = disk.size();
     let blocks = size.div_ceil(MIB);
     let roll = rng.below(100);
@@ -247,7 +139,7 @@ fn random_writes_zeroings_and_resizes_keep_the_hashes_of_the_disk() {
     for seed in 1..=12u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let path = dir.path().join(format!("{seed}.hashes"));
-        let mut disk = Disk::new(random_size(&mut rng));
+        let mut disk = page_disk(random_size(&mut rng));
         let mut kept = KeptHashes::open_or_create(&path, disk.size()).unwrap();
         assert_matches(&kept, &disk, "new");
         let mut log = Vec::new();
@@ -275,7 +167,7 @@ fn random_writes_zeroings_and_resizes_keep_the_hashes_of_the_disk() {
 fn open_or_create_keeps_an_existing_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.hashes");
-    let mut disk = Disk::new(3 * MIB);
+    let mut disk = page_disk(3 * MIB);
     let mut kept = KeptHashes::open_or_create(&path, disk.size()).unwrap();
     disk.write(MIB + 5, b"hello");
     kept.wrote(MIB + 5, 5, blake3::hash(b"hello").as_bytes());
@@ -289,7 +181,7 @@ fn open_or_create_keeps_an_existing_file() {
 fn rebuild_reads_the_whole_disk() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(77);
-    let mut disk = Disk::new(9 * MIB + 12345);
+    let mut disk = page_disk(9 * MIB + 12345);
     for _ in 0..20 {
         let at = rng.below(disk.size() - 9000);
         let len = 1 + rng.below(9000);
@@ -357,24 +249,24 @@ fn whole_blocks_and_long_zeroing_cost_no_read_and_little_space() {
 fn a_failed_read_keeps_the_updates_for_the_next_settle() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.hashes");
-    let mut disk = Disk::new(4 * MIB);
+    let mut disk = page_disk(4 * MIB);
     let mut kept = KeptHashes::open_or_create(&path, disk.size()).unwrap();
     disk.write(2 * MIB + 100, &[1; 100]);
     kept.wrote(2 * MIB + 100, 100, blake3::hash(&[1; 100]).as_bytes());
-    disk.fail_reads = true;
+    disk.fail_every_read(true);
     let err = kept.settle(&disk).unwrap_err().to_string();
     assert!(err.contains("block 2") && err.contains("x.hashes"), "{err}");
-    disk.fail_reads = false;
+    disk.fail_every_read(false);
     kept.settle(&disk).unwrap();
     assert_matches(&kept, &disk, "after the retry");
-    assert!(kept.settle(&Disk::new(MIB)).is_err(), "a smaller disk");
+    assert!(kept.settle(&page_disk(MIB)).is_err(), "a smaller disk");
 }
 
 #[test]
 fn shrink_and_grow_rehash_the_last_block() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.hashes");
-    let mut disk = Disk::new(3 * MIB);
+    let mut disk = page_disk(3 * MIB);
     let mut kept = KeptHashes::open_or_create(&path, disk.size()).unwrap();
     let bytes = vec![5u8; MIB as usize];
     for block in 0..3 {

@@ -1,7 +1,8 @@
 //! When an apply takes the kept hashes of the replica as they are, starts new ones, or drops
 //! them.
 
-use blkdelta_common::stream::{SnapRef, SourceInfo, StreamHeader, Transition};
+use blkdelta_common::stream::{SnapRef, StreamHeader};
+use blkdelta_common::testing::{snap, stream_header, transition};
 
 use super::*;
 use crate::identity::Identity;
@@ -10,31 +11,8 @@ use crate::state::{InProgress, StateSnap};
 
 const SIZE: u64 = 4 << 20;
 
-fn snap(name: &str, n: u8) -> SnapRef {
-    SnapRef {
-        name: name.into(),
-        guid: [n; 16],
-    }
-}
-
 fn header(from: Option<&SnapRef>, to: &SnapRef) -> StreamHeader {
-    StreamHeader {
-        stream_id: [0xee; 16],
-        virtual_size: SIZE,
-        source: SourceInfo {
-            kind: "qcow2".into(),
-            name: "vm.qcow2".into(),
-        },
-        transitions: vec![Transition {
-            from: from.cloned(),
-            to: to.clone(),
-            virtual_size: SIZE,
-        }],
-        total_extents: 0,
-        total_data_bytes: 0,
-        total_zero_bytes: 0,
-        resume_offset: 0,
-    }
+    stream_header(vec![transition(from, to, SIZE)])
 }
 
 fn file(ino: u64, size: u64) -> TargetProbe {

@@ -32,6 +32,17 @@ impl Loop {
         }
         Some(Loop(String::from_utf8(out.stdout).ok()?.trim().to_string()))
     }
+
+    /// Writes `file`, `len` bytes of `fill`, and attaches it read-write (see [`Loop::attach`]).
+    pub fn over_new_file(file: &Path, len: usize, fill: u8) -> Option<Loop> {
+        std::fs::write(file, vec![fill; len]).unwrap();
+        Loop::attach(file, false)
+    }
+
+    /// The device's path.
+    pub fn path(&self) -> &Path {
+        Path::new(&self.0)
+    }
 }
 
 impl Drop for Loop {

@@ -1,6 +1,7 @@
 //! The receiver SIGKILLed at many points of a multi-snapshot stream.
 
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::fixture::Fixture;
@@ -31,6 +32,43 @@ pub struct KillPoint {
     checkpointed: bool,
 }
 
+/// A point fed `fed` bytes, stdin left open, with checkpoints every MiB when `checkpoints`.
+fn point(
+    what: impl Into<String>,
+    fed: u64,
+    checkpoints: bool,
+    wait: Wait,
+    expect: Option<Truth>,
+) -> KillPoint {
+    KillPoint {
+        what: what.into(),
+        fed,
+        close: false,
+        checkpoints,
+        wait,
+        expect,
+        checkpointed: false,
+    }
+}
+
+impl KillPoint {
+    /// The point waits for a checkpoint: the durable offset must be above 0.
+    fn checkpointed(self) -> Self {
+        KillPoint {
+            checkpointed: true,
+            ..self
+        }
+    }
+
+    /// Stdin is closed after feeding.
+    fn closing(self) -> Self {
+        KillPoint {
+            close: true,
+            ..self
+        }
+    }
+}
+
 pub fn polls(mut cond: impl FnMut() -> bool, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !cond() {
@@ -44,6 +82,15 @@ pub fn holds(name: &'static str) -> fn(&str) -> bool {
         "s1" => |st| st.contains("holds snapshot 's1'"),
         "s2" => |st| st.contains("holds snapshot 's2'"),
         "s3" => |st| st.contains("holds snapshot 's3'"),
+        _ => unreachable!(),
+    }
+}
+
+/// `status` says the transition to `name` is under way past its first checkpoint.
+fn past_a_checkpoint(name: &'static str) -> fn(&str) -> bool {
+    match name {
+        "s1" => |st| st.contains("'s0' -> 's1'") && !st.contains("durable below offset 0)"),
+        "s3" => |st| st.contains("'s2' -> 's3'") && !st.contains("durable below offset 0)"),
         _ => unreachable!(),
     }
 }
@@ -65,203 +112,187 @@ pub fn sigkill_at_many_points_of_a_multi_snapshot_stream() {
         "the first data payload precedes the first checkpoint record"
     );
     let mut points = vec![
-        KillPoint {
-            // No checkpoint record seen: the records read are held back, nothing is written
-            // and nothing started (the replica is exactly s0).
-            what: "inside transition 0, in its first data payload, before any checkpoint".into(),
-            fed: f.rec(0, "data", 0).at + 300_000,
-            close: false,
-            checkpoints: true,
-            wait: Wait::Settle,
-            checkpointed: false,
-            expect: Some(Truth::Holds(0)),
-        },
-        KillPoint {
-            // Every record before it is read, but none is applied: the checkpoint that would
-            // vouch for them is not verified yet.
-            what: "inside transition 0's first checkpoint record".into(),
-            fed: first_ckpt.at + FRAME + 5,
-            close: false,
-            checkpoints: true,
-            wait: Wait::Settle,
-            checkpointed: false,
-            expect: Some(Truth::Holds(0)),
-        },
-        KillPoint {
-            what: "inside transition 0, after a checkpoint".into(),
-            fed: first_ckpt.end + 1000,
-            close: false,
-            checkpoints: true,
-            wait: Wait::Status(|st| {
-                st.contains("'s0' -> 's1'") && !st.contains("durable below offset 0)")
-            }),
-            checkpointed: true,
-            expect: Some(Truth::InProgress(1)),
-        },
-        KillPoint {
-            what: "just before s1's snapshot-end".into(),
-            fed: ends[0].at,
-            close: false,
-            checkpoints: false,
-            wait: Wait::Settle,
-            checkpointed: false,
-            expect: Some(Truth::InProgress(1)),
-        },
-        KillPoint {
-            what: "inside s1's snapshot-end frame header".into(),
-            fed: ends[0].at + FRAME / 2,
-            close: false,
-            checkpoints: true,
-            wait: Wait::Settle,
-            checkpointed: false,
-            expect: Some(Truth::InProgress(1)),
-        },
-        KillPoint {
-            what: "inside s1's snapshot-end body".into(),
-            fed: ends[0].at + FRAME + (ends[0].end - ends[0].at - FRAME) / 2,
-            close: false,
-            checkpoints: false,
-            wait: Wait::Settle,
-            checkpointed: false,
-            expect: Some(Truth::InProgress(1)),
-        },
-        KillPoint {
-            what: "right after s1's snapshot-end".into(),
-            fed: ends[0].end,
-            close: false,
-            checkpoints: false,
-            wait: Wait::Status(holds("s1")),
-            checkpointed: false,
-            expect: Some(Truth::Holds(1)),
-        },
-        KillPoint {
-            what: "right after s2's snapshot-end".into(),
-            fed: ends[1].end,
-            close: false,
-            checkpoints: true,
-            wait: Wait::Status(holds("s2")),
-            checkpointed: false,
-            expect: Some(Truth::Holds(2)),
-        },
-        KillPoint {
-            what: "inside the last transition, after a checkpoint".into(),
-            fed: last_ckpt.end + 300_000,
-            close: false,
-            checkpoints: true,
-            wait: Wait::Status(|st| {
-                st.contains("'s2' -> 's3'") && !st.contains("durable below offset 0)")
-            }),
-            checkpointed: true,
-            expect: Some(Truth::InProgress(3)),
-        },
-        KillPoint {
-            what: "everything but the end record".into(),
-            fed: f.end_record().at,
-            close: false,
-            checkpoints: false,
-            wait: Wait::Status(holds("s3")),
-            checkpointed: false,
-            expect: Some(Truth::Holds(3)),
-        },
-        KillPoint {
-            what: "the whole stream, stdin still open".into(),
-            fed: len,
-            close: false,
-            checkpoints: true,
-            wait: Wait::Status(holds("s3")),
-            checkpointed: false,
-            expect: Some(Truth::Holds(3)),
-        },
-        KillPoint {
-            what: "the whole stream, stdin closed, killed at once".into(),
-            fed: len,
-            close: true,
-            checkpoints: false,
-            wait: Wait::Now,
-            checkpointed: false,
-            expect: None,
-        },
+        // No checkpoint record seen: the records read are held back, nothing is written
+        // and nothing started (the replica is exactly s0).
+        point(
+            "inside transition 0, in its first data payload, before any checkpoint",
+            f.rec(0, "data", 0).at + 300_000,
+            true,
+            Wait::Settle,
+            Some(Truth::Holds(0)),
+        ),
+        // Every record before it is read, but none is applied: the checkpoint that would
+        // vouch for them is not verified yet.
+        point(
+            "inside transition 0's first checkpoint record",
+            first_ckpt.at + FRAME + 5,
+            true,
+            Wait::Settle,
+            Some(Truth::Holds(0)),
+        ),
+        point(
+            "inside transition 0, after a checkpoint",
+            first_ckpt.end + 1000,
+            true,
+            Wait::Status(past_a_checkpoint("s1")),
+            Some(Truth::InProgress(1)),
+        )
+        .checkpointed(),
+        point(
+            "just before s1's snapshot-end",
+            ends[0].at,
+            false,
+            Wait::Settle,
+            Some(Truth::InProgress(1)),
+        ),
+        point(
+            "inside s1's snapshot-end frame header",
+            ends[0].at + FRAME / 2,
+            true,
+            Wait::Settle,
+            Some(Truth::InProgress(1)),
+        ),
+        point(
+            "inside s1's snapshot-end body",
+            ends[0].at + FRAME + (ends[0].end - ends[0].at - FRAME) / 2,
+            false,
+            Wait::Settle,
+            Some(Truth::InProgress(1)),
+        ),
+        point(
+            "right after s1's snapshot-end",
+            ends[0].end,
+            false,
+            Wait::Status(holds("s1")),
+            Some(Truth::Holds(1)),
+        ),
+        point(
+            "right after s2's snapshot-end",
+            ends[1].end,
+            true,
+            Wait::Status(holds("s2")),
+            Some(Truth::Holds(2)),
+        ),
+        point(
+            "inside the last transition, after a checkpoint",
+            last_ckpt.end + 300_000,
+            true,
+            Wait::Status(past_a_checkpoint("s3")),
+            Some(Truth::InProgress(3)),
+        )
+        .checkpointed(),
+        point(
+            "everything but the end record",
+            f.end_record().at,
+            false,
+            Wait::Status(holds("s3")),
+            Some(Truth::Holds(3)),
+        ),
+        point(
+            "the whole stream, stdin still open",
+            len,
+            true,
+            Wait::Status(holds("s3")),
+            Some(Truth::Holds(3)),
+        ),
+        point(
+            "the whole stream, stdin closed, killed at once",
+            len,
+            false,
+            Wait::Now,
+            None,
+        )
+        .closing(),
     ];
     for pct in [20, 45, 70, 95] {
-        points.push(KillPoint {
-            what: format!("at once after {pct}% of the stream"),
-            fed: len * pct / 100,
-            close: false,
-            checkpoints: pct % 10 == 5,
-            wait: Wait::Now,
-            checkpointed: false,
-            expect: None,
-        });
+        let what = format!("at once after {pct}% of the stream");
+        points.push(point(what, len * pct / 100, pct % 10 == 5, Wait::Now, None));
     }
 
     let mut resumed = 0;
     for p in &points {
-        let what = format!("kill {} (byte {} of {len})", p.what, p.fed);
-        let replica = f.fresh_replica("r.raw");
-        let mut rx = Receiver::start(&replica, if p.checkpoints { &CKPT[..] } else { &[] });
-        rx.feed(&f.bytes[..p.fed as usize]);
-        if p.close {
-            drop(rx.stdin.take());
-        }
-        match p.wait {
-            Wait::Now => {}
-            Wait::Settle => {
-                polls(
-                    || {
-                        rx.assert_running(&what);
-                        rx.unread() == 0
-                    },
-                    &what,
-                );
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            Wait::Status(pred) => polls(
-                || {
-                    rx.assert_running(&what);
-                    pred(&status_text(&replica, &[]))
-                },
-                &what,
-            ),
-        }
-        let _ = rx.child.kill();
-        let exit = rx.child.wait().unwrap();
-        if p.close {
-            assert!(
-                exit.signal() == Some(9) || exit.success(),
-                "{what}: {exit:?}"
-            );
-        } else {
-            assert_eq!(exit.signal(), Some(9), "{what}: not killed mid-stream");
-        }
-        drop(rx);
-
-        let (truth, durable, token) = f.truth_full(&replica, &[], Some(p.fed));
-        if let Some(want) = p.expect {
-            assert_eq!(truth, want, "{what}");
-        }
-        if p.close && exit.success() {
-            assert_eq!(truth, Truth::Holds(3), "{what}: exited 0");
-        }
-        if p.checkpointed {
-            assert!(durable > 0, "{what}: no checkpoint recorded");
-        }
-        if !matches!(p.wait, Wait::Now) {
-            // The receiver read everything fed: exactly what its verified points vouch for
-            // was written, and nothing it held back.
-            f.assert_image_before(&replica, p.fed, &what);
-        }
-        if let (Truth::InProgress(_), Some(token)) = (truth, &token) {
-            // Resume a copy from the token; finish the original by re-applying the stream.
-            let copy = f.copy_replica(&replica, "resumed.raw");
-            f.resume_gives_s3(&copy, &[], token);
+        if kill_at(&f, p) {
             resumed += 1;
-        } else {
-            assert!(
-                !matches!(truth, Truth::InProgress(_)),
-                "{what}: in progress without a resume token"
-            );
         }
-        f.reapply_gives_s3(&replica, &[]);
     }
     assert!(resumed >= 3, "only {resumed} kills left a resumable apply");
+}
+
+/// Feeds the receiver what `p` says, kills it, checks what it left, and finishes the apply
+/// (resuming a copy when a token allows); whether a resume token was used.
+fn kill_at(f: &Fixture, p: &KillPoint) -> bool {
+    let len = f.len();
+    let what = format!("kill {} (byte {} of {len})", p.what, p.fed);
+    let replica = f.fresh_replica("r.raw");
+    let mut rx = Receiver::start(&replica, if p.checkpoints { &CKPT[..] } else { &[] });
+    rx.feed(&f.bytes[..p.fed as usize]);
+    if p.close {
+        drop(rx.stdin.take());
+    }
+    wait_for(&mut rx, &p.wait, &replica, &what);
+    let _ = rx.child.kill();
+    let exit = rx.child.wait().unwrap();
+    if p.close {
+        assert!(
+            exit.signal() == Some(9) || exit.success(),
+            "{what}: {exit:?}"
+        );
+    } else {
+        assert_eq!(exit.signal(), Some(9), "{what}: not killed mid-stream");
+    }
+    drop(rx);
+
+    let (truth, durable, token) = f.truth_full(&replica, &[], Some(p.fed));
+    if let Some(want) = p.expect {
+        assert_eq!(truth, want, "{what}");
+    }
+    if p.close && exit.success() {
+        assert_eq!(truth, Truth::Holds(3), "{what}: exited 0");
+    }
+    if p.checkpointed {
+        assert!(durable > 0, "{what}: no checkpoint recorded");
+    }
+    if !matches!(p.wait, Wait::Now) {
+        // The receiver read everything fed: exactly what its verified points vouch for
+        // was written, and nothing it held back.
+        f.assert_image_before(&replica, p.fed, &what);
+    }
+    let resumed = if let (Truth::InProgress(_), Some(token)) = (truth, &token) {
+        // Resume a copy from the token; finish the original by re-applying the stream.
+        let copy = f.copy_replica(&replica, "resumed.raw");
+        f.resume_gives_s3(&copy, &[], token);
+        true
+    } else {
+        assert!(
+            !matches!(truth, Truth::InProgress(_)),
+            "{what}: in progress without a resume token"
+        );
+        false
+    };
+    f.reapply_gives_s3(&replica, &[]);
+    resumed
+}
+
+/// Waits as `wait` says, the receiver running all the while.
+fn wait_for(rx: &mut Receiver, wait: &Wait, replica: &Path, what: &str) {
+    match wait {
+        Wait::Now => {}
+        Wait::Settle => {
+            polls(
+                || {
+                    rx.assert_running(what);
+                    rx.unread() == 0
+                },
+                what,
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Wait::Status(pred) => polls(
+            || {
+                rx.assert_running(what);
+                pred(&status_text(replica, &[]))
+            },
+            what,
+        ),
+    }
 }

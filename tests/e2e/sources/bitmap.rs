@@ -7,7 +7,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::common::*;
+use crate::common::{
+    arg, assert_ok, assert_refused, assert_same_file, blkdelta, blkdelta_ok, export, have, holds,
+    pipe_args, qemu_io, receive_file, run, Reaped, Scratch,
+};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;

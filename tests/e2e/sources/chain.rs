@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use crate::common::{
+    assert_same_file, blkdelta_in, blkdelta_ok, checksum, export, have, lock_held, one_error_line,
+    pipe_args_in, qemu_io, run, Reaped, Scratch,
+};
 
 /// `blkdelta send -q SEND_ARGS | blkdelta receive -q TARGET RECV_ARGS`, both run in `dir`.
 fn pipe_in(dir: &Path, send_args: &[&str], target: &Path, recv_args: &[&str]) -> Output {
@@ -114,10 +117,37 @@ fn change_o2(o2: &Path) {
     );
 }
 
+/// base ← o1 ← o2, each overlay changed (o1 as [`change_o1`] with 64 KiB clusters).
+fn two_overlays(s: &Scratch) -> (PathBuf, PathBuf) {
+    let o1 = overlay(s, "o1.qcow2", "base.qcow2", "qcow2", "");
+    change_o1(s, &o1, 64 << 10);
+    let o2 = overlay(s, "o2.qcow2", "o1.qcow2", "qcow2", "");
+    change_o2(&o2);
+    (o1, o2)
+}
+
 /// Seeds `replica` from the base, as a read-only base is seeded: a full send named after it.
 fn seed(s: &Scratch, base: &str, replica: &Path) {
     pipe_ok(s.dir.path(), &["--to-name", base, base], replica, &[]);
     assert!(holds(replica).contains(&format!("holds snapshot '{base}'")));
+}
+
+/// [`base_qcow2`] and a replica seeded from it; returns the replica's path.
+fn seeded_replica(s: &Scratch, opts: &str) -> PathBuf {
+    base_qcow2(s, opts);
+    let replica = s.path("replica.raw");
+    seed(s, "base.qcow2", &replica);
+    replica
+}
+
+/// `send --since BASE TOP | receive REPLICA`, run in the scratch directory: the stream (named
+/// `what` in a failure) is under `max_bytes`, and the replica then equals qemu's export of TOP.
+fn follow(s: &Scratch, replica: &Path, base: &str, top: &str, max_bytes: u64, what: &str) {
+    let args = ["--since", base, top];
+    let size = stream_size(s.dir.path(), &args);
+    assert!(size < max_bytes, "{what} stream is {size} bytes");
+    pipe_ok(s.dir.path(), &args, replica, &[]);
+    assert_same_file(replica, &exported(s, &s.path(top)));
 }
 
 /// base ← o1 ← o2 with the given overlay options: the replica follows each overlay, one
@@ -127,25 +157,17 @@ fn layer_by_layer(overlay_opts: &str, cluster: u64) {
         return;
     }
     let s = Scratch::new();
-    let dir = s.dir.path();
-    base_qcow2(&s, "");
-    let replica = s.path("replica.raw");
-    seed(&s, "base.qcow2", &replica);
+    let replica = seeded_replica(&s, "");
 
     let o1 = overlay(&s, "o1.qcow2", "base.qcow2", "qcow2", overlay_opts);
     change_o1(&s, &o1, cluster);
-    let size = stream_size(dir, &["--since", "base.qcow2", "o1.qcow2"]);
-    assert!(size < (1 << 20) + (300 << 10), "o1 stream is {size} bytes");
-    pipe_ok(dir, &["--since", "base.qcow2", "o1.qcow2"], &replica, &[]);
-    assert_same_file(&replica, &exported(&s, &o1));
+    let o1_max = (1 << 20) + (300 << 10);
+    follow(&s, &replica, "base.qcow2", "o1.qcow2", o1_max, "o1");
     assert!(holds(&replica).contains("holds snapshot 'o1.qcow2'"));
 
     let o2 = overlay(&s, "o2.qcow2", "o1.qcow2", "qcow2", overlay_opts);
     change_o2(&o2);
-    let size = stream_size(dir, &["--since", "o1.qcow2", "o2.qcow2"]);
-    assert!(size < 200 << 10, "o2 stream is {size} bytes");
-    pipe_ok(dir, &["--since", "o1.qcow2", "o2.qcow2"], &replica, &[]);
-    assert_same_file(&replica, &exported(&s, &o2));
+    follow(&s, &replica, "o1.qcow2", "o2.qcow2", 200 << 10, "o2");
     assert_eq!(
         checksum(replica.to_str().unwrap(), &[]),
         checksum(o2.to_str().unwrap(), &[])
@@ -173,9 +195,7 @@ fn extended_l2_subcluster_writes() {
         return;
     }
     let s = Scratch::new();
-    base_qcow2(&s, "extended_l2=on,cluster_size=128k");
-    let replica = s.path("replica.raw");
-    seed(&s, "base.qcow2", &replica);
+    let replica = seeded_replica(&s, "extended_l2=on,cluster_size=128k");
     let o1 = overlay(
         &s,
         "o1.qcow2",
@@ -193,15 +213,14 @@ fn extended_l2_subcluster_writes() {
             "write -P 0x83 41943040 4096".into(),
         ],
     );
-    let size = stream_size(s.dir.path(), &["--since", "base.qcow2", "o1.qcow2"]);
-    assert!(size < 64 << 10, "subcluster stream is {size} bytes");
-    pipe_ok(
-        s.dir.path(),
-        &["--since", "base.qcow2", "o1.qcow2"],
+    follow(
+        &s,
         &replica,
-        &[],
+        "base.qcow2",
+        "o1.qcow2",
+        64 << 10,
+        "subcluster",
     );
-    assert_same_file(&replica, &exported(&s, &o1));
 }
 
 /// Two layers at once, named by absolute paths from another directory.
@@ -211,13 +230,8 @@ fn two_layers_in_one_step() {
         return;
     }
     let s = Scratch::new();
-    base_qcow2(&s, "");
-    let replica = s.path("replica.raw");
-    seed(&s, "base.qcow2", &replica);
-    let o1 = overlay(&s, "o1.qcow2", "base.qcow2", "qcow2", "");
-    change_o1(&s, &o1, 64 << 10);
-    let o2 = overlay(&s, "o2.qcow2", "o1.qcow2", "qcow2", "");
-    change_o2(&o2);
+    let replica = seeded_replica(&s, "");
+    let (_, o2) = two_overlays(&s);
     let base = s.path("base.qcow2");
     let args = ["--since", base.to_str().unwrap(), o2.to_str().unwrap()];
     let size = stream_size(Path::new("/"), &args);
@@ -250,15 +264,7 @@ fn raw_base() {
             "write -c -P 0x92 12M 64k".into(),
         ],
     );
-    let size = stream_size(s.dir.path(), &["--since", "base.raw", "o1.qcow2"]);
-    assert!(size < 64 << 10, "raw-base stream is {size} bytes");
-    pipe_ok(
-        s.dir.path(),
-        &["--since", "base.raw", "o1.qcow2"],
-        &replica,
-        &[],
-    );
-    assert_same_file(&replica, &exported(&s, &o1));
+    follow(&s, &replica, "base.raw", "o1.qcow2", 64 << 10, "raw-base");
 }
 
 /// An overlay grown past its base: the range beyond the base's size is sent whole (data
@@ -269,9 +275,7 @@ fn grown_overlay() {
         return;
     }
     let s = Scratch::new();
-    base_qcow2(&s, "");
-    let replica = s.path("replica.raw");
-    seed(&s, "base.qcow2", &replica);
+    let replica = seeded_replica(&s, "");
     let o1 = overlay(&s, "o1.qcow2", "base.qcow2", "qcow2", "");
     run(Command::new("qemu-img")
         .args(["resize", "-q"])
@@ -281,15 +285,14 @@ fn grown_overlay() {
         &o1,
         &["write -P 0xa1 2M 64k".into(), "write -P 0xa2 70M 1M".into()],
     );
-    let size = stream_size(s.dir.path(), &["--since", "base.qcow2", "o1.qcow2"]);
-    assert!(size < 200 << 10, "grown overlay stream is {size} bytes");
-    pipe_ok(
-        s.dir.path(),
-        &["--since", "base.qcow2", "o1.qcow2"],
+    follow(
+        &s,
         &replica,
-        &[],
+        "base.qcow2",
+        "o1.qcow2",
+        200 << 10,
+        "grown overlay",
     );
-    assert_same_file(&replica, &exported(&s, &o1));
 }
 
 /// A middle layer shrunk below the base and its overlay grown back: past the middle layer's
@@ -300,9 +303,7 @@ fn shrunk_middle_layer_hides_the_base_tail() {
         return;
     }
     let s = Scratch::new();
-    base_qcow2(&s, "");
-    let replica = s.path("replica.raw");
-    seed(&s, "base.qcow2", &replica);
+    let replica = seeded_replica(&s, "");
     let o1 = overlay(&s, "o1.qcow2", "base.qcow2", "qcow2", "");
     run(Command::new("qemu-img")
         .args(["resize", "-q", "--shrink"])
@@ -374,13 +375,8 @@ fn receiver_checks_the_base_name() {
     }
     let s = Scratch::new();
     let dir = s.dir.path();
-    base_qcow2(&s, "");
-    let replica = s.path("replica.raw");
-    seed(&s, "base.qcow2", &replica);
-    let o1 = overlay(&s, "o1.qcow2", "base.qcow2", "qcow2", "");
-    change_o1(&s, &o1, 64 << 10);
-    let o2 = overlay(&s, "o2.qcow2", "o1.qcow2", "qcow2", "");
-    change_o2(&o2);
+    let replica = seeded_replica(&s, "");
+    let (o1, _) = two_overlays(&s);
 
     let before = exported(&s, &s.path("base.qcow2"));
     let out = pipe_in(dir, &["--since", "o1.qcow2", "o2.qcow2"], &replica, &[]);
@@ -425,10 +421,7 @@ fn full_send_of_an_overlay_reads_through_the_chain() {
     let s = Scratch::new();
     let dir = s.dir.path();
     base_qcow2(&s, "");
-    let o1 = overlay(&s, "o1.qcow2", "base.qcow2", "qcow2", "");
-    change_o1(&s, &o1, 64 << 10);
-    let o2 = overlay(&s, "o2.qcow2", "o1.qcow2", "qcow2", "");
-    change_o2(&o2);
+    let (_, o2) = two_overlays(&s);
     let replica = s.path("replica.raw");
     pipe_ok(dir, &["--to-name", "o2.qcow2", "o2.qcow2"], &replica, &[]);
     assert_same_file(&replica, &exported(&s, &o2));
@@ -450,9 +443,7 @@ fn relative_names_resolve_from_the_overlay_directory() {
         return;
     }
     let s = Scratch::new();
-    base_qcow2(&s, "");
-    let replica = s.path("replica.raw");
-    seed(&s, "base.qcow2", &replica);
+    let replica = seeded_replica(&s, "");
     std::fs::create_dir(s.path("vm")).unwrap();
     std::fs::create_dir(s.path("elsewhere")).unwrap();
     let o1 = overlay(&s, "vm/o1.qcow2", "../base.qcow2", "qcow2", "");

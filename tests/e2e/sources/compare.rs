@@ -5,7 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::common::*;
+use crate::common::{
+    allocated_bytes, arg, assert_same_file, blkdelta_ok, checksum, export, have, pipe_args_ok,
+    punch_hole, qemu_io, receive_file, send_file, sparse_file, write_at, write_random, Scratch,
+    KIB, MIB,
+};
 
 /// A sparse file of `size` bytes with the same data at 0..8 MiB, 16..17 MiB and 30..32 MiB
 /// (those of the ranges that fit).

@@ -5,7 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::*;
+use crate::common::{
+    arg, assert_same_file, blkdelta, have, one_error_line, pipe_args_ok, punch_hole, receive_file,
+    send_file, sparse_file, write_at, write_random, write_text, Loop, Scratch, KIB, MIB,
+};
 
 /// thin_delta's data block in these tests: 128 sectors.
 const BLOCK: u64 = 64 * KIB;
