@@ -17,6 +17,9 @@ pub enum Wait {
     Settle,
     /// Until `status` satisfies the predicate (the receiver recorded something).
     Status(fn(&str) -> bool),
+    /// Until `status` satisfies the predicate and the receiver has read everything fed, then
+    /// time to apply it (a loaded machine may take a while to record the first).
+    SettleUntil(fn(&str) -> bool),
 }
 
 pub struct KillPoint {
@@ -86,6 +89,11 @@ pub fn holds(name: &'static str) -> fn(&str) -> bool {
     }
 }
 
+/// `status` says the transition s0 -> s1 is under way.
+fn s1_under_way(st: &str) -> bool {
+    st.contains("'s0' -> 's1'")
+}
+
 /// `status` says the transition to `name` is under way past its first checkpoint.
 fn past_a_checkpoint(name: &'static str) -> fn(&str) -> bool {
     match name {
@@ -142,21 +150,21 @@ pub fn sigkill_at_many_points_of_a_multi_snapshot_stream() {
             "just before s1's snapshot-end",
             ends[0].at,
             false,
-            Wait::Settle,
+            Wait::SettleUntil(s1_under_way),
             Some(Truth::InProgress(1)),
         ),
         point(
             "inside s1's snapshot-end frame header",
             ends[0].at + FRAME / 2,
             true,
-            Wait::Settle,
+            Wait::SettleUntil(s1_under_way),
             Some(Truth::InProgress(1)),
         ),
         point(
             "inside s1's snapshot-end body",
             ends[0].at + FRAME + (ends[0].end - ends[0].at - FRAME) / 2,
             false,
-            Wait::Settle,
+            Wait::SettleUntil(s1_under_way),
             Some(Truth::InProgress(1)),
         ),
         point(
@@ -294,5 +302,15 @@ fn wait_for(rx: &mut Receiver, wait: &Wait, replica: &Path, what: &str) {
             },
             what,
         ),
+        Wait::SettleUntil(pred) => {
+            polls(
+                || {
+                    rx.assert_running(what);
+                    rx.unread() == 0 && pred(&status_text(replica, &[]))
+                },
+                what,
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
     }
 }
