@@ -107,14 +107,33 @@ rec() { echo "$2" >> "$R/$1.$3"; }   # name value kind
 T() { /usr/bin/time -f '%e %M' -o "$1" "${@:2}"; }
 rss() { awk '{print $2}' "$1"; }
 
+restore_s1() { # copy the saved s1 replica with its state and kept hashes, then make the state's
+  # identity that of the copy (as a restored backup of all three would be): blkdelta refuses a
+  # replica replaced behind its back
+  rm -f rep.raw rep.raw.blkdelta rep.raw.blkdelta.hashes rep.raw.blkdelta.lock
+  cp --sparse=always s1-replica.raw rep.raw; cp s1-replica.raw.blkdelta rep.raw.blkdelta
+  [ ! -f s1-replica.raw.blkdelta.hashes ] || cp s1-replica.raw.blkdelta.hashes rep.raw.blkdelta.hashes
+  python3 - rep.raw <<'PY'
+import json, os, sys
+rep = sys.argv[1]; st = rep + ".blkdelta"
+s = os.stat(rep)
+d = json.load(open(st))
+if "identity" in d:
+    d["identity"] = {"kind": "file", "dev": s.st_dev, "ino": s.st_ino, "size": s.st_size,
+                     "mtime_ns": s.st_mtime_ns}
+    with open(st + ".tmp", "w") as f:
+        json.dump(d, f, indent=2); f.write("\n")
+    os.replace(st + ".tmp", st)
+PY
+}
 bd_incr() { # NAME LEVEL
-  rm -f rep.raw rep.raw.blkdelta; cp --sparse=always s1-replica.raw rep.raw; cp s1-replica.raw.blkdelta rep.raw.blkdelta
+  restore_s1
   drop; local t0; t0=$(now)
   T t.s "$BD" send -q -l "$2" img.qcow2@s1..s2 | T t.r "$BD" receive -q rep.raw
   rec "$1" "$(secs "$t0")" sec; rec "$1" "$(rss t.s)" rss_send; rec "$1" "$(rss t.r)" rss_recv
 }
 bd_seed() {
-  rm -f new.raw new.raw.blkdelta; drop; local t0; t0=$(now)
+  rm -f new.raw new.raw.blkdelta new.raw.blkdelta.hashes new.raw.blkdelta.lock; drop; local t0; t0=$(now)
   T t.s "$BD" send -q img.qcow2@s2 | T t.r "$BD" receive -q new.raw
   rec seed "$(secs "$t0")" sec; rec seed "$(rss t.s)" rss_send; rec seed "$(rss t.r)" rss_recv
 }
