@@ -21,8 +21,9 @@ use std::fs::File;
 
 pub use table::{table_entry, BitmapGeometry, DirtyBitmap, TableEntry};
 
+use super::bytes::{be_u16, be_u32, be_u64, check_table};
 use super::extension::BitmapsExtension;
-use super::header::{be_u16, be_u32, be_u64, check_table, Header};
+use super::header::Header;
 use crate::image::raw::pread_exact;
 use crate::limits::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES};
 use crate::ImageError;

@@ -6,7 +6,7 @@
 //! header_length ──► [type|len|data..pad] [type|len|data..pad] … [0|0] … backing name
 //! ```
 
-use super::header::{be_u32, be_u64};
+use super::bytes::{be_u32, be_u64};
 use crate::ImageError;
 
 /// Header extension type: end of the list.

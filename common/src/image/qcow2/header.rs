@@ -14,12 +14,14 @@
 //! file name, all inside cluster 0.
 //! ```
 
+use super::bytes::{be_u32, be_u64, check_table};
 use super::extension::{walk_extensions, BitmapsExtension, Extensions};
 use super::tables::Geometry;
-use super::MAGIC;
 use crate::limits::{MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_VIRTUAL_BYTES};
 use crate::ImageError;
 
+/// The qcow2 magic, `QFI\xfb`.
+pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 /// Incompatible feature bit 0: refcounts may be stale (harmless for a reader).
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
 /// Incompatible feature bit 1: the image is marked corrupt (readable, not writable).
@@ -104,18 +106,6 @@ pub struct RawHeader {
     pub header_length: u32,
     /// Byte 104 (v3, when header_length > 104).
     pub compression_type: u8,
-}
-
-pub(crate) fn be_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-pub(crate) fn be_u64(b: &[u8], at: usize) -> u64 {
-    (u64::from(be_u32(b, at)) << 32) | u64::from(be_u32(b, at + 4))
-}
-
-pub(crate) fn be_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
 }
 
 impl RawHeader {
@@ -404,30 +394,6 @@ fn check_refcount_order(raw: &RawHeader) -> Result<u32, ImageError> {
         o => Err(invalid(format!(
             "refcount_order {o} at offset 96 is outside 0..=6"
         ))),
-    }
-}
-
-/// Checks that `[offset, offset + len)` is cluster-aligned and inside the file.
-pub(crate) fn check_table(
-    what: &'static str,
-    offset: u64,
-    len: u64,
-    cluster_size: u64,
-    file_len: u64,
-) -> Result<(), ImageError> {
-    if offset & (cluster_size - 1) != 0 {
-        return Err(invalid(format!(
-            "{what} offset {offset:#x} is not aligned to the cluster size {cluster_size}"
-        )));
-    }
-    match offset.checked_add(len) {
-        Some(end) if end <= file_len => Ok(()),
-        _ => Err(ImageError::PastEnd {
-            what,
-            offset,
-            len,
-            file_len,
-        }),
     }
 }
 

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::header::{be_u64, check_table};
+use super::bytes::{be_u64, check_table};
 use super::tables::{
     check_l2_bitmap, classify_cluster, classify_subcluster, ClusterKind, Geometry, SubclusterKind,
     L1E_OFFSET_MASK, L2E_OFFSET_MASK,

@@ -25,6 +25,7 @@
 //! ```
 
 mod bitmap;
+mod bytes;
 mod counters;
 mod decompress;
 pub mod extension;
@@ -46,7 +47,7 @@ use rustix::fs::SeekFrom;
 
 pub use bitmap::{table_entry, BitmapGeometry, BitmapInfo, DirtyBitmap, TableEntry};
 pub use counters::ReadCounts;
-pub use header::{CompressionType, Header};
+pub use header::{CompressionType, Header, MAGIC};
 pub use layer::{L2Table, Qcow2Layer};
 pub use own::OwnAllocation;
 pub use snapshot::Snapshot;
@@ -57,9 +58,6 @@ use super::raw::{pread_exact, DirectReads, RawImage};
 use super::{probe_format, BlockSource, Format, OpenOptions};
 use crate::limits::MAX_BACKING_DEPTH;
 use crate::ImageError;
-
-/// The qcow2 magic, `QFI\xfb`.
-pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// Which view of the disk to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

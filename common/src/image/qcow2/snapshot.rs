@@ -10,7 +10,8 @@
 
 use std::fs::File;
 
-use super::header::{be_u16, be_u32, be_u64, Header, SNAPSHOT_ENTRY_FIXED_BYTES};
+use super::bytes::{be_u16, be_u32, be_u64};
+use super::header::{Header, SNAPSHOT_ENTRY_FIXED_BYTES};
 use crate::image::raw::pread_exact;
 use crate::limits::{MAX_SNAPSHOT_EXTRA_BYTES, MAX_SNAPSHOT_TABLE_BYTES, MAX_VIRTUAL_BYTES};
 use crate::ImageError;

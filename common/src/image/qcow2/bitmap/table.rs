@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use super::super::header::{be_u64, check_table};
+use super::super::bytes::{be_u64, check_table};
 use super::super::{ImageInner, Qcow2Image};
 use super::{
     BitmapInfo, BME_RESERVED_FLAGS, MAX_BITMAP_DATA_BYTES, MAX_GRANULARITY_BITS,
