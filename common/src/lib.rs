@@ -17,6 +17,7 @@ pub mod buf;
 pub mod digest;
 pub mod error;
 pub mod extent;
+pub mod hex;
 pub mod image;
 pub mod limits;
 pub mod progress;
