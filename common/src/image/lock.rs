@@ -167,12 +167,11 @@ fn busy(e: &io::Error) -> bool {
 
 /// The two `fcntl` calls, on one byte each.
 mod ofd {
-    #![allow(unsafe_code)]
-
     use super::{AsRawFd, File};
     use std::io;
 
     /// A `struct flock` for the single byte at `byte`.
+    #[allow(unsafe_code)]
     fn one_byte(l_type: libc::c_int, byte: u64) -> io::Result<libc::flock> {
         let start = libc::off_t::try_from(byte).map_err(|_| io::ErrorKind::InvalidInput)?;
         // SAFETY: `flock` is a C struct of integers (and, on some targets, integer padding):
@@ -197,6 +196,7 @@ mod ofd {
         set_lock(file, libc::F_WRLCK, byte)
     }
 
+    #[allow(unsafe_code)]
     fn set_lock(file: &File, l_type: libc::c_int, byte: u64) -> io::Result<()> {
         let fl = one_byte(l_type, byte)?;
         // SAFETY: F_OFD_SETLK reads a `struct flock` through the pointer, which points to a
@@ -212,6 +212,7 @@ mod ofd {
     /// Whether another open file description holds any lock on one byte, found as QEMU does
     /// (`qemu_lock_fd_test`): by asking whether a write lock could be taken there. Our own
     /// locks on `file` never count.
+    #[allow(unsafe_code)]
     pub(super) fn held_by_other(file: &File, byte: u64) -> io::Result<bool> {
         let mut fl = one_byte(libc::F_WRLCK, byte)?;
         // SAFETY: F_OFD_GETLK reads and overwrites the `struct flock` the pointer designates,
