@@ -28,9 +28,11 @@ pub(crate) fn check_table(
     file_len: u64,
 ) -> Result<(), ImageError> {
     if offset & (cluster_size - 1) != 0 {
-        return Err(ImageError::Invalid(format!(
-            "{what} offset {offset:#x} is not aligned to the cluster size {cluster_size}"
-        )));
+        return Err(ImageError::Unaligned {
+            what,
+            offset,
+            cluster_size,
+        });
     }
     match offset.checked_add(len) {
         Some(end) if end <= file_len => Ok(()),

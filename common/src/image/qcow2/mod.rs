@@ -298,20 +298,19 @@ fn open_backing(
     options: &OpenOptions,
 ) -> Result<Arc<dyn BlockSource>, ImageError> {
     if above.len() > MAX_BACKING_DEPTH {
-        return Err(ImageError::Invalid(format!(
-            "backing chain deeper than {MAX_BACKING_DEPTH} images at {}",
-            path.display()
-        )));
+        return Err(ImageError::BackingDepth {
+            path: path.to_path_buf(),
+            limit: MAX_BACKING_DEPTH,
+        });
     }
     let meta = std::fs::metadata(path).map_err(|source| ImageError::Open {
         path: path.to_path_buf(),
         source,
     })?;
     if above.contains(&(meta.dev(), meta.ino())) {
-        return Err(ImageError::Invalid(format!(
-            "backing chain loops: {} is an image above itself in the chain",
-            path.display()
-        )));
+        return Err(ImageError::BackingLoop {
+            path: path.to_path_buf(),
+        });
     }
     let name = path.to_string_lossy();
     let format = match format {

@@ -6,6 +6,7 @@ use std::io::Write;
 use super::header::{Header, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2};
 use super::tables::{QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO};
 use super::{Layer, Qcow2Image, ReadCounts};
+use crate::error::L2Problem;
 use crate::image::{Allocation, BlockSource};
 use crate::ImageError;
 
@@ -153,6 +154,33 @@ fn assert_err<T: std::fmt::Debug>(result: Result<T, ImageError>, needle: &str) {
     }
 }
 
+/// The header field a header is refused for: (field, offset, value).
+#[track_caller]
+fn bad_field(result: Result<Header, ImageError>) -> (&'static str, u64, u64) {
+    match result {
+        Err(ImageError::HeaderField {
+            field,
+            offset,
+            value,
+            ..
+        }) => (field, offset, value),
+        other => panic!("expected a header field error, got {other:?}"),
+    }
+}
+
+/// The table a header is refused for as unaligned: (what, offset).
+#[track_caller]
+fn unaligned<T: std::fmt::Debug>(result: Result<T, ImageError>) -> (&'static str, u64) {
+    match result {
+        Err(ImageError::Unaligned {
+            what,
+            offset,
+            cluster_size,
+        }) if cluster_size == CS as u64 => (what, offset),
+        other => panic!("expected an alignment error, got {other:?}"),
+    }
+}
+
 fn mutated(edit: impl FnOnce(&mut Vec<u8>)) -> Result<Header, ImageError> {
     let mut h = header();
     edit(&mut h);
@@ -199,25 +227,57 @@ fn compression_type_needs_a_header_longer_than_104() {
 
 #[test]
 fn rejects_bad_magic() {
-    assert_err(mutated(|h| h[3] = 0xfc), "bad magic");
+    let err = mutated(|h| h[3] = 0xfc).unwrap_err();
+    assert!(
+        matches!(&err, ImageError::BadMagic { found } if found == b"QFI\xfc"),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "not a qcow2 image (it starts with 51 46 49 fc)"
+    );
+}
+
+#[test]
+fn a_raw_image_is_not_a_qcow2_image() {
+    let mut raw = valid_image();
+    raw[..CS].fill(0); // a raw disk whose first sector is zeros
+    assert_err(
+        open_bytes(&raw),
+        "not a qcow2 image (it starts with 00 00 00 00)",
+    );
 }
 
 #[test]
 fn rejects_version_4() {
-    assert_err(mutated(|h| put32(h, 4, 4)), "version 4");
+    let err = mutated(|h| put32(h, 4, 4)).unwrap_err();
+    assert!(matches!(err, ImageError::UnsupportedVersion { version: 4 }));
+    assert_eq!(
+        err.to_string(),
+        "unsupported qcow2 version 4 (only 2 and 3 exist)"
+    );
 }
 
 #[test]
 fn rejects_cluster_bits_8_and_22() {
+    for bits in [8, 22] {
+        let err = mutated(|h| put32(h, 20, bits)).unwrap_err();
+        assert!(matches!(err, ImageError::ClusterBits { bits: b } if b == bits));
+    }
     assert_err(mutated(|h| put32(h, 20, 8)), "cluster_bits 8");
-    assert_err(mutated(|h| put32(h, 20, 22)), "cluster_bits 22");
 }
 
 #[test]
 fn rejects_bad_header_length() {
-    assert_err(mutated(|h| put32(h, 100, 100)), "header_length 100");
-    assert_err(mutated(|h| put32(h, 100, 108)), "header_length 108");
-    assert_err(mutated(|h| put32(h, 100, 8192)), "exceeds the cluster size");
+    for len in [100, 108, 8192] {
+        let refused = bad_field(mutated(|h| put32(h, 100, len)));
+        assert_eq!(refused, ("header_length", 100, len.into()));
+    }
+    assert_err(
+        mutated(|h| put32(h, 100, 8192)),
+        "qcow2 header: header_length 8192 at offset 100 is invalid: expected at most the \
+         cluster size 4096",
+    );
 }
 
 #[test]
@@ -255,13 +315,16 @@ fn rejects_external_data_file() {
 fn rejects_encryption() {
     assert_err(mutated(|h| put32(h, 32, 1)), "encryption (AES)");
     assert_err(mutated(|h| put32(h, 32, 2)), "encryption (LUKS)");
-    assert_err(mutated(|h| put32(h, 32, 3)), "crypt_method 3");
+    let refused = bad_field(mutated(|h| put32(h, 32, 3)));
+    assert_eq!(refused, ("crypt_method", 32, 3));
 }
 
 #[test]
 fn compression_type_must_agree_with_its_bit() {
-    assert_err(mutated(|h| h[104] = 1), "does not agree");
-    assert_err(mutated(|h| put64(h, 72, 1 << 3)), "does not agree");
+    let refused = bad_field(mutated(|h| h[104] = 1));
+    assert_eq!(refused, ("compression_type", 104, 1));
+    let refused = bad_field(mutated(|h| put64(h, 72, 1 << 3)));
+    assert_eq!(refused, ("compression_type", 104, 0));
     assert_err(mutated(|h| h[104] = 2), "compression type 2");
     let zstd = mutated(|h| {
         h[104] = 1;
@@ -272,23 +335,41 @@ fn compression_type_must_agree_with_its_bit() {
 
 #[test]
 fn rejects_extended_l2_with_small_clusters() {
+    let refused = mutated(|h| put64(h, 72, INCOMPAT_EXTL2));
+    assert_eq!(bad_field(refused), ("cluster_bits", 20, 12));
     assert_err(mutated(|h| put64(h, 72, INCOMPAT_EXTL2)), "at least 16 KiB");
 }
 
 #[test]
 fn rejects_bad_refcount_order() {
-    assert_err(mutated(|h| put32(h, 96, 7)), "refcount_order 7");
+    assert_eq!(
+        bad_field(mutated(|h| put32(h, 96, 7))),
+        ("refcount_order", 96, 7)
+    );
 }
 
 #[test]
 fn rejects_huge_size() {
-    assert_err(mutated(|h| put64(h, 24, u64::MAX)), "virtual size");
+    let refused = bad_field(mutated(|h| put64(h, 24, u64::MAX)));
+    assert_eq!(refused, ("size", 24, u64::MAX));
 }
 
 #[test]
 fn rejects_bad_l1_size() {
-    assert_err(mutated(|h| put32(h, 36, u32::MAX)), "l1_size 4294967295");
-    assert_err(mutated(|h| put32(h, 36, 0)), "too small");
+    let huge = mutated(|h| put32(h, 36, u32::MAX));
+    assert!(
+        matches!(
+            huge,
+            Err(ImageError::TableTooLarge {
+                what: "active L1 table",
+                offset: L1,
+                entries: 0xffff_ffff,
+                limit_bytes: crate::limits::MAX_L1_BYTES,
+            })
+        ),
+        "{huge:?}"
+    );
+    assert_eq!(bad_field(mutated(|h| put32(h, 36, 0))), ("l1_size", 36, 0));
     // 4 MiB entries of 8 bytes: within the 32 MiB limit but far past the end of the file.
     let past = mutated(|h| put32(h, 36, 4 << 20));
     assert!(matches!(past, Err(ImageError::PastEnd { .. })), "{past:?}");
@@ -296,7 +377,8 @@ fn rejects_bad_l1_size() {
 
 #[test]
 fn rejects_unaligned_or_past_end_l1() {
-    assert_err(mutated(|h| put64(h, 40, L1 + 8)), "not aligned");
+    let refused = unaligned(mutated(|h| put64(h, 40, L1 + 8)));
+    assert_eq!(refused, ("active L1 table", L1 + 8));
     let past = mutated(|h| put64(h, 40, (CLUSTERS * CS) as u64));
     assert!(matches!(
         past,
@@ -311,17 +393,18 @@ fn rejects_unaligned_or_past_end_l1() {
 
 #[test]
 fn rejects_bad_refcount_table() {
-    assert_err(mutated(|h| put32(h, 56, 0)), "refcount_table_clusters 0");
-    assert_err(
-        mutated(|h| put32(h, 56, u32::MAX)),
-        "refcount_table_clusters",
-    );
-    assert_err(mutated(|h| put64(h, 48, REFTABLE + 1)), "not aligned");
+    for clusters in [0, u32::MAX] {
+        let refused = bad_field(mutated(|h| put32(h, 56, clusters)));
+        assert_eq!(refused, ("refcount_table_clusters", 56, clusters.into()));
+    }
+    let refused = unaligned(mutated(|h| put64(h, 48, REFTABLE + 1)));
+    assert_eq!(refused, ("refcount table", REFTABLE + 1));
 }
 
 #[test]
 fn rejects_absurd_snapshot_tables() {
-    assert_err(mutated(|h| put32(h, 60, 1_000_000)), "nb_snapshots 1000000");
+    let refused = bad_field(mutated(|h| put32(h, 60, 1_000_000)));
+    assert_eq!(refused, ("nb_snapshots", 60, 1_000_000));
     let many = mutated(|h| put32(h, 60, 65536));
     assert!(matches!(
         many,
@@ -330,24 +413,32 @@ fn rejects_absurd_snapshot_tables() {
             ..
         })
     ));
-    assert_err(mutated(|h| put64(h, 64, SNAPTABLE + 8)), "not aligned");
+    let refused = unaligned(mutated(|h| put64(h, 64, SNAPTABLE + 8)));
+    assert_eq!(refused, ("snapshot table", SNAPTABLE + 8));
     let past = mutated(|h| put64(h, 64, 1 << 40));
     assert!(matches!(past, Err(ImageError::PastEnd { .. })));
 }
 
 #[test]
 fn rejects_bad_backing_names() {
-    assert_err(mutated(|h| put64(h, 8, 8192)), "outside cluster 0");
-    let long = mutated(|h| {
-        put64(h, 8, 512);
-        put32(h, 16, 2000);
-    });
-    assert_err(long, "longer than 1023");
-    let edge = mutated(|h| {
-        put64(h, 8, 4000);
-        put32(h, 16, 200);
-    });
-    assert_err(edge, "leaves cluster 0");
+    let backing_name = |offset: u64, len: u32| {
+        let refused = mutated(|h| {
+            put64(h, 8, offset);
+            put32(h, 16, len);
+        });
+        match refused {
+            Err(ImageError::BackingName {
+                offset: o,
+                len: l,
+                cluster_size: 4096,
+                max_len: 1023,
+            }) => assert_eq!((o, l), (offset, u64::from(len))),
+            other => panic!("expected a backing name error, got {other:?}"),
+        }
+    };
+    backing_name(8192, 0); // starts outside cluster 0
+    backing_name(512, 2000); // longer than 1023
+    backing_name(4000, 200); // leaves cluster 0
     let ok = mutated(|h| {
         put64(h, 8, 512);
         put32(h, 16, 8);
@@ -358,8 +449,31 @@ fn rejects_bad_backing_names() {
 
 #[test]
 fn rejects_extensions_that_leave_cluster_0() {
-    assert_err(mutated(|h| put32(h, 116, 5000)), "past offset 4096");
-    assert_err(mutated(|h| put32(h, 116, 16)), "backing format extension");
+    let past = mutated(|h| put32(h, 116, 5000));
+    assert!(
+        matches!(
+            past,
+            Err(ImageError::ExtensionPastEnd {
+                offset: 112,
+                len: 5008,
+                end: 4096
+            })
+        ),
+        "{past:?}"
+    );
+    let long = mutated(|h| put32(h, 116, 16));
+    assert!(
+        matches!(
+            long,
+            Err(ImageError::ExtensionLength {
+                name: "backing format",
+                offset: 112,
+                len: 16,
+                ..
+            })
+        ),
+        "{long:?}"
+    );
 }
 
 #[test]
@@ -371,8 +485,11 @@ fn rejects_truncated_files() {
             ..
         })
     ));
-    assert_err(open_bytes(b"QFI"), "bad magic");
-    assert_err(open_bytes(b""), "bad magic");
+    assert_err(
+        open_bytes(b"QFI"),
+        "not a qcow2 image (it starts with 51 46 49)",
+    );
+    assert_err(open_bytes(b""), "not a qcow2 image (it is empty)");
 }
 
 #[test]
@@ -413,7 +530,20 @@ fn hand_made_image_reads_back() {
 fn rejects_huge_snapshot_extra_data() {
     let mut f = image();
     put_snapshot(&mut f, 0x10_0000);
-    assert_err(open_bytes(&f), "extra_data_size 1048576");
+    let refused = open_bytes(&f);
+    assert!(
+        matches!(
+            refused,
+            Err(ImageError::SnapshotEntry {
+                index: 0,
+                offset: SNAPTABLE,
+                field: "extra_data_size",
+                value: 0x10_0000,
+                limit: 1024,
+            })
+        ),
+        "{refused:?}"
+    );
 }
 
 #[test]
@@ -442,6 +572,46 @@ fn snapshot_entries_past_the_end_fail() {
 }
 
 #[test]
+fn rejects_a_snapshot_disk_past_the_limit() {
+    let mut f = valid_image();
+    let limit = crate::limits::MAX_VIRTUAL_BYTES;
+    put64(&mut f, SNAPTABLE as usize + 48, limit + 1); // disk_size
+    let refused = open_bytes(&f);
+    assert!(
+        matches!(
+            refused,
+            Err(ImageError::SnapshotEntry {
+                index: 0,
+                field: "disk_size",
+                value,
+                ..
+            }) if value == limit + 1
+        ),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn rejects_a_snapshot_l1_table_past_the_limit() {
+    let mut f = valid_image();
+    put32(&mut f, SNAPTABLE as usize + 8, u32::MAX); // l1_size
+    let img = open_bytes(&f).unwrap();
+    let refused = img.layer(Layer::Snapshot(0));
+    assert!(
+        matches!(
+            refused,
+            Err(ImageError::TableTooLarge {
+                what: "L1 table",
+                offset: SNAP_L1,
+                entries: 0xffff_ffff,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+}
+
+#[test]
 fn short_snapshot_extra_data_falls_back_to_the_header_size() {
     let mut f = image();
     put_snapshot(&mut f, 8);
@@ -460,11 +630,25 @@ fn hostile_tables_give_errors_not_panics() {
         layer.read_at(&mut buf, 0)
     };
     // L1 entry pointing at an unaligned L2 table, or past the end of the file.
-    assert_err(read(&|f| put64(f, L1 as usize, L2 + 512)), "not aligned");
+    let refused = unaligned(read(&|f| put64(f, L1 as usize, L2 + 512)));
+    assert_eq!(refused, ("L2 table", L2 + 512));
     assert_err(read(&|f| put64(f, L1 as usize, 1 << 50)), "past the end");
     // Data cluster past the end of the file, or unaligned.
     assert_err(read(&|f| put64(f, L2 as usize, 1 << 40)), "past the end");
-    assert_err(read(&|f| put64(f, L2 as usize, DATA + 512)), "not aligned");
+    let host = DATA + 512;
+    let refused = read(&|f| put64(f, L2 as usize, host));
+    let problem = L2Problem::UnalignedHost {
+        host,
+        cluster_size: CS as u64,
+    };
+    assert!(
+        matches!(
+            refused,
+            Err(ImageError::L2Entry { table_offset: L2, index: 0, entry, problem: p })
+                if entry == host && p == problem
+        ),
+        "{refused:?}"
+    );
     // Compressed stream past the end of the file, or garbage.
     assert_err(
         read(&|f| put64(f, L2 as usize + 16, QCOW_OFLAG_COMPRESSED | (1 << 50))),
@@ -506,6 +690,9 @@ fn a_backing_loop_is_refused_at_once() {
     std::fs::write(&path, &f).unwrap();
     let img = Qcow2Image::open(&path).unwrap();
     assert_eq!(img.backing_path().unwrap(), path);
+    assert!(
+        matches!(img.layer(Layer::Active), Err(ImageError::BackingLoop { path: p }) if p == path)
+    );
     assert_err(img.layer(Layer::Active), "backing chain loops");
 }
 
