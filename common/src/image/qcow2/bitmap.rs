@@ -23,7 +23,7 @@ pub use table::{table_entry, BitmapGeometry, DirtyBitmap, TableEntry};
 
 use super::bytes::{be_u16, be_u32, be_u64, check_table};
 use super::extension::BitmapsExtension;
-use super::header::Header;
+use super::header::{Header, AUTOCLEAR_BITMAPS};
 use crate::error::{BitmapProblem, DirectoryProblem};
 use crate::image::raw::pread_exact;
 use crate::limits::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES};
@@ -55,8 +55,13 @@ pub struct BitmapInfo {
     pub name: String,
     /// Each bit covers `1 << granularity_bits` guest bytes.
     pub granularity_bits: u8,
-    /// Flag bit 0: not saved cleanly, so the content must not be trusted.
+    /// The content must not be trusted, as QEMU sees it: flag bit 0 (in_use) is set, because
+    /// the bitmap was not saved cleanly, or every bitmap of the image is
+    /// [`inconsistent`](BitmapInfo::inconsistent). `flags` keeps the bit as stored.
     pub in_use: bool,
+    /// Autoclear bit 0 of the header is clear: a program that does not maintain bitmaps
+    /// wrote to the image, so QEMU holds all its bitmaps inconsistent (and drops them).
+    pub inconsistent: bool,
     /// Flag bit 1: enabled (tracks writes).
     pub auto: bool,
     /// Offset of the bitmap table.
@@ -167,10 +172,12 @@ fn parse_entry(b: &[u8], header: &Header, name: String, at: u64) -> Result<Bitma
         )));
     }
     let flags = be_u32(b, 12);
+    let inconsistent = header.autoclear_features & AUTOCLEAR_BITMAPS == 0;
     let info = BitmapInfo {
         name,
         granularity_bits,
-        in_use: flags & BME_FLAG_IN_USE != 0,
+        in_use: flags & BME_FLAG_IN_USE != 0 || inconsistent,
+        inconsistent,
         auto: flags & BME_FLAG_AUTO != 0,
         table_offset: be_u64(b, 0),
         table_size: be_u32(b, 8),

@@ -196,8 +196,9 @@ impl Qcow2Image {
     }
 
     /// The persistent bitmaps listed in the bitmap directory (empty without the extension).
-    /// They are listed even when [`Qcow2Image::bitmaps_consistent`] is false; callers must not
-    /// trust an inconsistent or in-use bitmap.
+    /// They are listed even when [`Qcow2Image::bitmaps_consistent`] is false, each then marked
+    /// [`in_use`](BitmapInfo::in_use) and [`inconsistent`](BitmapInfo::inconsistent), as QEMU
+    /// holds them; callers must not trust a bitmap marked in use.
     pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>, ImageError> {
         bitmap::read_directory(&self.inner.file, self.inner.file_len, &self.inner.header)
     }

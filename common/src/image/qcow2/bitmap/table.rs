@@ -221,7 +221,7 @@ impl Qcow2Image {
 /// The refusals that do not depend on the table: inconsistent, in use, unknown flags.
 fn check_trustworthy(image: &Qcow2Image, info: &BitmapInfo) -> Result<(), ImageError> {
     let name = &info.name;
-    if !image.bitmaps_consistent() {
+    if info.inconsistent || !image.bitmaps_consistent() {
         return Err(info.error(BitmapProblem::Inconsistent));
     }
     if info.in_use {

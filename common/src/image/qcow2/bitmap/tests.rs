@@ -345,6 +345,34 @@ fn refuses_inconsistent_bitmaps() {
 }
 
 #[test]
+fn inconsistent_bitmaps_are_listed_as_in_use() {
+    let mut f = image();
+    put64(&mut f, 88, 0); // autoclear_features: bit 0 clear, as a writer unaware of bitmaps leaves it
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), &f).unwrap();
+    let img = Qcow2Image::open(tmp.path()).unwrap();
+    assert!(!img.bitmaps_consistent());
+    let listed = img.bitmaps().unwrap();
+    let daily = &listed[0];
+    assert!(daily.inconsistent && daily.in_use, "{daily:?}");
+    assert_eq!(daily.flags, 2, "the flags stay as stored");
+    let refused = img.dirty_bitmap(daily).unwrap_err();
+    assert!(matches!(
+        refused,
+        ImageError::Bitmap {
+            problem: BitmapProblem::Inconsistent,
+            ..
+        }
+    ));
+    // With the bit set, the same bitmap is neither.
+    std::fs::write(tmp.path(), image()).unwrap();
+    let img = Qcow2Image::open(tmp.path()).unwrap();
+    let daily = &img.bitmaps().unwrap()[0];
+    assert!(!daily.inconsistent && !daily.in_use, "{daily:?}");
+    assert_eq!(daily.entry_offset, DIR);
+}
+
+#[test]
 fn refuses_in_use_bitmap() {
     assert_eq!(
         bitmap_problem(|f| put32(f, ENTRY + 12, 3)),
