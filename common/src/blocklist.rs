@@ -342,23 +342,7 @@ fn decimal(s: &str) -> Option<u64> {
 
 /// Parses 64 hex digits (either case).
 fn parse_hash(line: &[u8]) -> Option<[u8; 32]> {
-    if line.len() != 64 {
-        return None;
-    }
-    let mut hash = [0u8; 32];
-    for (out, pair) in hash.iter_mut().zip(line.chunks_exact(2)) {
-        *out = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
-    }
-    Some(hash)
-}
-
-fn hex_digit(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
+    crate::hex::from_hex(std::str::from_utf8(line).ok()?)
 }
 
 /// A whole block list in memory, validated. Runs of zero blocks are held as runs, so a sparse

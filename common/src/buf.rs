@@ -109,10 +109,10 @@ impl Clone for AlignedBuf {
     }
 }
 
-#[allow(unsafe_code)]
 impl Deref for AlignedBuf {
     type Target = [u8];
 
+    #[allow(unsafe_code)]
     fn deref(&self) -> &[u8] {
         if self.blocks.is_empty() {
             return &self.small[..self.len];
@@ -124,8 +124,8 @@ impl Deref for AlignedBuf {
     }
 }
 
-#[allow(unsafe_code)]
 impl DerefMut for AlignedBuf {
+    #[allow(unsafe_code)]
     fn deref_mut(&mut self) -> &mut [u8] {
         if self.blocks.is_empty() {
             return &mut self.small[..self.len];

@@ -226,10 +226,8 @@ impl DigestBuilder {
     }
 }
 
-/// Lower-case hex of a digest.
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+/// Lower-case hex of a digest (kept here for its callers; [`crate::hex`] reads it back).
+pub use crate::hex::to_hex;
 
 #[cfg(test)]
 mod tests;

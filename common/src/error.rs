@@ -1,7 +1,13 @@
-//! Error types of the shared crate: one enum per boundary (images, streams).
+//! Error types of the shared crate: one enum per boundary (images, streams). A validation
+//! error names the structure, carries the offending values and says where they are; what is
+//! wrong with a qcow2 L2 entry or bitmap is a small enum of its own ([`qcow2`]).
+
+pub mod qcow2;
 
 use std::io;
 use std::path::PathBuf;
+
+pub use qcow2::{BitmapProblem, DirectoryProblem, L2Problem, TableEntryProblem};
 
 /// Errors reading a block image (raw file, block device or qcow2).
 #[derive(Debug, thiserror::Error)]
@@ -38,9 +44,180 @@ pub enum ImageError {
         /// Length of the file.
         file_len: u64,
     },
-    /// A structure of the image is malformed.
-    #[error("invalid qcow2 image: {0}")]
-    Invalid(String),
+    /// The file does not start with the qcow2 magic `QFI\xfb`.
+    #[error("not a qcow2 image ({})", starts_with(.found))]
+    BadMagic {
+        /// The first bytes of the file (fewer than 4 when the file is shorter).
+        found: Vec<u8>,
+    },
+    /// The qcow2 version is neither 2 nor 3.
+    #[error("unsupported qcow2 version {version} (only 2 and 3 exist)")]
+    UnsupportedVersion {
+        /// The version field (header offset 4).
+        version: u32,
+    },
+    /// The cluster size is outside 512 B..=2 MiB.
+    #[error("qcow2 header: cluster_bits {bits} at offset 20 is outside 9..=21 (512 B to 2 MiB)")]
+    ClusterBits {
+        /// The cluster_bits field.
+        bits: u32,
+    },
+    /// A field of the qcow2 header is out of range, or disagrees with another.
+    #[error("qcow2 header: {field} {value} at offset {offset} is invalid: expected {expected}")]
+    HeaderField {
+        /// The field's name in the specification.
+        field: &'static str,
+        /// Its byte offset in the header.
+        offset: u64,
+        /// Its value.
+        value: u64,
+        /// What a valid value is.
+        expected: String,
+    },
+    /// A header extension runs past the end of the extension area (the backing file name, or
+    /// the end of cluster 0).
+    #[error(
+        "qcow2 header extension at offset {offset} ({len} bytes with its 8-byte head) runs \
+         past offset {end}, the end of the extension area"
+    )]
+    ExtensionPastEnd {
+        /// Offset of the extension's head in cluster 0.
+        offset: u64,
+        /// Its length including the head.
+        len: u64,
+        /// Where the extension area ends.
+        end: u64,
+    },
+    /// A header extension has a length its type does not allow.
+    #[error("qcow2 {name} extension at offset {offset} is {len} bytes long, expected {expected}")]
+    ExtensionLength {
+        /// Which extension.
+        name: &'static str,
+        /// Offset of its head in cluster 0.
+        offset: u64,
+        /// Its data length.
+        len: u64,
+        /// The length its type allows.
+        expected: &'static str,
+    },
+    /// The backing file name leaves cluster 0 or is longer than QEMU allows.
+    #[error(
+        "qcow2 backing file name at offset {offset:#x} ({len} bytes) leaves cluster 0 \
+         ({cluster_size} bytes) or is longer than {max_len} bytes"
+    )]
+    BackingName {
+        /// backing_file_offset.
+        offset: u64,
+        /// backing_file_size.
+        len: u64,
+        /// The cluster size.
+        cluster_size: u64,
+        /// The longest name QEMU accepts.
+        max_len: u64,
+    },
+    /// A table (or data cluster) offset is not a multiple of the cluster size.
+    #[error(
+        "qcow2 {what} at offset {offset:#x} is not aligned to the cluster size {cluster_size}"
+    )]
+    Unaligned {
+        /// Which table.
+        what: &'static str,
+        /// Its offset in the file.
+        offset: u64,
+        /// The cluster size.
+        cluster_size: u64,
+    },
+    /// A table is larger than this reader's limits.
+    #[error(
+        "qcow2 {what} at offset {offset:#x} has {entries} entries, more than the limit of \
+         {limit_bytes} bytes"
+    )]
+    TableTooLarge {
+        /// Which table.
+        what: &'static str,
+        /// Its offset in the file.
+        offset: u64,
+        /// Its declared entries.
+        entries: u64,
+        /// The limit on its size.
+        limit_bytes: u64,
+    },
+    /// An L2 table entry is malformed.
+    #[error(
+        "qcow2 L2 table at offset {table_offset:#x}, entry {index} ({entry:#018x}): {problem}"
+    )]
+    L2Entry {
+        /// Offset of the L2 table in the file.
+        table_offset: u64,
+        /// Index of the entry in the table.
+        index: u64,
+        /// The entry's standard 64-bit word.
+        entry: u64,
+        /// What is wrong with it.
+        problem: L2Problem,
+    },
+    /// A field of a snapshot table entry exceeds this reader's limits.
+    #[error(
+        "qcow2 snapshot {index} (table entry at offset {offset:#x}): {field} {value} \
+         exceeds {limit}"
+    )]
+    SnapshotEntry {
+        /// Index of the snapshot in the table.
+        index: u32,
+        /// Offset of its entry in the file.
+        offset: u64,
+        /// The field's name in the specification.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The snapshot table is larger than this reader's limit.
+    #[error(
+        "qcow2 snapshot table at offset {offset:#x} grows past {limit_bytes} bytes at entry \
+         {index}"
+    )]
+    SnapshotTable {
+        /// Offset of the table in the file.
+        offset: u64,
+        /// The entry that crosses the limit.
+        index: u32,
+        /// The limit on the table's size.
+        limit_bytes: u64,
+    },
+    /// The bitmap directory, or the bitmaps extension naming it, is malformed.
+    #[error("qcow2 bitmap directory at offset {offset:#x}: {problem}")]
+    BitmapDirectory {
+        /// bitmap_directory_offset.
+        offset: u64,
+        /// What is wrong.
+        problem: DirectoryProblem,
+    },
+    /// A persistent bitmap is malformed, or its content cannot be trusted.
+    #[error("qcow2 bitmap '{name}' (directory entry at offset {entry_offset:#x}): {problem}")]
+    Bitmap {
+        /// The bitmap's name.
+        name: String,
+        /// Offset of its directory entry in the file.
+        entry_offset: u64,
+        /// What is wrong.
+        problem: BitmapProblem,
+    },
+    /// The backing chain is deeper than this reader's limit.
+    #[error("backing chain deeper than {limit} images at {}", .path.display())]
+    BackingDepth {
+        /// The backing file that would exceed the depth.
+        path: PathBuf,
+        /// The limit.
+        limit: usize,
+    },
+    /// A backing file is an image above itself in the chain.
+    #[error("backing chain loops: {} is an image above itself in the chain", .path.display())]
+    BackingLoop {
+        /// The backing file.
+        path: PathBuf,
+    },
     /// The image uses a feature this reader refuses.
     #[error("unsupported qcow2 feature: {0}")]
     Unsupported(String),
@@ -140,6 +317,15 @@ pub enum StreamError {
     /// Compressing or decompressing a payload failed.
     #[error("payload compression failed: {0}")]
     Compression(String),
+}
+
+/// How a file that is not qcow2 starts, for [`ImageError::BadMagic`].
+fn starts_with(found: &[u8]) -> String {
+    if found.is_empty() {
+        return "it is empty".into();
+    }
+    let bytes: Vec<String> = found.iter().map(|b| format!("{b:02x}")).collect();
+    format!("it starts with {}", bytes.join(" "))
 }
 
 fn magic_hint(magic: &[u8; 8]) -> &'static str {

@@ -8,8 +8,9 @@
 //! let e = Extent::new(0, 4096, ExtentKind::Data);
 //! assert_eq!(e.end(), 4096);
 //! ```
-// unsafe only where a syscall needs it (the OFD lock fcntls of `image::lock`, `cachestat` and
-// `sysconf` in `image::raw`) and for the byte view of `buf::AlignedBuf`.
+// unsafe only where a syscall needs it and no safe wrapper exists (the OFD byte-range lock
+// fcntls of `image::lock`, `cachestat` in `image::raw`) and for the byte view of
+// `buf::AlignedBuf`; each block has a `// SAFETY:` comment and an `allow` on its function.
 #![deny(unsafe_code)]
 
 pub mod blocklist;
@@ -17,6 +18,7 @@ pub mod buf;
 pub mod digest;
 pub mod error;
 pub mod extent;
+pub mod hex;
 pub mod image;
 pub mod limits;
 pub mod progress;

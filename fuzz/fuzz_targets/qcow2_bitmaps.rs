@@ -47,7 +47,8 @@ fn check_entry(image: &Qcow2Image, info: &BitmapInfo) {
     assert!((9..=31).contains(&info.granularity_bits), "{info:?}");
     let cluster_size = 1u64 << image.cluster_bits();
     assert_eq!(info.table_offset % cluster_size, 0, "{info:?}");
-    assert_eq!(info.in_use, info.flags & 1 != 0);
+    assert_eq!(info.inconsistent, !image.bitmaps_consistent());
+    assert_eq!(info.in_use, info.flags & 1 != 0 || info.inconsistent);
     assert_eq!(info.auto, info.flags & 2 != 0);
 }
 

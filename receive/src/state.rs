@@ -84,16 +84,9 @@ impl InProgress {
     }
 }
 
-/// Parses 32 hex digits.
+/// Parses 32 hex digits (either case).
 pub fn from_hex16(s: &str) -> Option<[u8; 16]> {
-    if s.len() != 32 || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
+    blkdelta_common::hex::from_hex(s)
 }
 
 /// What a replica holds.

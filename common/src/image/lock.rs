@@ -38,19 +38,13 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+mod conflict;
+
+pub use conflict::LockConflict;
+use conflict::{CONSISTENT_READ, PERM_BASE, RESIZE, SHARED_BASE, WRITE};
+
 use super::OpenOptions;
 use crate::ImageError;
-
-/// First of QEMU's "holds permission i" bytes (`RAW_LOCK_PERM_BASE`).
-const PERM_BASE: u64 = 100;
-/// First of QEMU's "does not share permission i" bytes (`RAW_LOCK_SHARED_BASE`).
-const SHARED_BASE: u64 = 200;
-/// `BLK_PERM_CONSISTENT_READ` is bit 0.
-const CONSISTENT_READ: u64 = 0;
-/// `BLK_PERM_WRITE` is bit 1.
-const WRITE: u64 = 1;
-/// `BLK_PERM_RESIZE` is bit 3.
-const RESIZE: u64 = 3;
 
 /// Bytes a consistent reader locks: it reads, and shares neither writing nor resizing.
 const READER_TAKES: [u64; 3] = [
@@ -87,105 +81,6 @@ const WRITER_TESTS: [u64; 6] = [
     SHARED_BASE + WRITE,
     SHARED_BASE + RESIZE,
 ];
-
-/// Why another process's locks forbid reading an image, or writing a target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LockConflict {
-    /// Another process holds write permission (byte 101): a running VM, most likely.
-    Writer,
-    /// Another process holds resize permission (byte 103).
-    Resizer,
-    /// Another process shares no consistent reads (byte 200): it is building the image.
-    NoConsistentRead,
-    /// Another process holds an exclusive lock on one of QEMU's lock bytes (not QEMU's doing).
-    Exclusive {
-        /// The byte offset of the lock.
-        byte: u64,
-    },
-    /// A target to write is open in another process (a VM, qemu-img, a blkdelta reader): it
-    /// holds a permission a writer that shares nothing does not share (byte 100, 101 or
-    /// 103), or does not share one that writer takes (byte 201 or 203).
-    TargetInUse {
-        /// The lock byte found held.
-        byte: u64,
-    },
-    /// A target to write is being written by another process that shares nothing (byte 200):
-    /// another blkdelta receive, or a QEMU block job.
-    TargetBeingWritten,
-}
-
-impl LockConflict {
-    /// The conflict a lock found on a tested `byte` means.
-    fn of_tested(byte: u64) -> Self {
-        match byte {
-            b if b == PERM_BASE + WRITE => LockConflict::Writer,
-            b if b == PERM_BASE + RESIZE => LockConflict::Resizer,
-            _ => LockConflict::NoConsistentRead,
-        }
-    }
-
-    /// The conflict a lock found on a `byte` a writer that shares nothing tests means.
-    fn of_tested_by_writer(byte: u64) -> Self {
-        if byte == SHARED_BASE + CONSISTENT_READ {
-            LockConflict::TargetBeingWritten
-        } else {
-            LockConflict::TargetInUse { byte }
-        }
-    }
-}
-
-/// What the holder of a lock `byte` a writer tests does to the target, in words.
-fn holder_does(byte: u64) -> &'static str {
-    match byte {
-        b if b == PERM_BASE + WRITE => "writes it (QEMU's write lock is held)",
-        b if b == PERM_BASE + RESIZE => "may resize it (QEMU's resize lock is held)",
-        b if b == PERM_BASE + CONSISTENT_READ => "reads it (QEMU's read lock is held)",
-        b if b == SHARED_BASE + WRITE => "lets nobody else write it (QEMU's lock byte 201 is held)",
-        _ => "lets nobody else resize it (QEMU's lock byte 203 is held)",
-    }
-}
-
-/// What `--force-share` does to a running image, said once for every message that offers it.
-const FORCE_SHARE_HINT: &str = "pass --force-share to read it anyway (safe for internal \
-     snapshots, which do not change unless deleted meanwhile; the active layer may change while \
-     it is read)";
-
-impl std::fmt::Display for LockConflict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LockConflict::Writer => write!(
-                f,
-                "is in use by a writer (a running VM?): QEMU holds its write lock; stop the VM, \
-                 or {FORCE_SHARE_HINT}"
-            ),
-            LockConflict::Resizer => write!(
-                f,
-                "is in use by a process that may resize it: QEMU holds its resize lock; stop \
-                 it, or {FORCE_SHARE_HINT}"
-            ),
-            LockConflict::NoConsistentRead => f.write_str(
-                "is being written by a process that lets nobody read it (a QEMU block job or a \
-                 blkdelta receive building it?): its content is not consistent until that \
-                 ends, and --force-share does not override this, as with qemu-img -U",
-            ),
-            LockConflict::Exclusive { byte } => write!(
-                f,
-                "is locked by another process (an exclusive lock on QEMU's lock byte {byte}); \
-                 stop it and retry"
-            ),
-            LockConflict::TargetInUse { byte } => write!(
-                f,
-                "is in use by another process (a VM or qemu-img?) that {}: stop it and retry; \
-                 a replica is written only while nothing else has it open",
-                holder_does(*byte)
-            ),
-            LockConflict::TargetBeingWritten => f.write_str(
-                "is being written by another process that shares nothing (another blkdelta \
-                 receive, or a QEMU block job?): wait for it to end and retry",
-            ),
-        }
-    }
-}
 
 /// Takes QEMU's reader locks on `file` (opened read-only from `path`) and checks that no
 /// other process holds the image in a way that forbids reading it. With
@@ -272,12 +167,11 @@ fn busy(e: &io::Error) -> bool {
 
 /// The two `fcntl` calls, on one byte each.
 mod ofd {
-    #![allow(unsafe_code)]
-
     use super::{AsRawFd, File};
     use std::io;
 
     /// A `struct flock` for the single byte at `byte`.
+    #[allow(unsafe_code)]
     fn one_byte(l_type: libc::c_int, byte: u64) -> io::Result<libc::flock> {
         let start = libc::off_t::try_from(byte).map_err(|_| io::ErrorKind::InvalidInput)?;
         // SAFETY: `flock` is a C struct of integers (and, on some targets, integer padding):
@@ -302,6 +196,7 @@ mod ofd {
         set_lock(file, libc::F_WRLCK, byte)
     }
 
+    #[allow(unsafe_code)]
     fn set_lock(file: &File, l_type: libc::c_int, byte: u64) -> io::Result<()> {
         let fl = one_byte(l_type, byte)?;
         // SAFETY: F_OFD_SETLK reads a `struct flock` through the pointer, which points to a
@@ -317,6 +212,7 @@ mod ofd {
     /// Whether another open file description holds any lock on one byte, found as QEMU does
     /// (`qemu_lock_fd_test`): by asking whether a write lock could be taken there. Our own
     /// locks on `file` never count.
+    #[allow(unsafe_code)]
     pub(super) fn held_by_other(file: &File, byte: u64) -> io::Result<bool> {
         let mut fl = one_byte(libc::F_WRLCK, byte)?;
         // SAFETY: F_OFD_GETLK reads and overwrites the `struct flock` the pointer designates,

@@ -190,8 +190,7 @@ fn on_overlayfs(file: &File) -> bool {
 }
 
 /// `cachestat(2)` (Linux 6.5): how much of a range of a file the page cache holds, found
-/// without reading anything.
-#[allow(unsafe_code)]
+/// without reading anything. Neither libc nor rustix wraps it yet, hence the raw syscall.
 mod cachestat {
     use std::fs::File;
     use std::os::fd::AsRawFd;
@@ -225,9 +224,9 @@ mod cachestat {
     }
 
     #[cfg(not(any(target_arch = "mips", target_arch = "mips64")))]
+    #[allow(unsafe_code)]
     pub(super) fn cached_pages(file: &File, offset: u64, len: u64) -> Option<(u64, u64)> {
-        // SAFETY: sysconf has no preconditions.
-        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+        let page = rustix::param::page_size() as u64;
         let range = Range { off: offset, len };
         let mut stat = Stat::default();
         // SAFETY: `range` and `stat` have the kernel's layout and outlive the call, which
@@ -241,7 +240,7 @@ mod cachestat {
                 0u32,
             )
         };
-        let touched = (offset + len - 1) / page.max(1) - offset / page.max(1) + 1;
+        let touched = (offset + len - 1) / page - offset / page + 1;
         (r == 0).then_some((stat.nr_cache, touched))
     }
 }

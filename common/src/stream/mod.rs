@@ -98,23 +98,33 @@ pub(crate) fn decode_body<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests;
 
-/// A fresh random 16-byte identity (stream ids, states without a durable identity).
+/// A fresh random 16-byte identity (stream ids, states without a durable identity), from
+/// the operating system's random number generator.
+///
+/// Should the OS generator fail (no `getrandom(2)` and no readable `/dev/urandom`, as in a
+/// bare chroot), the id is the blake3 hash of the time, the process id and a per-process
+/// counter instead: unique enough to tell streams and states apart, which is all an id is
+/// for here, but predictable. It never panics.
 pub fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    if getrandom::fill(&mut id).is_err() {
+        id = fallback_id();
+    }
+    id
+}
+
+/// The id [`random_id`] makes when the OS generator fails: time, pid and a counter, hashed.
+fn fallback_id() -> [u8; 16] {
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{SystemTime, UNIX_EPOCH};
-    let mut h = blake3::Hasher::new();
+    static CALLS: AtomicU64 = AtomicU64::new(0);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
+    let mut h = blake3::Hasher::new();
     h.update(&now.as_nanos().to_le_bytes());
     h.update(&std::process::id().to_le_bytes());
-    let local = 0u8;
-    h.update(&(std::ptr::addr_of!(local) as usize).to_le_bytes());
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let mut seed = [0u8; 16];
-        if std::io::Read::read_exact(&mut f, &mut seed).is_ok() {
-            h.update(&seed);
-        }
-    }
+    h.update(&CALLS.fetch_add(1, Ordering::Relaxed).to_le_bytes());
     let mut id = [0u8; 16];
     id.copy_from_slice(&h.finalize().as_bytes()[..16]);
     id

@@ -624,3 +624,12 @@ fn short_payloads_take_their_own_size_even_with_spare_buffers() {
     }
     assert_eq!(short, 7);
 }
+
+#[test]
+fn random_ids_differ_and_the_fallback_does_too() {
+    let (a, b) = (random_id(), random_id());
+    assert_ne!(a, b);
+    assert_ne!(a, [0u8; 16]);
+    // The fallback, used only when the OS generator fails, still never repeats in a process.
+    assert_ne!(fallback_id(), fallback_id());
+}

@@ -36,14 +36,7 @@ impl ResumeToken {
     pub fn parse(s: &str) -> Result<Self, String> {
         let bad = || format!("'{s}' is not a blkdelta resume token");
         let hex = s.trim().strip_prefix(PREFIX).ok_or_else(bad)?;
-        if hex.len() != 2 * (BODY_BYTES + 4) || !hex.is_ascii() {
-            return Err(bad());
-        }
-        let bytes: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
-            .collect::<Result<_, _>>()
-            .map_err(|_| bad())?;
+        let bytes: [u8; BODY_BYTES + 4] = crate::hex::from_hex(hex).ok_or_else(bad)?;
         let (body, check) = bytes.split_at(BODY_BYTES);
         if blake3::hash(body).as_bytes()[..4] != *check || body[0] > 1 {
             return Err(format!(
@@ -64,11 +57,10 @@ impl fmt::Display for ResumeToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let body = self.body();
         let check = blake3::hash(&body);
-        f.write_str(PREFIX)?;
-        for b in body.iter().chain(&check.as_bytes()[..4]) {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        let mut bytes = [0u8; BODY_BYTES + 4];
+        bytes[..BODY_BYTES].copy_from_slice(&body);
+        bytes[BODY_BYTES..].copy_from_slice(&check.as_bytes()[..4]);
+        write!(f, "{PREFIX}{}", crate::hex::to_hex(&bytes))
     }
 }
 

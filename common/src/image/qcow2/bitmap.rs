@@ -21,8 +21,10 @@ use std::fs::File;
 
 pub use table::{table_entry, BitmapGeometry, DirtyBitmap, TableEntry};
 
+use super::bytes::{be_u16, be_u32, be_u64, check_table};
 use super::extension::BitmapsExtension;
-use super::header::{be_u16, be_u32, be_u64, check_table, Header};
+use super::header::{Header, AUTOCLEAR_BITMAPS};
+use crate::error::{BitmapProblem, DirectoryProblem};
 use crate::image::raw::pread_exact;
 use crate::limits::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES};
 use crate::ImageError;
@@ -42,7 +44,7 @@ pub const MAX_GRANULARITY_BITS: u8 = 31;
 /// Bytes of a directory entry before its extra data and name.
 const ENTRY_FIXED_BYTES: usize = 24;
 /// Longest bitmap name QEMU accepts.
-const MAX_NAME_BYTES: usize = 1023;
+const MAX_NAME_BYTES: u16 = 1023;
 /// Largest bitmap data QEMU accepts (`BME_MAX_PHYS_SIZE`).
 pub const MAX_BITMAP_DATA_BYTES: u64 = 512 << 20;
 
@@ -53,8 +55,13 @@ pub struct BitmapInfo {
     pub name: String,
     /// Each bit covers `1 << granularity_bits` guest bytes.
     pub granularity_bits: u8,
-    /// Flag bit 0: not saved cleanly, so the content must not be trusted.
+    /// The content must not be trusted, as QEMU sees it: flag bit 0 (in_use) is set, because
+    /// the bitmap was not saved cleanly, or every bitmap of the image is
+    /// [`inconsistent`](BitmapInfo::inconsistent). `flags` keeps the bit as stored.
     pub in_use: bool,
+    /// Autoclear bit 0 of the header is clear: a program that does not maintain bitmaps
+    /// wrote to the image, so QEMU holds all its bitmaps inconsistent (and drops them).
+    pub inconsistent: bool,
     /// Flag bit 1: enabled (tracks writes).
     pub auto: bool,
     /// Offset of the bitmap table.
@@ -65,7 +72,21 @@ pub struct BitmapInfo {
     pub flags: u32,
     /// Bytes of extra data before the name (QEMU writes none and refuses a bitmap with some).
     pub extra_data_size: u32,
+    /// Offset of its directory entry in the file.
+    pub entry_offset: u64,
 }
+
+impl BitmapInfo {
+    /// The error of this bitmap that has `problem`.
+    pub(crate) fn error(&self, problem: BitmapProblem) -> ImageError {
+        ImageError::Bitmap {
+            name: self.name.clone(),
+            entry_offset: self.entry_offset,
+            problem,
+        }
+    }
+}
+
 /// Reads and checks the bitmap directory that the header's extension names.
 pub(crate) fn read_directory(
     file: &File,
@@ -78,26 +99,25 @@ pub(crate) fn read_directory(
     check_extension(&ext, header, file_len)?;
     let mut dir = vec![0u8; ext.directory_size as usize];
     pread_exact(file, &mut dir, ext.directory_offset)?;
+    let dir_error = |problem| ImageError::BitmapDirectory {
+        offset: ext.directory_offset,
+        problem,
+    };
+    let nb_bitmaps = ext.nb_bitmaps;
     let mut bitmaps = Vec::new();
     let mut at = 0usize;
     while at < dir.len() {
-        if bitmaps.len() as u64 >= u64::from(ext.nb_bitmaps) {
-            return Err(ImageError::Invalid(format!(
-                "bitmap directory at {:#x} holds more than nb_bitmaps {} entries",
-                ext.directory_offset, ext.nb_bitmaps
-            )));
+        if bitmaps.len() as u64 >= u64::from(nb_bitmaps) {
+            return Err(dir_error(DirectoryProblem::TooManyEntries { nb_bitmaps }));
         }
-        let (info, len) = parse_entry(&dir[at..], header, ext.directory_offset + at as u64)?;
-        bitmaps.push(info);
+        let entry_offset = ext.directory_offset + at as u64;
+        let (name, len) = entry_name(&dir[at..], entry_offset).map_err(dir_error)?;
+        bitmaps.push(parse_entry(&dir[at..], header, name, entry_offset)?);
         at += len;
     }
-    if bitmaps.len() as u64 != u64::from(ext.nb_bitmaps) {
-        return Err(ImageError::Invalid(format!(
-            "bitmap directory at {:#x} holds {} entries, the extension says {}",
-            ext.directory_offset,
-            bitmaps.len(),
-            ext.nb_bitmaps
-        )));
+    if bitmaps.len() as u64 != u64::from(nb_bitmaps) {
+        let found = bitmaps.len() as u64;
+        return Err(dir_error(DirectoryProblem::Count { found, nb_bitmaps }));
     }
     Ok(bitmaps)
 }
@@ -108,23 +128,30 @@ fn check_extension(
     file_len: u64,
 ) -> Result<(), ImageError> {
     if ext.data_len != 24 {
-        return Err(ImageError::Invalid(format!(
-            "bitmaps extension is {} bytes long (expected 24)",
-            ext.data_len
-        )));
+        return Err(ImageError::ExtensionLength {
+            name: "bitmaps",
+            offset: ext.offset,
+            len: ext.data_len.into(),
+            expected: "24",
+        });
     }
+    let dir_error = |problem| ImageError::BitmapDirectory {
+        offset: ext.directory_offset,
+        problem,
+    };
     if ext.nb_bitmaps == 0 || ext.nb_bitmaps > MAX_BITMAPS {
-        return Err(ImageError::Invalid(format!(
-            "bitmaps extension: nb_bitmaps {} is outside 1..={MAX_BITMAPS}",
-            ext.nb_bitmaps
-        )));
+        return Err(dir_error(DirectoryProblem::NbBitmaps {
+            nb_bitmaps: ext.nb_bitmaps,
+            max: MAX_BITMAPS,
+        }));
     }
     let min_size = u64::from(ext.nb_bitmaps) * ENTRY_FIXED_BYTES as u64;
     if ext.directory_size > MAX_BITMAP_DIRECTORY_BYTES || ext.directory_size < min_size {
-        return Err(ImageError::Invalid(format!(
-            "bitmap directory size {} is outside {min_size}..={MAX_BITMAP_DIRECTORY_BYTES}",
-            ext.directory_size
-        )));
+        return Err(dir_error(DirectoryProblem::Size {
+            size: ext.directory_size,
+            min: min_size,
+            max: MAX_BITMAP_DIRECTORY_BYTES,
+        }));
     }
     check_table(
         "bitmap directory",
@@ -135,61 +162,66 @@ fn check_extension(
     )
 }
 
-/// Parses the entry at the start of `b` (found at file offset `at`); returns it and its
-/// padded length. The name is read first, so later errors can name the bitmap.
-fn parse_entry(b: &[u8], header: &Header, at: u64) -> Result<(BitmapInfo, usize), ImageError> {
-    let (name, len) = entry_name(b, at)?;
-    let bad = |what: String| {
-        ImageError::Invalid(format!(
-            "bitmap '{name}' (directory entry at {at:#x}): {what}"
-        ))
-    };
+/// Parses the entry at the start of `b` (found at file offset `at`), whose name
+/// [`entry_name`] has read, so that errors can name the bitmap.
+fn parse_entry(b: &[u8], header: &Header, name: String, at: u64) -> Result<BitmapInfo, ImageError> {
     let (kind, granularity_bits) = (b[16], b[17]);
     if kind != BT_DIRTY_TRACKING_BITMAP {
         return Err(ImageError::Unsupported(format!(
             "bitmap '{name}' has type {kind} (only type 1, dirty tracking, exists)"
         )));
     }
-    if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&granularity_bits) {
-        return Err(bad(format!(
-            "granularity_bits {granularity_bits} outside \
-             {MIN_GRANULARITY_BITS}..={MAX_GRANULARITY_BITS}"
-        )));
-    }
     let flags = be_u32(b, 12);
+    let inconsistent = header.autoclear_features & AUTOCLEAR_BITMAPS == 0;
     let info = BitmapInfo {
-        name: name.clone(),
+        name,
         granularity_bits,
-        in_use: flags & BME_FLAG_IN_USE != 0,
+        in_use: flags & BME_FLAG_IN_USE != 0 || inconsistent,
+        inconsistent,
         auto: flags & BME_FLAG_AUTO != 0,
         table_offset: be_u64(b, 0),
         table_size: be_u32(b, 8),
         flags,
         extra_data_size: be_u32(b, 20),
+        entry_offset: at,
     };
-    check_bitmap_table(&info, header).map_err(bad)?;
-    Ok((info, len))
+    if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&granularity_bits) {
+        return Err(info.error(BitmapProblem::Granularity {
+            bits: granularity_bits,
+            min: MIN_GRANULARITY_BITS,
+            max: MAX_GRANULARITY_BITS,
+        }));
+    }
+    check_bitmap_table(&info, header).map_err(|p| info.error(p))?;
+    Ok(info)
 }
 
-/// The name of the entry at the start of `b`, and the entry's padded length.
-fn entry_name(b: &[u8], at: u64) -> Result<(String, usize), ImageError> {
-    let bad =
-        |what: String| ImageError::Invalid(format!("bitmap directory entry at {at:#x}: {what}"));
+/// The name of the entry at the start of `b` (at file offset `at`), and the entry's padded
+/// length.
+fn entry_name(b: &[u8], at: u64) -> Result<(String, usize), DirectoryProblem> {
     if b.len() < ENTRY_FIXED_BYTES {
-        return Err(bad(format!("only {} bytes left in the directory", b.len())));
+        return Err(DirectoryProblem::ShortEntry {
+            entry_offset: at,
+            left: b.len() as u64,
+            needed: ENTRY_FIXED_BYTES as u64,
+        });
     }
-    let name_size = usize::from(be_u16(b, 18));
+    let name_size = be_u16(b, 18);
     let extra = be_u32(b, 20) as usize;
     if name_size == 0 || name_size > MAX_NAME_BYTES {
-        return Err(bad(format!(
-            "name_size {name_size} outside 1..={MAX_NAME_BYTES}"
-        )));
+        return Err(DirectoryProblem::NameSize {
+            entry_offset: at,
+            name_size,
+            max: MAX_NAME_BYTES,
+        });
     }
+    let name_size = usize::from(name_size);
     let len = (ENTRY_FIXED_BYTES + extra + name_size).div_ceil(8) * 8;
     if len > b.len() {
-        return Err(bad(format!(
-            "{len} bytes long, past the end of the directory"
-        )));
+        return Err(DirectoryProblem::EntryPastEnd {
+            entry_offset: at,
+            len: len as u64,
+        });
     }
     let name_at = ENTRY_FIXED_BYTES + extra;
     let name = String::from_utf8_lossy(&b[name_at..name_at + name_size]).into_owned();
@@ -197,32 +229,35 @@ fn entry_name(b: &[u8], at: u64) -> Result<(String, usize), ImageError> {
 }
 
 /// Checks the table's alignment and size like QEMU's `check_dir_entry`: at most 512 MiB of
-/// bitmap data, and (for a bitmap not in use) enough of it to cover the disk.
-fn check_bitmap_table(info: &BitmapInfo, header: &Header) -> Result<(), String> {
+/// bitmap data, and (for a bitmap whose in_use flag is clear) enough of it to cover the disk.
+fn check_bitmap_table(info: &BitmapInfo, header: &Header) -> Result<(), BitmapProblem> {
     let cs = header.cluster_size();
     if info.table_offset & (cs - 1) != 0 {
-        return Err(format!(
-            "bitmap table offset {:#x} is not cluster-aligned",
-            info.table_offset
-        ));
+        return Err(BitmapProblem::TableUnaligned {
+            offset: info.table_offset,
+            cluster_size: cs,
+        });
     }
-    let phys = u64::from(info.table_size) * cs;
+    let entries = u64::from(info.table_size);
+    let phys = entries * cs;
     if phys > MAX_BITMAP_DATA_BYTES {
-        return Err(format!(
-            "bitmap table of {} entries is too large",
-            info.table_size
-        ));
+        return Err(BitmapProblem::TableTooLarge {
+            entries,
+            bytes: phys,
+            limit: MAX_BITMAP_DATA_BYTES,
+        });
     }
     // phys * 8 bits of 2^granularity bytes each; saturate: huge coverage is always enough.
     let covered = (phys * 8).checked_shl(u32::from(info.granularity_bits));
     let covered = covered
         .filter(|c| c >> info.granularity_bits == phys * 8)
         .unwrap_or(u64::MAX);
-    if !info.in_use && covered < header.size {
-        return Err(format!(
-            "bitmap table of {} entries covers {covered} bytes, less than the disk ({})",
-            info.table_size, header.size
-        ));
+    if info.flags & BME_FLAG_IN_USE == 0 && covered < header.size {
+        return Err(BitmapProblem::TableTooSmall {
+            entries,
+            covered,
+            disk_size: header.size,
+        });
     }
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! header_length ──► [type|len|data..pad] [type|len|data..pad] … [0|0] … backing name
 //! ```
 
-use super::header::{be_u32, be_u64};
+use super::bytes::{be_u32, be_u64};
 use crate::ImageError;
 
 /// Header extension type: end of the list.
@@ -21,6 +21,8 @@ pub const EXT_BITMAPS: u32 = 0x2385_2875;
 /// The bitmaps header extension as stored; checked when the directory is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BitmapsExtension {
+    /// Offset of the extension's head in cluster 0.
+    pub offset: u64,
     /// Length of the extension data (must be 24).
     pub data_len: u32,
     /// Number of bitmaps in the directory.
@@ -40,44 +42,34 @@ pub(crate) struct Extensions {
     pub(crate) feature_names: Vec<(u8, u8, String)>,
 }
 
-fn invalid(msg: String) -> ImageError {
-    ImageError::Invalid(msg)
-}
-
 /// Walks the extension list from `header_length` to the backing name (or the end of
-/// cluster 0), like QEMU's `qcow2_read_extensions`.
+/// cluster 0), like QEMU's `qcow2_read_extensions`. The caller has checked that the backing
+/// name starts inside cluster 0.
 pub(crate) fn walk_extensions(
     c0: &[u8],
     start: u32,
     backing_offset: u64,
 ) -> Result<Extensions, ImageError> {
-    let cluster_size = c0.len() as u64;
-    if backing_offset > cluster_size {
-        return Err(invalid(format!(
-            "backing_file_offset {backing_offset:#x} lies outside cluster 0 ({cluster_size} bytes)"
-        )));
-    }
-    let end = if backing_offset != 0 {
-        backing_offset as usize
-    } else {
-        c0.len()
+    let end = match usize::try_from(backing_offset) {
+        Ok(0) | Err(_) => c0.len(),
+        Ok(offset) => offset.min(c0.len()),
     };
     let mut ext = Extensions::default();
     let mut at = start as usize;
     while at < end {
+        let past_end = |len: usize| ImageError::ExtensionPastEnd {
+            offset: at as u64,
+            len: len as u64,
+            end: end as u64,
+        };
         if end - at < 8 {
-            return Err(invalid(format!(
-                "header extension at offset {at} runs past offset {end}"
-            )));
+            return Err(past_end(8));
         }
         let (kind, len) = (be_u32(c0, at), be_u32(c0, at + 4) as usize);
-        at += 8;
-        if len > end - at {
-            return Err(invalid(format!(
-                "header extension {kind:#010x} at offset {} is {len} bytes long, past offset {end}",
-                at - 8
-            )));
+        if len > end - at - 8 {
+            return Err(past_end(8 + len));
         }
+        at += 8;
         if kind == EXT_END {
             break;
         }
@@ -97,10 +89,12 @@ fn record_extension(
         EXT_BACKING_FORMAT => {
             // QEMU keeps the format in a 16-byte buffer.
             if data.len() >= 16 {
-                return Err(invalid(format!(
-                    "backing format extension at offset {at} is {} bytes long (at most 15)",
-                    data.len()
-                )));
+                return Err(ImageError::ExtensionLength {
+                    name: "backing format",
+                    offset: at as u64,
+                    len: data.len() as u64,
+                    expected: "at most 15",
+                });
             }
             ext.backing_format = Some(String::from_utf8_lossy(data).into_owned());
         }
@@ -116,6 +110,7 @@ fn record_extension(
         EXT_BITMAPS => {
             let field = |i: usize| data.get(i..i + 8).map_or(0, |b| be_u64(b, 0));
             ext.bitmaps = Some(BitmapsExtension {
+                offset: at as u64,
                 data_len: data.len() as u32,
                 nb_bitmaps: data.get(0..4).map_or(0, |b| be_u32(b, 0)),
                 directory_size: field(8),

@@ -14,12 +14,14 @@
 //! file name, all inside cluster 0.
 //! ```
 
+use super::bytes::{be_u32, be_u64, check_table};
 use super::extension::{walk_extensions, BitmapsExtension, Extensions};
 use super::tables::Geometry;
-use super::MAGIC;
 use crate::limits::{MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_VIRTUAL_BYTES};
 use crate::ImageError;
 
+/// The qcow2 magic, `QFI\xfb`.
+pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 /// Incompatible feature bit 0: refcounts may be stale (harmless for a reader).
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
 /// Incompatible feature bit 1: the image is marked corrupt (readable, not writable).
@@ -106,18 +108,6 @@ pub struct RawHeader {
     pub compression_type: u8,
 }
 
-pub(crate) fn be_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-pub(crate) fn be_u64(b: &[u8], at: usize) -> u64 {
-    (u64::from(be_u32(b, at)) << 32) | u64::from(be_u32(b, at + 4))
-}
-
-pub(crate) fn be_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
 impl RawHeader {
     /// Decodes the fixed fields from the first bytes of the file; missing bytes read as 0, and
     /// so do the version 3 fields of a version 2 header (its extensions start at byte 72) and
@@ -202,8 +192,14 @@ pub struct Header {
     pub bitmaps: Option<BitmapsExtension>,
 }
 
-fn invalid(msg: String) -> ImageError {
-    ImageError::Invalid(msg)
+/// A header field error: `field` at header `offset` holds `value`, valid is `expected`.
+fn field(field: &'static str, offset: u64, value: u64, expected: String) -> ImageError {
+    ImageError::HeaderField {
+        field,
+        offset,
+        value,
+        expected,
+    }
 }
 
 impl Header {
@@ -212,22 +208,30 @@ impl Header {
     /// `file_len` bytes.
     pub fn parse(cluster0: &[u8], file_len: u64) -> Result<Header, ImageError> {
         let raw = RawHeader::parse(cluster0);
-        check_magic_version(&raw)?;
+        if raw.magic != MAGIC {
+            let found = cluster0[..cluster0.len().min(MAGIC.len())].to_vec();
+            return Err(ImageError::BadMagic { found });
+        }
+        check_version(&raw)?;
         let cluster_bits = check_cluster_bits(&raw)?;
         let cluster_size = 1usize << cluster_bits;
         let mut c0 = vec![0u8; cluster_size];
         let n = cluster0.len().min(cluster_size);
         c0[..n].copy_from_slice(&cluster0[..n]);
         let header_length = check_header_length(&raw, file_len)?;
+        check_backing_offset(&raw, cluster_size as u64)?;
         let ext = walk_extensions(&c0, header_length, raw.backing_file_offset)?;
         check_incompatible(&raw, &ext)?;
         check_crypt(&raw)?;
         let compression_type = check_compression(&raw, header_length)?;
         let extended_l2 = raw.incompatible_features & INCOMPAT_EXTL2 != 0;
         if extended_l2 && cluster_bits < 14 {
-            return Err(invalid(format!(
-                "extended L2 entries need clusters of at least 16 KiB, cluster_bits is {cluster_bits}"
-            )));
+            return Err(field(
+                "cluster_bits",
+                20,
+                cluster_bits.into(),
+                "at least 14 with extended L2 entries (clusters of at least 16 KiB)".into(),
+            ));
         }
         let refcount_order = check_refcount_order(&raw)?;
         let geometry = Geometry::new(cluster_bits, extended_l2);
@@ -279,28 +283,17 @@ impl Header {
     }
 }
 
-fn check_magic_version(raw: &RawHeader) -> Result<(), ImageError> {
-    if raw.magic != MAGIC {
-        return Err(invalid(format!(
-            "bad magic {:02x?} at offset 0 (expected {MAGIC:02x?})",
-            raw.magic
-        )));
+fn check_version(raw: &RawHeader) -> Result<(), ImageError> {
+    match raw.version {
+        2 | 3 => Ok(()),
+        version => Err(ImageError::UnsupportedVersion { version }),
     }
-    if raw.version != 2 && raw.version != 3 {
-        return Err(ImageError::Unsupported(format!(
-            "qcow2 version {} (only 2 and 3 exist)",
-            raw.version
-        )));
-    }
-    Ok(())
 }
 
 fn check_cluster_bits(raw: &RawHeader) -> Result<u32, ImageError> {
     match raw.cluster_bits {
         9..=21 => Ok(raw.cluster_bits),
-        bits => Err(invalid(format!(
-            "cluster_bits {bits} at offset 20 is outside 9..=21 (512 B to 2 MiB)"
-        ))),
+        bits => Err(ImageError::ClusterBits { bits }),
     }
 }
 
@@ -324,14 +317,12 @@ fn check_header_length(raw: &RawHeader, file_len: u64) -> Result<u32, ImageError
         raw.header_length
     };
     if raw.version == 3 && (len < V3_MIN_HEADER_LENGTH || len % 8 != 0) {
-        return Err(invalid(format!(
-            "header_length {len} at offset 100 is not a multiple of 8 of at least 104"
-        )));
+        let expected = format!("a multiple of 8, at least {V3_MIN_HEADER_LENGTH}");
+        return Err(field("header_length", 100, len.into(), expected));
     }
     if u64::from(len) > cluster_size {
-        return Err(invalid(format!(
-            "header_length {len} exceeds the cluster size {cluster_size}"
-        )));
+        let expected = format!("at most the cluster size {cluster_size}");
+        return Err(field("header_length", 100, len.into(), expected));
     }
     if u64::from(len) > file_len {
         return Err(ImageError::PastEnd {
@@ -370,7 +361,12 @@ fn check_crypt(raw: &RawHeader) -> Result<(), ImageError> {
         0 => Ok(()),
         1 => Err(ImageError::Unsupported("encryption (AES)".into())),
         2 => Err(ImageError::Unsupported("encryption (LUKS)".into())),
-        m => Err(invalid(format!("crypt_method {m} at offset 32 is unknown"))),
+        m => Err(field(
+            "crypt_method",
+            32,
+            m.into(),
+            "0 (none), 1 (AES) or 2 (LUKS)".into(),
+        )),
     }
 }
 
@@ -387,10 +383,17 @@ fn check_compression(raw: &RawHeader, header_length: u32) -> Result<CompressionT
     };
     let bit = raw.incompatible_features & INCOMPAT_COMPRESSION != 0;
     if bit != (kind != CompressionType::Deflate) {
-        return Err(invalid(format!(
-            "compression type {stored} does not agree with incompatible feature bit 3 ({})",
-            if bit { "set" } else { "clear" }
-        )));
+        let expected = if bit {
+            "not 0 (deflate): incompatible feature bit 3 is set"
+        } else {
+            "0 (deflate): incompatible feature bit 3 is clear"
+        };
+        return Err(field(
+            "compression_type",
+            104,
+            stored.into(),
+            expected.into(),
+        ));
     }
     Ok(kind)
 }
@@ -401,56 +404,31 @@ fn check_refcount_order(raw: &RawHeader) -> Result<u32, ImageError> {
     }
     match raw.refcount_order {
         0..=6 => Ok(raw.refcount_order),
-        o => Err(invalid(format!(
-            "refcount_order {o} at offset 96 is outside 0..=6"
-        ))),
-    }
-}
-
-/// Checks that `[offset, offset + len)` is cluster-aligned and inside the file.
-pub(crate) fn check_table(
-    what: &'static str,
-    offset: u64,
-    len: u64,
-    cluster_size: u64,
-    file_len: u64,
-) -> Result<(), ImageError> {
-    if offset & (cluster_size - 1) != 0 {
-        return Err(invalid(format!(
-            "{what} offset {offset:#x} is not aligned to the cluster size {cluster_size}"
-        )));
-    }
-    match offset.checked_add(len) {
-        Some(end) if end <= file_len => Ok(()),
-        _ => Err(ImageError::PastEnd {
-            what,
-            offset,
-            len,
-            file_len,
-        }),
+        o => Err(field("refcount_order", 96, o.into(), "0..=6".into())),
     }
 }
 
 fn check_size_and_l1(raw: &RawHeader, g: Geometry, file_len: u64) -> Result<(), ImageError> {
     if raw.size > MAX_VIRTUAL_BYTES {
-        return Err(invalid(format!(
-            "virtual size {} exceeds the limit of {MAX_VIRTUAL_BYTES} bytes",
-            raw.size
-        )));
+        let expected = format!("a virtual size of at most {MAX_VIRTUAL_BYTES} bytes");
+        return Err(field("size", 24, raw.size, expected));
     }
     let needed = g.l1_entries_for(raw.size);
     if u64::from(raw.l1_size) < needed {
-        return Err(invalid(format!(
-            "l1_size {} is too small for virtual size {} (needs {needed} entries)",
-            raw.l1_size, raw.size
-        )));
+        let expected = format!(
+            "at least {needed} entries for the virtual size {}",
+            raw.size
+        );
+        return Err(field("l1_size", 36, raw.l1_size.into(), expected));
     }
     let l1_bytes = u64::from(raw.l1_size) * 8;
     if l1_bytes > MAX_L1_BYTES {
-        return Err(invalid(format!(
-            "l1_size {} ({l1_bytes} bytes) exceeds the limit of {MAX_L1_BYTES} bytes",
-            raw.l1_size
-        )));
+        return Err(ImageError::TableTooLarge {
+            what: "active L1 table",
+            offset: raw.l1_table_offset,
+            entries: raw.l1_size.into(),
+            limit_bytes: MAX_L1_BYTES,
+        });
     }
     let cs = g.cluster_size();
     check_table(
@@ -466,11 +444,9 @@ fn check_refcount_table(raw: &RawHeader, g: Geometry, file_len: u64) -> Result<(
     let cs = g.cluster_size();
     let bytes = u64::from(raw.refcount_table_clusters) * cs;
     if raw.refcount_table_clusters == 0 || bytes > MAX_REFTABLE_BYTES {
-        return Err(invalid(format!(
-            "refcount_table_clusters {} is outside 1..={}",
-            raw.refcount_table_clusters,
-            MAX_REFTABLE_BYTES / cs
-        )));
+        let expected = format!("1..={}", MAX_REFTABLE_BYTES / cs);
+        let value = raw.refcount_table_clusters.into();
+        return Err(field("refcount_table_clusters", 56, value, expected));
     }
     check_table(
         "refcount table",
@@ -483,10 +459,8 @@ fn check_refcount_table(raw: &RawHeader, g: Geometry, file_len: u64) -> Result<(
 
 fn check_snapshot_table(raw: &RawHeader, g: Geometry, file_len: u64) -> Result<(), ImageError> {
     if raw.nb_snapshots > MAX_SNAPSHOTS {
-        return Err(invalid(format!(
-            "nb_snapshots {} exceeds the limit of {MAX_SNAPSHOTS}",
-            raw.nb_snapshots
-        )));
+        let expected = format!("at most {MAX_SNAPSHOTS}");
+        return Err(field("nb_snapshots", 60, raw.nb_snapshots.into(), expected));
     }
     if raw.nb_snapshots == 0 {
         return Ok(());
@@ -503,6 +477,23 @@ fn check_snapshot_table(raw: &RawHeader, g: Geometry, file_len: u64) -> Result<(
     )
 }
 
+/// Checks that the backing file name starts inside cluster 0, which ends the extension area.
+fn check_backing_offset(raw: &RawHeader, cluster_size: u64) -> Result<(), ImageError> {
+    if raw.backing_file_offset > cluster_size {
+        return Err(backing_name(raw, cluster_size));
+    }
+    Ok(())
+}
+
+fn backing_name(raw: &RawHeader, cluster_size: u64) -> ImageError {
+    ImageError::BackingName {
+        offset: raw.backing_file_offset,
+        len: raw.backing_file_size.into(),
+        cluster_size,
+        max_len: MAX_BACKING_NAME_BYTES.into(),
+    }
+}
+
 fn read_backing_name(raw: &RawHeader, c0: &[u8]) -> Result<Option<String>, ImageError> {
     if raw.backing_file_offset == 0 {
         return Ok(None);
@@ -512,10 +503,7 @@ fn read_backing_name(raw: &RawHeader, c0: &[u8]) -> Result<Option<String>, Image
         .checked_add(u64::from(len))
         .is_some_and(|end| end <= c0.len() as u64);
     if len > MAX_BACKING_NAME_BYTES || !fits {
-        return Err(invalid(format!(
-            "backing file name at offset {offset:#x} of {len} bytes is longer than \
-             {MAX_BACKING_NAME_BYTES} or leaves cluster 0"
-        )));
+        return Err(backing_name(raw, c0.len() as u64));
     }
     let bytes = &c0[offset as usize..offset as usize + len as usize];
     // An empty name means no backing file, as in QEMU.

@@ -10,12 +10,13 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::header::{be_u64, check_table};
+use super::bytes::{be_u64, check_table};
 use super::tables::{
     check_l2_bitmap, classify_cluster, classify_subcluster, ClusterKind, Geometry, SubclusterKind,
     L1E_OFFSET_MASK, L2E_OFFSET_MASK,
 };
 use super::{ImageInner, Layer};
+use crate::error::L2Problem;
 use crate::image::raw::pread_exact;
 use crate::image::BlockSource;
 use crate::limits::MAX_L1_BYTES;
@@ -33,11 +34,27 @@ const MAX_LOOKUP_UNITS: u32 = 1024;
 /// subcluster bitmap word.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct L2Table {
+    offset: u64,
     words: Arc<[u64]>,
     extended: bool,
 }
 
 impl L2Table {
+    /// Offset of the table in the image file.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The error for entry `index`, which has `problem`.
+    fn bad_entry(&self, index: usize, problem: L2Problem) -> ImageError {
+        ImageError::L2Entry {
+            table_offset: self.offset,
+            index: index as u64,
+            entry: self.entry(index).0,
+            problem,
+        }
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         if self.extended {
@@ -146,9 +163,12 @@ pub(crate) fn read_l1(
 ) -> Result<Vec<u64>, ImageError> {
     let bytes = u64::from(l1_size) * 8;
     if bytes > MAX_L1_BYTES {
-        return Err(ImageError::Invalid(format!(
-            "L1 table at {offset:#x}: l1_size {l1_size} exceeds {MAX_L1_BYTES} bytes"
-        )));
+        return Err(ImageError::TableTooLarge {
+            what: "L1 table",
+            offset,
+            entries: l1_size.into(),
+            limit_bytes: MAX_L1_BYTES,
+        });
     }
     let cs = image.header.cluster_size();
     check_table("L1 table", offset, bytes, cs, image.file_len)?;
@@ -261,6 +281,7 @@ impl Qcow2Layer {
             .collect();
         let words: Arc<[u64]> = words.into();
         let table = L2Table {
+            offset,
             words,
             extended: g.extended_l2,
         };
@@ -277,9 +298,7 @@ impl Qcow2Layer {
                     Ok(())
                 }
             });
-            checked.map_err(|e| {
-                ImageError::Invalid(format!("L2 table at {offset:#x}, entry {index}: {e}"))
-            })?;
+            checked.map_err(|problem| table.bad_entry(index, problem))?;
         }
         Ok(table)
     }
@@ -330,16 +349,20 @@ impl Qcow2Layer {
     fn unit_at(&self, table: &L2Table, offset: u64) -> Result<(Piece, u64), ImageError> {
         let g = self.inner.geometry;
         let cs = g.cluster_size();
-        let (word, bitmap) = table.entry(((offset >> g.cluster_bits) % g.l2_entries) as usize);
+        let index = ((offset >> g.cluster_bits) % g.l2_entries) as usize;
+        let (word, bitmap) = table.entry(index);
         let in_cluster = offset & (cs - 1);
-        let kind = classify_cluster(word, g)?;
+        let bad = |problem| table.bad_entry(index, problem);
+        let kind = classify_cluster(word, g).map_err(bad)?;
         let whole = cs - in_cluster;
         let piece = match kind {
             ClusterKind::Compressed { .. } => Piece::Compressed {
                 entry: word,
                 in_cluster,
             },
-            _ if g.extended_l2 => return subcluster_piece(kind, bitmap, in_cluster, g),
+            _ if g.extended_l2 => {
+                return subcluster_piece(kind, bitmap, in_cluster, g).map_err(bad)
+            }
             ClusterKind::Unallocated => Piece::Unallocated,
             ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc(_) => Piece::Zero,
             ClusterKind::Normal(host) => Piece::Host(host + in_cluster),
@@ -367,7 +390,7 @@ fn subcluster_piece(
     bitmap: u64,
     in_cluster: u64,
     g: Geometry,
-) -> Result<(Piece, u64), ImageError> {
+) -> Result<(Piece, u64), L2Problem> {
     let sc_size = g.unit_size();
     let index = (in_cluster / sc_size) as u32;
     let piece = match classify_subcluster(kind, bitmap, index)? {
@@ -376,18 +399,20 @@ fn subcluster_piece(
                 Piece::Host(host + in_cluster)
             }
             _ => {
-                return Err(ImageError::Invalid(format!(
-                    "allocated subcluster {index} in a cluster without a host offset ({kind:?})"
-                )))
+                return Err(L2Problem::SubclusterBitmap {
+                    bitmap,
+                    kind: kind.name(),
+                })
             }
         },
         SubclusterKind::ZeroAlloc | SubclusterKind::ZeroPlain => Piece::Zero,
         SubclusterKind::UnallocatedAlloc | SubclusterKind::UnallocatedPlain => Piece::Unallocated,
         // The caller handles compressed clusters before asking about subclusters.
         SubclusterKind::Compressed => {
-            return Err(ImageError::Invalid(format!(
-                "compressed cluster classified by subcluster (bitmap {bitmap:#x})"
-            )))
+            return Err(L2Problem::SubclusterBitmap {
+                bitmap,
+                kind: kind.name(),
+            })
         }
     };
     Ok((piece, sc_size - in_cluster % sc_size))

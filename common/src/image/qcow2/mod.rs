@@ -25,6 +25,7 @@
 //! ```
 
 mod bitmap;
+mod bytes;
 mod counters;
 mod decompress;
 pub mod extension;
@@ -46,7 +47,7 @@ use rustix::fs::SeekFrom;
 
 pub use bitmap::{table_entry, BitmapGeometry, BitmapInfo, DirtyBitmap, TableEntry};
 pub use counters::ReadCounts;
-pub use header::{CompressionType, Header};
+pub use header::{CompressionType, Header, MAGIC};
 pub use layer::{L2Table, Qcow2Layer};
 pub use own::OwnAllocation;
 pub use snapshot::Snapshot;
@@ -57,9 +58,6 @@ use super::raw::{pread_exact, DirectReads, RawImage};
 use super::{probe_format, BlockSource, Format, OpenOptions};
 use crate::limits::MAX_BACKING_DEPTH;
 use crate::ImageError;
-
-/// The qcow2 magic, `QFI\xfb`.
-pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// Which view of the disk to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -198,8 +196,9 @@ impl Qcow2Image {
     }
 
     /// The persistent bitmaps listed in the bitmap directory (empty without the extension).
-    /// They are listed even when [`Qcow2Image::bitmaps_consistent`] is false; callers must not
-    /// trust an inconsistent or in-use bitmap.
+    /// They are listed even when [`Qcow2Image::bitmaps_consistent`] is false, each then marked
+    /// [`in_use`](BitmapInfo::in_use) and [`inconsistent`](BitmapInfo::inconsistent), as QEMU
+    /// holds them; callers must not trust a bitmap marked in use.
     pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>, ImageError> {
         bitmap::read_directory(&self.inner.file, self.inner.file_len, &self.inner.header)
     }
@@ -300,20 +299,19 @@ fn open_backing(
     options: &OpenOptions,
 ) -> Result<Arc<dyn BlockSource>, ImageError> {
     if above.len() > MAX_BACKING_DEPTH {
-        return Err(ImageError::Invalid(format!(
-            "backing chain deeper than {MAX_BACKING_DEPTH} images at {}",
-            path.display()
-        )));
+        return Err(ImageError::BackingDepth {
+            path: path.to_path_buf(),
+            limit: MAX_BACKING_DEPTH,
+        });
     }
     let meta = std::fs::metadata(path).map_err(|source| ImageError::Open {
         path: path.to_path_buf(),
         source,
     })?;
     if above.contains(&(meta.dev(), meta.ino())) {
-        return Err(ImageError::Invalid(format!(
-            "backing chain loops: {} is an image above itself in the chain",
-            path.display()
-        )));
+        return Err(ImageError::BackingLoop {
+            path: path.to_path_buf(),
+        });
     }
     let name = path.to_string_lossy();
     let format = match format {

@@ -10,7 +10,8 @@
 
 use std::fs::File;
 
-use super::header::{be_u16, be_u32, be_u64, Header, SNAPSHOT_ENTRY_FIXED_BYTES};
+use super::bytes::{be_u16, be_u32, be_u64};
+use super::header::{Header, SNAPSHOT_ENTRY_FIXED_BYTES};
 use crate::image::raw::pread_exact;
 use crate::limits::{MAX_SNAPSHOT_EXTRA_BYTES, MAX_SNAPSHOT_TABLE_BYTES, MAX_VIRTUAL_BYTES};
 use crate::ImageError;
@@ -133,18 +134,22 @@ pub(crate) fn read_table(
         b.copy_from_slice(&fixed);
         let raw = RawSnapshotEntry::parse(&b);
         if raw.extra_data_size > MAX_SNAPSHOT_EXTRA_BYTES {
-            return Err(ImageError::Invalid(format!(
-                "snapshot {index} at offset {at:#x}: extra_data_size {} exceeds {MAX_SNAPSHOT_EXTRA_BYTES}",
-                raw.extra_data_size
-            )));
+            return Err(ImageError::SnapshotEntry {
+                index,
+                offset: at,
+                field: "extra_data_size",
+                value: raw.extra_data_size.into(),
+                limit: MAX_SNAPSHOT_EXTRA_BYTES.into(),
+            });
         }
         let entry_len = (SNAPSHOT_ENTRY_FIXED_BYTES + raw.variable_len()).div_ceil(8) * 8;
         table_len += entry_len;
         if table_len > MAX_SNAPSHOT_TABLE_BYTES {
-            return Err(ImageError::Invalid(format!(
-                "snapshot table at offset {start:#x} grows past {MAX_SNAPSHOT_TABLE_BYTES} bytes \
-                 at entry {index}"
-            )));
+            return Err(ImageError::SnapshotTable {
+                offset: start,
+                index,
+                limit_bytes: MAX_SNAPSHOT_TABLE_BYTES,
+            });
         }
         let var = read_checked(
             file,
@@ -171,9 +176,13 @@ fn build(
     let extra_u64 = |i: usize| extra.get(i..i + 8).map(|b| be_u64(b, 0));
     let disk_size = extra_u64(8).unwrap_or(header.size);
     if disk_size > MAX_VIRTUAL_BYTES {
-        return Err(ImageError::Invalid(format!(
-            "snapshot {index} at offset {at:#x}: disk_size {disk_size} exceeds {MAX_VIRTUAL_BYTES}"
-        )));
+        return Err(ImageError::SnapshotEntry {
+            index,
+            offset: at,
+            field: "disk_size",
+            value: disk_size,
+            limit: MAX_VIRTUAL_BYTES,
+        });
     }
     Ok(Snapshot {
         // QEMU treats these as opaque bytes; a non-UTF-8 byte shows as U+FFFD.

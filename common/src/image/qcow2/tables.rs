@@ -11,7 +11,7 @@
 //!   63..32 subcluster i reads as zeros | 31..0 subcluster i is allocated
 //! ```
 
-use crate::ImageError;
+use crate::error::L2Problem;
 
 /// Bits 9-55 of an L1 entry: the offset of the L2 table.
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -102,6 +102,19 @@ pub enum ClusterKind {
     },
 }
 
+impl ClusterKind {
+    /// The kind's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClusterKind::Unallocated => "unallocated",
+            ClusterKind::ZeroPlain => "zero",
+            ClusterKind::ZeroAlloc(_) => "zero (allocated)",
+            ClusterKind::Normal(_) => "normal",
+            ClusterKind::Compressed { .. } => "compressed",
+        }
+    }
+}
+
 /// What an extended L2 entry says about one subcluster (QEMU's `QCow2SubclusterType`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubclusterKind {
@@ -143,7 +156,7 @@ pub fn compressed_descriptor(entry: u64, cluster_bits: u32) -> (u64, u64) {
 
 /// Classifies a standard L2 word like QEMU's `qcow2_get_cluster_type`. Host offsets of
 /// normal and zero-allocated clusters must be cluster-aligned.
-pub fn classify_cluster(entry: u64, geometry: Geometry) -> Result<ClusterKind, ImageError> {
+pub fn classify_cluster(entry: u64, geometry: Geometry) -> Result<ClusterKind, L2Problem> {
     if l2_entry_is_compressed(entry) {
         let (offset, len) = compressed_descriptor(entry, geometry.cluster_bits);
         return Ok(ClusterKind::Compressed { offset, len });
@@ -151,11 +164,10 @@ pub fn classify_cluster(entry: u64, geometry: Geometry) -> Result<ClusterKind, I
     let host = entry & L2E_OFFSET_MASK;
     let aligned = |host: u64| {
         if host & (geometry.cluster_size() - 1) != 0 {
-            return Err(ImageError::Invalid(format!(
-                "L2 entry {entry:#x}: host cluster offset {host:#x} is not aligned to the \
-                 cluster size {}",
-                geometry.cluster_size()
-            )));
+            return Err(L2Problem::UnalignedHost {
+                host,
+                cluster_size: geometry.cluster_size(),
+            });
         }
         Ok(host)
     };
@@ -174,16 +186,17 @@ pub fn classify_cluster(entry: u64, geometry: Geometry) -> Result<ClusterKind, I
 /// Checks an extended L2 bitmap against its cluster: no subcluster may be both allocated and
 /// zero (`(bitmap >> 32) & bitmap == 0`), and an unallocated cluster has no allocated
 /// subclusters. Bitmaps of compressed clusters are ignored, as QEMU does.
-pub fn check_l2_bitmap(kind: ClusterKind, bitmap: u64) -> Result<(), ImageError> {
+pub fn check_l2_bitmap(kind: ClusterKind, bitmap: u64) -> Result<(), L2Problem> {
     let bad = match kind {
         ClusterKind::Compressed { .. } => false,
         ClusterKind::Unallocated | ClusterKind::ZeroPlain => bitmap & QCOW_L2_BITMAP_ALL_ALLOC != 0,
         ClusterKind::Normal(_) | ClusterKind::ZeroAlloc(_) => (bitmap >> 32) & bitmap != 0,
     };
     if bad {
-        return Err(ImageError::Invalid(format!(
-            "extended L2 bitmap {bitmap:#018x} is invalid for a cluster of kind {kind:?}"
-        )));
+        return Err(L2Problem::SubclusterBitmap {
+            bitmap,
+            kind: kind.name(),
+        });
     }
     Ok(())
 }
@@ -194,7 +207,7 @@ pub fn classify_subcluster(
     kind: ClusterKind,
     bitmap: u64,
     index: u32,
-) -> Result<SubclusterKind, ImageError> {
+) -> Result<SubclusterKind, L2Problem> {
     check_l2_bitmap(kind, bitmap)?;
     let zero = bitmap & (1u64 << (32 + index)) != 0;
     let alloc = bitmap & (1u64 << index) != 0;
@@ -281,8 +294,12 @@ mod tests {
 
     #[test]
     fn classify_rejects_unaligned_host_offsets() {
-        assert!(classify_cluster(0x50200, G64K).is_err());
-        assert!(classify_cluster(0x50201, G64K).is_err());
+        let unaligned = L2Problem::UnalignedHost {
+            host: 0x50200,
+            cluster_size: 65536,
+        };
+        assert_eq!(classify_cluster(0x50200, G64K), Err(unaligned));
+        assert_eq!(classify_cluster(0x50201, G64K), Err(unaligned));
         // With 512-byte clusters every offset of the mask is aligned.
         assert_eq!(
             classify_cluster(0x50200, Geometry::new(9, false)).unwrap(),
@@ -331,9 +348,23 @@ mod tests {
     #[test]
     fn invalid_subcluster_bitmaps_are_rejected() {
         // Both allocated and zero.
-        assert!(classify_subcluster(ClusterKind::Normal(0x50000), 0x1_0000_0001, 7).is_err());
+        let both = classify_subcluster(ClusterKind::Normal(0x50000), 0x1_0000_0001, 7);
+        let problem = L2Problem::SubclusterBitmap {
+            bitmap: 0x1_0000_0001,
+            kind: "normal",
+        };
+        assert_eq!(both, Err(problem));
+        assert_eq!(
+            problem.to_string(),
+            "extended L2 bitmap 0x0000000100000001 is invalid for a cluster of kind normal"
+        );
         // Allocated subclusters in an unallocated cluster.
-        assert!(classify_subcluster(ClusterKind::Unallocated, 0x1, 0).is_err());
+        let alloc = classify_subcluster(ClusterKind::Unallocated, 0x1, 0);
+        let problem = L2Problem::SubclusterBitmap {
+            bitmap: 1,
+            kind: "unallocated",
+        };
+        assert_eq!(alloc, Err(problem));
         assert!(check_l2_bitmap(ClusterKind::Normal(0x50000), 0xffff_ffff).is_ok());
     }
 }

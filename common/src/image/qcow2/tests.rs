@@ -1,11 +1,14 @@
-//! Parser tests: a hand-made image with a comment per header field, then one rejection test
-//! per mutated field, then hostile tables that must fail with an error (never a panic).
+//! Parser tests: a hand-made image with a comment per header field (the header's rejection
+//! tests, one per mutated field, are in [`header`]), then snapshot tables and hostile L1/L2
+//! tables that must fail with an error naming them (never a panic).
+
+mod header;
 
 use std::io::Write;
 
-use super::header::{Header, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2};
 use super::tables::{QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO};
 use super::{Layer, Qcow2Image, ReadCounts};
+use crate::error::L2Problem;
 use crate::image::{Allocation, BlockSource};
 use crate::ImageError;
 
@@ -137,10 +140,6 @@ fn open_bytes(bytes: &[u8]) -> Result<Qcow2Image, ImageError> {
     Qcow2Image::open(f.path())
 }
 
-fn parse(h: &[u8]) -> Result<Header, ImageError> {
-    Header::parse(h, (CLUSTERS * CS) as u64)
-}
-
 /// Asserts that `result` is an error whose message contains `needle`.
 #[track_caller]
 fn assert_err<T: std::fmt::Debug>(result: Result<T, ImageError>, needle: &str) {
@@ -153,226 +152,17 @@ fn assert_err<T: std::fmt::Debug>(result: Result<T, ImageError>, needle: &str) {
     }
 }
 
-fn mutated(edit: impl FnOnce(&mut Vec<u8>)) -> Result<Header, ImageError> {
-    let mut h = header();
-    edit(&mut h);
-    parse(&h)
-}
-
-#[test]
-fn valid_header_parses() {
-    let h = parse(&header()).unwrap();
-    assert_eq!((h.version, h.cluster_bits, h.size), (3, 12, 1 << 20));
-    assert_eq!((h.l1_size, h.l1_table_offset), (1, L1));
-    assert_eq!((h.nb_snapshots, h.snapshots_offset), (1, SNAPTABLE));
-    assert_eq!((h.refcount_order, h.header_length), (4, 112));
-    assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
-    assert_eq!(h.backing_file, None);
-    assert!(!h.extended_l2 && !h.is_dirty() && !h.is_corrupt());
-}
-
-#[test]
-fn version_2_extensions_start_at_byte_72() {
-    let h = mutated(|h| {
-        put32(h, 4, 2); // version 2: no v3 fields, the extensions follow byte 72
-        h[72..112].fill(0);
-        put32(h, 72, 0xE279_2ACA); // backing format extension, read as features if misparsed
-        put32(h, 76, 3);
-        h[80..83].copy_from_slice(b"raw");
-        put64(h, 88, 0); // end of extensions (and a clear autoclear field if misparsed)
-    })
-    .unwrap();
-    assert_eq!((h.version, h.header_length, h.refcount_order), (2, 72, 4));
-    assert_eq!((h.incompatible_features, h.autoclear_features), (0, 0));
-    assert_eq!(h.backing_format.as_deref(), Some("raw"));
-}
-
-#[test]
-fn compression_type_needs_a_header_longer_than_104() {
-    let h = mutated(|h| {
-        put32(h, 100, 104); // header_length 104: byte 104 starts an extension, not the type
-        h[104..136].fill(0);
-        h[104] = 1; // extension type 0x01000000 of length 0, skipped
-    });
-    assert_eq!(h.unwrap().compression_type, super::CompressionType::Deflate);
-}
-
-#[test]
-fn rejects_bad_magic() {
-    assert_err(mutated(|h| h[3] = 0xfc), "bad magic");
-}
-
-#[test]
-fn rejects_version_4() {
-    assert_err(mutated(|h| put32(h, 4, 4)), "version 4");
-}
-
-#[test]
-fn rejects_cluster_bits_8_and_22() {
-    assert_err(mutated(|h| put32(h, 20, 8)), "cluster_bits 8");
-    assert_err(mutated(|h| put32(h, 20, 22)), "cluster_bits 22");
-}
-
-#[test]
-fn rejects_bad_header_length() {
-    assert_err(mutated(|h| put32(h, 100, 100)), "header_length 100");
-    assert_err(mutated(|h| put32(h, 100, 108)), "header_length 108");
-    assert_err(mutated(|h| put32(h, 100, 8192)), "exceeds the cluster size");
-}
-
-#[test]
-fn rejects_unknown_incompatible_bit_by_name() {
-    assert_err(
-        mutated(|h| put64(h, 72, 1 << 5)),
-        "incompatible feature bit 5",
-    );
-    let named = mutated(|h| {
-        put64(h, 72, 1 << 9);
-        put32(h, 128, 0x6803_F857); // feature name table replaces the end marker
-        put32(h, 132, 48);
-        h[136] = 0; // incompatible
-        h[137] = 9; // bit 9
-        h[138..142].copy_from_slice(b"warp");
-    });
-    assert_err(named, "bit 9 (warp)");
-}
-
-#[test]
-fn dirty_and_corrupt_images_are_readable() {
-    let h = mutated(|h| put64(h, 72, 0b11)).unwrap();
-    assert!(h.is_dirty() && h.is_corrupt());
-}
-
-#[test]
-fn rejects_external_data_file() {
-    assert_err(
-        mutated(|h| put64(h, 72, INCOMPAT_DATA_FILE)),
-        "external data file",
-    );
-}
-
-#[test]
-fn rejects_encryption() {
-    assert_err(mutated(|h| put32(h, 32, 1)), "encryption (AES)");
-    assert_err(mutated(|h| put32(h, 32, 2)), "encryption (LUKS)");
-    assert_err(mutated(|h| put32(h, 32, 3)), "crypt_method 3");
-}
-
-#[test]
-fn compression_type_must_agree_with_its_bit() {
-    assert_err(mutated(|h| h[104] = 1), "does not agree");
-    assert_err(mutated(|h| put64(h, 72, 1 << 3)), "does not agree");
-    assert_err(mutated(|h| h[104] = 2), "compression type 2");
-    let zstd = mutated(|h| {
-        h[104] = 1;
-        put64(h, 72, 1 << 3);
-    });
-    assert_eq!(zstd.unwrap().compression_type, super::CompressionType::Zstd);
-}
-
-#[test]
-fn rejects_extended_l2_with_small_clusters() {
-    assert_err(mutated(|h| put64(h, 72, INCOMPAT_EXTL2)), "at least 16 KiB");
-}
-
-#[test]
-fn rejects_bad_refcount_order() {
-    assert_err(mutated(|h| put32(h, 96, 7)), "refcount_order 7");
-}
-
-#[test]
-fn rejects_huge_size() {
-    assert_err(mutated(|h| put64(h, 24, u64::MAX)), "virtual size");
-}
-
-#[test]
-fn rejects_bad_l1_size() {
-    assert_err(mutated(|h| put32(h, 36, u32::MAX)), "l1_size 4294967295");
-    assert_err(mutated(|h| put32(h, 36, 0)), "too small");
-    // 4 MiB entries of 8 bytes: within the 32 MiB limit but far past the end of the file.
-    let past = mutated(|h| put32(h, 36, 4 << 20));
-    assert!(matches!(past, Err(ImageError::PastEnd { .. })), "{past:?}");
-}
-
-#[test]
-fn rejects_unaligned_or_past_end_l1() {
-    assert_err(mutated(|h| put64(h, 40, L1 + 8)), "not aligned");
-    let past = mutated(|h| put64(h, 40, (CLUSTERS * CS) as u64));
-    assert!(matches!(
-        past,
-        Err(ImageError::PastEnd {
-            what: "active L1 table",
-            ..
-        })
-    ));
-    let wrap = mutated(|h| put64(h, 40, u64::MAX - 4095));
-    assert!(matches!(wrap, Err(ImageError::PastEnd { .. })));
-}
-
-#[test]
-fn rejects_bad_refcount_table() {
-    assert_err(mutated(|h| put32(h, 56, 0)), "refcount_table_clusters 0");
-    assert_err(
-        mutated(|h| put32(h, 56, u32::MAX)),
-        "refcount_table_clusters",
-    );
-    assert_err(mutated(|h| put64(h, 48, REFTABLE + 1)), "not aligned");
-}
-
-#[test]
-fn rejects_absurd_snapshot_tables() {
-    assert_err(mutated(|h| put32(h, 60, 1_000_000)), "nb_snapshots 1000000");
-    let many = mutated(|h| put32(h, 60, 65536));
-    assert!(matches!(
-        many,
-        Err(ImageError::PastEnd {
-            what: "snapshot table",
-            ..
-        })
-    ));
-    assert_err(mutated(|h| put64(h, 64, SNAPTABLE + 8)), "not aligned");
-    let past = mutated(|h| put64(h, 64, 1 << 40));
-    assert!(matches!(past, Err(ImageError::PastEnd { .. })));
-}
-
-#[test]
-fn rejects_bad_backing_names() {
-    assert_err(mutated(|h| put64(h, 8, 8192)), "outside cluster 0");
-    let long = mutated(|h| {
-        put64(h, 8, 512);
-        put32(h, 16, 2000);
-    });
-    assert_err(long, "longer than 1023");
-    let edge = mutated(|h| {
-        put64(h, 8, 4000);
-        put32(h, 16, 200);
-    });
-    assert_err(edge, "leaves cluster 0");
-    let ok = mutated(|h| {
-        put64(h, 8, 512);
-        put32(h, 16, 8);
-        h[512..520].copy_from_slice(b"base.img");
-    });
-    assert_eq!(ok.unwrap().backing_file.as_deref(), Some("base.img"));
-}
-
-#[test]
-fn rejects_extensions_that_leave_cluster_0() {
-    assert_err(mutated(|h| put32(h, 116, 5000)), "past offset 4096");
-    assert_err(mutated(|h| put32(h, 116, 16)), "backing format extension");
-}
-
-#[test]
-fn rejects_truncated_files() {
-    assert!(matches!(
-        Header::parse(&header()[..80], 80),
-        Err(ImageError::PastEnd {
-            what: "qcow2 header",
-            ..
-        })
-    ));
-    assert_err(open_bytes(b"QFI"), "bad magic");
-    assert_err(open_bytes(b""), "bad magic");
+/// The table a header is refused for as unaligned: (what, offset).
+#[track_caller]
+fn unaligned<T: std::fmt::Debug>(result: Result<T, ImageError>) -> (&'static str, u64) {
+    match result {
+        Err(ImageError::Unaligned {
+            what,
+            offset,
+            cluster_size,
+        }) if cluster_size == CS as u64 => (what, offset),
+        other => panic!("expected an alignment error, got {other:?}"),
+    }
 }
 
 #[test]
@@ -413,7 +203,20 @@ fn hand_made_image_reads_back() {
 fn rejects_huge_snapshot_extra_data() {
     let mut f = image();
     put_snapshot(&mut f, 0x10_0000);
-    assert_err(open_bytes(&f), "extra_data_size 1048576");
+    let refused = open_bytes(&f);
+    assert!(
+        matches!(
+            refused,
+            Err(ImageError::SnapshotEntry {
+                index: 0,
+                offset: SNAPTABLE,
+                field: "extra_data_size",
+                value: 0x10_0000,
+                limit: 1024,
+            })
+        ),
+        "{refused:?}"
+    );
 }
 
 #[test]
@@ -442,6 +245,46 @@ fn snapshot_entries_past_the_end_fail() {
 }
 
 #[test]
+fn rejects_a_snapshot_disk_past_the_limit() {
+    let mut f = valid_image();
+    let limit = crate::limits::MAX_VIRTUAL_BYTES;
+    put64(&mut f, SNAPTABLE as usize + 48, limit + 1); // disk_size
+    let refused = open_bytes(&f);
+    assert!(
+        matches!(
+            refused,
+            Err(ImageError::SnapshotEntry {
+                index: 0,
+                field: "disk_size",
+                value,
+                ..
+            }) if value == limit + 1
+        ),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn rejects_a_snapshot_l1_table_past_the_limit() {
+    let mut f = valid_image();
+    put32(&mut f, SNAPTABLE as usize + 8, u32::MAX); // l1_size
+    let img = open_bytes(&f).unwrap();
+    let refused = img.layer(Layer::Snapshot(0));
+    assert!(
+        matches!(
+            refused,
+            Err(ImageError::TableTooLarge {
+                what: "L1 table",
+                offset: SNAP_L1,
+                entries: 0xffff_ffff,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+}
+
+#[test]
 fn short_snapshot_extra_data_falls_back_to_the_header_size() {
     let mut f = image();
     put_snapshot(&mut f, 8);
@@ -460,11 +303,25 @@ fn hostile_tables_give_errors_not_panics() {
         layer.read_at(&mut buf, 0)
     };
     // L1 entry pointing at an unaligned L2 table, or past the end of the file.
-    assert_err(read(&|f| put64(f, L1 as usize, L2 + 512)), "not aligned");
+    let refused = unaligned(read(&|f| put64(f, L1 as usize, L2 + 512)));
+    assert_eq!(refused, ("L2 table", L2 + 512));
     assert_err(read(&|f| put64(f, L1 as usize, 1 << 50)), "past the end");
     // Data cluster past the end of the file, or unaligned.
     assert_err(read(&|f| put64(f, L2 as usize, 1 << 40)), "past the end");
-    assert_err(read(&|f| put64(f, L2 as usize, DATA + 512)), "not aligned");
+    let host = DATA + 512;
+    let refused = read(&|f| put64(f, L2 as usize, host));
+    let problem = L2Problem::UnalignedHost {
+        host,
+        cluster_size: CS as u64,
+    };
+    assert!(
+        matches!(
+            refused,
+            Err(ImageError::L2Entry { table_offset: L2, index: 0, entry, problem: p })
+                if entry == host && p == problem
+        ),
+        "{refused:?}"
+    );
     // Compressed stream past the end of the file, or garbage.
     assert_err(
         read(&|f| put64(f, L2 as usize + 16, QCOW_OFLAG_COMPRESSED | (1 << 50))),
@@ -506,6 +363,9 @@ fn a_backing_loop_is_refused_at_once() {
     std::fs::write(&path, &f).unwrap();
     let img = Qcow2Image::open(&path).unwrap();
     assert_eq!(img.backing_path().unwrap(), path);
+    assert!(
+        matches!(img.layer(Layer::Active), Err(ImageError::BackingLoop { path: p }) if p == path)
+    );
     assert_err(img.layer(Layer::Active), "backing chain loops");
 }
 

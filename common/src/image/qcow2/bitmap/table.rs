@@ -16,12 +16,13 @@
 
 use std::sync::Arc;
 
-use super::super::header::{be_u64, check_table};
+use super::super::bytes::be_u64;
 use super::super::{ImageInner, Qcow2Image};
 use super::{
     BitmapInfo, BME_RESERVED_FLAGS, MAX_BITMAP_DATA_BYTES, MAX_GRANULARITY_BITS,
     MIN_GRANULARITY_BITS,
 };
+use crate::error::{BitmapProblem, TableEntryProblem};
 use crate::image::raw::pread_exact;
 use crate::limits::MAX_VIRTUAL_BYTES;
 use crate::ImageError;
@@ -46,29 +47,30 @@ pub enum TableEntry {
 
 /// Classifies a bitmap table entry like QEMU's `check_table_entry`, and checks that its data
 /// cluster lies inside a file of `file_len` bytes. The error says what is wrong.
-pub fn table_entry(entry: u64, cluster_size: u64, file_len: u64) -> Result<TableEntry, String> {
+pub fn table_entry(
+    entry: u64,
+    cluster_size: u64,
+    file_len: u64,
+) -> Result<TableEntry, TableEntryProblem> {
     if entry & BME_TABLE_ENTRY_RESERVED_MASK != 0 {
-        return Err(format!("entry {entry:#018x} has reserved bits set"));
+        return Err(TableEntryProblem::Reserved { entry });
     }
     let offset = entry & BME_TABLE_ENTRY_OFFSET_MASK;
     if offset == 0 {
         return Ok(kind_of(entry));
     }
     if entry & BME_TABLE_ENTRY_FLAG_ALL_ONES != 0 {
-        return Err(format!(
-            "entry {entry:#018x} has both a data cluster and the all-ones bit"
-        ));
+        return Err(TableEntryProblem::OffsetAndAllOnes { entry });
     }
     if offset & (cluster_size - 1) != 0 {
-        return Err(format!(
-            "data cluster offset {offset:#x} is not aligned to the cluster size {cluster_size}"
-        ));
+        return Err(TableEntryProblem::Unaligned {
+            offset,
+            cluster_size,
+        });
     }
     match offset.checked_add(cluster_size) {
         Some(end) if end <= file_len => Ok(TableEntry::Data(offset)),
-        _ => Err(format!(
-            "data cluster at {offset:#x} lies past the end of the image ({file_len} bytes)"
-        )),
+        _ => Err(TableEntryProblem::PastEnd { offset, file_len }),
     }
 }
 
@@ -94,17 +96,26 @@ pub struct BitmapGeometry {
 impl BitmapGeometry {
     /// Checks the three numbers: a disk of at most 2^56 bytes, granularity_bits 9..=31 and
     /// cluster_bits 9..=21.
-    pub fn new(disk_size: u64, granularity_bits: u8, cluster_bits: u32) -> Result<Self, String> {
+    pub fn new(
+        disk_size: u64,
+        granularity_bits: u8,
+        cluster_bits: u32,
+    ) -> Result<Self, BitmapProblem> {
         if disk_size > MAX_VIRTUAL_BYTES {
-            return Err(format!("disk size {disk_size} exceeds {MAX_VIRTUAL_BYTES}"));
+            return Err(BitmapProblem::DiskSize {
+                size: disk_size,
+                limit: MAX_VIRTUAL_BYTES,
+            });
         }
         if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&granularity_bits) {
-            return Err(format!(
-                "granularity_bits {granularity_bits} outside 9..=31"
-            ));
+            return Err(BitmapProblem::Granularity {
+                bits: granularity_bits,
+                min: MIN_GRANULARITY_BITS,
+                max: MAX_GRANULARITY_BITS,
+            });
         }
         if !(9..=21).contains(&cluster_bits) {
-            return Err(format!("cluster_bits {cluster_bits} outside 9..=21"));
+            return Err(BitmapProblem::ClusterBits { bits: cluster_bits });
         }
         Ok(BitmapGeometry {
             disk_size,
@@ -174,28 +185,29 @@ impl Qcow2Image {
     /// The directory entry of the bitmap called `name`, or `None` when there is none.
     /// Refuses a directory that names two bitmaps alike (QEMU requires unique names).
     pub fn find_bitmap(&self, name: &str) -> Result<Option<BitmapInfo>, ImageError> {
-        let mut found = self.bitmaps()?.into_iter().filter(|b| b.name == name);
-        let first = found.next();
-        let more = found.count();
-        if more > 0 {
-            return Err(ImageError::Invalid(format!(
-                "{} bitmaps are named '{name}' (names must be unique)",
-                more + 1
-            )));
+        let found: Vec<BitmapInfo> = self
+            .bitmaps()?
+            .into_iter()
+            .filter(|b| b.name == name)
+            .collect();
+        if let [_, second, ..] = &found[..] {
+            let count = found.len();
+            return Err(second.error(BitmapProblem::DuplicateName { count }));
         }
-        Ok(first)
+        Ok(found.into_iter().next())
     }
 
     /// Reads and checks the table of bitmap `info` (an entry of [`Qcow2Image::bitmaps`]).
     /// Refuses a bitmap whose content cannot be trusted: the image's bitmaps are marked
-    /// inconsistent (autoclear bit 0 clear), the bitmap is in use (not saved cleanly), or it
+    /// inconsistent (autoclear bit 0 clear: [`BitmapProblem::Inconsistent`]), the bitmap is in
+    /// use (not saved cleanly: [`BitmapProblem::InUse`]), or it
     /// has flags or extra data QEMU does not know. It does not look at the auto flag: a
     /// disabled bitmap is valid, it just stopped recording.
     pub fn dirty_bitmap(&self, info: &BitmapInfo) -> Result<DirtyBitmap, ImageError> {
         check_trustworthy(self, info)?;
         let header = self.header();
         let geometry = BitmapGeometry::new(header.size, info.granularity_bits, header.cluster_bits)
-            .map_err(|e| bitmap_invalid(info, e))?;
+            .map_err(|p| info.error(p))?;
         let table = read_table(&self.inner, info, &geometry)?;
         Ok(DirtyBitmap {
             image: Arc::clone(&self.inner),
@@ -206,23 +218,14 @@ impl Qcow2Image {
     }
 }
 
-fn bitmap_invalid(info: &BitmapInfo, what: String) -> ImageError {
-    ImageError::Invalid(format!("bitmap '{}': {what}", info.name))
-}
-
 /// The refusals that do not depend on the table: inconsistent, in use, unknown flags.
 fn check_trustworthy(image: &Qcow2Image, info: &BitmapInfo) -> Result<(), ImageError> {
     let name = &info.name;
-    if !image.bitmaps_consistent() {
-        return Err(ImageError::Invalid(format!(
-            "bitmap '{name}': autoclear bit 0 is clear, so the image's bitmaps are inconsistent \
-             (a program that does not maintain bitmaps wrote to it)"
-        )));
+    if info.inconsistent || !image.bitmaps_consistent() {
+        return Err(info.error(BitmapProblem::Inconsistent));
     }
     if info.in_use {
-        return Err(ImageError::Invalid(format!(
-            "bitmap '{name}' is marked in use: it was not saved cleanly, so its content is invalid"
-        )));
+        return Err(info.error(BitmapProblem::InUse));
     }
     if info.flags & BME_RESERVED_FLAGS != 0 || info.extra_data_size != 0 {
         return Err(ImageError::Unsupported(format!(
@@ -242,22 +245,33 @@ fn read_table(
 ) -> Result<Vec<u64>, ImageError> {
     let cs = geometry.cluster_size();
     let entries = check_table_size(info, geometry)?;
-    check_table(
-        "bitmap table",
-        info.table_offset,
-        entries * 8,
-        cs,
-        image.file_len,
-    )
-    .map_err(|e| bitmap_invalid(info, e.to_string()))?;
+    let (offset, len, file_len) = (info.table_offset, entries * 8, image.file_len);
+    if offset & (cs - 1) != 0 {
+        let cluster_size = cs;
+        return Err(info.error(BitmapProblem::TableUnaligned {
+            offset,
+            cluster_size,
+        }));
+    }
+    if offset.checked_add(len).is_none_or(|end| end > file_len) {
+        let problem = BitmapProblem::TablePastEnd {
+            offset,
+            len,
+            file_len,
+        };
+        return Err(info.error(problem));
+    }
     // entries * cs ≤ 512 MiB and cs ≥ 512, so the table is at most 8 MiB.
     let mut raw = vec![0u8; (entries * 8) as usize];
     pread_exact(&image.file, &mut raw, info.table_offset)?;
     let table: Vec<u64> = raw.chunks_exact(8).map(|b| be_u64(b, 0)).collect();
     for (i, &e) in table.iter().enumerate() {
-        table_entry(e, cs, image.file_len).map_err(|why| {
-            let at = info.table_offset + i as u64 * 8;
-            bitmap_invalid(info, format!("table entry {i} at {at:#x}: {why}"))
+        table_entry(e, cs, file_len).map_err(|problem| {
+            info.error(BitmapProblem::TableEntry {
+                index: i as u64,
+                offset: offset + i as u64 * 8,
+                problem,
+            })
         })?;
     }
     Ok(table)
@@ -268,25 +282,23 @@ fn read_table(
 fn check_table_size(info: &BitmapInfo, geometry: &BitmapGeometry) -> Result<u64, ImageError> {
     let entries = u64::from(info.table_size);
     if entries != geometry.table_entries() || entries == 0 {
-        return Err(bitmap_invalid(
-            info,
-            format!(
-                "bitmap_table_size {entries} does not match the disk: {} bytes in granules of \
-                 {} need {} entries",
-                geometry.disk_size(),
-                geometry.granularity(),
-                geometry.table_entries()
-            ),
-        ));
+        return Err(info.error(BitmapProblem::TableSize {
+            entries,
+            expected: geometry.table_entries(),
+            disk_size: geometry.disk_size(),
+            granularity: geometry.granularity(),
+        }));
     }
-    if entries * geometry.cluster_size() > MAX_BITMAP_DATA_BYTES || info.table_offset == 0 {
-        return Err(bitmap_invalid(
-            info,
-            format!(
-                "bitmap table at {:#x} of {entries} entries: offset 0 or more than {} bytes of data",
-                info.table_offset, MAX_BITMAP_DATA_BYTES
-            ),
-        ));
+    let bytes = entries * geometry.cluster_size();
+    if bytes > MAX_BITMAP_DATA_BYTES {
+        return Err(info.error(BitmapProblem::TableTooLarge {
+            entries,
+            bytes,
+            limit: MAX_BITMAP_DATA_BYTES,
+        }));
+    }
+    if info.table_offset == 0 {
+        return Err(info.error(BitmapProblem::TableAtZero));
     }
     Ok(entries)
 }
