@@ -110,9 +110,10 @@ rss() { awk '{print $2}' "$1"; }
 restore_s1() { # copy the saved s1 replica with its state and kept hashes, then make the state's
   # identity that of the copy (as a restored backup of all three would be): blkdelta refuses a
   # replica replaced behind its back
-  rm -f rep.raw rep.raw.blkdelta rep.raw.blkdelta.hashes rep.raw.blkdelta.lock
+  rm -f rep.raw rep.raw.blkdelta rep.raw.blkdelta.hashes rep.raw.blkdelta.hashes.pieces rep.raw.blkdelta.lock
   cp --sparse=always s1-replica.raw rep.raw; cp s1-replica.raw.blkdelta rep.raw.blkdelta
   [ ! -f s1-replica.raw.blkdelta.hashes ] || cp s1-replica.raw.blkdelta.hashes rep.raw.blkdelta.hashes
+  [ ! -f s1-replica.raw.blkdelta.hashes.pieces ] || cp s1-replica.raw.blkdelta.hashes.pieces rep.raw.blkdelta.hashes.pieces
   python3 - rep.raw <<'PY'
 import json, os, sys
 rep = sys.argv[1]; st = rep + ".blkdelta"
@@ -133,7 +134,7 @@ bd_incr() { # NAME LEVEL
   rec "$1" "$(secs "$t0")" sec; rec "$1" "$(rss t.s)" rss_send; rec "$1" "$(rss t.r)" rss_recv
 }
 bd_seed() {
-  rm -f new.raw new.raw.blkdelta new.raw.blkdelta.hashes new.raw.blkdelta.lock; drop; local t0; t0=$(now)
+  rm -f new.raw new.raw.blkdelta new.raw.blkdelta.hashes new.raw.blkdelta.hashes.pieces new.raw.blkdelta.lock; drop; local t0; t0=$(now)
   T t.s "$BD" send -q img.qcow2@s2 | T t.r "$BD" receive -q new.raw
   rec seed "$(secs "$t0")" sec; rec seed "$(rss t.s)" rss_send; rec seed "$(rss t.r)" rss_recv
 }

@@ -121,9 +121,10 @@ os.replace(st + ".tmp", st)
 EOF
 }
 restore() { # SAVED NEW [sparse|full]: copy a saved replica with its state (and hashes, if any)
-  rm -f "$2" "$2".blkdelta "$2".blkdelta.hashes "$2".blkdelta.lock
+  rm -f "$2" "$2".blkdelta "$2".blkdelta.hashes "$2".blkdelta.hashes.pieces "$2".blkdelta.lock
   cp --sparse="${3:-always}" "$1" "$2"; cp "$1".blkdelta "$2".blkdelta
   if [ -f "$1".blkdelta.hashes ]; then cp "$1".blkdelta.hashes "$2".blkdelta.hashes; fi
+  if [ -f "$1".blkdelta.hashes.pieces ]; then cp "$1".blkdelta.hashes.pieces "$2".blkdelta.hashes.pieces; fi
   if grep -q '"identity"' "$2".blkdelta; then fixid "$2"; fi
 }
 kept_note() { grep -q 'from the kept block hashes' "$1" || { echo "bench: $2 did not answer from the kept hashes:" >&2; cat "$1" >&2; exit 1; }; }

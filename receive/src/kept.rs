@@ -197,12 +197,10 @@ pub(crate) fn for_repair(
             let d = k.digest()?;
             if d[..16] != base.guid {
                 let _ = std::fs::remove_file(&read);
+                let _ = std::fs::remove_file(crate::hashes::pieces_path(&read));
                 return Err(not_the_base(&d, base));
             }
-            std::fs::rename(&read, &path).map_err(|e| ReceiveError::State {
-                path: path.clone(),
-                reason: format!("cannot keep the block hashes read: {e}"),
-            })?;
+            k.rename_to(&path)?;
             (KeptHashes::open(&path)?, d)
         }
     };

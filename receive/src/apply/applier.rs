@@ -288,7 +288,8 @@ impl Apply<'_> {
         match range {
             Range::Data { bytes, hash, .. } => {
                 if let Some(k) = &mut self.kept {
-                    k.wrote(off, len, &hash);
+                    debug_assert_eq!(*blake3::hash(&bytes).as_bytes(), hash);
+                    k.wrote(off, &bytes);
                 }
                 match &self.writers {
                     Some(w) => w.write(bytes, off)?,

@@ -26,8 +26,9 @@ pub(super) fn zero_tail(size: u64, zero_block: &[u8; 32]) -> [u8; 32] {
     }
 }
 
-pub(super) fn encode_header(size: u64) -> [u8; HEADER_BYTES as usize] {
+pub(super) fn encode_header(size: u64, generation: &[u8; 16]) -> [u8; HEADER_BYTES as usize] {
     let mut h = [0u8; HEADER_BYTES as usize];
+    h[24..40].copy_from_slice(generation);
     h[0..8].copy_from_slice(&HASHES_MAGIC);
     h[8..12].copy_from_slice(&HASHES_VERSION.to_le_bytes());
     h[12..16].copy_from_slice(&(BLOCK_BYTES as u32).to_le_bytes());
@@ -35,8 +36,9 @@ pub(super) fn encode_header(size: u64) -> [u8; HEADER_BYTES as usize] {
     h
 }
 
-/// Checks a header and gives the virtual size it holds.
-pub(super) fn decode_header(h: &[u8; HEADER_BYTES as usize]) -> Result<u64, String> {
+/// Checks a header and gives the virtual size it holds and its generation (which the pieces
+/// file names too: a pair left mismatched by a crash is refused).
+pub(super) fn decode_header(h: &[u8; HEADER_BYTES as usize]) -> Result<(u64, [u8; 16]), String> {
     let u32_at = |at: usize| u32::from_le_bytes(h[at..at + 4].try_into().expect("4 bytes"));
     if h[0..8] != HASHES_MAGIC {
         return Err(format!("bad magic {:02x?}", &h[0..8]));
@@ -53,8 +55,8 @@ pub(super) fn decode_header(h: &[u8; HEADER_BYTES as usize]) -> Result<u64, Stri
     if size > MAX_VIRTUAL_BYTES {
         return Err(format!("virtual size {size} is past the limit"));
     }
-    if h[24..].iter().any(|&b| b != 0) {
+    if h[40..].iter().any(|&b| b != 0) {
         return Err("reserved header bytes are not zero".to_string());
     }
-    Ok(size)
+    Ok((size, h[24..40].try_into().expect("16 bytes")))
 }

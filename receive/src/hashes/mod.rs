@@ -41,13 +41,15 @@ use crate::ReceiveError;
 
 mod layout;
 mod pending;
+mod pieces;
 mod write;
 
 #[cfg(test)]
 mod tests;
 
 use layout::{check_size, decode_header, encode_header, zero_tail};
-use pending::{Change, Pending};
+use pending::{Change, Pending, Piece};
+use pieces::{PieceFile, PIECES, PIECE_BYTES};
 
 /// Magic of a hashes file.
 pub const HASHES_MAGIC: [u8; 8] = *b"BDHASH01";
@@ -77,6 +79,11 @@ pub fn hashes_path(state_path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Where the pieces of the hashes file `hashes` are (see the `pieces` module).
+pub fn pieces_path(hashes: &Path) -> PathBuf {
+    PieceFile::path_of(hashes)
+}
+
 /// Number of blocks of a disk of `size` bytes.
 fn block_count(size: u64) -> u64 {
     size.div_ceil(BLOCK_BYTES)
@@ -101,6 +108,10 @@ pub struct KeptHashes {
     /// blake3 of the last block's length of zeros (equal to `zero_block` when it is whole).
     zero_tail: [u8; 32],
     buf: AlignedBuf,
+    /// The chaining values of every block's pieces (none when opened only to be read).
+    pieces: Option<PieceFile>,
+    /// The pair's generation, in both files' headers.
+    generation: [u8; 16],
 }
 
 impl KeptHashes {
@@ -119,10 +130,17 @@ impl KeptHashes {
     /// missing or damaged.
     pub fn open(path: &Path) -> Result<Self, ReceiveError> {
         let file = OpenOptions::new().read(true).write(true).open(path);
-        Self::from_file(
+        let mut k = Self::from_file(
             path,
             file.map_err(|e| state_err(path, format!("cannot open: {e}")))?,
-        )
+        )?;
+        let pieces = PieceFile::path_of(path);
+        k.pieces = Some(
+            PieceFile::open(&pieces, block_count(k.size), &k.generation).map_err(|e| {
+                state_err(path, format!("its pieces file {}: {e}", pieces.display()))
+            })?,
+        );
+        Ok(k)
     }
 
     /// Opens an existing file only to read it ([`digest`](Self::digest),
@@ -141,10 +159,14 @@ impl KeptHashes {
         let mut tmp_name = path.as_os_str().to_owned();
         tmp_name.push(".tmp");
         let tmp = PathBuf::from(tmp_name);
+        let generation = blkdelta_common::stream::random_id();
         let write = || -> std::io::Result<()> {
+            // The pieces first: until the new hashes file takes the name, the old one's
+            // generation no longer matches them, and neither is trusted.
+            PieceFile::create(&PieceFile::path_of(path), block_count(size), &generation)?.sync()?;
             let file = File::create(&tmp)?;
             file.set_len(entry_offset(block_count(size)))?;
-            file.write_all_at(&encode_header(size), 0)?;
+            file.write_all_at(&encode_header(size, &generation), 0)?;
             file.sync_data()?;
             std::fs::rename(&tmp, path)
         };
@@ -166,7 +188,8 @@ impl KeptHashes {
         }
         file.read_exact_at(&mut header, 0)
             .map_err(|e| state_err(path, format!("cannot read the header: {e}")))?;
-        let size = decode_header(&header).map_err(|reason| state_err(path, reason))?;
+        let (size, generation) =
+            decode_header(&header).map_err(|reason| state_err(path, reason))?;
         let expected = entry_offset(block_count(size));
         if len != expected {
             return Err(state_err(
@@ -183,6 +206,8 @@ impl KeptHashes {
             zero_block,
             zero_tail: zero_tail(size, &zero_block),
             buf: AlignedBuf::new(),
+            pieces: None,
+            generation,
         })
     }
 
@@ -226,29 +251,74 @@ impl KeptHashes {
         self.file
             .set_len(entry_offset(blocks))
             .map_err(|e| self.err(format!("cannot resize to {size} bytes of disk: {e}")))?;
+        if let Some(p) = &self.pieces {
+            p.set_blocks(blocks)
+                .map_err(|e| self.err(format!("cannot resize the pieces: {e}")))?;
+        }
         self.file
-            .write_all_at(&encode_header(size), 0)
+            .write_all_at(&encode_header(size, &self.generation), 0)
             .map_err(|e| self.err(format!("cannot write the header: {e}")))?;
         self.size = size;
         self.zero_tail = zero_tail(size, &self.zero_block);
         Ok(())
     }
 
-    /// `len` bytes were written at `offset`; `hash` is the blake3 of those bytes. A range past
-    /// the disk's end is clipped (the target refuses such writes).
-    pub fn wrote(&mut self, offset: u64, len: u64, hash: &[u8; 32]) {
-        let Some((start, end)) = self.clip(offset, len) else {
+    /// `data` was written at `offset`. Every 64 KiB piece it covers takes its chaining value
+    /// from these bytes; a piece covered in part is read back at the next settle (64 KiB, not
+    /// the block). A range past the disk's end is clipped (the target refuses such writes).
+    pub fn wrote(&mut self, offset: u64, data: &[u8]) {
+        let Some((start, end)) = self.clip(offset, data.len() as u64) else {
             return;
         };
-        let block = start / BLOCK_BYTES;
-        let whole = start % BLOCK_BYTES == 0 && end - start == self.block_len(block);
-        if whole && offset.checked_add(len) == Some(end) {
-            let entry = self.entry_of(block, hash);
-            self.pending.blocks.insert(block, Change::Entry(entry));
-            return;
-        }
-        for b in block..=(end - 1) / BLOCK_BYTES {
-            self.pending.blocks.insert(b, Change::Rehash);
+        self.each_piece(start, end, |block_start, i, piece_start, piece_end| {
+            let covered = piece_end - piece_start == PIECE_BYTES;
+            let from = (block_start + piece_start - offset) as usize;
+            let to = (block_start + piece_end - offset) as usize;
+            if covered {
+                Piece::Cv(pieces::piece_cv(i, &data[from..to]))
+            } else {
+                Piece::Reread
+            }
+        });
+    }
+
+    /// Calls `what` for every piece `[start, end)` touches, with the block's start, the
+    /// piece's index and the part of it touched (offsets within the block), and notes its
+    /// answer; the short last block of the disk is re-hashed whole instead.
+    fn each_piece(
+        &mut self,
+        start: u64,
+        end: u64,
+        mut what: impl FnMut(u64, usize, u64, u64) -> Piece,
+    ) {
+        let mut pos = start;
+        while pos < end {
+            let block = pos / BLOCK_BYTES;
+            let block_start = block * BLOCK_BYTES;
+            let stop = end.min(block_start + BLOCK_BYTES);
+            if self.block_len(block) < BLOCK_BYTES {
+                self.pending.blocks.insert(block, Change::Rehash);
+                pos = stop;
+                continue;
+            }
+            let change = self
+                .pending
+                .blocks
+                .entry(block)
+                .or_insert_with(|| Change::Pieces(Box::new([Piece::Keep; PIECES])));
+            let (first, last) = (
+                (pos - block_start) / PIECE_BYTES,
+                (stop - block_start - 1) / PIECE_BYTES,
+            );
+            for i in first..=last {
+                let piece_start = (i * PIECE_BYTES).max(pos - block_start);
+                let piece_end = ((i + 1) * PIECE_BYTES).min(stop - block_start);
+                change.set(
+                    i as usize,
+                    what(block_start, i as usize, piece_start, piece_end),
+                );
+            }
+            pos = stop;
         }
     }
 
@@ -267,11 +337,25 @@ impl KeptHashes {
         if first_whole < end_whole {
             self.pending.zero_run(first_whole, end_whole);
         }
-        for b in [start / BLOCK_BYTES, (end - 1) / BLOCK_BYTES] {
-            if b < first_whole || b >= end_whole {
-                self.pending.blocks.insert(b, Change::Rehash);
-            }
+        let head_end = end.min(first_whole * BLOCK_BYTES);
+        if start < head_end {
+            self.zero_pieces(start, head_end);
         }
+        let tail_start = start.max(end_whole * BLOCK_BYTES).max(head_end);
+        if tail_start < end {
+            self.zero_pieces(tail_start, end);
+        }
+    }
+
+    /// Notes `[start, end)` (inside one block) as zeros, piece by piece.
+    fn zero_pieces(&mut self, start: u64, end: u64) {
+        self.each_piece(start, end, |_, _, piece_start, piece_end| {
+            if piece_end - piece_start == PIECE_BYTES {
+                Piece::Zero
+            } else {
+                Piece::Reread
+            }
+        });
     }
 
     /// Brings every entry up to date in the file: blocks only partly covered by writes or
@@ -296,9 +380,30 @@ impl KeptHashes {
 
     /// Makes the entries durable (`fdatasync`); call after [`settle`](Self::settle).
     pub fn sync(&mut self) -> Result<(), ReceiveError> {
+        if let Some(p) = &self.pieces {
+            p.sync()
+                .map_err(|e| self.err(format!("cannot sync the pieces: {e}")))?;
+        }
         self.file
             .sync_data()
             .map_err(|e| self.err(format!("cannot sync: {e}")))
+    }
+
+    /// Gives the pair of files the name `path` (the pieces first): hashes made elsewhere, for
+    /// instance read from a disk before they are known to be wanted, become the kept ones.
+    pub fn rename_to(&mut self, path: &Path) -> Result<(), ReceiveError> {
+        let rename = |from: &Path, to: &Path| {
+            std::fs::rename(from, to).map_err(|e| {
+                state_err(
+                    to,
+                    format!("cannot take the name of {}: {e}", from.display()),
+                )
+            })
+        };
+        rename(&PieceFile::path_of(&self.path), &PieceFile::path_of(path))?;
+        rename(&self.path, path)?;
+        self.path = path.to_path_buf();
+        Ok(())
     }
 
     /// The digest of the disk as the entries give it (as of the last settle): reads the file

@@ -2,13 +2,43 @@
 
 use std::collections::BTreeMap;
 
-/// What became of a block since the last settle.
+use super::pieces::{Cvs, PIECES};
+
+/// What became of one 64 KiB piece of a block since the last settle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Piece {
+    /// As it was.
+    Keep,
+    /// Written whole: its chaining value.
+    Cv([u8; 32]),
+    /// Zeroed whole.
+    Zero,
+    /// Written or zeroed in part: read back from the disk.
+    Reread,
+}
+
+/// What became of a block since the last settle.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Change {
-    /// Its new entry is known (a whole block written: its hash, or zero).
-    Entry([u8; 32]),
-    /// Only part of it was written or zeroed: its hash must be worked out from the disk.
+    /// Some of its pieces changed.
+    Pieces(Box<[Piece; PIECES]>),
+    /// Its hash must be worked out from the whole block on the disk (the short last block of
+    /// the disk, or one whose length changed).
     Rehash,
+    /// Worked out at a settle: its entry and its pieces' chaining values.
+    Entry([u8; 32], Box<Cvs>),
+}
+
+impl Change {
+    /// Notes that piece `i` is now `p` (a later change wins; a whole re-hash stays one).
+    pub(super) fn set(&mut self, i: usize, p: Piece) {
+        if let Change::Entry(..) = self {
+            *self = Change::Pieces(Box::new([Piece::Keep; PIECES]));
+        }
+        if let Change::Pieces(pieces) = self {
+            pieces[i] = p;
+        }
+    }
 }
 
 /// Updates not yet in the file. Zero runs are applied first, then single blocks, which win

@@ -129,7 +129,7 @@ fn random_change(rng: &mut Rng, disk: &mut MemImage, kept: &mut KeptHashes) -> S
         rng.bytes(len)
     };
     disk.write(offset, &bytes);
-    kept.wrote(offset, len, blake3::hash(&bytes).as_bytes());
+    kept.wrote(offset, &bytes);
     format!("write {offset} +{len}")
 }
 
@@ -170,7 +170,7 @@ fn open_or_create_keeps_an_existing_file() {
     let mut disk = page_disk(3 * MIB);
     let mut kept = KeptHashes::open_or_create(&path, disk.size()).unwrap();
     disk.write(MIB + 5, b"hello");
-    kept.wrote(MIB + 5, 5, blake3::hash(b"hello").as_bytes());
+    kept.wrote(MIB + 5, b"hello");
     kept.settle(&disk).unwrap();
     drop(kept);
     let kept = KeptHashes::open_or_create(&path, 99).unwrap();
@@ -192,7 +192,7 @@ fn rebuild_reads_the_whole_disk() {
     for threads in [0, 1, 3] {
         let path = dir.path().join(format!("{threads}.hashes"));
         let mut kept = KeptHashes::open_or_create(&path, disk.size()).unwrap();
-        kept.wrote(0, 1, &[7; 32]);
+        kept.wrote(0, &[7]);
         kept.rebuild(&disk, threads).unwrap();
         assert_eq!(kept.pending_updates(), 0, "rebuild supersedes updates");
         assert_matches(&kept, &disk, &format!("{threads} threads"));
@@ -217,9 +217,10 @@ fn whole_blocks_and_long_zeroing_cost_no_read_and_little_space() {
         std::fs::metadata(p).unwrap().blocks() * 512
     };
     assert!(allocated(&path) < (1 << 20), "a new file is sparse");
-    let hash = *blake3::hash(b"not a block").as_bytes();
+    let data = vec![0x5au8; MIB as usize];
+    let hash = *blake3::hash(&data).as_bytes();
     for block in [0, 1, 500_000, (size / MIB) - 1] {
-        kept.wrote(block * MIB, MIB, &hash);
+        kept.wrote(block * MIB, &data);
     }
     kept.settle(&disk).unwrap();
     let mut seen = Vec::new();
@@ -232,7 +233,7 @@ fn whole_blocks_and_long_zeroing_cost_no_read_and_little_space() {
     .unwrap();
     assert_eq!(seen, [0, 1, 500_000, (size / MIB) - 1]);
     kept.zeroed(0, size);
-    kept.wrote(3 * MIB, MIB, &hash);
+    kept.wrote(3 * MIB, &data);
     kept.zeroed(10 * MIB, 30 * MIB);
     assert_eq!(kept.pending_updates(), 2, "one run and one block");
     kept.settle(&disk).unwrap();
@@ -252,7 +253,7 @@ fn a_failed_read_keeps_the_updates_for_the_next_settle() {
     let mut disk = page_disk(4 * MIB);
     let mut kept = KeptHashes::open_or_create(&path, disk.size()).unwrap();
     disk.write(2 * MIB + 100, &[1; 100]);
-    kept.wrote(2 * MIB + 100, 100, blake3::hash(&[1; 100]).as_bytes());
+    kept.wrote(2 * MIB + 100, &[1; 100]);
     disk.fail_every_read(true);
     let err = kept.settle(&disk).unwrap_err().to_string();
     assert!(err.contains("block 2") && err.contains("x.hashes"), "{err}");
@@ -271,7 +272,7 @@ fn shrink_and_grow_rehash_the_last_block() {
     let bytes = vec![5u8; MIB as usize];
     for block in 0..3 {
         disk.write(block * MIB, &bytes);
-        kept.wrote(block * MIB, MIB, blake3::hash(&bytes).as_bytes());
+        kept.wrote(block * MIB, &bytes);
     }
     kept.settle(&disk).unwrap();
     for size in [
@@ -308,9 +309,13 @@ fn valid_header() -> Vec<u8> {
     h.extend_from_slice(&1u32.to_le_bytes()); // version
     h.extend_from_slice(&(1u32 << 20).to_le_bytes()); // block bytes
     h.extend_from_slice(&(3 * MIB + 1).to_le_bytes()); // virtual size
-    h.extend_from_slice(&[0; 40]); // reserved
+    h.extend_from_slice(&GENERATION); // generation, as in the pieces file
+    h.extend_from_slice(&[0; 24]); // reserved
     h
 }
+
+/// The generation of the files the damage test writes.
+const GENERATION: [u8; 16] = [0x42; 16];
 
 #[test]
 fn the_header_is_as_documented() {
@@ -318,7 +323,17 @@ fn the_header_is_as_documented() {
     let path = dir.path().join("x.hashes");
     KeptHashes::create(&path, 3 * MIB + 1).unwrap();
     let bytes = std::fs::read(&path).unwrap();
-    assert_eq!(bytes[..64], valid_header()[..]);
+    let mut want = valid_header();
+    // A new pair of files gets a random generation.
+    want[24..40].copy_from_slice(&bytes[24..40]);
+    assert_eq!(bytes[..64], want[..]);
+    let pieces = std::fs::read(crate::hashes::pieces_path(&path)).unwrap();
+    assert_eq!(pieces[..8], *b"BDPIECE1");
+    assert_eq!(
+        pieces[8..24],
+        bytes[24..40],
+        "the pair shares its generation"
+    );
     assert_eq!(bytes.len(), 64 + 4 * 32, "four zero entries");
     assert!(bytes[64..].iter().all(|&b| b == 0));
 }
@@ -346,6 +361,10 @@ fn a_damaged_file_is_refused_naming_it() {
     let mut good = valid_header();
     good.extend_from_slice(&entries);
     std::fs::write(&path, &good).unwrap();
+    let mut pieces = b"BDPIECE1".to_vec();
+    pieces.extend_from_slice(&GENERATION);
+    pieces.resize(64 + 4 * 512, 0);
+    std::fs::write(crate::hashes::pieces_path(&path), &pieces).unwrap();
     KeptHashes::open(&path).unwrap();
     for (what, damage) in damaged {
         let mut bytes = good.clone();
@@ -396,7 +415,7 @@ fn zero_runs_merge_and_bound_the_updates() {
     kept.zeroed(30 * MIB, 10 * MIB);
     kept.zeroed(20 * MIB, 10 * MIB);
     assert_eq!(kept.pending_updates(), 1, "adjacent runs merge");
-    kept.wrote(15 * MIB, MIB, &[1; 32]);
+    kept.wrote(15 * MIB, &vec![1; MIB as usize]);
     kept.zeroed(5 * MIB, 50 * MIB);
     assert_eq!(
         kept.pending_updates(),
@@ -410,5 +429,30 @@ fn zero_runs_merge_and_bound_the_updates() {
         kept.pending_updates(),
         1,
         "a shrink drops what is past the end"
+    );
+}
+
+#[test]
+fn a_block_written_in_whole_pieces_is_rehashed_without_reading_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.hashes");
+    let size = 4 * MIB;
+    let disk = Unreadable(size);
+    let mut kept = KeptHashes::create(&path, size).unwrap();
+    let mut block: Vec<u8> = (0..MIB as usize).map(|i| (i % 253) as u8).collect();
+    kept.wrote(MIB, &block);
+    kept.settle(&disk).unwrap();
+    // Two 64 KiB clusters of the block written later, as an incremental writes them.
+    let cluster = vec![0xc3u8; 64 << 10];
+    for at in [128 << 10, 832 << 10] {
+        block[at..at + cluster.len()].copy_from_slice(&cluster);
+        kept.wrote(MIB + at as u64, &cluster);
+    }
+    kept.settle(&disk).unwrap();
+    drop(kept);
+    let kept = KeptHashes::open(&path).unwrap();
+    assert_eq!(
+        kept.entries(1, 1).unwrap()[0],
+        *blake3::hash(&block).as_bytes()
     );
 }

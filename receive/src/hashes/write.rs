@@ -6,8 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use blkdelta_common::buf::AlignedBuf;
-use blkdelta_common::digest;
 use blkdelta_common::image::BlockSource;
+
+use super::pending::Piece;
+use super::pieces::{self, Cvs, PIECES, PIECE_BYTES};
 
 use super::*;
 
@@ -28,10 +30,12 @@ impl KeptHashes {
         let mut first = 0;
         while first < blocks {
             let count = (blocks - first).min(REBUILD_BATCH_BLOCKS);
-            let hashes = self.hash_blocks(disk, first, count, threads.max(1))?;
+            let hashed = self.hash_blocks(disk, first, count, threads.max(1))?;
             let mut bytes = Vec::with_capacity((count * ENTRY_BYTES) as usize);
-            for (i, hash) in hashes.iter().enumerate() {
-                bytes.extend_from_slice(&self.entry_of(first + i as u64, hash));
+            for (i, (hash, cvs)) in hashed.iter().enumerate() {
+                let block = first + i as u64;
+                bytes.extend_from_slice(&self.entry_of(block, hash));
+                self.write_cvs(block, cvs)?;
             }
             self.write_entries(first, &bytes)?;
             first += count;
@@ -46,8 +50,8 @@ impl KeptHashes {
         first: u64,
         count: u64,
         threads: usize,
-    ) -> Result<Vec<[u8; 32]>, ReceiveError> {
-        let out = Mutex::new(vec![[0u8; 32]; count as usize]);
+    ) -> Result<Vec<([u8; 32], Cvs)>, ReceiveError> {
+        let out = Mutex::new(vec![([0u8; 32], *pieces::zero_cvs()); count as usize]);
         let next = AtomicUsize::new(0);
         let failure = Mutex::new(None);
         std::thread::scope(|s| {
@@ -73,16 +77,73 @@ impl KeptHashes {
         }
     }
 
-    /// The hash of `block` as read from `disk` (its allocated parts only).
+    /// The hash of `block` as read from `disk` (its allocated parts only), and its pieces'
+    /// chaining values (those of zeros for the short last block, which has none of use).
     pub(super) fn read_block_hash(
         &self,
         disk: &dyn BlockSource,
         block: u64,
         buf: &mut AlignedBuf,
-    ) -> Result<[u8; 32], ReceiveError> {
-        let offset = block * BLOCK_BYTES;
-        digest::block_hash(disk, offset, self.block_len(block), &self.zero_block, buf)
-            .map_err(|e| self.err(format!("cannot re-hash block {block}: {}", error_chain(&e))))
+    ) -> Result<([u8; 32], Cvs), ReceiveError> {
+        let (offset, len) = (block * BLOCK_BYTES, self.block_len(block));
+        buf.set_len(len as usize);
+        pieces::read_range(disk, offset, buf)
+            .map_err(|e| self.err(format!("cannot re-hash block {block}: {}", error_chain(&e))))?;
+        if len < BLOCK_BYTES {
+            return Ok((*blake3::hash(buf).as_bytes(), *pieces::zero_cvs()));
+        }
+        let cvs = pieces::block_cvs(buf);
+        Ok((pieces::block_root(&cvs), cvs))
+    }
+
+    /// The entry and pieces of a block some of whose pieces changed: the others' values from
+    /// the pieces file, pieces written in part read back from `disk`.
+    fn merge_pieces(
+        &self,
+        disk: &dyn BlockSource,
+        block: u64,
+        changed: &[Piece; PIECES],
+        buf: &mut AlignedBuf,
+    ) -> Result<([u8; 32], Cvs), ReceiveError> {
+        let mut cvs = if changed.contains(&Piece::Keep) {
+            self.read_cvs(block)?
+        } else {
+            *pieces::zero_cvs()
+        };
+        for (i, p) in changed.iter().enumerate() {
+            cvs[i] = match p {
+                Piece::Keep => cvs[i],
+                Piece::Cv(cv) => *cv,
+                Piece::Zero => pieces::zero_cvs()[i],
+                Piece::Reread => {
+                    buf.set_len(PIECE_BYTES as usize);
+                    let at = block * BLOCK_BYTES + i as u64 * PIECE_BYTES;
+                    pieces::read_range(disk, at, buf).map_err(|e| {
+                        self.err(format!("cannot re-hash block {block}: {}", error_chain(&e)))
+                    })?;
+                    pieces::piece_cv(i, buf)
+                }
+            };
+        }
+        Ok((pieces::block_root(&cvs), cvs))
+    }
+
+    fn read_cvs(&self, block: u64) -> Result<Cvs, ReceiveError> {
+        let p = self
+            .pieces
+            .as_ref()
+            .ok_or_else(|| self.err("opened read-only".into()))?;
+        p.read(block)
+            .map_err(|e| self.err(format!("cannot read the pieces of block {block}: {e}")))
+    }
+
+    fn write_cvs(&self, block: u64, cvs: &Cvs) -> Result<(), ReceiveError> {
+        let p = self
+            .pieces
+            .as_ref()
+            .ok_or_else(|| self.err("opened read-only".into()))?;
+        p.write(block, cvs)
+            .map_err(|e| self.err(format!("cannot write the pieces of block {block}: {e}")))
     }
 
     /// Works out the entries of the blocks only partly covered since the last settle. The
@@ -95,11 +156,15 @@ impl KeptHashes {
         let mut pending = std::mem::take(&mut self.pending.blocks);
         let mut result = Ok(());
         for (&block, change) in pending.iter_mut() {
-            if *change != Change::Rehash {
-                continue;
-            }
-            match self.read_block_hash(disk, block, &mut buf) {
-                Ok(hash) => *change = Change::Entry(self.entry_of(block, &hash)),
+            let worked_out = match change {
+                Change::Entry(..) => continue,
+                Change::Rehash => self.read_block_hash(disk, block, &mut buf),
+                Change::Pieces(p) => self.merge_pieces(disk, block, p, &mut buf),
+            };
+            match worked_out {
+                Ok((hash, cvs)) => {
+                    *change = Change::Entry(self.entry_of(block, &hash), Box::new(cvs))
+                }
                 Err(e) => {
                     result = Err(e);
                     break;
@@ -117,9 +182,10 @@ impl KeptHashes {
         let mut run = Vec::with_capacity(max_bytes.min(self.pending.blocks.len() * 32));
         let mut run_first = 0;
         for (&block, change) in &self.pending.blocks {
-            let Change::Entry(entry) = change else {
+            let Change::Entry(entry, cvs) = change else {
                 unreachable!("every block re-hashed before its entry is written");
             };
+            self.write_cvs(block, cvs)?;
             let run_end = run_first + (run.len() as u64) / ENTRY_BYTES;
             if !run.is_empty() && (block != run_end || run.len() >= max_bytes) {
                 self.write_entries(run_first, &run)?;
@@ -140,6 +206,10 @@ impl KeptHashes {
     /// (and where the filesystem punches no holes).
     pub(super) fn write_zero_runs(&self) -> Result<(), ReceiveError> {
         for (&first, &end) in &self.pending.zero_runs {
+            if let Some(p) = &self.pieces {
+                p.zero_run(first, end)
+                    .map_err(|e| self.err(format!("cannot zero pieces from block {first}: {e}")))?;
+            }
             let (start, len) = (entry_offset(first), (end - first) * ENTRY_BYTES);
             if len >= PUNCH_MIN_BYTES && self.punch_hole(start, len)? {
                 continue;

@@ -273,6 +273,10 @@ impl Fixture {
         std::fs::copy(replica, &copy).unwrap();
         std::fs::copy(state_of(replica), state_of(&copy)).unwrap();
         let hashes = |r: &Path| PathBuf::from(format!("{}.hashes", state_of(r).display()));
+        let pieces = |r: &Path| PathBuf::from(format!("{}.hashes.pieces", state_of(r).display()));
+        if pieces(replica).exists() {
+            std::fs::copy(pieces(replica), pieces(&copy)).unwrap();
+        }
         if hashes(replica).exists() {
             std::fs::copy(hashes(replica), hashes(&copy)).unwrap();
         }
