@@ -69,7 +69,10 @@ pub(crate) fn frame_head(
 /// Bytes of the end record's frame (frame header, record count, stream hash).
 pub const END_FRAME_BYTES: u64 = (FRAME_HEADER_BYTES + 8 + 32) as u64;
 
-/// Frame flag: a reader that does not know the record type may skip the record.
+/// Frame flag: a reader that does not know the record type may skip the record. A reader of
+/// this version knows every type it writes, so the flag changes nothing for those: checkpoint
+/// frames carry it (from when they were an optional extension), yet a reader must check them
+/// (see docs/STREAM.md, "Checkpoint").
 pub const FLAG_OPTIONAL: u8 = 0x01;
 
 /// The bincode configuration of every record body.

@@ -113,7 +113,7 @@ fn geometry_out_of_range_is_refused() {
 
 #[test]
 fn bits_are_lsb_first() {
-    // QCOW2.md [V]: a 4k bitmap, a write at 0x3000 sets bit 3 (byte 0 = 0x08).
+    // qcow2.rst, "Bitmaps": a 4k bitmap, a write at 0x3000 sets bit 3 (byte 0 = 0x08).
     let g = BitmapGeometry::new(MIB, 12, 9).unwrap();
     let c = cluster_with(&[3]);
     assert_eq!(c[0], 0x08);
