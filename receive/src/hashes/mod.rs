@@ -10,20 +10,22 @@
 //!      8      4  version, u32 LE (1)
 //!     12      4  block bytes, u32 LE (1 MiB, digest::BLOCK_BYTES)
 //!     16      8  virtual size of the disk, u64 LE
-//!     24     40  reserved, zero
+//!     24     16  generation (random; the pieces file carries the same)
+//!     40     24  reserved, zero
 //!     64   32×n  one entry per block, n = ceil(size / block bytes):
 //!                all zeros = the block reads as zeros, anything else = the block's blake3
 //! ```
 //!
 //! A zero entry stands for the hash of zeros at the block's own length (the last block may be
 //! short), so a new or grown disk costs a `set_len` of a sparse file, and zeroing a long range
-//! punches a hole in the file instead of writing an entry per block.
+//! punches a hole in the file instead of writing an entry per block. Beside it, the pieces
+//! file keeps the chaining values of every block's 64 KiB pieces (see the `pieces` module).
 //!
 //! Updates are gathered in memory between [`KeptHashes::settle`] calls, bounded by what was
-//! written since: a whole aligned block written at once takes the record's hash (that hash is
-//! the block hash), whole blocks zeroed become a run of zero entries, and a block only partly
-//! covered is marked to be re-hashed from the disk at the next settle (the one place that
-//! reads; merging blake3 subtree chaining values could replace it later).
+//! written since: each 64 KiB piece a write covers whole takes its chaining value from the
+//! bytes written, whole blocks zeroed become a run of zero entries, and a piece covered only
+//! in part is read back from the disk at the next settle (64 KiB; the short last block of the
+//! disk is read whole). At the settle each changed block's hash is merged from its pieces.
 //!
 //! Durability follows the data: the caller syncs the target, then settles and syncs the
 //! hashes, then saves the state. A block touched after the last sync is touched again when
@@ -42,6 +44,7 @@ use crate::ReceiveError;
 mod layout;
 mod pending;
 mod pieces;
+mod update;
 mod write;
 
 #[cfg(test)]
@@ -261,101 +264,6 @@ impl KeptHashes {
         self.size = size;
         self.zero_tail = zero_tail(size, &self.zero_block);
         Ok(())
-    }
-
-    /// `data` was written at `offset`. Every 64 KiB piece it covers takes its chaining value
-    /// from these bytes; a piece covered in part is read back at the next settle (64 KiB, not
-    /// the block). A range past the disk's end is clipped (the target refuses such writes).
-    pub fn wrote(&mut self, offset: u64, data: &[u8]) {
-        let Some((start, end)) = self.clip(offset, data.len() as u64) else {
-            return;
-        };
-        self.each_piece(start, end, |block_start, i, piece_start, piece_end| {
-            let covered = piece_end - piece_start == PIECE_BYTES;
-            let from = (block_start + piece_start - offset) as usize;
-            let to = (block_start + piece_end - offset) as usize;
-            if covered {
-                Piece::Cv(pieces::piece_cv(i, &data[from..to]))
-            } else {
-                Piece::Reread
-            }
-        });
-    }
-
-    /// Calls `what` for every piece `[start, end)` touches, with the block's start, the
-    /// piece's index and the part of it touched (offsets within the block), and notes its
-    /// answer; the short last block of the disk is re-hashed whole instead.
-    fn each_piece(
-        &mut self,
-        start: u64,
-        end: u64,
-        mut what: impl FnMut(u64, usize, u64, u64) -> Piece,
-    ) {
-        let mut pos = start;
-        while pos < end {
-            let block = pos / BLOCK_BYTES;
-            let block_start = block * BLOCK_BYTES;
-            let stop = end.min(block_start + BLOCK_BYTES);
-            if self.block_len(block) < BLOCK_BYTES {
-                self.pending.blocks.insert(block, Change::Rehash);
-                pos = stop;
-                continue;
-            }
-            let change = self
-                .pending
-                .blocks
-                .entry(block)
-                .or_insert_with(|| Change::Pieces(Box::new([Piece::Keep; PIECES])));
-            let (first, last) = (
-                (pos - block_start) / PIECE_BYTES,
-                (stop - block_start - 1) / PIECE_BYTES,
-            );
-            for i in first..=last {
-                let piece_start = (i * PIECE_BYTES).max(pos - block_start);
-                let piece_end = ((i + 1) * PIECE_BYTES).min(stop - block_start);
-                change.set(
-                    i as usize,
-                    what(block_start, i as usize, piece_start, piece_end),
-                );
-            }
-            pos = stop;
-        }
-    }
-
-    /// `[offset, offset + len)` now reads as zeros (a zero or discard record). Whole blocks
-    /// take zero entries without any read, however long the range.
-    pub fn zeroed(&mut self, offset: u64, len: u64) {
-        let Some((start, end)) = self.clip(offset, len) else {
-            return;
-        };
-        let first_whole = start.div_ceil(BLOCK_BYTES);
-        let end_whole = if end == self.size {
-            block_count(end)
-        } else {
-            end / BLOCK_BYTES
-        };
-        if first_whole < end_whole {
-            self.pending.zero_run(first_whole, end_whole);
-        }
-        let head_end = end.min(first_whole * BLOCK_BYTES);
-        if start < head_end {
-            self.zero_pieces(start, head_end);
-        }
-        let tail_start = start.max(end_whole * BLOCK_BYTES).max(head_end);
-        if tail_start < end {
-            self.zero_pieces(tail_start, end);
-        }
-    }
-
-    /// Notes `[start, end)` (inside one block) as zeros, piece by piece.
-    fn zero_pieces(&mut self, start: u64, end: u64) {
-        self.each_piece(start, end, |_, _, piece_start, piece_end| {
-            if piece_end - piece_start == PIECE_BYTES {
-                Piece::Zero
-            } else {
-                Piece::Reread
-            }
-        });
     }
 
     /// Brings every entry up to date in the file: blocks only partly covered by writes or
