@@ -420,6 +420,16 @@ mod history_tests {
     use super::*;
 
     #[test]
+    fn a_guid_in_upper_case_hex_is_the_same_state() {
+        let s = SnapRef::named("daily");
+        let upper = StateSnap {
+            name: "daily".into(),
+            guid: to_hex(&s.guid).to_uppercase(),
+        };
+        assert!(upper.is(&s) && upper.satisfies(&s));
+    }
+
+    #[test]
     fn history_keeps_the_newest_states_once_each() {
         let mut st = ReplicaState::new(0);
         for i in 0..HISTORY_LIMIT + 10 {

@@ -51,8 +51,8 @@ mod write;
 mod tests;
 
 use layout::{check_size, decode_header, encode_header, zero_tail};
-use pending::{Change, Pending, Piece};
-use pieces::{PieceFile, PIECES, PIECE_BYTES};
+use pending::{Change, Pending};
+use pieces::PieceFile;
 
 /// Magic of a hashes file.
 pub const HASHES_MAGIC: [u8; 8] = *b"BDHASH01";
