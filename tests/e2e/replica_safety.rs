@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::common::{
     assert_same_file, blkdelta_ok, export, have, io, pipe, random, receive_file, record_at,
-    send_to_file, spec, status_text, truncated_copy, Scratch,
+    seeded_with_s0_s1, send_to_file, spec, status_text, truncated_copy, Scratch,
 };
 
 /// A 16 MiB image with snapshots s0, s1, s2: random data, a pattern, zeros.
@@ -105,10 +105,7 @@ fn a_replaced_or_resized_replica_file_is_refused() {
     }
     let s = Scratch::new();
     let img = history(&s);
-    let replica = s.path("r.raw");
-    pipe(&spec(&img, "s0"), &replica, &[]);
-    let inc = s.path("s0s1.bd");
-    send_to_file(&spec(&img, "s0..s1"), &inc);
+    let (replica, inc) = seeded_with_s0_s1(&s, &img);
 
     std::fs::remove_file(&replica).unwrap();
     let out = receive_file(&inc, &replica, &[]);

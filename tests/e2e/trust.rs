@@ -12,8 +12,8 @@ use std::process::{Command, Output};
 use crate::common::{
     arg, assert_ok, assert_refused, assert_same_file, assert_same_prefix, bin, blkdelta,
     blkdelta_env, blkdelta_ok, checksum, export, flip_bytes, have, io, pipe, pipe_args, qemu_io,
-    random, receive_file, records_of, run, send_to_file, snapshot, spec, status_env, stderr, Loop,
-    Scratch,
+    random, receive_file, records_of, run, seeded_with_s0_s1, send_to_file, snapshot, spec,
+    status_env, stderr, Loop, Scratch,
 };
 
 /// A 16 MiB image with snapshots s0, s1, s2: random data, a pattern, zeros.
@@ -123,10 +123,7 @@ fn a_same_size_file_swapped_in_for_the_replica_is_refused() {
     }
     let s = Scratch::new();
     let img = history(&s);
-    let replica = s.path("r.raw");
-    pipe(&spec(&img, "s0"), &replica, &[]);
-    let inc = s.path("s0s1.bd");
-    send_to_file(&spec(&img, "s0..s1"), &inc);
+    let (replica, inc) = seeded_with_s0_s1(&s, &img);
 
     let other = s.path("other.raw");
     std::fs::write(&other, vec![0x5au8; 16 << 20]).unwrap();
@@ -152,10 +149,7 @@ fn a_replica_written_through_a_loop_device_is_refused() {
     }
     let s = Scratch::new();
     let img = history(&s);
-    let replica = s.path("r.raw");
-    pipe(&spec(&img, "s0"), &replica, &[]);
-    let inc = s.path("s0s1.bd");
-    send_to_file(&spec(&img, "s0..s1"), &inc);
+    let (replica, inc) = seeded_with_s0_s1(&s, &img);
     std::thread::sleep(std::time::Duration::from_millis(20));
     {
         let Some(dev) = Loop::attach(&replica, false) else {

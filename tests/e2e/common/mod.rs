@@ -25,8 +25,8 @@ pub use replica::{adopt_replica, lock_held, state_of};
 pub use run::{
     arg, assert_ok, assert_refused, bin, blkdelta, blkdelta_env, blkdelta_in, blkdelta_ok,
     checksum, checksum_with_note, holds, one_error_line, one_line_failure, pipe, pipe_args,
-    pipe_args_in, pipe_args_ok, receive_file, run, run_pipe, send_file, send_pipe_receive,
-    send_to_file, status_env, status_text, stderr,
+    pipe_args_in, pipe_args_ok, receive_file, run, run_pipe, seeded_with_s0_s1, send_file,
+    send_pipe_receive, send_to_file, status_env, status_text, stderr,
 };
 pub use stream::{record_at, records, records_of, Rec};
 pub use tools::have;

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use super::images::{spec, Scratch};
+
 /// The blkdelta binary under test.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_blkdelta"))
@@ -240,4 +242,14 @@ pub fn status_env(target: &Path, env: &[(&str, &Path)]) -> (Option<i32>, String)
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code(), text)
+}
+
+/// A replica `r.raw` seeded with `IMG@s0`, and the stream `IMG@s0..s1` in `s0s1.bd`: where
+/// many tests of what a replica refuses start.
+pub fn seeded_with_s0_s1(s: &Scratch, img: &Path) -> (PathBuf, PathBuf) {
+    let replica = s.path("r.raw");
+    pipe(&spec(img, "s0"), &replica, &[]);
+    let inc = s.path("s0s1.bd");
+    send_to_file(&spec(img, "s0..s1"), &inc);
+    (replica, inc)
 }
