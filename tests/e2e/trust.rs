@@ -386,6 +386,70 @@ fn a_device_state_is_found_through_a_symlink() {
     assert_holds(Path::new(&dev.0), &env, "s2");
 }
 
+/// A device replica swapped behind blkdelta's back (the path now names another device) or
+/// resized (a loop device's file grown, its capacity re-read) is refused, like a file.
+#[test]
+fn a_device_swapped_or_resized_behind_blkdeltas_back_is_refused() {
+    if !have("qemu-img") || !have("losetup") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = history(&s);
+    let backing = s.path("a.img");
+    let Some(a) = Loop::over_new_file(&backing, 20 << 20, 0xee) else {
+        return;
+    };
+    let Some(b) = Loop::over_new_file(&s.path("b.img"), 20 << 20, 0x11) else {
+        return;
+    };
+    let state_dir = s.path("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    let env = [("BLKDELTA_STATE_DIR", state_dir.as_path())];
+    let link = s.path("replica");
+    std::os::unix::fs::symlink(&a.0, &link).unwrap();
+    let seed = s.path("s0.bd");
+    send_to_file(&spec(&img, "s0"), &seed);
+    let out = blkdelta_env(
+        &env,
+        &["receive", "-q", "--overwrite", "-i", arg(&seed), arg(&link)],
+    );
+    assert_ok(&out, "seed through the link");
+    let inc = s.path("s0s2.bd");
+    send_to_file(&spec(&img, "s0..s2"), &inc);
+
+    // The link now names another device, which holds no replica.
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&b.0, &link).unwrap();
+    let before = std::fs::read(s.path("b.img")).unwrap();
+    let out = blkdelta_env(&env, &["receive", "-q", "-i", arg(&inc), arg(&link)]);
+    assert_refused(&out, &["--rebase"], "an incremental onto the other device");
+    assert!(
+        std::fs::read(s.path("b.img")).unwrap() == before,
+        "the other device was written"
+    );
+
+    // The replica's device grows behind blkdelta's back.
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&a.0, &link).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&backing)
+        .unwrap()
+        .set_len(24 << 20)
+        .unwrap();
+    run(Command::new("losetup").args(["-c", &a.0]));
+    let out = blkdelta_env(&env, &["receive", "-q", "-i", arg(&inc), arg(&link)]);
+    let err = assert_refused(
+        &out,
+        &["--overwrite"],
+        "an incremental onto a resized device",
+    );
+    assert!(err.contains("the device holds 25165824 bytes"), "{err}");
+    let (code, st) = status_env(&link, &env);
+    assert_eq!(code, Some(1), "{st}");
+    assert!(st.contains("changed since blkdelta last wrote it"), "{st}");
+}
+
 #[test]
 fn checksum_of_a_device_without_state_says_it_digests_the_whole_device() {
     if !have("losetup") {
