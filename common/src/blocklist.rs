@@ -332,9 +332,12 @@ fn parse_header(line: &[u8]) -> Result<u64, Malformed> {
     Ok(size)
 }
 
-/// A plain decimal number: digits only (no sign, no spaces), fitting in a u64.
+/// A plain decimal number as the writer writes it: digits only (no sign, no spaces, no
+/// leading zero but for 0 itself), fitting in a u64. One spelling per value, so a list read
+/// back writes the same bytes.
 fn decimal(s: &str) -> Option<u64> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+    let canonical = s == "0" || !s.starts_with('0');
+    if s.is_empty() || !canonical || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     s.parse().ok()

@@ -129,6 +129,14 @@ fn rejects_a_size_that_is_not_a_number() {
         rejection(&text).1,
         Malformed::Size("99999999999999999999".into())
     );
+    // Fuzz find: a leading zero read back as another spelling of the same list.
+    let text = valid().replacen("2097162", "002097162", 1);
+    assert_eq!(rejection(&text), (1, Malformed::Size("002097162".into())));
+    let text = valid().replacen(" 1048576", " 01048576", 1);
+    assert_eq!(
+        rejection(&text),
+        (1, Malformed::BlockSize("01048576".into()))
+    );
 }
 
 #[test]
