@@ -152,7 +152,14 @@ fn check_identity(
         return Ok(());
     };
     let seed = header.is_full() && header.resume_offset == 0 && probe.is_empty();
-    match st.health(probe.identity.as_ref()) {
+    let health = match st.health(probe.identity.as_ref()) {
+        crate::state::Health::Unchanged => shortened(header, st, probe).map_or(
+            crate::state::Health::Unchanged,
+            crate::state::Health::Changed,
+        ),
+        other => other,
+    };
+    match health {
         crate::state::Health::Unchanged => Ok(()),
         _ if seed => Ok(()),
         crate::state::Health::Missing => Err(ReceiveError::refused_outright(format!(
@@ -169,6 +176,29 @@ fn check_identity(
             "--overwrite",
         )),
     }
+}
+
+/// While an apply is in progress only which file the replica is counts (its size and time
+/// change with the apply's own writes), but its own writes never make it shorter than both the
+/// size it recorded last and the size of the transition under way: a file shorter than that
+/// was cut behind blkdelta's back, and finishing the apply would not bring back what was cut.
+fn shortened(header: &StreamHeader, st: &ReplicaState, probe: &TargetProbe) -> Option<String> {
+    let p = st.in_progress.as_ref()?;
+    let Some(crate::identity::Identity::File { size: recorded, .. }) = &st.identity else {
+        return None;
+    };
+    let to_size = header
+        .transitions
+        .iter()
+        .find(|t| p.to.is(&t.to))
+        .map_or(*recorded, |t| t.virtual_size);
+    let least = (*recorded).min(to_size);
+    (probe.exists && !probe.is_block_device && probe.size < least).then(|| {
+        format!(
+            "its size is {} bytes, shorter than the apply in progress leaves it ({least})",
+            probe.size
+        )
+    })
 }
 
 /// A resumed stream lacks its first transition's records below its resume offset: the replica

@@ -135,6 +135,22 @@ fn an_emptied_file_is_not_part_way_through_an_incremental() {
 
 #[test]
 #[rustfmt::skip]
+fn a_file_cut_short_during_an_apply_is_not_part_way_through_it() {
+    let (a, b) = (snap("a", 1), snap("b", 2));
+    let st = applying(Some(&a), &b, 1 << 20);
+    let same = header(vec![inc(&a, &b)]);
+    // Its own writes change the time and never shorten it below what it recorded.
+    let written_on = probe(Some(file_id(7, SIZE, 999)));
+    let cut = probe(Some(file_id(7, SIZE / 2, 999)));
+    check(vec![
+        row("written on by the apply", &same, Some(&st), &written_on, none(), From(0)),
+        row("cut to half", &same, Some(&st), &cut, none(), Refused(Some("--overwrite"))),
+        row("cut to half, overwritten", &same, Some(&st), &cut, overwrite(), From(0)),
+    ]);
+}
+
+#[test]
+#[rustfmt::skip]
 fn a_replica_past_the_stream_applies_nothing_or_the_rest() {
     let (a, b, c) = (snap("a", 1), snap("b", 2), snap("c", 3));
     let st = holding(&b, &[&a]);
