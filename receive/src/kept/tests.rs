@@ -150,8 +150,9 @@ fn an_interrupted_apply_continues_hashes_resized_to_the_target() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (snap("a", 1), snap("b", 2));
     let (sp, st) = interrupted(dir.path(), Some(&a), &b);
-    let h = header(Some(&a), &b);
     let shrunk = SIZE / 2 + 4096;
+    // The transition shrinks the disk: killed after the shrink, before the hashes followed.
+    let h = stream_header(vec![transition(Some(&a), &b, shrunk)]);
     let mut k = kept_for(&h, &st, &file(7, shrunk), Default::default(), &sp).unwrap();
     assert_eq!(k.size(), shrunk);
     let disk = blkdelta_common::image::mem::MemImage::new(shrunk, 4096);

@@ -193,7 +193,9 @@ fn shortened(header: &StreamHeader, st: &ReplicaState, probe: &TargetProbe) -> O
         .find(|t| p.to.is(&t.to))
         .map_or(*recorded, |t| t.virtual_size);
     let least = (*recorded).min(to_size);
-    (probe.exists && !probe.is_block_device && probe.size < least).then(|| {
+    // An emptied file is refused as missing or empty, whatever the switches.
+    let cut = probe.exists && !probe.is_block_device && probe.size > 0 && probe.size < least;
+    cut.then(|| {
         format!(
             "its size is {} bytes, shorter than the apply in progress leaves it ({least})",
             probe.size
