@@ -777,6 +777,48 @@ fn kept_hashes_answer_checksum_and_verify_finds_and_repair_fixes_damage() {
     );
 }
 
+/// A repair needs no state: a plain copy of an old export becomes a replica of s2, and so does
+/// a replica left part way through an apply.
+#[test]
+fn a_repair_takes_a_file_without_state_or_one_part_way_through_an_apply() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = history(&s);
+    let repair = |target: &Path| {
+        let out = blkdelta_ok(&["checksum", "--blocks", arg(target)]);
+        let blocks = s.path("t.blocks");
+        std::fs::write(&blocks, &out.stdout).unwrap();
+        let recv = pipe_args(
+            &["--against", arg(&blocks), &spec(&img, "s2")],
+            target,
+            &["--repair"],
+        );
+        assert_ok(&recv, "receive --repair");
+        assert_same_file(target, &s.export_of(&img, "s2"));
+        assert_holds(target, &[], "s2");
+        blkdelta_ok(&["verify", arg(target)]);
+    };
+    // A copy of s0 that blkdelta never wrote.
+    let plain = s.path("plain.raw");
+    std::fs::copy(s.export_of(&img, "s0"), &plain).unwrap();
+    repair(&plain);
+
+    // A replica whose incremental was cut after its first checkpoint.
+    let (replica, _) = seeded_with_s0_s1(&s, &img);
+    let stream = s.path("s0s2.bd");
+    send_to_file(&spec(&img, "s0..s2"), &stream);
+    let cut = s.path("cut.bd");
+    let at = records_of(&stream, "checkpoint")[1];
+    std::fs::write(&cut, &std::fs::read(&stream).unwrap()[..at + 100]).unwrap();
+    let out = receive_file(&cut, &replica, &["--checkpoint-bytes", "65536"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let (_, st) = status_env(&replica, &[]);
+    assert!(st.contains("in progress"), "{st}");
+    repair(&replica);
+}
+
 /// A replica that changed again after its block list was made: the repair is refused, nothing
 /// is written, and the kept hashes still tell `verify` every block that differs.
 #[test]
