@@ -93,6 +93,12 @@ pub fn trusted(
     intact(state_path, st)
 }
 
+/// The digest the state recorded for the replica's kept hashes: what [`intact`] hashes give,
+/// so a caller that has them need not fold them again.
+pub fn recorded_digest(st: &ReplicaState) -> Option<[u8; 32]> {
+    blkdelta_common::hex::from_hex(st.digest.as_deref()?)
+}
+
 /// The kept hashes of the replica in state `st` if they are what blkdelta last left there
 /// (they give the digest the state recorded), whatever the replica holds now.
 pub fn intact(state_path: &Path, st: &ReplicaState) -> Result<KeptHashes, String> {
@@ -167,21 +173,17 @@ pub(crate) fn for_repair(
         .from
         .as_ref()
         .expect("a repair stream has a base");
+    // The kept hashes are a shortcut: when they do not give the list's digest, the replica
+    // is read before the repair is refused (a device written behind blkdelta's back keeps
+    // its identity). Trusted hashes give the digest the state recorded.
     let known = plan
         .prior
         .as_ref()
         .zip(plan.health.as_ref())
-        .and_then(|(st, health)| trusted(state_path, st, health).ok());
-    // The kept hashes are a shortcut: when they do not give the list's digest, the replica
-    // is read before the repair is refused (a device written behind blkdelta's back keeps
-    // its identity).
-    let known = match known {
-        Some(k) => {
-            let d = k.digest()?;
-            (d[..16] == base.guid).then_some((k, d))
-        }
-        None => None,
-    };
+        .and_then(|(st, health)| {
+            Some((trusted(state_path, st, health).ok()?, recorded_digest(st)?))
+        })
+        .filter(|(_, d)| d[..16] == base.guid);
     let (kept, digest) = match known {
         Some((k, d)) => (KeptHashes::open(k.path())?, d),
         None => {

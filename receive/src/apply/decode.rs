@@ -10,12 +10,8 @@ use blkdelta_common::StreamError;
 
 /// A range of the disk that a record changes: what the applier holds back, writes and hashes.
 pub(crate) enum Range {
-    /// Plain bytes at `offset` (decompressed, their blake3 `hash` verified).
-    Data {
-        offset: u64,
-        bytes: AlignedBuf,
-        hash: [u8; 32],
-    },
+    /// Plain bytes at `offset` (decompressed, their blake3 verified).
+    Data { offset: u64, bytes: AlignedBuf },
     /// `len` bytes at `offset` read as zeros, kept allocated where cheap.
     Zero { offset: u64, len: u64 },
     /// `len` bytes at `offset` read as zeros, deallocated where the target can.
@@ -80,14 +76,10 @@ pub(crate) fn decode<R: Read>(
 fn step(rec: Record, at: u64, out: &mut AlignedBuf) -> Decoded {
     Ok(match rec {
         Record::Data(d) => {
-            let (offset, hash) = (d.offset, d.hash);
+            let offset = d.offset;
             let (bytes, left) = d.into_plain(at, std::mem::take(out))?;
             *out = left;
-            Step::Range(Range::Data {
-                offset,
-                bytes,
-                hash,
-            })
+            Step::Range(Range::Data { offset, bytes })
         }
         Record::Zero { offset, len } => Step::Range(Range::Zero { offset, len }),
         Record::Discard { offset, len } => Step::Range(Range::Discard { offset, len }),
