@@ -261,6 +261,22 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    /// Reading or writing a qcow2 image that is being written failed.
+    #[error("{op} of the qcow2 {what} at offset {offset} failed")]
+    WriteFailed {
+        /// What was read or written.
+        what: &'static str,
+        /// `read`, `write` or `flush`.
+        op: &'static str,
+        /// Byte offset in the file.
+        offset: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A qcow2 image cannot be written as asked (a limit of its format or of this writer).
+    #[error("cannot write the qcow2 image: {0}")]
+    Unwritable(String),
     /// A guest read past the virtual size.
     #[error("guest read at {offset} (+{len} bytes) past the virtual size {size}")]
     OutOfRange {

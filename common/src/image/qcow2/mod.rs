@@ -37,6 +37,7 @@ mod snapshot;
 pub mod tables;
 #[cfg(test)]
 mod tests;
+mod write;
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -52,6 +53,7 @@ pub use layer::{L2Table, Qcow2Layer};
 pub use own::OwnAllocation;
 pub use snapshot::Snapshot;
 pub use tables::Geometry;
+pub use write::{Qcow2Writer, SnapshotMeta};
 
 use super::lock::lock_for_read;
 use super::raw::{pread_exact, DirectReads, RawImage};
@@ -280,7 +282,7 @@ impl Qcow2Image {
 }
 
 /// Reads cluster 0 (as much of it as the file holds) and validates the header.
-fn read_header(file: &File, file_len: u64) -> Result<Header, ImageError> {
+pub(crate) fn read_header(file: &File, file_len: u64) -> Result<Header, ImageError> {
     let mut first = vec![0u8; (header::RAW_HEADER_BYTES as u64).min(file_len) as usize];
     pread_exact(file, &mut first, 0)?;
     let raw = header::RawHeader::parse(&first);
