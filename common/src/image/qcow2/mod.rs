@@ -50,7 +50,7 @@ pub use counters::ReadCounts;
 pub use header::{CompressionType, Header, MAGIC};
 pub use layer::{L2Table, Qcow2Layer};
 pub use own::OwnAllocation;
-pub use snapshot::Snapshot;
+pub use snapshot::{snapshot_guid, Snapshot, SnapshotIdentity};
 pub use tables::Geometry;
 
 use super::lock::lock_for_read;
