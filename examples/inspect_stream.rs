@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Record::Zero { len, .. } | Record::Discard { len, .. } => zeroed += len,
             Record::Checkpoint(_) => {}
+            Record::SnapshotInfo(i) => println!("snapshot {} (id {}) follows", i.name, i.id),
             Record::SnapshotEnd(e) => println!("reached {}", e.name),
             Record::End(e) => println!("end: {} records, stream hash verified", e.records),
         }

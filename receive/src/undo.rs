@@ -276,6 +276,9 @@ fn scan(path: &Path) -> Result<Scan, ReceiveError> {
                 scan.ranges += 1;
             }
             Ok(Some(Record::Checkpoint(_))) if !ended => {}
+            // An info belongs to the snapshot-end after it, and is left out with it (this
+            // receiver's undo streams carry none).
+            Ok(Some(Record::SnapshotInfo(_))) if !ended => continue,
             Ok(Some(Record::SnapshotEnd(_))) if !ended => {
                 ended = true;
                 continue;

@@ -20,8 +20,8 @@ use blkdelta_common::extent::{Extent, ExtentKind, ExtentSink, Totals, Visit};
 use blkdelta_common::image::BlockSource;
 use blkdelta_common::limits::CHUNK_BYTES;
 use blkdelta_common::stream::{
-    encode_chunk_owned, random_id, DataFrame, SnapshotEnd, StreamHeader, StreamWriter,
-    END_FRAME_BYTES,
+    encode_chunk_owned, random_id, DataFrame, SnapshotEnd, SnapshotInfo, StreamHeader,
+    StreamWriter, Transition, END_FRAME_BYTES,
 };
 use blkdelta_common::ImageError;
 
@@ -445,6 +445,9 @@ fn write_in_order<W: Write>(
             Planned::SnapshotEnd(i) => {
                 flush_zero(writer, &mut zero)?;
                 let t = &header.transitions[i];
+                if let Some(info) = source.snapshot_info(i) {
+                    writer.snapshot_info(&checked_info(info, i, t)?)?;
+                }
                 // The planner queued this after the transition's changes() returned, so a
                 // source that hashed every block of `to` knows its digest by now.
                 writer.snapshot_end(&SnapshotEnd {
@@ -473,6 +476,22 @@ fn write_in_order<W: Write>(
     }
     flush_zero(writer, &mut zero)?;
     Ok(())
+}
+
+/// `info`, the source's for transition `index`, when it describes that transition's `to`; an
+/// error otherwise (a receiver would reject the stream, or not trust the info).
+fn checked_info(
+    info: SnapshotInfo,
+    index: usize,
+    t: &Transition,
+) -> Result<SnapshotInfo, SendError> {
+    if info.transition as usize == index && info.disk_size == t.virtual_size && info.is_for(&t.to) {
+        return Ok(info);
+    }
+    Err(SendError::Source(format!(
+        "the snapshot info of '{}' (id {}) does not describe transition {index} to '{}'",
+        info.name, info.id, t.to.name
+    )))
 }
 
 #[cfg(test)]

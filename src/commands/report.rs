@@ -62,6 +62,12 @@ fn record_json(rec: &Record, at: u64) -> Value {
         Record::Checkpoint(c) => json!({
             "record": "checkpoint", "at": at, "prefix_hash": to_hex(&c.prefix_hash),
         }),
+        Record::SnapshotInfo(i) => json!({
+            "record": "snapshot-info", "at": at, "transition": i.transition, "id": i.id,
+            "name": i.name, "date_sec": i.date_sec, "date_nsec": i.date_nsec,
+            "vm_clock_nsec": i.vm_clock_nsec, "disk_size": i.disk_size,
+            "guid": to_hex(&i.guid()),
+        }),
         Record::SnapshotEnd(e) => json!({
             "record": "snapshot-end", "at": at, "transition": e.transition, "name": e.name,
             "guid": to_hex(&e.guid), "virtual_size": e.virtual_size,

@@ -1,8 +1,13 @@
 //! End to end: qcow2 snapshots → stream → raw replica, compared with qemu's own export.
 
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde_json::Value;
+
 use crate::common::{
-    allocated_bytes, assert_same_file, blkdelta_ok, checksum, delete_snapshot, drop_cache, export,
-    have, pipe, qemu_io, receive_file, run, send_to_file, snapshot, Scratch,
+    allocated_bytes, arg, assert_same_file, blkdelta_ok, checksum, delete_snapshot, drop_cache,
+    export, have, pipe, qemu_io, receive_file, run, send_to_file, snapshot, spec, Scratch,
 };
 
 /// Builds an image with three snapshots holding random and patterned writes, zero writes,
@@ -375,4 +380,102 @@ fn grow_after_an_unaligned_shrink_shows_the_old_tail() {
     export(&img, Some("s2"), &e);
     assert_same_file(&replica, &e);
     assert_eq!(std::fs::read(&e).unwrap()[992 << 10], 0xaa);
+}
+
+/// Sets the vm clock of entry `index` of `img`'s snapshot table, read straight from the file
+/// (QEMU records a clock only when it snapshots a running VM: qemu-img leaves it 0).
+fn set_vm_clock(img: &Path, index: usize, nsec: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let be = |at: u64, len: usize| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b[8 - len..], at).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let mut entry = be(64, 8); // snapshots_offset
+    for _ in 0..index {
+        // extra_data_size, id_str_size and name_size follow the 40 fixed bytes; 8-aligned.
+        let variable = be(entry + 36, 4) + be(entry + 12, 2) + be(entry + 14, 2);
+        entry += (40 + variable).div_ceil(8) * 8;
+    }
+    f.write_all_at(&nsec.to_be_bytes(), entry + 24).unwrap();
+}
+
+/// What `qemu-img info` says of snapshot `name` of `img`.
+fn qemu_snapshot(img: &Path, name: &str) -> Value {
+    let out = run(std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(img));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no snapshot {name} in {info}"))
+        .clone()
+}
+
+fn dump_json(stream: &Path) -> Vec<Value> {
+    let out = blkdelta_ok(&["dump", "--json", arg(stream)]);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A stream of internal snapshots carries, right before each snapshot-end, what the snapshot
+/// table says of that snapshot, as qemu lists it; its GUID is the snapshot-end's. A stream of
+/// the active layer carries none.
+#[test]
+fn a_snapshot_stream_carries_each_snapshots_table_entry() {
+    if !have("qemu-img") {
+        return;
+    }
+    let s = Scratch::new();
+    let img = s.qcow2("vm.qcow2", "8M", "");
+    qemu_io(&img, &["write -P 1 0 1M".into()]);
+    snapshot(&img, "a");
+    qemu_io(&img, &["write -P 2 1M 1M".into()]);
+    snapshot(&img, "b");
+    set_vm_clock(&img, 1, 3_000_000_042);
+    let stream = s.path("ab.bd");
+    send_to_file(&spec(&img, "a..b"), &stream);
+    let recs = dump_json(&stream);
+    let infos: Vec<usize> = (0..recs.len())
+        .filter(|&i| recs[i]["record"] == "snapshot-info")
+        .collect();
+    let [i] = infos[..] else {
+        panic!("not one snapshot-info record: {recs:?}");
+    };
+    let (info, end) = (&recs[i], &recs[i + 1]);
+    assert_eq!(end["record"], "snapshot-end", "{recs:?}");
+    let qemu = qemu_snapshot(&img, "b");
+    assert_eq!(info["transition"], 0);
+    assert_eq!(info["id"], qemu["id"]);
+    assert_eq!(info["name"], "b");
+    assert_eq!(info["date_sec"], qemu["date-sec"]);
+    assert_eq!(info["date_nsec"], qemu["date-nsec"]);
+    let clock = qemu["vm-clock-sec"].as_u64().unwrap() * 1_000_000_000
+        + qemu["vm-clock-nsec"].as_u64().unwrap();
+    assert_eq!(clock, 3_000_000_042, "{qemu}");
+    assert_eq!(info["vm_clock_nsec"], clock);
+    assert_eq!(info["disk_size"], 8 << 20);
+    assert_eq!(info["guid"], end["guid"]);
+    let text = String::from_utf8(blkdelta_ok(&["dump", arg(&stream)]).stdout).unwrap();
+    let line = text.lines().find(|l| l.starts_with("snapshot-info "));
+    assert!(
+        line.is_some_and(|l| l.contains(" name=b ") && l.contains(" vm_clock_nsec=3000000042")),
+        "{text}"
+    );
+
+    let active = s.path("active.bd");
+    send_to_file(arg(&img), &active);
+    assert!(dump_json(&active)
+        .iter()
+        .all(|r| r["record"] != "snapshot-info"));
 }

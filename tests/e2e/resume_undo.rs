@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::common::{
     assert_same_file, blkdelta, blkdelta_ok, checksum, export, have, io, pipe, qemu_io, random,
-    receive_file, run, send_to_file, snapshot, spec, status_text, Scratch,
+    receive_file, records, run, send_to_file, snapshot, spec, status_text, Scratch,
 };
 
 /// A 32 MiB image with snapshots s0 and s1: random data, then random data over part of it,
@@ -66,6 +66,12 @@ fn an_interrupted_receive_resumes_from_its_token() {
     ]);
     let resumed_len = std::fs::metadata(&resumed).unwrap().len();
     assert!(resumed_len < full_len, "{resumed_len} >= {full_len}");
+    // It still carries the snapshot's table entry, right before its snapshot-end.
+    let kinds: Vec<&str> = records(&resumed).1.iter().map(|r| r.kind).collect();
+    assert!(
+        kinds.ends_with(&["snapshot-info", "snapshot-end", "end"]),
+        "{kinds:?}"
+    );
     let out = receive_file(&resumed, &replica, &[]);
     assert!(
         out.status.success(),

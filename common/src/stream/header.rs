@@ -164,7 +164,8 @@ impl StreamHeader {
     }
 }
 
-fn check_name(what: &str, name: &str) -> Result<(), String> {
+/// Checks a name carried in a stream against [`limits::MAX_NAME_BYTES`].
+pub(super) fn check_name(what: &str, name: &str) -> Result<(), String> {
     if name.len() > limits::MAX_NAME_BYTES {
         return Err(format!(
             "{what} is {} bytes long (limit {})",

@@ -6,7 +6,8 @@
 //! frame      u8 type | u8 flags | u16 reserved (0) | u32 LE body_len | check[8] | body[body_len]
 //!            check = first 8 bytes of blake3(the frame's first 8 bytes || body), where a data
 //!            record's body stops before its payload (covered by the record's plain-bytes hash)
-//!            header, then data / zero / discard / checkpoint / snapshot-end records, then end
+//!            header, then data / zero / discard / checkpoint / snapshot-info / snapshot-end
+//!            records, then end
 //! ```
 //!
 //! Bodies are bincode 2 (serde, little endian, fixed-width integers); a data body is its fixed
@@ -22,7 +23,7 @@ pub use header::{SnapRef, SourceInfo, StreamHeader, Transition};
 pub use reader::StreamReader;
 pub use record::{
     encode_chunk, encode_chunk_owned, CheckpointRecord, Compression, DataFrame, DataRecord,
-    EndRecord, Record, RecordType, SnapshotEnd, DATA_FIXED_BYTES,
+    EndRecord, Record, RecordType, SnapshotEnd, SnapshotInfo, DATA_FIXED_BYTES,
 };
 pub use token::ResumeToken;
 pub use writer::StreamWriter;
@@ -72,7 +73,8 @@ pub const END_FRAME_BYTES: u64 = (FRAME_HEADER_BYTES + 8 + 32) as u64;
 /// Frame flag: a reader that does not know the record type may skip the record. A reader of
 /// this version knows every type it writes, so the flag changes nothing for those: checkpoint
 /// frames carry it (from when they were an optional extension), yet a reader must check them
-/// (see docs/STREAM.md, "Checkpoint").
+/// (see docs/STREAM.md, "Checkpoint"); snapshot-info frames carry it so that readers older
+/// than the type skip them.
 pub const FLAG_OPTIONAL: u8 = 0x01;
 
 /// The bincode configuration of every record body.

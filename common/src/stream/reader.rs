@@ -9,7 +9,8 @@ use std::io::{ErrorKind, Read};
 use super::record::{RangeBody, RawDataFields, RecordType};
 use super::{
     decode_body, frame_check, CheckpointRecord, Compression, DataRecord, EndRecord, Record,
-    SnapshotEnd, StreamHeader, DATA_FIXED_BYTES, FLAG_OPTIONAL, FRAME_HEADER_BYTES, MAGIC, VERSION,
+    SnapshotEnd, SnapshotInfo, StreamHeader, DATA_FIXED_BYTES, FLAG_OPTIONAL, FRAME_HEADER_BYTES,
+    MAGIC, VERSION,
 };
 use crate::buf::{AlignedBuf, ALIGN};
 use crate::limits::{
@@ -31,6 +32,8 @@ pub struct StreamReader<R: Read> {
     prefix_hash: [u8; 32],
     /// Stream bytes and plain data bytes since the last verified point.
     unverified: (u64, u64),
+    /// The last frame was a snapshot-info record: the next one must be its snapshot-end.
+    info_pending: bool,
     done: bool,
     /// Spare payload buffers handed back by [`StreamReader::recycle`].
     spare: Vec<AlignedBuf>,
@@ -75,6 +78,7 @@ impl<R: Read> StreamReader<R> {
             record_start: 12,
             prefix_hash: [0; 32],
             unverified: (0, 0),
+            info_pending: false,
             done: false,
             spare: Vec::new(),
         };
@@ -137,6 +141,13 @@ impl<R: Read> StreamReader<R> {
         }
         loop {
             let frame = self.read_frame()?;
+            if self.info_pending && frame.kind != RecordType::SnapshotEnd as u8 {
+                return Err(self.corrupt(format!(
+                    "record of type {} after a snapshot-info record, which only its \
+                     snapshot-end may follow",
+                    frame.kind
+                )));
+            }
             let Some(kind) = RecordType::from_u8(frame.kind) else {
                 if frame.flags & FLAG_OPTIONAL != 0 {
                     continue;
@@ -173,6 +184,7 @@ impl<R: Read> StreamReader<R> {
                 })
             }
             (RecordType::SnapshotEnd, _) => self.snapshot_end(&body).map(Record::SnapshotEnd),
+            (RecordType::SnapshotInfo, _) => self.snapshot_info(&body).map(Record::SnapshotInfo),
             (RecordType::Checkpoint, _) => {
                 let rec: CheckpointRecord = self.decode_exact(&body, "checkpoint")?;
                 if rec.prefix_hash != self.prefix_hash {
@@ -230,6 +242,29 @@ impl<R: Read> StreamReader<R> {
         })
     }
 
+    /// A snapshot-info record: in the current transition, of its `to` snapshot (same name, and
+    /// the transition's size); the next frame must be that transition's snapshot-end.
+    fn snapshot_info(&mut self, body: &[u8]) -> Result<SnapshotInfo, StreamError> {
+        let rec: SnapshotInfo = self.decode_exact(body, "snapshot-info")?;
+        rec.validate()
+            .map_err(|e| self.corrupt(format!("snapshot-info record: {e}")))?;
+        let Some(t) = self.header.transitions.get(self.transition) else {
+            return Err(self.corrupt("snapshot-info record after the last transition".into()));
+        };
+        if rec.transition as usize != self.transition
+            || rec.name != t.to.name
+            || rec.disk_size != t.virtual_size
+        {
+            return Err(self.corrupt(format!(
+                "snapshot-info record for '{}' (transition {}, {} bytes) does not describe \
+                 transition {} to '{}' ({} bytes)",
+                rec.name, rec.transition, rec.disk_size, self.transition, t.to.name, t.virtual_size
+            )));
+        }
+        self.info_pending = true;
+        Ok(rec)
+    }
+
     fn snapshot_end(&mut self, body: &[u8]) -> Result<SnapshotEnd, StreamError> {
         let rec: SnapshotEnd = self.decode_exact(body, "snapshot-end")?;
         let Some(t) = self.header.transitions.get(self.transition) else {
@@ -252,6 +287,7 @@ impl<R: Read> StreamReader<R> {
         }
         self.transition += 1;
         self.next_free = 0;
+        self.info_pending = false;
         Ok(rec)
     }
 

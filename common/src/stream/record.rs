@@ -1,9 +1,12 @@
-//! Records after the header: data, zero, discard, snapshot-end and end.
+//! Records after the header: data, zero, discard, checkpoint, snapshot-info, snapshot-end and
+//! end.
 
 use serde::{Deserialize, Serialize};
 
-use super::{encode_body, frame_head, FRAME_HEADER_BYTES};
+use super::header::check_name;
+use super::{encode_body, frame_head, SnapRef, FRAME_HEADER_BYTES};
 use crate::buf::AlignedBuf;
+use crate::image::qcow2::{snapshot_guid, Snapshot, SnapshotIdentity};
 use crate::limits::CHUNK_BYTES;
 use crate::StreamError;
 
@@ -31,6 +34,9 @@ pub enum RecordType {
     End = 6,
     /// Everything before it is verified: a receiver may make it durable and resume after it.
     Checkpoint = 7,
+    /// The qcow2 internal snapshot the next snapshot-end reaches (optional: a reader that does
+    /// not know the type skips it).
+    SnapshotInfo = 8,
 }
 
 impl RecordType {
@@ -44,6 +50,7 @@ impl RecordType {
             5 => RecordType::SnapshotEnd,
             6 => RecordType::End,
             7 => RecordType::Checkpoint,
+            8 => RecordType::SnapshotInfo,
             _ => return None,
         })
     }
@@ -291,6 +298,68 @@ pub struct SnapshotEnd {
     pub prefix_hash: [u8; 32],
 }
 
+/// The qcow2 internal snapshot that transition `transition` reaches, as the source's snapshot
+/// table describes it: what a receiver needs to create the same snapshot in a qcow2 replica,
+/// with the same GUID. Sent right before that transition's snapshot-end record, whose prefix
+/// hash vouches for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Index of the transition whose `to` state this snapshot is.
+    pub transition: u32,
+    /// The snapshot's unique id string (QEMU uses "1", "2", …).
+    pub id: String,
+    /// The snapshot's name; equals the transition's `to.name`.
+    pub name: String,
+    /// Creation time, seconds since the epoch (host clock).
+    pub date_sec: u32,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u32,
+    /// Guest run time at creation, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Virtual disk size of the snapshot; equals the transition's `virtual_size`.
+    pub disk_size: u64,
+}
+
+impl SnapshotInfo {
+    /// The info of `snapshot`, reached by transition `transition`.
+    pub fn from_snapshot(transition: u32, snapshot: &Snapshot) -> Self {
+        SnapshotInfo {
+            transition,
+            id: snapshot.id.clone(),
+            name: snapshot.name.clone(),
+            date_sec: snapshot.date_sec,
+            date_nsec: snapshot.date_nsec,
+            vm_clock_nsec: snapshot.vm_clock_nsec,
+            disk_size: snapshot.disk_size,
+        }
+    }
+
+    /// The GUID of the snapshot these fields describe, computed as [`Snapshot::guid`] does.
+    pub fn guid(&self) -> [u8; 16] {
+        snapshot_guid(&SnapshotIdentity {
+            id: &self.id,
+            name: &self.name,
+            date_sec: self.date_sec,
+            date_nsec: self.date_nsec,
+            vm_clock_nsec: self.vm_clock_nsec,
+            disk_size: self.disk_size,
+        })
+    }
+
+    /// Whether these fields describe the state `to`: the same name, and the GUID they give is
+    /// `to`'s. Only then can a receiver trust them to recreate the snapshot.
+    pub fn is_for(&self, to: &SnapRef) -> bool {
+        self.name == to.name && self.guid() == to.guid
+    }
+
+    /// Checks the lengths a reader bounds (id and name, like every name in a stream); returns a
+    /// description of the first one broken.
+    pub fn validate(&self) -> Result<(), String> {
+        check_name("snapshot id", &self.id)?;
+        check_name("snapshot name", &self.name)
+    }
+}
+
 /// A point where every earlier byte is verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointRecord {
@@ -328,6 +397,9 @@ pub enum Record {
     },
     /// Every earlier record is verified.
     Checkpoint(CheckpointRecord),
+    /// The qcow2 internal snapshot the snapshot-end right after it reaches (vouched for by
+    /// that record's prefix hash, not yet verified when returned).
+    SnapshotInfo(SnapshotInfo),
     /// A transition is complete.
     SnapshotEnd(SnapshotEnd),
     /// The stream is complete and its hash verified.

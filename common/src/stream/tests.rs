@@ -5,6 +5,8 @@ use crate::buf::AlignedBuf;
 use crate::limits::CHUNK_BYTES;
 use crate::StreamError;
 
+mod snapshot_info;
+
 fn header(transitions: Vec<Transition>) -> StreamHeader {
     StreamHeader {
         stream_id: [0x11; 16],

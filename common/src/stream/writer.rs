@@ -4,8 +4,8 @@ use std::io::Write;
 
 use super::record::{RangeBody, RecordType};
 use super::{
-    encode_body, CheckpointRecord, DataFrame, DataRecord, EndRecord, SnapshotEnd, StreamHeader,
-    MAGIC, VERSION,
+    encode_body, CheckpointRecord, DataFrame, DataRecord, EndRecord, SnapshotEnd, SnapshotInfo,
+    StreamHeader, FLAG_OPTIONAL, MAGIC, VERSION,
 };
 use crate::limits::{CHECKPOINT_PLAIN_BYTES, CHECKPOINT_STREAM_BYTES, MAX_HEADER_BYTES};
 use crate::StreamError;
@@ -114,6 +114,21 @@ impl<W: Write> StreamWriter<W> {
         self
     }
 
+    /// Writes a snapshot-info record, optional (readers that do not know the type skip it),
+    /// refusing one whose id or name a reader would reject. The caller writes the snapshot-end
+    /// of the same transition right after it: no checkpoint is put between the two.
+    pub fn snapshot_info(&mut self, info: &SnapshotInfo) -> Result<(), StreamError> {
+        info.validate().map_err(|reason| StreamError::Corrupt {
+            offset: self.bytes,
+            reason,
+        })?;
+        self.frame_bytes(
+            RecordType::SnapshotInfo as u8,
+            FLAG_OPTIONAL,
+            &[&encode_body(info)],
+        )
+    }
+
     /// Writes a snapshot-end record; its `prefix_hash` is filled in here.
     pub fn snapshot_end(&mut self, rec: &SnapshotEnd) -> Result<(), StreamError> {
         let rec = SnapshotEnd {
@@ -133,7 +148,7 @@ impl<W: Write> StreamWriter<W> {
         };
         self.frame_bytes(
             RecordType::Checkpoint as u8,
-            super::FLAG_OPTIONAL,
+            FLAG_OPTIONAL,
             &[&encode_body(&rec)],
         )?;
         self.unverified = (0, 0);

@@ -8,7 +8,7 @@ use std::sync::mpsc::Sender;
 use blkdelta_common::buf::AlignedBuf;
 use blkdelta_common::digest::to_hex;
 use blkdelta_common::progress::Progress;
-use blkdelta_common::stream::{SnapshotEnd, StreamHeader};
+use blkdelta_common::stream::{SnapshotEnd, SnapshotInfo, StreamHeader};
 
 use super::decode::{Range, Step};
 use super::ReceiveSummary;
@@ -106,6 +106,10 @@ pub(crate) struct Apply<'a> {
     pub(crate) writers: Option<Writers<'a>>,
     /// Buffers of written data go back to the decoder here.
     pub(crate) spare: Sender<AlignedBuf>,
+    /// The qcow2 internal snapshot the current transition's snapshot-end reaches, from the
+    /// snapshot-info record right before it (trusted only once that snapshot-end is verified
+    /// and its GUID is the transition's `to`, see [`SnapshotInfo::is_for`]).
+    pub(crate) snapshot_info: Option<SnapshotInfo>,
     pub(crate) summary: ReceiveSummary,
 }
 
@@ -129,11 +133,18 @@ impl Apply<'_> {
                 Ok(())
             }
             Step::Checkpoint => self.verified(target, false),
+            Step::SnapshotInfo(info) => {
+                self.snapshot_info = Some(info);
+                Ok(())
+            }
             Step::SnapshotEnd(end) => {
                 if self.applying() {
                     self.verified(target, true)?;
                     self.reached(&end, target)?;
                 }
+                // The info belongs to this snapshot-end alone (the reader puts it right before).
+                let info = self.snapshot_info.take();
+                debug_assert!(info.is_none_or(|i| i.name == end.name));
                 self.batch.unverified.clear();
                 self.position.transition += 1;
                 self.position.started = false;

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::sync::mpsc::{Receiver, SyncSender};
 
 use blkdelta_common::buf::AlignedBuf;
-use blkdelta_common::stream::{Record, SnapshotEnd, StreamReader};
+use blkdelta_common::stream::{Record, SnapshotEnd, SnapshotInfo, StreamReader};
 use blkdelta_common::StreamError;
 
 /// A range of the disk that a record changes: what the applier holds back, writes and hashes.
@@ -34,6 +34,9 @@ pub(crate) enum Step {
     Range(Range),
     /// A verified prefix: the ranges held back so far may be applied.
     Checkpoint,
+    /// The qcow2 internal snapshot the next step, a snapshot-end, reaches (vouched for by that
+    /// record's prefix hash).
+    SnapshotInfo(SnapshotInfo),
     /// A verified prefix, and the end of a transition.
     SnapshotEnd(SnapshotEnd),
     /// The end record, verified.
@@ -84,6 +87,7 @@ fn step(rec: Record, at: u64, out: &mut AlignedBuf) -> Decoded {
         Record::Zero { offset, len } => Step::Range(Range::Zero { offset, len }),
         Record::Discard { offset, len } => Step::Range(Range::Discard { offset, len }),
         Record::Checkpoint(_) => Step::Checkpoint,
+        Record::SnapshotInfo(info) => Step::SnapshotInfo(info),
         Record::SnapshotEnd(end) => Step::SnapshotEnd(end),
         Record::End(_) => Step::End,
     })

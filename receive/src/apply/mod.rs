@@ -148,6 +148,7 @@ pub fn receive<R: Read + Send + 'static>(
         state_path,
         writers: None,
         spare: spare_tx,
+        snapshot_info: None,
         summary: ReceiveSummary {
             skipped_transitions: plan.first,
             ..ReceiveSummary::default()

@@ -6,12 +6,15 @@ use std::sync::Arc;
 
 use blkdelta_common::extent::{Extent, ExtentSink, Visit};
 use blkdelta_common::image::mem::MemImage;
+use blkdelta_common::image::qcow2::Snapshot;
 use blkdelta_common::image::{Allocation, BlockSource};
-use blkdelta_common::stream::{Record, SnapRef, SourceInfo, StreamReader, Transition};
+use blkdelta_common::stream::{
+    Record, ResumeToken, SnapRef, SnapshotInfo, SourceInfo, StreamReader, Transition,
+};
 use blkdelta_common::ImageError;
 
 use super::{send, SendOptions};
-use crate::source::FullSource;
+use crate::source::{FullSource, Resumed};
 use crate::{ChangeSource, NoProgress, SendError};
 
 fn full(src: Arc<dyn BlockSource>) -> FullSource {
@@ -214,4 +217,143 @@ fn a_source_stops_when_its_sink_says_so() {
     };
     src.changes(0, &mut first).unwrap();
     assert_eq!(first.got, all[..2]);
+}
+
+/// Internal snapshots `s1`, `s2`, … of one image, as a snapshot table lists them.
+fn snapshots(n: usize, size: u64) -> Vec<Snapshot> {
+    (1..=n)
+        .map(|i| Snapshot {
+            id: i.to_string(),
+            name: format!("s{i}"),
+            l1_table_offset: 0x10000 * i as u64,
+            l1_size: 1,
+            date_sec: 1_700_000_000 + i as u32,
+            date_nsec: 1000 * i as u32,
+            vm_clock_nsec: 5_000_000_000 * i as u64,
+            vm_state_size: 0,
+            disk_size: size,
+        })
+        .collect()
+}
+
+/// A source going through `snaps` (the first is the base), whose infos are `info(i)`.
+struct Snapshots {
+    inner: FullSource,
+    transitions: Vec<Transition>,
+    info: fn(&[Snapshot], usize) -> Option<SnapshotInfo>,
+    snaps: Vec<Snapshot>,
+}
+
+impl Snapshots {
+    fn new(info: fn(&[Snapshot], usize) -> Option<SnapshotInfo>) -> Self {
+        let img = Arc::new(image());
+        let snaps = snapshots(3, img.size());
+        let as_ref = |s: &Snapshot| SnapRef {
+            name: s.name.clone(),
+            guid: s.guid(),
+        };
+        let transitions = snaps
+            .windows(2)
+            .map(|w| Transition {
+                from: Some(as_ref(&w[0])),
+                to: as_ref(&w[1]),
+                virtual_size: img.size(),
+            })
+            .collect();
+        Snapshots {
+            inner: full(img),
+            transitions,
+            info,
+            snaps,
+        }
+    }
+}
+
+impl ChangeSource for Snapshots {
+    fn info(&self) -> SourceInfo {
+        self.inner.info()
+    }
+    fn transitions(&self) -> &[Transition] {
+        &self.transitions
+    }
+    fn changes(&self, _: usize, sink: &mut dyn ExtentSink) -> Result<(), SendError> {
+        self.inner.changes(0, sink)
+    }
+    fn reader(&self, _: usize) -> Arc<dyn BlockSource> {
+        self.inner.reader(0)
+    }
+    fn snapshot_info(&self, index: usize) -> Option<SnapshotInfo> {
+        (self.info)(&self.snaps, index)
+    }
+}
+
+/// The right info: transition `i` reaches snapshot `i + 1`.
+fn right_info(snaps: &[Snapshot], i: usize) -> Option<SnapshotInfo> {
+    Some(SnapshotInfo::from_snapshot(i as u32, &snaps[i + 1]))
+}
+
+/// The snapshot-info and snapshot-end records of a stream, in order.
+fn closing_records(stream: &[u8]) -> Vec<Record> {
+    let mut r = StreamReader::new(stream).unwrap();
+    let mut out = Vec::new();
+    while let Some(rec) = r.next_record().unwrap() {
+        if matches!(rec, Record::SnapshotInfo(_) | Record::SnapshotEnd(_)) {
+            out.push(rec);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_snapshot_info_goes_right_before_each_snapshot_end_it_describes() {
+    let src = Snapshots::new(right_info);
+    let mut out = Vec::new();
+    send(&src, &SendOptions::default(), &mut out, &NoProgress).unwrap();
+    let recs = closing_records(&out);
+    assert_eq!(recs.len(), 4, "{recs:?}");
+    for (i, pair) in recs.chunks(2).enumerate() {
+        let (Record::SnapshotInfo(info), Record::SnapshotEnd(end)) = (&pair[0], &pair[1]) else {
+            panic!("not an info and its snapshot-end: {pair:?}");
+        };
+        assert_eq!(
+            *info,
+            SnapshotInfo::from_snapshot(i as u32, &src.snaps[i + 1])
+        );
+        assert_eq!(info.guid(), end.guid);
+    }
+    // Without infos (any source but qcow2 internal snapshots), none is written.
+    let src = Snapshots::new(|_, _| None);
+    let mut out = Vec::new();
+    send(&src, &SendOptions::default(), &mut out, &NoProgress).unwrap();
+    assert!(closing_records(&out)
+        .iter()
+        .all(|r| matches!(r, Record::SnapshotEnd(_))));
+}
+
+#[test]
+fn an_info_that_does_not_describe_its_transition_fails_the_send() {
+    let src = Snapshots::new(|snaps, i| Some(SnapshotInfo::from_snapshot(i as u32, &snaps[i])));
+    let err = send(&src, &SendOptions::default(), io::sink(), &NoProgress).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("does not describe transition 0 to 's2'"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_resumed_send_carries_the_info_renumbered() {
+    let src = Snapshots::new(right_info);
+    let t = &src.transitions()[1];
+    let token = ResumeToken {
+        from: t.from.as_ref().map(|f| f.guid),
+        to: t.to.guid,
+        offset: 1 << 20,
+    };
+    let resumed = Resumed::new(Box::new(Snapshots::new(right_info)), &token).unwrap();
+    let mut out = Vec::new();
+    send(&resumed, &SendOptions::default(), &mut out, &NoProgress).unwrap();
+    let recs = closing_records(&out);
+    let want = SnapshotInfo::from_snapshot(0, &src.snaps[2]);
+    assert!(matches!(&recs[..], [Record::SnapshotInfo(i), Record::SnapshotEnd(_)] if *i == want));
 }

@@ -21,7 +21,7 @@ use blkdelta_common::digest::{
 };
 use blkdelta_common::extent::{Coalescer, Extent, ExtentKind, ExtentSink, Visit};
 use blkdelta_common::image::BlockSource;
-use blkdelta_common::stream::{SnapRef, SourceInfo, Transition};
+use blkdelta_common::stream::{SnapRef, SnapshotInfo, SourceInfo, Transition};
 use blkdelta_common::ImageError;
 
 use super::util::{push_status, replay, Recorder};
@@ -135,6 +135,11 @@ impl ChangeSource for AgainstSource {
 
     fn to_digest(&self, _index: usize) -> Option<[u8; 32]> {
         self.to_digest.lock().ok().and_then(|d| *d)
+    }
+
+    /// A repair reaches the inner source's state: an internal snapshot's info goes with it.
+    fn snapshot_info(&self, index: usize) -> Option<SnapshotInfo> {
+        self.inner.snapshot_info(index)
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use blkdelta_common::extent::ExtentSink;
 use blkdelta_common::image::{probe_format, BlockSource, Format, OpenOptions};
-use blkdelta_common::stream::{SourceInfo, Transition};
+use blkdelta_common::stream::{SnapshotInfo, SourceInfo, Transition};
 
 use crate::SendError;
 
@@ -50,6 +50,14 @@ pub trait ChangeSource: Send + Sync {
     /// hashed every block of `to`) once [`ChangeSource::changes`] ran for that transition;
     /// the snapshot-end record carries it.
     fn to_digest(&self, _index: usize) -> Option<[u8; 32]> {
+        None
+    }
+
+    /// What the snapshot table says of transition `index`'s `to` state when it is an internal
+    /// snapshot of a qcow2 source (never an active layer, a bitmap's, a change map's or another
+    /// named state), with `transition` = `index`. The stream carries it right before that
+    /// transition's snapshot-end, so that a receiver can create the same snapshot (same GUID).
+    fn snapshot_info(&self, _index: usize) -> Option<SnapshotInfo> {
         None
     }
 }

@@ -14,7 +14,7 @@ use blkdelta_common::image::qcow2::tables::{
 };
 use blkdelta_common::image::qcow2::{L2Table, Layer, Qcow2Image, Qcow2Layer, Snapshot};
 use blkdelta_common::image::{BlockSource, OpenOptions};
-use blkdelta_common::stream::{SnapRef, SourceInfo, Transition};
+use blkdelta_common::stream::{SnapRef, SnapshotInfo, SourceInfo, Transition};
 use blkdelta_common::ImageError;
 
 use super::util::{file_name, push_status, stop_if_told};
@@ -58,6 +58,8 @@ impl SnapshotSpec {
 struct Step {
     from: Option<Qcow2Layer>,
     to: Qcow2Layer,
+    /// The snapshot `to` is (none for the active layer).
+    snapshot: Option<Snapshot>,
 }
 
 /// A stream of a qcow2 image's snapshots (or its active layer).
@@ -99,7 +101,11 @@ impl Qcow2Snapshots {
                     to: super::identity::state_of(&format!("{}@active", file_name(path)), &[path]),
                     virtual_size: to.size(),
                 });
-                steps.push(Step { from: None, to });
+                steps.push(Step {
+                    from: None,
+                    to,
+                    snapshot: None,
+                });
             }
             SnapshotSpec::Snapshot(name) => {
                 let i = find_snapshot(&image, name)?;
@@ -109,7 +115,11 @@ impl Qcow2Snapshots {
                     to: snap_ref(&image.snapshots()[i]),
                     virtual_size: to.size(),
                 });
-                steps.push(Step { from: None, to });
+                steps.push(Step {
+                    from: None,
+                    to,
+                    snapshot: Some(image.snapshots()[i].clone()),
+                });
             }
             SnapshotSpec::Range { from, to } => {
                 let (fi, ti) = (find_snapshot(&image, from)?, find_snapshot(&image, to)?);
@@ -129,6 +139,7 @@ impl Qcow2Snapshots {
                     steps.push(Step {
                         from: Some(image.layer(Layer::Snapshot(i))?),
                         to: to_layer,
+                        snapshot: Some(snaps[i + 1].clone()),
                     });
                 }
             }
@@ -173,6 +184,15 @@ impl ChangeSource for Qcow2Snapshots {
 
     fn reader(&self, index: usize) -> Arc<dyn BlockSource> {
         Arc::new(self.steps[index].to.clone())
+    }
+
+    /// The snapshot's table entry. An id or name longer than a stream carries (QEMU's ids are
+    /// numbers) gives none: the replica is still brought to the state, only without what it
+    /// takes to recreate the snapshot.
+    fn snapshot_info(&self, index: usize) -> Option<SnapshotInfo> {
+        let snapshot = self.steps[index].snapshot.as_ref()?;
+        let info = SnapshotInfo::from_snapshot(index as u32, snapshot);
+        info.validate().is_ok().then_some(info)
     }
 }
 

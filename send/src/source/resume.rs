@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use blkdelta_common::extent::{Extent, ExtentSink, Visit};
 use blkdelta_common::image::BlockSource;
-use blkdelta_common::stream::{ResumeToken, SourceInfo, Transition};
+use blkdelta_common::stream::{ResumeToken, SnapshotInfo, SourceInfo, Transition};
 use blkdelta_common::ImageError;
 
 use super::ChangeSource;
@@ -89,6 +89,16 @@ impl ChangeSource for Resumed {
 
     fn to_digest(&self, index: usize) -> Option<[u8; 32]> {
         self.inner.to_digest(self.first + index)
+    }
+
+    /// The inner source's, renumbered; none when the first transition's state took the
+    /// token's GUID (see [`names`]) and the snapshot's fields no longer give it.
+    fn snapshot_info(&self, index: usize) -> Option<SnapshotInfo> {
+        let info = SnapshotInfo {
+            transition: index as u32,
+            ..self.inner.snapshot_info(self.first + index)?
+        };
+        info.is_for(&self.transitions[index].to).then_some(info)
     }
 
     fn resume_offset(&self) -> u64 {

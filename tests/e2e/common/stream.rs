@@ -41,7 +41,7 @@ impl Rec {
                 rec.range = Some((*offset, *len));
             }
             Record::SnapshotEnd(e) => rec.guid = Some(e.guid),
-            Record::Checkpoint(_) | Record::End(_) => {}
+            Record::Checkpoint(_) | Record::SnapshotInfo(_) | Record::End(_) => {}
         }
         rec
     }
@@ -64,6 +64,7 @@ fn kind_of(r: &Record) -> &'static str {
         Record::Zero { .. } => "zero",
         Record::Discard { .. } => "discard",
         Record::Checkpoint(_) => "checkpoint",
+        Record::SnapshotInfo(_) => "snapshot-info",
         Record::SnapshotEnd(_) => "snapshot-end",
         Record::End(_) => "end",
     }

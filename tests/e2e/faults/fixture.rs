@@ -135,7 +135,8 @@ impl Fixture {
         self.recs[0].at
     }
 
-    /// The records of transition `t` before its snapshot-end: changes and checkpoints.
+    /// The records of transition `t` before its snapshot-end: changes and checkpoints, and the
+    /// snapshot-info right before the snapshot-end.
     pub fn records_of(&self, t: usize) -> Vec<&Rec> {
         let start = if t == 0 {
             self.header_end()
@@ -194,7 +195,7 @@ impl Fixture {
         for r in self.records_of(t).into_iter().filter(|r| r.end <= fed) {
             if r.kind == "checkpoint" {
                 verified = applied;
-            } else {
+            } else if r.is_change() {
                 let (off, len) = r.disk_range();
                 applied = off + len;
             }

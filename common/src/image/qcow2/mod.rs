@@ -51,7 +51,7 @@ pub use counters::ReadCounts;
 pub use header::{CompressionType, Header, MAGIC};
 pub use layer::{L2Table, Qcow2Layer};
 pub use own::OwnAllocation;
-pub use snapshot::Snapshot;
+pub use snapshot::{snapshot_guid, Snapshot, SnapshotIdentity};
 pub use tables::Geometry;
 pub use write::{Qcow2Writer, SnapshotMeta};
 

@@ -16,7 +16,7 @@ use crate::image::raw::pread_exact;
 use crate::limits::{MAX_SNAPSHOT_EXTRA_BYTES, MAX_SNAPSHOT_TABLE_BYTES, MAX_VIRTUAL_BYTES};
 use crate::ImageError;
 
-/// Domain separation prefix of [`Snapshot::guid`].
+/// Domain separation prefix of [`snapshot_guid`].
 const GUID_CONTEXT: &[u8] = b"blkdelta-qcow2-snapshot-v1";
 
 /// One internal snapshot, as listed in the snapshot table.
@@ -43,24 +43,55 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Stable 16-byte identity: the first 16 bytes of
-    /// `blake3("blkdelta-qcow2-snapshot-v1" || u64le(id.len()) || id || u64le(name.len()) ||
-    /// name || u32le(date_sec) || u32le(date_nsec) || u64le(vm_clock_nsec) || u64le(disk_size))`.
+    /// Stable 16-byte identity: see [`snapshot_guid`].
     pub fn guid(&self) -> [u8; 16] {
-        let mut h = blake3::Hasher::new();
-        h.update(GUID_CONTEXT);
-        h.update(&(self.id.len() as u64).to_le_bytes());
-        h.update(self.id.as_bytes());
-        h.update(&(self.name.len() as u64).to_le_bytes());
-        h.update(self.name.as_bytes());
-        h.update(&self.date_sec.to_le_bytes());
-        h.update(&self.date_nsec.to_le_bytes());
-        h.update(&self.vm_clock_nsec.to_le_bytes());
-        h.update(&self.disk_size.to_le_bytes());
-        let mut guid = [0u8; 16];
-        guid.copy_from_slice(&h.finalize().as_bytes()[..16]);
-        guid
+        snapshot_guid(&SnapshotIdentity {
+            id: &self.id,
+            name: &self.name,
+            date_sec: self.date_sec,
+            date_nsec: self.date_nsec,
+            vm_clock_nsec: self.vm_clock_nsec,
+            disk_size: self.disk_size,
+        })
     }
+}
+
+/// The fields of a snapshot table entry that make up its identity (where its L1 table lives
+/// is not one of them, so moving the tables keeps the GUID).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotIdentity<'a> {
+    /// The unique id string.
+    pub id: &'a str,
+    /// The name (tag).
+    pub name: &'a str,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u32,
+    /// Guest run time at creation, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Virtual disk size at snapshot time.
+    pub disk_size: u64,
+}
+
+/// The GUID of the internal snapshot with these fields, wherever they come from (a snapshot
+/// table, or a stream's snapshot-info record): the first 16 bytes of
+/// `blake3("blkdelta-qcow2-snapshot-v1" || u64le(id.len()) || id || u64le(name.len()) ||
+/// name || u32le(date_sec) || u32le(date_nsec) || u64le(vm_clock_nsec) || u64le(disk_size))`.
+pub fn snapshot_guid(s: &SnapshotIdentity<'_>) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(GUID_CONTEXT);
+    h.update(&(s.id.len() as u64).to_le_bytes());
+    h.update(s.id.as_bytes());
+    h.update(&(s.name.len() as u64).to_le_bytes());
+    h.update(s.name.as_bytes());
+    h.update(&s.date_sec.to_le_bytes());
+    h.update(&s.date_nsec.to_le_bytes());
+    h.update(&s.vm_clock_nsec.to_le_bytes());
+    h.update(&s.disk_size.to_le_bytes());
+    let mut guid = [0u8; 16];
+    guid.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    guid
 }
 
 /// The fixed 40 bytes of a snapshot table entry, as stored.
