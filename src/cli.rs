@@ -113,7 +113,8 @@ pub struct SendArgs {
 /// `blkdelta receive`.
 #[derive(Debug, Args)]
 pub struct ReceiveArgs {
-    /// A raw image file (created sparse if missing) or a block device.
+    /// A raw image file (created sparse if missing), a block device, or a qcow2 replica that
+    /// keeps history (TARGET ending in .qcow2, or an existing qcow2 image).
     pub target: PathBuf,
     /// Read the stream from FILE instead of stdin.
     #[arg(short, long, value_name = "FILE")]
@@ -150,8 +151,44 @@ pub struct ReceiveArgs {
     /// Bytes applied between two checkpoints of the resume point (tests use small values).
     #[arg(long, hide = true, default_value_t = 0)]
     pub checkpoint_bytes: u64,
+    /// Keep the replica as a qcow2 image that keeps every snapshot it reaches, or as raw
+    /// bytes (default: qcow2 for an existing qcow2 image or a new TARGET ending in .qcow2).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<FormatArg>,
+    /// Cluster size of a new qcow2 replica: a power of two from 512 to 2M (K/M suffixes).
+    #[arg(long, value_name = "SIZE", value_parser = parse_cluster_size)]
+    pub cluster_size: Option<u32>,
     #[command(flatten)]
     pub progress: ProgressArgs,
+}
+
+/// What a replica is kept as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// A qcow2 image with one internal snapshot per snapshot reached.
+    Qcow2,
+    /// The disk's bytes (a raw file or a block device).
+    Raw,
+}
+
+/// log2 of a cluster size given as bytes with an optional K or M suffix.
+fn parse_cluster_size(s: &str) -> Result<u32, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1u64 << 20),
+        _ => (s, 1),
+    };
+    let bytes = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("'{s}' is not a size"))?;
+    if !bytes.is_power_of_two() || !(512..=(2 << 20)).contains(&bytes) {
+        return Err(format!(
+            "{bytes} bytes: a cluster size is a power of two from 512 to 2M"
+        ));
+    }
+    Ok(bytes.trailing_zeros())
 }
 
 /// `blkdelta checksum`.

@@ -16,6 +16,7 @@ use blkdelta_common::stream::{Record, StreamReader};
 use blkdelta_receive::apply::{describe, receive_path, ReceiveOptions};
 use blkdelta_receive::plan::{Overrides, TargetProbe};
 use blkdelta_receive::state::{self, default_state_path, Health};
+use blkdelta_receive::target::ReplicaFormat;
 use blkdelta_receive::ReceiveError;
 use blkdelta_send::pipeline::{send, SendOptions};
 use blkdelta_send::source::{open_source_opts, Resumed, SourceOptions};
@@ -232,6 +233,11 @@ fn cmd_receive(a: ReceiveArgs) -> Result<()> {
         undo: a.undo.clone(),
         dry_run: a.dry_run,
         checkpoint_bytes: a.checkpoint_bytes,
+        format: a.format.map(|f| match f {
+            crate::cli::FormatArg::Qcow2 => ReplicaFormat::Qcow2,
+            crate::cli::FormatArg::Raw => ReplicaFormat::Raw,
+        }),
+        cluster_bits: a.cluster_size.unwrap_or(0),
     };
     let from_pipe = a.input.is_none();
     let progress = progress::make(a.progress, "receive", from_pipe);
@@ -359,14 +365,14 @@ fn cmd_status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {
         .state
         .clone()
         .unwrap_or_else(|| default_state_path(&a.target, is_dev));
-    let Some(st) = state::load(&path)? else {
+    let (st, probe) = blkdelta_receive::history::load_state(&a.target, &path)?;
+    let Some(st) = st else {
         bail!(
             "{} is not a blkdelta replica (no state at {})",
             a.target.display(),
             path.display()
         );
     };
-    let probe = TargetProbe::of(&a.target)?;
     let health = st.health(probe.identity.as_ref());
     report::status(&a, &st, &health, &path, out)?;
     match health {

@@ -31,6 +31,15 @@ pub enum Identity {
     },
     /// A block device.
     Device(DeviceKey),
+    /// A qcow2 replica: which file it is. What it holds is what the image itself says (the
+    /// snapshot its active layer is), so QEMU may change it (revert to a snapshot, delete
+    /// one) without making it another replica.
+    Image {
+        /// `st_dev` of the file system holding it.
+        dev: u64,
+        /// Inode number.
+        ino: u64,
+    },
 }
 
 /// What names a block device whatever path reaches it.
@@ -87,6 +96,14 @@ impl Identity {
                 .mtime()
                 .saturating_mul(1_000_000_000)
                 .saturating_add(meta.mtime_nsec()),
+        }
+    }
+
+    /// The identity of the qcow2 replica file `meta` describes.
+    pub fn of_image(meta: &std::fs::Metadata) -> Self {
+        Identity::Image {
+            dev: meta.dev(),
+            ino: meta.ino(),
         }
     }
 
@@ -150,6 +167,11 @@ impl Identity {
                     None
                 }
             }
+            (Identity::Image { dev, ino }, Identity::Image { dev: d2, ino: i2 }) => ((dev, ino)
+                != (d2, i2))
+                .then(|| format!("it is another file (inode {i2}, was {ino}): replaced or moved")),
+            (Identity::Image { .. }, _) => Some("it is no longer a qcow2 image".into()),
+            (_, Identity::Image { .. }) => Some("it is a qcow2 image now".into()),
             (Identity::File { .. }, Identity::Device(_)) => {
                 Some("it is a block device now, was a file".into())
             }

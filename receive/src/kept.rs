@@ -11,13 +11,16 @@ use std::path::{Path, PathBuf};
 
 use blkdelta_common::digest::{to_hex, BLOCK_BYTES};
 use blkdelta_common::image::raw::RawImage;
-use blkdelta_common::image::{BlockSource, OpenOptions};
+use std::os::unix::fs::FileTypeExt;
+
+use blkdelta_common::image::qcow2::{Layer, Qcow2Image};
+use blkdelta_common::image::{probe_format, BlockSource, Format, OpenOptions};
 use blkdelta_common::stream::{SnapRef, StreamHeader};
 use blkdelta_common::ImageError;
 
 use crate::hashes::{hashes_path, KeptHashes};
 use crate::plan::{Plan, TargetProbe};
-use crate::state::{self, default_state_path, Health, ReplicaState};
+use crate::state::{default_state_path, Health, ReplicaState};
 use crate::ReceiveError;
 
 #[cfg(test)]
@@ -42,11 +45,12 @@ impl Replica {
     /// The replica at `path` (state at `state_path`, or where it lives by default), `None` when
     /// there is no state: then it is no replica, just a file or device.
     pub fn open(path: &Path, state_path: Option<&Path>) -> Result<Option<Self>, ReceiveError> {
-        let probe = TargetProbe::of(path)?;
+        let is_dev = TargetProbe::of(path)?.is_block_device;
         let state_path = state_path
             .map(Path::to_path_buf)
-            .unwrap_or_else(|| default_state_path(path, probe.is_block_device));
-        let Some(st) = state::load(&state_path)? else {
+            .unwrap_or_else(|| default_state_path(path, is_dev));
+        let (st, probe) = crate::history::load_state(path, &state_path)?;
+        let Some(st) = st else {
             return Ok(None);
         };
         let health = st.health(probe.identity.as_ref());
@@ -60,14 +64,23 @@ impl Replica {
         }))
     }
 
-    /// A reader of the replica's content (its virtual size, not the whole device), taking
-    /// QEMU's image locks as `options` say.
-    pub fn reader(&self, options: &OpenOptions) -> Result<RawImage, ImageError> {
+    /// A reader of the replica's content (its virtual size, not the whole device; the active
+    /// layer of a qcow2 replica), taking QEMU's image locks as `options` say.
+    pub fn reader(&self, options: &OpenOptions) -> Result<Box<dyn BlockSource>, ImageError> {
+        if !self
+            .path
+            .metadata()
+            .is_ok_and(|m| m.file_type().is_block_device())
+            && probe_format(&self.path)? == Format::Qcow2
+        {
+            let image = Qcow2Image::open_with(&self.path, options)?;
+            return Ok(Box::new(image.layer(Layer::Active)?));
+        }
         let mut raw = RawImage::open_with(&self.path, options)?;
         if raw.is_block_device() {
             raw.limit_size(self.state.virtual_size);
         }
-        Ok(raw)
+        Ok(Box::new(raw))
     }
 }
 

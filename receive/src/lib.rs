@@ -20,6 +20,7 @@
 
 pub mod apply;
 pub mod hashes;
+pub mod history;
 pub mod identity;
 pub mod kept;
 pub mod plan;
@@ -132,6 +133,15 @@ pub enum ReceiveError {
         /// The `receive` switch that overrides this check (`--rebase`, `--overwrite`,
         /// `--rewind`, `--repair`), if any.
         switch: Option<&'static str>,
+    },
+    /// A qcow2 replica cannot be read, opened or created as one.
+    #[error("qcow2 replica {}", .path.display())]
+    Replica {
+        /// The replica path.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: ImageError,
     },
     /// The apply failed part way for a reason of its own (a worker thread stopped).
     #[error("{0}")]

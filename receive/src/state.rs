@@ -121,6 +121,24 @@ pub struct ReplicaState {
     /// kept hashes: the replica holds no known snapshot until it is repaired or seeded again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diverged: Option<String>,
+    /// For a qcow2 replica: the states its snapshots stand for, where a snapshot's own GUID
+    /// is not the stream's (the source's states had none of their own, or their id was taken
+    /// in the replica). At most [`HISTORY_LIMIT`], the newest last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<Alias>,
+    /// For a qcow2 replica whose active layer is none of its snapshots: the one it held
+    /// before something wrote into it (found from the image, never saved).
+    #[serde(skip)]
+    pub written_since: Option<String>,
+}
+
+/// A snapshot of a qcow2 replica (its own GUID, hex) and the stream state it stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alias {
+    /// The replica snapshot's GUID, 32 hex digits.
+    pub snapshot: String,
+    /// The state it holds.
+    pub state: StateSnap,
 }
 
 /// How a replica compares with its state.
@@ -150,7 +168,35 @@ impl ReplicaState {
             history: Vec::new(),
             digest: None,
             diverged: None,
+            aliases: Vec::new(),
+            written_since: None,
         }
+    }
+
+    /// Notes that the replica snapshot whose GUID is `snapshot` (hex) holds `state`.
+    pub fn alias(&mut self, snapshot: &str, state: StateSnap) {
+        self.aliases
+            .retain(|a| !a.snapshot.eq_ignore_ascii_case(snapshot));
+        if !snapshot.eq_ignore_ascii_case(&state.guid) {
+            self.aliases.push(Alias {
+                snapshot: snapshot.to_string(),
+                state,
+            });
+        }
+        let excess = self.aliases.len().saturating_sub(HISTORY_LIMIT);
+        self.aliases.drain(..excess);
+    }
+
+    /// The state a replica snapshot (its GUID, hex, and name) holds.
+    pub fn state_of_snapshot(&self, guid: &str, name: &str) -> StateSnap {
+        self.aliases
+            .iter()
+            .find(|a| a.snapshot.eq_ignore_ascii_case(guid))
+            .map(|a| a.state.clone())
+            .unwrap_or_else(|| StateSnap {
+                name: name.to_string(),
+                guid: guid.to_string(),
+            })
     }
 
     /// Notes that the replica reached the state `guid` (hex).
@@ -198,7 +244,13 @@ pub fn describe(st: &ReplicaState) -> String {
             p.to.name
         ),
         (Some(s), None) => format!("'{}' ({})", s.name, s.guid),
-        (None, None) => "no snapshot".into(),
+        (None, None) => match &st.written_since {
+            Some(name) => format!(
+                "no snapshot (its active layer was written since it held '{name}': \
+                 'qemu-img snapshot -a {name}' reverts it)"
+            ),
+            None => "no snapshot".into(),
+        },
     }
 }
 

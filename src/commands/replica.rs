@@ -42,7 +42,7 @@ pub fn checksum(a: &ChecksumArgs) -> Result<Option<()>> {
             let disk = replica
                 .reader(&super::share(a.force_share))
                 .with_context(|| format!("cannot checksum {}", a.image))?;
-            super::print_digest_or_blocks(a, &disk)?;
+            super::print_digest_or_blocks(a, disk.as_ref())?;
             match kept {
                 Err(why) if !a.read => {
                     format!("read the replica (its kept block hashes are not used: {why})")
@@ -101,7 +101,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
         .reader(&Default::default())
         .with_context(|| format!("cannot verify {}", a.target.display()))?;
     let mut lines = Vec::new();
-    let summary = kept::verify(&kept, &disk, threads(a.threads), &mut |m| {
+    let summary = kept::verify(&kept, disk.as_ref(), threads(a.threads), &mut |m| {
         lines.push(format!("differs: offset {} length {}", m.offset, m.len));
     })?;
     let held = st

@@ -143,8 +143,7 @@ impl Apply<'_> {
                     self.reached(&end, target)?;
                 }
                 // The info belongs to this snapshot-end alone (the reader puts it right before).
-                let info = self.snapshot_info.take();
-                debug_assert!(info.is_none_or(|i| i.name == end.name));
+                self.snapshot_info = None;
                 self.batch.unverified.clear();
                 self.position.transition += 1;
                 self.position.started = false;
@@ -363,6 +362,12 @@ impl Apply<'_> {
         if let Some(undo) = self.undo.writer.take() {
             undo.finish()?;
         }
+        let info = self.snapshot_info.take();
+        let to = &self.header.transitions[self.position.transition].to;
+        let info = info.filter(|i| i.is_for(to));
+        if let Some(own) = target.keep_snapshot(end, info.as_ref())? {
+            self.state.alias(&to_hex(&own), StateSnap::from(to));
+        }
         self.record_reached(end, digest);
         self.durability.since_checkpoint = 0;
         self.durability.applied_end = 0;
@@ -401,10 +406,10 @@ impl Apply<'_> {
         let Some(k) = &mut self.kept else {
             return Ok(());
         };
-        let reader = target.reader().ok_or_else(|| {
+        let reader = target.source().ok_or_else(|| {
             ReceiveError::Failed("the target cannot be read back to hash its blocks".into())
         })?;
-        k.settle(&reader)?;
+        k.settle(reader.as_ref())?;
         k.sync()
     }
 

@@ -20,11 +20,14 @@ use std::sync::mpsc::{channel, sync_channel, RecvTimeoutError};
 use blkdelta_common::progress::Progress;
 use blkdelta_common::stream::StreamReader;
 
+use crate::history::load_state;
 use crate::plan::{plan, Plan, TargetProbe};
 pub use crate::plan::{ReceiveOptions, CHECKPOINT_BYTES};
 pub use crate::state::describe;
 use crate::state::{self, default_state_path, ReplicaState};
-use crate::target::{open_target, DryTarget, Target};
+use crate::target::{
+    open_target, replica_format, DryTarget, ReplicaFormat, Target, DEFAULT_CLUSTER_BITS,
+};
 use crate::writers::{self, Writers};
 use crate::ReceiveError;
 use applier::{Apply, Batch, Durability, Position, Undo};
@@ -69,12 +72,19 @@ pub fn receive_path<R: Read + Send + 'static>(
     opts: &ReceiveOptions,
     progress: &dyn Progress,
 ) -> Result<ReceiveSummary, ReceiveError> {
-    let probe = TargetProbe::of(path)?;
+    let is_dev = TargetProbe::of(path)?.is_block_device;
     let state_path = state_path
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| default_state_path(path, probe.is_block_device));
+        .unwrap_or_else(|| default_state_path(path, is_dev));
+    let format = replica_format(path, opts.format)?;
+    if format == ReplicaFormat::Qcow2 && opts.undo.is_some() {
+        return Err(ReceiveError::refused_outright(
+            "a qcow2 replica keeps every snapshot it reaches, so --undo is not needed: roll it \
+             back with 'qemu-img snapshot -a SNAPSHOT'",
+        ));
+    }
     if opts.dry_run {
-        let prior = state::load(&state_path)?;
+        let (prior, probe) = load_state(path, &state_path)?;
         let plan = Plan {
             undo: None,
             ..plan(reader.header(), prior, &probe, opts)?
@@ -82,11 +92,16 @@ pub fn receive_path<R: Read + Send + 'static>(
         let mut target = DryTarget::new(probe.size);
         return receive(reader, &mut target, None, plan, progress);
     }
+    let (_, probe) = load_state(path, &state_path).map(|(_, p)| ((), p))?;
     refuse_missing_directory(path, &probe)?;
     let _lock = state::lock(&state_path)?;
-    let prior = state::load(&state_path)?;
+    let (prior, probe) = load_state(path, &state_path)?;
     let plan = plan(reader.header(), prior, &probe, opts)?;
-    let mut target = open_target(path)?;
+    let bits = match opts.cluster_bits {
+        0 => DEFAULT_CLUSTER_BITS,
+        b => b,
+    };
+    let mut target = open_target(path, format, bits)?;
     receive(reader, target.as_mut(), Some(&state_path), plan, progress)
 }
 
@@ -116,15 +131,14 @@ pub fn receive<R: Read + Send + 'static>(
     let kept = match state_path {
         None => None,
         Some(sp) if plan.repair => {
-            let mut disk = target.reader().ok_or_else(|| {
+            let disk = target.source().ok_or_else(|| {
                 ReceiveError::Failed("the target cannot be read back to check it".into())
             })?;
-            disk.limit_size(target.size());
             Some(crate::kept::for_repair(
                 &header,
                 &plan,
                 sp,
-                &disk,
+                disk.as_ref(),
                 REPAIR_THREADS,
             )?)
         }

@@ -43,4 +43,8 @@ pub struct ReceiveOptions {
     pub dry_run: bool,
     /// Applied bytes between checkpoints of the durable offset (0: [`CHECKPOINT_BYTES`]).
     pub checkpoint_bytes: u64,
+    /// What the replica is kept as (`None`: what the target is, or its name says).
+    pub format: Option<crate::target::ReplicaFormat>,
+    /// log2 of the cluster size of a new qcow2 replica (0: 64 KiB).
+    pub cluster_bits: u32,
 }

@@ -51,6 +51,7 @@ fn probe(identity: Option<Identity>) -> TargetProbe {
     let size = match &identity {
         Some(Identity::File { size, .. }) => *size,
         Some(Identity::Device(k)) => k.size,
+        Some(Identity::Image { .. }) => SIZE,
         None => 0,
     };
     TargetProbe {

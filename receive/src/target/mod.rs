@@ -1,15 +1,20 @@
-//! Targets a stream is applied to: raw image files and block devices.
+//! Targets a stream is applied to: raw image files, block devices, and qcow2 replicas that
+//! keep every snapshot the stream passes through.
 
 mod blockdev;
 mod file;
+mod qcow2;
 
 pub use blockdev::BlockDevTarget;
 pub use file::FileTarget;
+pub use qcow2::{Qcow2Target, DEFAULT_CLUSTER_BITS};
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 use blkdelta_common::image::raw::RawImage;
+use blkdelta_common::image::{probe_format, BlockSource, Format};
+use blkdelta_common::stream::{SnapshotEnd, SnapshotInfo};
 
 use crate::ReceiveError;
 
@@ -34,9 +39,28 @@ pub trait Target {
     /// What the target is now (recorded in the state after each durable write), `None` for a
     /// target that is not kept.
     fn identity(&self) -> Option<crate::identity::Identity>;
-    /// A reader of the target's current contents (for pre-images), or `None` when the target
-    /// cannot be read back.
+    /// A reader of the target's current bytes (for pre-images), or `None` when the target
+    /// cannot be read back that way.
     fn reader(&self) -> Option<RawImage>;
+    /// A reader of the disk the target holds (to hash its blocks), or `None` when it cannot
+    /// be read back.
+    fn source(&self) -> Option<Box<dyn BlockSource>> {
+        let mut raw = self.reader()?;
+        raw.limit_size(self.size());
+        Some(Box::new(raw))
+    }
+    /// The stream reached `end` and the target holds it durably: a target that keeps history
+    /// records it as a snapshot of its own (`info`: the source snapshot's own fields, when the
+    /// stream carries them and they are its) and returns that snapshot's GUID; others do
+    /// nothing and return `None`.
+    fn keep_snapshot(
+        &mut self,
+        end: &SnapshotEnd,
+        info: Option<&SnapshotInfo>,
+    ) -> Result<Option<[u8; 16]>, ReceiveError> {
+        let _ = (end, info);
+        Ok(None)
+    }
     /// A second handle to write data through from other threads, at offsets no other write
     /// in flight touches (`pwrite`), or `None` when the target takes writes only through
     /// [`Target::write_at`].
@@ -97,14 +121,86 @@ impl Target for DryTarget {
     }
 }
 
-/// Opens `path` as a target: a block device as it is, a regular file created (empty, sparse)
-/// if missing.
-pub fn open_target(path: &Path) -> Result<Box<dyn Target>, ReceiveError> {
+/// What a replica is kept as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaFormat {
+    /// The disk's bytes as they are: a raw file or a block device.
+    Raw,
+    /// A qcow2 image that keeps every snapshot the streams pass through.
+    Qcow2,
+}
+
+/// The format of the replica at `path`: `asked` when given (a block device is always raw);
+/// else qcow2 for an existing qcow2 file or a missing path ending in `.qcow2`, raw otherwise.
+pub fn replica_format(
+    path: &Path,
+    asked: Option<ReplicaFormat>,
+) -> Result<ReplicaFormat, ReceiveError> {
+    let meta = std::fs::metadata(path).ok();
+    if meta
+        .as_ref()
+        .is_some_and(|m| m.file_type().is_block_device())
+    {
+        return match asked {
+            Some(ReplicaFormat::Qcow2) => Err(ReceiveError::refused_outright(format!(
+                "{} is a block device: a qcow2 replica is a file",
+                path.display()
+            ))),
+            _ => Ok(ReplicaFormat::Raw),
+        };
+    }
+    let existing = match meta.filter(|m| m.len() > 0) {
+        Some(_) => Some(probe_format(path).map_err(|e| ReceiveError::Replica {
+            path: path.to_path_buf(),
+            source: e,
+        })?),
+        None => None,
+    };
+    match (asked, existing) {
+        (Some(ReplicaFormat::Qcow2), Some(Format::Raw)) => {
+            Err(ReceiveError::refused_outright(format!(
+                "{} holds data that is not a qcow2 image: it cannot become a qcow2 replica",
+                path.display()
+            )))
+        }
+        (Some(ReplicaFormat::Raw), Some(Format::Qcow2)) => {
+            Err(ReceiveError::refused_outright(format!(
+                "{} is a qcow2 image: receiving raw bytes into it would destroy it (its \
+                 snapshots included)",
+                path.display()
+            )))
+        }
+        (Some(f), _) => Ok(f),
+        (None, Some(Format::Qcow2)) => Ok(ReplicaFormat::Qcow2),
+        (None, Some(Format::Raw)) => Ok(ReplicaFormat::Raw),
+        (None, None) => Ok(
+            if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("qcow2"))
+            {
+                ReplicaFormat::Qcow2
+            } else {
+                ReplicaFormat::Raw
+            },
+        ),
+    }
+}
+
+/// Opens `path` as a target of `format`: a block device as it is, a regular file created
+/// (empty, sparse) if missing, a qcow2 image created (clusters of `1 << cluster_bits` bytes,
+/// no data) if missing.
+pub fn open_target(
+    path: &Path,
+    format: ReplicaFormat,
+    cluster_bits: u32,
+) -> Result<Box<dyn Target>, ReceiveError> {
     let is_dev = std::fs::metadata(path)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
     if is_dev {
         Ok(Box::new(BlockDevTarget::open(path)?))
+    } else if format == ReplicaFormat::Qcow2 {
+        Ok(Box::new(Qcow2Target::open(path, cluster_bits)?))
     } else {
         Ok(Box::new(FileTarget::open(path)?))
     }

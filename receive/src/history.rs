@@ -1,0 +1,207 @@
+//! A qcow2 replica describes itself: the snapshot it holds is the one whose mapping its
+//! active layer has, whatever its state file says. QEMU may revert it to an older snapshot
+//! (`qemu-img snapshot -a`), delete snapshots, or write into it (a VM booted from it): the
+//! state is brought in line with the image before anything trusts it.
+//!
+//! ```text
+//! active layer = snapshot S (same clusters)  ─► holds S's state (its GUID, or the alias the
+//!                                               state recorded for it)
+//! active layer = no snapshot                 ─► holds nothing (an incremental is refused)
+//! apply in progress, image holds its `to`    ─► the apply reached it (killed before it said so)
+//! apply in progress otherwise                ─► left as it is: its resume point stands
+//! ```
+
+use std::path::Path;
+
+use blkdelta_common::digest::to_hex;
+use blkdelta_common::image::qcow2::Qcow2Image;
+use blkdelta_common::image::OpenOptions;
+
+use crate::identity::Identity;
+use crate::plan::TargetProbe;
+use crate::state::{self, ReplicaState, StateSnap};
+use crate::target::{replica_format, ReplicaFormat};
+use crate::ReceiveError;
+
+/// The replica at `path` as it is now, and its state at `state_path` brought in line with it:
+/// for a qcow2 replica, what the image holds (see the module documentation), its virtual size
+/// and its identity as an image; for anything else, the state as saved.
+pub fn load_state(
+    path: &Path,
+    state_path: &Path,
+) -> Result<(Option<ReplicaState>, TargetProbe), ReceiveError> {
+    let probe = TargetProbe::of(path)?;
+    let st = state::load(state_path)?;
+    if !probe.exists || probe.is_block_device || replica_format(path, None)? != ReplicaFormat::Qcow2
+    {
+        return Ok((st, probe));
+    }
+    let held = held(path, &OpenOptions::default())?;
+    let meta = std::fs::metadata(path).map_err(|source| ReceiveError::OpenTarget {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let probe = TargetProbe {
+        size: held.virtual_size,
+        identity: Some(Identity::of_image(&meta)),
+        ..probe
+    };
+    let st = reconcile(st, &held, probe.identity.as_ref());
+    Ok((st, probe))
+}
+
+/// What the qcow2 replica at `path` holds, read from the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// Virtual size of the active layer.
+    pub virtual_size: u64,
+    /// The snapshot the active layer is (name, its own GUID in hex), if any.
+    pub snapshot: Option<(String, String)>,
+    /// Names of every snapshot, oldest first.
+    pub snapshots: Vec<String>,
+}
+
+/// Reads what the qcow2 image at `path` holds (taking QEMU's reader locks as `options` say:
+/// an image a VM writes is refused).
+pub fn held(path: &Path, options: &OpenOptions) -> Result<Held, ReceiveError> {
+    let err = |source| ReceiveError::Replica {
+        path: path.to_path_buf(),
+        source,
+    };
+    let image = Qcow2Image::open_with(path, options).map_err(err)?;
+    let snapshot = image
+        .held_snapshot()
+        .map_err(err)?
+        .map(|i| &image.snapshots()[i])
+        .map(|s| (s.name.clone(), to_hex(&s.guid())));
+    Ok(Held {
+        virtual_size: image.virtual_size(),
+        snapshot,
+        snapshots: image.snapshots().iter().map(|s| s.name.clone()).collect(),
+    })
+}
+
+/// Brings the state `st` of the qcow2 replica at `path` (`identity`: what the path is now) in
+/// line with what the image holds. A replica without a state that holds a snapshot gets one:
+/// the image says what it is.
+pub fn reconcile(
+    st: Option<ReplicaState>,
+    held: &Held,
+    identity: Option<&Identity>,
+) -> Option<ReplicaState> {
+    let same_file = |st: &ReplicaState| match (&st.identity, identity) {
+        (Some(recorded), Some(now)) => recorded.changed(now, false).is_none(),
+        _ => true,
+    };
+    let Some(mut st) = st else {
+        let (name, guid) = held.snapshot.clone()?;
+        let mut st = ReplicaState::new(held.virtual_size);
+        st.source_kind = "qcow2".into();
+        st.source_name = name.clone();
+        st.remember(&guid);
+        st.snapshot = Some(StateSnap { name, guid });
+        st.identity = identity.cloned();
+        return Some(st);
+    };
+    if !same_file(&st) {
+        // Another file: the state's checks refuse it as it is.
+        return Some(st);
+    }
+    let holds = held
+        .snapshot
+        .as_ref()
+        .map(|(name, guid)| st.state_of_snapshot(guid, name));
+    if let Some(p) = &st.in_progress {
+        match &holds {
+            Some(h) if h.guid.eq_ignore_ascii_case(&p.to.guid) => {}
+            _ => return Some(st),
+        }
+    }
+    let changed = st.snapshot.as_ref().map(|s| &s.guid) != holds.as_ref().map(|h| &h.guid)
+        || st.in_progress.is_some();
+    if changed {
+        // Its kept hashes were of what it held before.
+        st.digest = None;
+        st.in_progress = None;
+    }
+    if let Some(h) = &holds {
+        st.remember(&h.guid);
+    }
+    if holds.is_none() {
+        st.written_since = st.snapshot.as_ref().map(|s| s.name.clone());
+    }
+    st.snapshot = holds;
+    st.virtual_size = held.virtual_size;
+    st.diverged = None;
+    // The file changed by QEMU's hand (a revert, a deleted snapshot): it is still this replica.
+    st.identity = identity.cloned();
+    Some(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holds(snapshot: Option<(&str, &str)>) -> Held {
+        Held {
+            virtual_size: 1 << 20,
+            snapshot: snapshot.map(|(n, g)| (n.to_string(), g.to_string())),
+            snapshots: vec!["a".into(), "b".into()],
+        }
+    }
+
+    const A: &str = "0000000000000000000000000000000a";
+    const B: &str = "0000000000000000000000000000000b";
+
+    fn holding(name: &str, guid: &str) -> ReplicaState {
+        let mut st = ReplicaState::new(1 << 20);
+        st.snapshot = Some(StateSnap {
+            name: name.into(),
+            guid: guid.into(),
+        });
+        st.digest = Some("ff".into());
+        st
+    }
+
+    #[test]
+    fn a_revert_makes_the_replica_hold_the_older_snapshot() {
+        let st = reconcile(Some(holding("b", B)), &holds(Some(("a", A))), None).unwrap();
+        assert_eq!(st.snapshot.unwrap().guid, A);
+        assert_eq!(st.digest, None, "kept hashes were of b");
+    }
+
+    #[test]
+    fn a_write_into_the_replica_makes_it_hold_nothing() {
+        let st = reconcile(Some(holding("b", B)), &holds(None), None).unwrap();
+        assert_eq!(st.snapshot, None);
+        assert!(crate::state::describe(&st).contains("qemu-img snapshot -a b"));
+    }
+
+    #[test]
+    fn the_state_that_agrees_keeps_its_digest() {
+        let st = reconcile(Some(holding("b", B)), &holds(Some(("b", B))), None).unwrap();
+        assert_eq!(st.digest.as_deref(), Some("ff"));
+    }
+
+    #[test]
+    fn an_alias_names_the_stream_state_of_a_snapshot() {
+        let mut st = holding("daily", "1111");
+        st.alias(
+            B,
+            StateSnap {
+                name: "daily".into(),
+                guid: "1111".into(),
+            },
+        );
+        let st = reconcile(Some(st), &holds(Some(("daily-2", B))), None).unwrap();
+        assert_eq!(st.snapshot.unwrap().guid, "1111");
+        assert_eq!(st.digest.as_deref(), Some("ff"));
+    }
+
+    #[test]
+    fn an_image_without_state_says_what_it_holds() {
+        let st = reconcile(None, &holds(Some(("a", A))), None).unwrap();
+        assert_eq!(st.snapshot.unwrap().guid, A);
+        assert!(reconcile(None, &holds(None), None).is_none());
+    }
+}
