@@ -300,9 +300,16 @@ impl Apply<'_> {
                 if let Some(k) = &mut self.kept {
                     k.wrote(off, &bytes);
                 }
-                match &self.writers {
-                    Some(w) => w.write(bytes, off)?,
-                    None => {
+                let placed = match &self.writers {
+                    Some(_) => target.place(off, len)?,
+                    None => None,
+                };
+                match (&self.writers, placed) {
+                    (Some(w), Some(at)) => w.write(bytes, at)?,
+                    _ => {
+                        if target.shares_clusters() {
+                            self.wait_writes()?;
+                        }
                         target.write_at(&bytes, off)?;
                         // The decoder reads a later record into this buffer.
                         let _ = self.spare.send(bytes);
@@ -312,6 +319,9 @@ impl Apply<'_> {
                 self.summary.data_bytes += len;
             }
             Range::Zero { .. } | Range::Discard { .. } => {
+                if target.shares_clusters() {
+                    self.wait_writes()?;
+                }
                 self.settle_page_edges(off, len)?;
                 if matches!(range, Range::Zero { .. }) {
                     target.write_zeroes(off, len)?;

@@ -72,6 +72,20 @@ pub trait Target {
     fn direct_handle(&self) -> Option<std::fs::File> {
         None
     }
+    /// Where the data of `[offset, offset + len)` goes in the file [`Target::write_handle`]
+    /// writes: a raw target keeps it at the same offset; a qcow2 replica maps it here (and
+    /// says `None` when the range must go through [`Target::write_at`]: part of a cluster, or
+    /// clusters that are not one run).
+    fn place(&mut self, offset: u64, len: u64) -> Result<Option<u64>, ReceiveError> {
+        let _ = len;
+        Ok(Some(offset))
+    }
+    /// Whether zeroing or discarding, or a write through [`Target::write_at`], may touch
+    /// what writes in flight on other threads write (a qcow2 replica reuses and copies
+    /// clusters): then those writes must end first.
+    fn shares_clusters(&self) -> bool {
+        false
+    }
 }
 
 /// A target that takes every operation and writes nothing: what a dry run applies to.

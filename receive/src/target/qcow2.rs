@@ -121,6 +121,22 @@ impl Target for Qcow2Target {
         None
     }
 
+    fn write_handle(&self) -> Option<std::fs::File> {
+        self.w().file().try_clone().ok()
+    }
+
+    fn direct_handle(&self) -> Option<std::fs::File> {
+        blkdelta_common::image::raw::reopen_direct(self.w().file(), true)
+    }
+
+    fn place(&mut self, offset: u64, len: u64) -> Result<Option<u64>, ReceiveError> {
+        self.with("write", offset, len, |w| w.place(offset, len))
+    }
+
+    fn shares_clusters(&self) -> bool {
+        true
+    }
+
     fn source(&self) -> Option<Box<dyn BlockSource>> {
         Some(Box::new(ActiveLayer {
             writer: self.writer.clone(),

@@ -94,6 +94,9 @@ pub struct Qcow2Writer {
     size_changed: bool,
     /// Guest data was written since the last commit.
     data_written: bool,
+    /// The file opened again with `O_DIRECT`: whole aligned runs of guest data go through it,
+    /// around the page cache (none where the filesystem refuses the flag).
+    direct: Option<File>,
 }
 
 impl std::fmt::Debug for Qcow2Writer {
@@ -163,6 +166,7 @@ impl Qcow2Writer {
             snapshots_changed: false,
             size_changed: false,
             data_written: false,
+            direct: crate::image::raw::reopen_direct(&file, true),
             geometry,
             header,
             file,
@@ -429,11 +433,18 @@ impl Qcow2Writer {
                 _ => false,
             };
             if let (true, ClusterKind::Normal(h)) = (in_place, kind) {
-                run.add(&self.file, buf, h + within, pos - offset, n)?;
+                run.add(
+                    &self.file,
+                    self.direct.as_ref(),
+                    buf,
+                    h + within,
+                    pos - offset,
+                    n,
+                )?;
             } else {
                 let host = self.refs.allocate(&self.file, 1)?.0 << bits;
                 if n == cs {
-                    run.add(&self.file, buf, host, pos - offset, n)?;
+                    run.add(&self.file, self.direct.as_ref(), buf, host, pos - offset, n)?;
                 } else {
                     let mut cluster = self.read_cluster(kind)?;
                     cluster[within as usize..(within + n) as usize].copy_from_slice(part);
@@ -444,9 +455,68 @@ impl Qcow2Writer {
             }
             pos += n;
         }
-        run.flush(&self.file, buf)?;
+        run.flush(&self.file, self.direct.as_ref(), buf)?;
         self.data_written = true;
         Ok(())
+    }
+
+    /// Maps whole clusters `[offset, offset + len)` of the active layer for a write that the
+    /// caller makes itself, into the file, at the host offset returned: where they already
+    /// lie in one run that only the active layer uses, or in a new run allocated for them (the
+    /// clusters they replace are released). `None`, with nothing changed, when the range is
+    /// not whole clusters or cannot be one run: write it with [`Qcow2Writer::write_at`].
+    ///
+    /// The caller must have written the data before [`Qcow2Writer::commit`], and must not
+    /// read or write the range through the writer meanwhile.
+    pub fn place(&mut self, offset: u64, len: u64) -> Result<Option<u64>, ImageError> {
+        check_range(offset, len, self.size)?;
+        let cs = self.cluster_size();
+        let bits = self.header.cluster_bits;
+        if len == 0 || offset % cs != 0 || len % cs != 0 {
+            return Ok(None);
+        }
+        let (first, n) = (offset >> bits, len >> bits);
+        let mut kinds = Vec::with_capacity(n as usize);
+        let mut in_place = true;
+        for i in 0..n {
+            let kind = self.kind(first + i)?;
+            let own = match kind {
+                ClusterKind::Normal(h) => {
+                    self.refs.get(&self.file, h >> bits)? == 1
+                        && kinds.first().is_none_or(|&(k, _)| match k {
+                            ClusterKind::Normal(h0) => h0 + (i << bits) == h,
+                            _ => false,
+                        })
+                }
+                _ => false,
+            };
+            in_place &= own;
+            kinds.push((kind, own));
+        }
+        if in_place {
+            let ClusterKind::Normal(h) = kinds[0].0 else {
+                unreachable!("in place means normal clusters")
+            };
+            self.data_written = true;
+            return Ok(Some(h));
+        }
+        if kinds.iter().any(|&(_, own)| own) {
+            return Ok(None);
+        }
+        let (c, got) = self.refs.allocate(&self.file, n)?;
+        if got < n {
+            for i in 0..got {
+                self.refs.decrement(&self.file, c + i)?;
+            }
+            return Ok(None);
+        }
+        for (i, (kind, _)) in kinds.into_iter().enumerate() {
+            let host = (c + i as u64) << bits;
+            self.set_entry(first + i as u64, host | QCOW_OFLAG_COPIED)?;
+            self.release(kind)?;
+        }
+        self.data_written = true;
+        Ok(Some(c << bits))
     }
 
     /// Makes `[offset, offset + len)` of the active layer read as zeros: whole clusters are
@@ -788,6 +858,7 @@ impl Run {
     fn add(
         &mut self,
         file: &File,
+        direct: Option<&File>,
         buf: &[u8],
         at: u64,
         from: u64,
@@ -797,21 +868,30 @@ impl Run {
             self.len += len;
             return Ok(());
         }
-        self.flush(file, buf)?;
+        self.flush(file, direct, buf)?;
         *self = Run { at, from, len };
         Ok(())
     }
 
-    /// Writes what is gathered.
-    fn flush(&mut self, file: &File, buf: &[u8]) -> Result<(), ImageError> {
+    /// Writes what is gathered: around the page cache when it is aligned for `O_DIRECT`.
+    fn flush(&mut self, file: &File, direct: Option<&File>, buf: &[u8]) -> Result<(), ImageError> {
         if self.len > 0 {
             let part = &buf[self.from as usize..(self.from + self.len) as usize];
-            write_at(file, "data cluster", part, self.at)?;
+            let aligned = |v: u64| v % DIRECT_ALIGN == 0;
+            let fits = aligned(self.at) && aligned(self.len) && aligned(part.as_ptr() as u64);
+            match direct.filter(|_| fits) {
+                Some(d) => write_at(d, "data cluster", part, self.at)?,
+                None => write_at(file, "data cluster", part, self.at)?,
+            }
             self.len = 0;
         }
         Ok(())
     }
 }
+
+/// Alignment of offsets, lengths and buffers written with `O_DIRECT` (the largest logical
+/// block size of common devices).
+const DIRECT_ALIGN: u64 = 4096;
 
 /// Gives runs of freed clusters back to the filesystem.
 fn discard_runs(file: &File, clusters: &[u64], bits: u32) {
