@@ -69,8 +69,9 @@ rm -f ov.raw
 changed=$(cmp -l s1.raw s2.raw | wc -l || true)
 log "bytes that differ between s1 and s2: $changed"
 
-# s1 replica kept aside, restored before every incremental
+# s1 replicas (raw, and qcow2 keeping history) kept aside, restored before every incremental
 "$BD" send -q img.qcow2@s1 | "$BD" receive -q s1-replica.raw
+"$BD" send -q img.qcow2@s1 | "$BD" receive -q s1-replica.qcow2
 
 # ---------------------------------------------------------------- btrfs (optional)
 BTRFS="skipped"
@@ -127,6 +128,33 @@ if "identity" in d:
     os.replace(st + ".tmp", st)
 PY
 }
+restore_s1_qcow2() { # the same for the qcow2 replica: its identity is the file (dev, inode)
+  rm -f rep.qcow2 rep.qcow2.blkdelta rep.qcow2.blkdelta.hashes rep.qcow2.blkdelta.hashes.pieces rep.qcow2.blkdelta.lock
+  cp --sparse=always s1-replica.qcow2 rep.qcow2; cp s1-replica.qcow2.blkdelta rep.qcow2.blkdelta
+  [ ! -f s1-replica.qcow2.blkdelta.hashes ] || cp s1-replica.qcow2.blkdelta.hashes rep.qcow2.blkdelta.hashes
+  [ ! -f s1-replica.qcow2.blkdelta.hashes.pieces ] || cp s1-replica.qcow2.blkdelta.hashes.pieces rep.qcow2.blkdelta.hashes.pieces
+  python3 - rep.qcow2 <<'PY'
+import json, os, sys
+rep = sys.argv[1]; st = rep + ".blkdelta"
+s = os.stat(rep)
+d = json.load(open(st))
+d["identity"] = {"kind": "image", "dev": s.st_dev, "ino": s.st_ino}
+with open(st + ".tmp", "w") as f:
+    json.dump(d, f, indent=2); f.write("\n")
+os.replace(st + ".tmp", st)
+PY
+}
+bd_incr_qcow2() {
+  restore_s1_qcow2
+  drop; local t0; t0=$(now)
+  T t.s "$BD" send -q img.qcow2@s1..s2 | T t.r "$BD" receive -q rep.qcow2
+  rec incrq "$(secs "$t0")" sec; rec incrq "$(rss t.s)" rss_send; rec incrq "$(rss t.r)" rss_recv
+}
+bd_seed_qcow2() {
+  rm -f new.qcow2 new.qcow2.blkdelta new.qcow2.blkdelta.hashes new.qcow2.blkdelta.hashes.pieces new.qcow2.blkdelta.lock; drop; local t0; t0=$(now)
+  T t.s "$BD" send -q img.qcow2@s2 | T t.r "$BD" receive -q new.qcow2
+  rec seedq "$(secs "$t0")" sec; rec seedq "$(rss t.s)" rss_send; rec seedq "$(rss t.r)" rss_recv
+}
 bd_incr() { # NAME LEVEL
   restore_s1
   drop; local t0; t0=$(now)
@@ -175,13 +203,18 @@ do_btrfs() {
 SEED_MIB=$(( $(du -B1 s2.raw | cut -f1) / 1048576 ))   # the data a seed reads and writes
 for ((i = 1; i <= RUNS; i++)); do
   log "round $i/$RUNS"
-  bd_incr incr0 0; qi_convert_B; bd_incr incr3 3; bd_seed; qi_convert; qi_convert_sync; disk_floor
+  bd_incr incr0 0; qi_convert_B; bd_incr incr3 3; bd_incr_qcow2; bd_seed; bd_seed_qcow2; qi_convert; qi_convert_sync; disk_floor
   [ "$HAVE_RSYNC" = yes ] && do_rsync
   [ "$BTRFS" = yes ] && do_btrfs
 done
 
 # correctness of what was measured
 cmp rep.raw s2.raw && cmp new.raw s2.raw && cmp conv.raw s2.raw || { echo "bench: a replica differs from s2" >&2; exit 1; }
+for q in rep.qcow2 new.qcow2; do
+  qemu-img convert -O raw "$q" q.raw && cmp q.raw s2.raw || { echo "bench: $q differs from s2" >&2; exit 1; }
+  qemu-img check -q "$q" || { echo "bench: qemu-img check $q failed" >&2; exit 1; }
+done
+rm -f q.raw
 qemu-img convert -O raw -f qcow2 delta.qcow2 d.raw 2>/dev/null && { cmp d.raw s2.raw || echo "!! convert -B output does not read back as s2" >&2; rm -f d.raw; }
 
 # bytes moved
@@ -201,9 +234,10 @@ yn() { [ "$1" = n/a ] && echo n/a || awk -v r="$1" -v g="$2" -v d="$3" 'BEGIN{pr
 
 s0=$(med incr0 sec); s3=$(med incr3 sec); ss=$(med seed sec); sc=$(med convert sec); sB=$(med convertB sec)
 scs=$(med convsync sec); sf=$(med floor sec)
-sr=$(med rsync sec); sb=$(med btrfs sec)
+sr=$(med rsync sec); sb=$(med btrfs sec); sq=$(med seedq sec); s3q=$(med incrq sec)
+r_seedq=$(ratio "$sq" "$ss"); r_incrq=$(ratio "$s3q" "$s3")
 r_rs=$(ratio "$sr" "$s3"); r_B0=$(ratio "$s0" "$sB"); r_B3=$(ratio "$s3" "$sB"); r_seed=$(ratio "$ss" "$sc"); r_seeds=$(ratio "$ss" "$scs"); r_floor=$(ratio "$ss" "$sf")
-maxrss=$(sort -n "$R"/incr*.rss_* "$R"/seed.rss_* | tail -1)
+maxrss=$(sort -n "$R"/incr*.rss_* "$R"/seed*.rss_* | tail -1)
 
 echo
 echo "blkdelta bench: size $SIZE_H, $RUNS round(s), changes $PCT% ($nops qemu-io commands, $changed bytes differ), caches dropped before each op: $DROP"
@@ -216,6 +250,8 @@ row() { printf '| %-52s | %9s | %14s | %18s |\n' "$1" "$2" "$3" "$4"; }
 row "blkdelta send -l 0 img@s1..s2 | receive" "$s0" "$(mib "$B_incr0")" "$(peak incr0)"
 row "blkdelta send img@s1..s2 | receive (level 3)" "$s3" "$(mib "$B_incr3")" "$(peak incr3)"
 row "blkdelta send img@s2 | receive (seed)" "$ss" "$(mib "$B_seed")" "$(peak seed)"
+row "blkdelta send img@s1..s2 | receive rep.qcow2 (history)" "$s3q" "$(mib "$B_incr3")" "$(peak incrq)"
+row "blkdelta send img@s2 | receive new.qcow2 (history seed)" "$sq" "$(mib "$B_seed")" "$(peak seedq)"
 row "qemu-img convert -l snapshot.name=s2 -O raw" "$sc" "$(mib "$B_conv") alloc" "$(peak convert)"
 row "qemu-img convert ... -O raw, then sync conv.raw" "$scs" "$(mib "$B_conv") alloc" "$(peak convsync)"
 row "disk floor: dd read + dd write of the seed's data" "$sf" "2 x $SEED_MIB MiB" "-"
@@ -230,6 +266,8 @@ g "rsync time / incremental (level 3) time" "$r_rs" ">= 20" "$(yn "$r_rs" 20 ge)
 g "incremental -l 0 time / convert -B time" "$r_B0" "<= 1.5" "$(yn "$r_B0" 1.5 le)"
 g "incremental level 3 time / convert -B time" "$r_B3" "<= 3" "$(yn "$r_B3" 3 le)"
 g "seed time / qemu-img convert -O raw time" "$r_seed" "<= 1" "$(yn "$r_seed" 1 le)"
+g "qcow2 replica seed time / raw replica seed time" "$r_seedq" "<= 1.25" "$(yn "$r_seedq" 1.25 le)"
+g "qcow2 replica incremental time / raw incremental time" "$r_incrq" "<= 1.25" "$(yn "$r_incrq" 1.25 le)"
 g "seed time / (convert -O raw, then sync) time" "$r_seeds" "(info)" "-"
 g "seed time / disk floor time" "$r_floor" "(info)" "-"
 g "max peak RSS of blkdelta send/receive (MiB)" "$((maxrss/1024))" "< 256" "$([ $((maxrss/1024)) -lt 256 ] && echo yes || echo no)"

@@ -149,16 +149,17 @@ impl Target for Qcow2Target {
         info: Option<&SnapshotInfo>,
     ) -> Result<Option<[u8; 16]>, ReceiveError> {
         self.with("snapshot", 0, 0, |w| {
-            let snapshots = w.snapshots();
-            let meta = snapshot_meta(end, info, &snapshots);
-            // Reached before, by an apply killed before it recorded so: the image says it.
-            if let Some(i) = snapshots.iter().rposition(|s| s.name == meta.name) {
-                let s = &snapshots[i];
-                let same = info.is_some_and(|_| s.guid() == end.guid) || s.id == meta.id;
-                if same && w.size() == s.disk_size {
-                    return Ok(Some(s.guid()));
-                }
-            }
+            // The same state reached again (after a revert, or by an apply killed before its
+            // state said so): the new snapshot is what the active layer maps, the old goes.
+            let again: Vec<usize> = w
+                .snapshots()
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| info.is_some() && s.guid() == end.guid)
+                .map(|(i, _)| i)
+                .collect();
+            w.delete_snapshots(&again)?;
+            let meta = snapshot_meta(end, info, &w.snapshots());
             w.create_snapshot(&meta)?;
             let made = w.snapshots().pop().expect("just created");
             Ok(Some(made.guid()))
