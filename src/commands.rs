@@ -24,6 +24,7 @@ use blkdelta_send::SendError;
 use crate::cli::{ChecksumArgs, Command, ListArgs, ReceiveArgs, SendArgs, StatusArgs};
 use crate::{progress, UsageError};
 
+mod prune;
 mod replica;
 mod report;
 
@@ -70,6 +71,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Status(a) => print_out(|out| cmd_status(a, out)),
         Command::List(a) => print_out(|out| cmd_list(a, out)),
         Command::Verify(a) => replica::verify(a),
+        Command::Prune(a) => print_out(|out| prune::prune(&a, out)),
     }
 }
 
