@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 /// Incremental block-level replication of qcow2 images, raw images and block devices.
 #[derive(Debug, Parser)]
@@ -30,6 +30,8 @@ pub enum Command {
     List(ListArgs),
     /// Read a replica and compare every 1 MiB block with its kept block hashes.
     Verify(VerifyArgs),
+    /// Delete the internal snapshots of a qcow2 replica that no --keep rule keeps.
+    Prune(PruneArgs),
 }
 
 /// Progress and verbosity switches shared by the long-running commands.
@@ -226,6 +228,40 @@ pub struct VerifyArgs {
     /// Worker threads, 1 to 32 (default: the cores, at most 8).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
     pub threads: Option<u16>,
+}
+
+/// `blkdelta prune`: at least one --keep rule is required.
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("rules")
+        .required(true)
+        .multiple(true)
+        .args(["keep", "keep_daily", "keep_weekly"])
+))]
+pub struct PruneArgs {
+    /// The replica: a qcow2 image that keeps the snapshots it received.
+    pub target: PathBuf,
+    /// Where the replica's state lives (as for receive).
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<PathBuf>,
+    /// Keep the N newest snapshots (in creation order, the snapshot table's).
+    #[arg(long, value_name = "N")]
+    pub keep: Option<usize>,
+    /// Keep the newest snapshot of each of the D most recent days (UTC) that have one.
+    #[arg(long, value_name = "D")]
+    pub keep_daily: Option<usize>,
+    /// Keep the newest snapshot of each of the W most recent ISO weeks (UTC) that have one.
+    #[arg(long, value_name = "W")]
+    pub keep_weekly: Option<usize>,
+    /// Print what would be deleted and what stays; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Print only the summary line.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 /// `blkdelta dump`.

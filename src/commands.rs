@@ -25,6 +25,7 @@ use blkdelta_send::SendError;
 use crate::cli::{ChecksumArgs, Command, ListArgs, ReceiveArgs, SendArgs, StatusArgs};
 use crate::{progress, UsageError};
 
+mod prune;
 mod replica;
 mod report;
 
@@ -71,6 +72,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Status(a) => print_out(|out| cmd_status(a, out)),
         Command::List(a) => print_out(|out| cmd_list(a, out)),
         Command::Verify(a) => replica::verify(a),
+        Command::Prune(a) => print_out(|out| prune::prune(&a, out)),
     }
 }
 

@@ -24,6 +24,7 @@ pub mod history;
 pub mod identity;
 pub mod kept;
 pub mod plan;
+pub mod prune;
 pub mod state;
 pub mod target;
 pub mod undo;
@@ -146,6 +147,40 @@ pub enum ReceiveError {
     /// The apply failed part way for a reason of its own (a worker thread stopped).
     #[error("{0}")]
     Failed(String),
+    /// A prune's target is not a qcow2 image: a raw file or block device has no snapshots.
+    #[error("{} is not a qcow2 image: a raw file or block device has no snapshots to prune", .path.display())]
+    NotQcow2 {
+        /// The target.
+        path: PathBuf,
+    },
+    /// A prune found an apply in progress on the replica: it deletes nothing until the next
+    /// receive finishes or resumes that apply.
+    #[error("{}: the replica holds {what}: the next receive finishes or resumes it; nothing was pruned", .path.display())]
+    ApplyInProgress {
+        /// The replica.
+        path: PathBuf,
+        /// What the state says, as [`state::describe`] puts it.
+        what: String,
+    },
+    /// The replica's snapshot table changed between a prune's plan and its deletion (another
+    /// process wrote the image meanwhile): nothing was deleted.
+    #[error("{}: its snapshots changed while prune was planning; nothing was deleted: run it again", .path.display())]
+    SnapshotsChanged {
+        /// The replica.
+        path: PathBuf,
+    },
+    /// Reading a qcow2 replica, or writing it, failed or was refused (a corrupt image, or one
+    /// the qcow2 writer cannot keep consistent).
+    #[error("cannot {op} {}", .path.display())]
+    Qcow2 {
+        /// The replica.
+        path: PathBuf,
+        /// What was being done (read, write, delete snapshots of).
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: ImageError,
+    },
 }
 
 impl ReceiveError {

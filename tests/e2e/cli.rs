@@ -45,6 +45,10 @@ fn help_texts_are_as_documented() {
             &["receive", "--help"],
             include_str!("../golden/receive-help.txt"),
         ),
+        (
+            &["prune", "--help"],
+            include_str!("../golden/prune-help.txt"),
+        ),
     ] {
         let out = blkdelta_ok(args);
         assert_eq!(String::from_utf8(out.stdout).unwrap(), golden, "{args:?}");
