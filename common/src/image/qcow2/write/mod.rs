@@ -503,13 +503,7 @@ impl Qcow2Writer {
         if kinds.iter().any(|&(_, own)| own) {
             return Ok(None);
         }
-        let (c, got) = self.refs.allocate(&self.file, n)?;
-        if got < n {
-            for i in 0..got {
-                self.refs.decrement(&self.file, c + i)?;
-            }
-            return Ok(None);
-        }
+        let c = self.refs.allocate_run(&self.file, n)?;
         for (i, (kind, _)) in kinds.into_iter().enumerate() {
             let host = (c + i as u64) << bits;
             self.set_entry(first + i as u64, host | QCOW_OFLAG_COPIED)?;

@@ -376,3 +376,40 @@ fn deleting_snapshots_gives_space_back() {
     assert!(after < size + (2 << 20), "one copy and metadata: {after}");
     assert_clean(&path);
 }
+
+/// Whole clusters placed for the caller's own writes land where `place` says, in place where
+/// only the active layer uses them and in a new run otherwise; parts of clusters are refused.
+#[test]
+fn placed_runs_take_the_callers_writes() {
+    if !qemu_img() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let dir = Dir::new("place");
+    let path = dir.0.join("r.qcow2");
+    let size = 4 << 20;
+    let mut w = Qcow2Writer::create(&path, size, 16).expect("create");
+    let mut model = vec![0u8; size as usize];
+    let mut put = |w: &mut Qcow2Writer, model: &mut [u8], off: u64, byte: u8| {
+        let data = vec![byte; 1 << 20];
+        let at = w.place(off, 1 << 20).expect("place").expect("one run");
+        w.file().write_all_at(&data, at).expect("write");
+        model[off as usize..(off as usize + data.len())].copy_from_slice(&data);
+        at
+    };
+    let first = put(&mut w, &mut model, 1 << 20, 1);
+    assert_eq!(put(&mut w, &mut model, 1 << 20, 2), first, "its own clusters: in place");
+    assert_eq!(w.place(100, 1 << 20).expect("place"), None, "not whole clusters");
+    w.create_snapshot(&meta(1, "a", size)).expect("snapshot");
+    let a = model.clone();
+    assert_ne!(
+        put(&mut w, &mut model, 1 << 20, 3),
+        first,
+        "shared with a snapshot: a new run"
+    );
+    w.commit().expect("commit");
+    drop(w);
+    assert_clean(&path);
+    assert!(export(&path, Some("a")) == a);
+    assert!(export(&path, None) == model);
+}
