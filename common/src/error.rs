@@ -7,7 +7,10 @@ pub mod qcow2;
 use std::io;
 use std::path::PathBuf;
 
-pub use qcow2::{BitmapProblem, DirectoryProblem, L2Problem, TableEntryProblem};
+pub use qcow2::{
+    BitmapProblem, ClusterUse, DirectoryProblem, L1Problem, L2Problem, RefcountTableProblem,
+    TableEntryProblem,
+};
 
 /// Errors reading a block image (raw file, block device or qcow2).
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +158,102 @@ pub enum ImageError {
         entry: u64,
         /// What is wrong with it.
         problem: L2Problem,
+    },
+    /// An L1 table entry is malformed.
+    #[error(
+        "qcow2 L1 table at offset {table_offset:#x}, entry {index} ({entry:#018x}): {problem}"
+    )]
+    L1Entry {
+        /// Offset of the L1 table in the file.
+        table_offset: u64,
+        /// Index of the entry in the table.
+        index: u64,
+        /// The entry.
+        entry: u64,
+        /// What is wrong with it.
+        problem: L1Problem,
+    },
+    /// A refcount table entry is malformed.
+    #[error(
+        "qcow2 refcount table at offset {table_offset:#x}, entry {index} ({entry:#018x}): \
+         {problem}"
+    )]
+    RefcountTableEntry {
+        /// Offset of the refcount table in the file.
+        table_offset: u64,
+        /// Index of the entry in the table.
+        index: u64,
+        /// The entry.
+        entry: u64,
+        /// What is wrong with it.
+        problem: RefcountTableProblem,
+    },
+    /// The image is marked corrupt (incompatible feature bit 1): QEMU refuses to write it.
+    #[error(
+        "qcow2 image is marked corrupt (incompatible feature bit 1): repair it with \
+         `qemu-img check -r all`, which clears the bit"
+    )]
+    MarkedCorrupt,
+    /// A cluster is referenced more often than its stored refcount says: freeing one
+    /// reference would free a cluster still in use.
+    #[error(
+        "qcow2 cluster {cluster} (offset {offset:#x}) has refcount {stored} but is referenced \
+         {computed} times"
+    )]
+    RefcountTooLow {
+        /// The cluster index (host offset >> cluster_bits).
+        cluster: u64,
+        /// Its host offset.
+        offset: u64,
+        /// The refcount stored in its refcount block.
+        stored: u64,
+        /// The references the metadata makes to it.
+        computed: u64,
+    },
+    /// A cluster is referenced more often than a refcount can count.
+    #[error(
+        "qcow2 cluster {cluster} (offset {offset:#x}) is referenced more than {max} times, \
+         the most {limit_of} allows"
+    )]
+    RefcountOverflow {
+        /// The cluster index.
+        cluster: u64,
+        /// Its host offset.
+        offset: u64,
+        /// The largest count.
+        max: u64,
+        /// What sets it: the image's refcount width or the check's counters.
+        limit_of: &'static str,
+    },
+    /// One host cluster is used by two structures that may not share it.
+    #[error(
+        "qcow2 cluster {cluster} (offset {offset:#x}) is used as {first} and as {second} \
+         (referenced at offset {referrer:#x})"
+    )]
+    ClusterOverlap {
+        /// The cluster index.
+        cluster: u64,
+        /// Its host offset.
+        offset: u64,
+        /// The use found first.
+        first: ClusterUse,
+        /// The use that collides with it.
+        second: ClusterUse,
+        /// File offset of the pointer (table entry or header field) that makes the second use.
+        referrer: u64,
+    },
+    /// The file has more clusters than a refcount check holds counters for.
+    #[error(
+        "qcow2 file of {file_len} bytes has {clusters} clusters, more than the {limit} a \
+         refcount check counts"
+    )]
+    TooManyClusters {
+        /// The file's length.
+        file_len: u64,
+        /// Its clusters.
+        clusters: u64,
+        /// The limit.
+        limit: u64,
     },
     /// A field of a snapshot table entry exceeds this reader's limits.
     #[error(

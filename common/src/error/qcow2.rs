@@ -1,8 +1,9 @@
 //! What is wrong with one qcow2 structure, for the [`ImageError`](super::ImageError) variant
-//! that names where it is: an L2 entry ([`L2Problem`]), the bitmap directory
-//! ([`DirectoryProblem`]), one bitmap ([`BitmapProblem`]) or one of its table entries
-//! ([`TableEntryProblem`]). Each carries the offending values; each message is a clause that
-//! follows the structure's name.
+//! that names where it is: an L1 entry ([`L1Problem`]), an L2 entry ([`L2Problem`]), a refcount
+//! table entry ([`RefcountTableProblem`]), the bitmap directory ([`DirectoryProblem`]), one
+//! bitmap ([`BitmapProblem`]) or one of its table entries ([`TableEntryProblem`]). Each carries
+//! the offending values; each message is a clause that follows the structure's name.
+//! [`ClusterUse`] names what a host cluster holds, for the refcount check's overlap errors.
 
 /// What is wrong with an L2 entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +25,164 @@ pub enum L2Problem {
         /// The cluster's kind ("unallocated", "zero", "normal", ...).
         kind: &'static str,
     },
+    /// Reserved bits of a standard cluster descriptor (1-8 and 56-61) are set.
+    #[error("reserved bits {bits:#018x} are set")]
+    ReservedBits {
+        /// The reserved bits that are set.
+        bits: u64,
+    },
+    /// A compressed cluster carries COPIED (bit 63), which is never valid for one.
+    #[error("a compressed cluster has the COPIED flag (bit 63)")]
+    CompressedCopied,
+    /// A compressed cluster has a non-zero extended L2 bitmap.
+    #[error("a compressed cluster has the non-zero subcluster bitmap {bitmap:#018x}")]
+    CompressedBitmap {
+        /// The subcluster bitmap word.
+        bitmap: u64,
+    },
+    /// The host range (a data cluster, or a compressed cluster's sectors) reaches a cluster
+    /// or more past the end of the file.
+    #[error(
+        "host range at {offset:#x} (+{len} bytes) lies past the end of the image ({file_len} \
+         bytes)"
+    )]
+    PastEnd {
+        /// Host offset of the range.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+    /// COPIED is set but the cluster's refcount is not 1: writing in place would change
+    /// another reference (a snapshot).
+    #[error(
+        "COPIED is set but the data cluster's refcount is {refcount}: a write in place would \
+         change what a snapshot holds"
+    )]
+    CopiedShared {
+        /// The cluster's refcount.
+        refcount: u64,
+    },
+}
+
+/// What is wrong with an L1 entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum L1Problem {
+    /// Reserved bits (0-8 and 56-62) are set.
+    #[error("reserved bits {bits:#018x} are set")]
+    ReservedBits {
+        /// The reserved bits that are set.
+        bits: u64,
+    },
+    /// The L2 table offset is not cluster-aligned.
+    #[error("L2 table offset {offset:#x} is not aligned to the cluster size {cluster_size}")]
+    UnalignedL2 {
+        /// The L2 table offset (bits 9-55).
+        offset: u64,
+        /// The cluster size.
+        cluster_size: u64,
+    },
+    /// The L2 table lies past the end of the file.
+    #[error("L2 table at {offset:#x} lies past the end of the image ({file_len} bytes)")]
+    L2PastEnd {
+        /// The L2 table offset.
+        offset: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+    /// COPIED is set but the L2 table's refcount is not 1: updating it in place would change
+    /// another reference (a snapshot).
+    #[error(
+        "COPIED is set but the L2 table's refcount is {refcount}: an update in place would \
+         change what a snapshot holds"
+    )]
+    CopiedShared {
+        /// The L2 table's refcount.
+        refcount: u64,
+    },
+}
+
+/// What is wrong with a refcount table entry (the offset of a refcount block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RefcountTableProblem {
+    /// Reserved bits (0-8) are set.
+    #[error("reserved bits {bits:#x} are set")]
+    ReservedBits {
+        /// The reserved bits that are set.
+        bits: u64,
+    },
+    /// The refcount block offset is not cluster-aligned.
+    #[error("refcount block offset {offset:#x} is not aligned to the cluster size {cluster_size}")]
+    Unaligned {
+        /// The refcount block offset.
+        offset: u64,
+        /// The cluster size.
+        cluster_size: u64,
+    },
+    /// The refcount block lies past the end of the file.
+    #[error("refcount block at {offset:#x} lies past the end of the image ({file_len} bytes)")]
+    PastEnd {
+        /// The refcount block offset.
+        offset: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+}
+
+/// What a host cluster is used for, as the refcount check finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClusterUse {
+    /// The header (cluster 0).
+    Header,
+    /// The active L1 table.
+    ActiveL1,
+    /// A snapshot's L1 table.
+    SnapshotL1,
+    /// An L2 table (of any L1 table).
+    L2Table,
+    /// A guest data cluster (normal or preallocated zero).
+    Data,
+    /// Part of a compressed cluster's sectors.
+    Compressed,
+    /// The refcount table.
+    RefcountTable,
+    /// A refcount block.
+    RefcountBlock,
+    /// The snapshot table.
+    SnapshotTable,
+    /// The bitmap directory.
+    BitmapDirectory,
+    /// A bitmap table.
+    BitmapTable,
+    /// A bitmap data cluster.
+    BitmapData,
+}
+
+impl ClusterUse {
+    /// The use's name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClusterUse::Header => "the header",
+            ClusterUse::ActiveL1 => "the active L1 table",
+            ClusterUse::SnapshotL1 => "a snapshot L1 table",
+            ClusterUse::L2Table => "an L2 table",
+            ClusterUse::Data => "a data cluster",
+            ClusterUse::Compressed => "a compressed cluster",
+            ClusterUse::RefcountTable => "the refcount table",
+            ClusterUse::RefcountBlock => "a refcount block",
+            ClusterUse::SnapshotTable => "the snapshot table",
+            ClusterUse::BitmapDirectory => "the bitmap directory",
+            ClusterUse::BitmapTable => "a bitmap table",
+            ClusterUse::BitmapData => "a bitmap data cluster",
+        }
+    }
+}
+
+impl std::fmt::Display for ClusterUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// What is wrong with the bitmap directory or the bitmaps extension that names it.

@@ -26,6 +26,7 @@
 
 mod bitmap;
 mod bytes;
+pub mod check;
 mod counters;
 mod decompress;
 pub mod extension;
