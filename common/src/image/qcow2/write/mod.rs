@@ -172,7 +172,38 @@ impl Qcow2Writer {
             file,
         };
         w.clear_autoclear()?;
+        w.repair(file_len)?;
         Ok(w)
+    }
+
+    /// Checks the refcounts against every table of the image, as `qemu-img check` does, and
+    /// refuses an image whose refcounts are too low or whose structures overlap (writing into
+    /// it would destroy data). Leaked clusters (refcounts higher than their uses, as a crash
+    /// of QEMU leaves them) and COPIED flags missing where a cluster is the active layer's
+    /// alone are repaired, in one commit.
+    fn repair(&mut self, file_len: u64) -> Result<(), ImageError> {
+        let snapshots = super::snapshot::read_table(&self.file, file_len, &self.header)?;
+        let report = super::check::check(&self.file, file_len, &self.header, &snapshots)?;
+        let mut changed = false;
+        for leak in report.leaks() {
+            self.refs
+                .repair_leak(&self.file, leak.cluster, leak.computed)?;
+            changed = true;
+        }
+        if report.copied_mismatches_total > 0 {
+            // Every active table is written again, with flags from the refcounts.
+            for index in 0..self.l1.len() as u64 {
+                if self.l1[index as usize] & L1E_OFFSET_MASK != 0 {
+                    self.table(index)?.dirty = true;
+                }
+            }
+            self.l1_changed = true;
+            changed = true;
+        }
+        if changed {
+            self.commit()?;
+        }
+        Ok(())
     }
 
     /// The image's path.
@@ -603,7 +634,8 @@ impl Qcow2Writer {
         for index in dirty {
             self.place_table(index)?;
         }
-        let metadata = self.l1_changed || self.snapshots_changed || self.size_changed;
+        let metadata =
+            self.l1_changed || self.snapshots_changed || self.size_changed || self.refs.changed();
         if !metadata {
             if self.data_written {
                 sync(&self.file)?;

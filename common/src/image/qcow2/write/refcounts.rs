@@ -172,6 +172,21 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Lowers the refcount of a leaked cluster `c` to its real uses `uses` (a crash of
+    /// another writer left it higher); one no longer used becomes free after the commit.
+    pub(crate) fn repair_leak(&mut self, file: &File, c: u64, uses: u64) -> Result<(), ImageError> {
+        self.set(file, c, uses)?;
+        if uses == 0 {
+            self.busy.insert(c);
+        }
+        Ok(())
+    }
+
+    /// Whether any refcount changed since the last commit.
+    pub(crate) fn changed(&self) -> bool {
+        self.blocks.values().any(|b| b.dirty)
+    }
+
     /// Whether cluster `c` was allocated since the last commit (nothing durable refers to it,
     /// so it may be written in place).
     pub(crate) fn is_fresh(&self, c: u64) -> bool {

@@ -398,8 +398,16 @@ fn placed_runs_take_the_callers_writes() {
         at
     };
     let first = put(&mut w, &mut model, 1 << 20, 1);
-    assert_eq!(put(&mut w, &mut model, 1 << 20, 2), first, "its own clusters: in place");
-    assert_eq!(w.place(100, 1 << 20).expect("place"), None, "not whole clusters");
+    assert_eq!(
+        put(&mut w, &mut model, 1 << 20, 2),
+        first,
+        "its own clusters: in place"
+    );
+    assert_eq!(
+        w.place(100, 1 << 20).expect("place"),
+        None,
+        "not whole clusters"
+    );
     w.create_snapshot(&meta(1, "a", size)).expect("snapshot");
     let a = model.clone();
     assert_ne!(
@@ -412,4 +420,63 @@ fn placed_runs_take_the_callers_writes() {
     assert_clean(&path);
     assert!(export(&path, Some("a")) == a);
     assert!(export(&path, None) == model);
+}
+
+/// Patches the big-endian u16 refcount of `cluster` in the image's first refcount block.
+fn patch_refcount(path: &Path, cluster: u64, value: u16) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut h = [0u8; 64];
+    f.read_exact_at(&mut h, 0).unwrap();
+    let reft = u64::from_be_bytes(h[48..56].try_into().unwrap());
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, reft).unwrap();
+    let block = u64::from_be_bytes(e) & !0x1ff;
+    f.write_all_at(&value.to_be_bytes(), block + 2 * cluster)
+        .unwrap();
+}
+
+/// A leaked cluster (refcount above its uses, as a crash of QEMU leaves it) is repaired when
+/// the writer opens the image; a refcount below its uses is refused before any write.
+#[test]
+fn leaks_are_repaired_and_low_refcounts_refused() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = Dir::new("repair");
+    let path = dir.0.join("r.qcow2");
+    let mut w = Qcow2Writer::create(&path, 4 << 20, 16).expect("create");
+    w.write_at(&[7u8; 65536], 0).expect("write");
+    w.create_snapshot(&meta(1, "a", 4 << 20)).expect("snapshot");
+    drop(w);
+    // The header cluster used twice: a leak.
+    patch_refcount(&path, 0, 2);
+    let out = Command::new("qemu-img")
+        .arg("check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "qemu-img check sees the leak");
+    drop(Qcow2Writer::open(&path).expect("open repairs"));
+    assert_clean(&path);
+    // The data cluster of guest cluster 0 counted once where two layers use it.
+    let image = Qcow2Image::open(&path).unwrap();
+    let map = run(Command::new("qemu-img")
+        .args(["map", "--output=json"])
+        .arg(&path));
+    drop(image);
+    let text = String::from_utf8_lossy(&map.stdout).to_string();
+    let at = text.find("\"offset\": ").map(|i| &text[i + 10..]).unwrap();
+    let host: u64 = at[..at.find(|c: char| !c.is_ascii_digit()).unwrap()]
+        .parse()
+        .unwrap();
+    patch_refcount(&path, host >> 16, 1);
+    let before = std::fs::read(&path).unwrap();
+    let err = Qcow2Writer::open(&path).expect_err("refused").to_string();
+    assert!(err.contains("refcount"), "{err}");
+    assert!(std::fs::read(&path).unwrap() == before, "nothing written");
 }
