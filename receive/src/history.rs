@@ -64,7 +64,8 @@ pub struct Held {
 /// Reads what the qcow2 image at `path` holds (taking QEMU's reader locks as `options` say:
 /// an image a VM writes is refused).
 pub fn held(path: &Path, options: &OpenOptions) -> Result<Held, ReceiveError> {
-    let err = |source| ReceiveError::Replica {
+    let err = |source| ReceiveError::Qcow2 {
+        op: "read",
         path: path.to_path_buf(),
         source,
     };

@@ -135,15 +135,6 @@ pub enum ReceiveError {
         /// `--rewind`, `--repair`), if any.
         switch: Option<&'static str>,
     },
-    /// A qcow2 replica cannot be read, opened or created as one.
-    #[error("qcow2 replica {}", .path.display())]
-    Replica {
-        /// The replica path.
-        path: PathBuf,
-        /// What is wrong with it.
-        #[source]
-        source: ImageError,
-    },
     /// The apply failed part way for a reason of its own (a worker thread stopped).
     #[error("{0}")]
     Failed(String),

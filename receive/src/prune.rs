@@ -14,9 +14,8 @@
 //! ```
 //!
 //! Nothing is deleted while the replica's state records an apply in progress: the next receive
-//! finishes or resumes it first. Deleting changes the file (its size and time), so a replica
-//! that was as blkdelta left it has its recorded identity renewed under its lock; one that
-//! had changed behind blkdelta's back stays marked changed.
+//! finishes or resumes it first. A qcow2 replica's identity is its file (device and inode), so
+//! deleting snapshots leaves its state standing for it.
 //!
 //! ```
 //! use blkdelta_common::image::qcow2::Snapshot;
@@ -42,9 +41,8 @@ use blkdelta_common::image::qcow2::{Qcow2Image, Qcow2Writer, Snapshot};
 use blkdelta_common::image::{probe_format, Format};
 use blkdelta_common::ImageError;
 
-use crate::identity::Identity;
 use crate::plan::TargetProbe;
-use crate::state::{self, default_state_path, Health, ReplicaState};
+use crate::state::{self, default_state_path};
 use crate::ReceiveError;
 
 #[cfg(test)]
@@ -199,10 +197,9 @@ pub fn prune(
     if dry_run || report.deleted.is_empty() {
         return Ok(report);
     }
+    // The replica stays the same file: its state (which names the file, not its times)
+    // still stands for it, and what it holds is what the image says.
     report.freed_bytes = delete(path, &report.snapshots, &report.deleted)?;
-    if let Some(st) = prior {
-        renew_identity(&state_path, st, &probe, path)?;
-    }
     Ok(report)
 }
 
@@ -258,26 +255,6 @@ fn allocated_bytes(path: &Path) -> Result<u64, ReceiveError> {
             path: path.to_path_buf(),
             source,
         })
-}
-
-/// Records the replica's identity after the prune changed the file, when it was as blkdelta
-/// left it before (a replica changed behind blkdelta's back stays marked so).
-fn renew_identity(
-    state_path: &Path,
-    mut st: ReplicaState,
-    before: &TargetProbe,
-    path: &Path,
-) -> Result<(), ReceiveError> {
-    if st.identity.is_none() || st.health(before.identity.as_ref()) != Health::Unchanged {
-        return Ok(());
-    }
-    st.identity =
-        Identity::of_path(path, before.size).map_err(|source| ReceiveError::OpenTarget {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    st.updated_unix = state::now_unix();
-    state::save(state_path, &st)
 }
 
 /// An image error of the replica at `path`: a lock conflict as [`ReceiveError::TargetLocked`],

@@ -6,7 +6,8 @@ use std::path::Path;
 use blkdelta_common::image::qcow2::{Qcow2Image, Qcow2Writer, Snapshot, SnapshotMeta};
 
 use super::*;
-use crate::state::{InProgress, StateSnap};
+use crate::identity::Identity;
+use crate::state::{Health, InProgress, ReplicaState, StateSnap};
 
 /// 2024-12-29 12:00 UTC, a Sunday: the last day of ISO week 2024-W52.
 const SUN_2024_W52: u32 = 1_735_473_600;
@@ -233,7 +234,7 @@ fn state_for(path: &Path, n: u32) -> ReplicaState {
             name: format!("s{}", n - 1),
             guid: "00".repeat(16),
         }),
-        identity: Identity::of_path(path, 0).unwrap(),
+        identity: Some(Identity::of_image(&std::fs::metadata(path).unwrap())),
         ..ReplicaState::new(8 << 20)
     }
 }
@@ -275,9 +276,8 @@ fn a_replica_as_blkdelta_left_it_stays_so() {
     let state_path = dir.path().join("elsewhere.state");
     state::save(&state_path, &state_for(&path, 4)).unwrap();
     prune(&path, Some(&state_path), &keep(1), false).unwrap();
-    let st = state::load(&state_path).unwrap().unwrap();
-    let now = TargetProbe::of(&path).unwrap();
-    assert_eq!(st.health(now.identity.as_ref()), Health::Unchanged);
+    let (st, now) = crate::history::load_state(&path, &state_path).unwrap();
+    assert_eq!(st.unwrap().health(now.identity.as_ref()), Health::Unchanged);
 }
 
 #[test]

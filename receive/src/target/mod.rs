@@ -164,7 +164,8 @@ pub fn replica_format(
         };
     }
     let existing = match meta.filter(|m| m.len() > 0) {
-        Some(_) => Some(probe_format(path).map_err(|e| ReceiveError::Replica {
+        Some(_) => Some(probe_format(path).map_err(|e| ReceiveError::Qcow2 {
+            op: "read",
             path: path.to_path_buf(),
             source: e,
         })?),

@@ -35,7 +35,8 @@ impl Qcow2Target {
         };
         let writer = made.map_err(|e| match e {
             ImageError::InUse { .. } | ImageError::Lock { .. } => ReceiveError::TargetLocked(e),
-            e => ReceiveError::Replica {
+            e => ReceiveError::Qcow2 {
+                op: "open",
                 path: path.to_path_buf(),
                 source: e,
             },
