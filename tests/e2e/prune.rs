@@ -320,7 +320,7 @@ fn state_holding(img: &Path, held: &str) -> ReplicaState {
             name: held.into(),
             guid: "ab".repeat(16),
         }),
-        identity: Identity::of_path(img, 0).unwrap(),
+        identity: Some(Identity::of_image(&std::fs::metadata(img).unwrap())),
         ..ReplicaState::new(32 << 20)
     }
 }
