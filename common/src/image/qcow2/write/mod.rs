@@ -655,11 +655,14 @@ impl Qcow2Writer {
                 };
             }
             let mut raw: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-            let clusters = (raw.len() as u64).div_ceil(cs).max(1);
+            // An empty table takes no cluster (QEMU counts none for it).
+            let clusters = (raw.len() as u64).div_ceil(cs);
             raw.resize((clusters * cs) as usize, 0);
             let old = self.l1_place;
             let at = self.relocate(old, clusters)?;
-            write_at(&self.file, "L1 table", &raw, at)?;
+            if clusters > 0 {
+                write_at(&self.file, "L1 table", &raw, at)?;
+            }
             self.l1_place = Place {
                 offset: at,
                 clusters,
@@ -723,13 +726,20 @@ impl Qcow2Writer {
     /// loses its use).
     fn relocate(&mut self, old: Place, clusters: u64) -> Result<u64, ImageError> {
         let bits = self.header.cluster_bits;
-        if old.offset != 0 && old.clusters >= clusters && self.refs.is_fresh(old.offset >> bits) {
+        if clusters > 0
+            && old.offset != 0
+            && old.clusters >= clusters
+            && self.refs.is_fresh(old.offset >> bits)
+        {
             return Ok(old.offset);
         }
         if old.offset != 0 {
             for i in 0..old.clusters {
                 self.refs.decrement(&self.file, (old.offset >> bits) + i)?;
             }
+        }
+        if clusters == 0 {
+            return Ok(0);
         }
         Ok(self.refs.allocate_run(&self.file, clusters)? << bits)
     }
@@ -756,10 +766,15 @@ impl Qcow2Writer {
             .iter()
             .flat_map(|e| (e & !QCOW_OFLAG_COPIED).to_be_bytes())
             .collect();
-        let clusters = (raw.len() as u64).div_ceil(cs).max(1);
+        let clusters = (raw.len() as u64).div_ceil(cs);
         raw.resize((clusters * cs) as usize, 0);
-        let at = self.refs.allocate_run(&self.file, clusters)? << bits;
-        write_at(&self.file, "snapshot L1 table", &raw, at)?;
+        let at = match clusters {
+            0 => 0,
+            n => self.refs.allocate_run(&self.file, n)? << bits,
+        };
+        if clusters > 0 {
+            write_at(&self.file, "snapshot L1 table", &raw, at)?;
+        }
         // The snapshot uses every table and cluster the active layer maps; the active layer
         // moves to copies of its tables, whose COPIED flags say the clusters are shared.
         for index in 0..self.l1.len() as u64 {
@@ -840,7 +855,7 @@ impl Qcow2Writer {
                 }
                 self.refs.decrement(&self.file, table >> bits)?;
             }
-            for c in 0..(l1_size * 8).div_ceil(cs).max(1) {
+            for c in 0..(l1_size * 8).div_ceil(cs) {
                 self.refs.decrement(&self.file, (l1_at >> bits) + c)?;
             }
         }

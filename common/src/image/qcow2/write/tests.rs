@@ -480,3 +480,23 @@ fn leaks_are_repaired_and_low_refcounts_refused() {
     assert!(err.contains("refcount"), "{err}");
     assert!(std::fs::read(&path).unwrap() == before, "nothing written");
 }
+
+/// A disk of no bytes has no L1 table, in the active layer or a snapshot, and grows from there.
+#[test]
+fn an_empty_disk_takes_no_table() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = Dir::new("empty");
+    let path = dir.0.join("r.qcow2");
+    let mut w = Qcow2Writer::create(&path, 0, 16).expect("create");
+    w.create_snapshot(&meta(1, "nothing", 0)).expect("snapshot");
+    w = closed(w, assert_clean);
+    w.set_size(1 << 20).expect("grow");
+    w.write_at(&[9u8; 4096], 0).expect("write");
+    w.create_snapshot(&meta(2, "some", 1 << 20))
+        .expect("snapshot");
+    w.delete_snapshots(&[0]).expect("delete");
+    drop(w);
+    assert_clean(&path);
+}
