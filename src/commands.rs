@@ -376,7 +376,11 @@ fn cmd_status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {
         );
     };
     let health = st.health(probe.identity.as_ref());
-    report::status(&a, &st, &health, &path, out)?;
+    let history = match health {
+        Health::Missing => Vec::new(),
+        _ => blkdelta_receive::history::snapshots(&a.target, Some(&st))?,
+    };
+    report::status(&a, &st, &health, &history, &path, out)?;
     match health {
         Health::Unchanged => Ok(()),
         Health::Missing => bail!(

@@ -82,6 +82,57 @@ pub fn held(path: &Path, options: &OpenOptions) -> Result<Held, ReceiveError> {
     })
 }
 
+/// One snapshot of a qcow2 replica, and the stream state it holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReplicaSnapshot {
+    /// The snapshot's id in the image.
+    pub id: String,
+    /// Its name in the image.
+    pub name: String,
+    /// Its date, seconds since the epoch.
+    pub date_sec: u32,
+    /// The state it holds: the name and GUID streams use for it.
+    pub state: StateSnap,
+}
+
+/// The snapshots of the qcow2 replica at `path`, oldest first, each with the state it holds
+/// (its own GUID, or the one `st`'s aliases give it); empty for a replica that is no qcow2
+/// image.
+pub fn snapshots(
+    path: &Path,
+    st: Option<&ReplicaState>,
+) -> Result<Vec<ReplicaSnapshot>, ReceiveError> {
+    let is_file = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+    if !is_file || replica_format(path, None)? != ReplicaFormat::Qcow2 {
+        return Ok(Vec::new());
+    }
+    let image = Qcow2Image::open(path).map_err(|source| ReceiveError::Qcow2 {
+        op: "read",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(image
+        .snapshots()
+        .iter()
+        .map(|s| {
+            let guid = to_hex(&s.guid());
+            let state = match st {
+                Some(st) => st.state_of_snapshot(&guid, &s.name),
+                None => StateSnap {
+                    name: s.name.clone(),
+                    guid,
+                },
+            };
+            ReplicaSnapshot {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                date_sec: s.date_sec,
+                state,
+            }
+        })
+        .collect())
+}
+
 /// Brings the state `st` of the qcow2 replica at `path` (`identity`: what the path is now) in
 /// line with what the image holds. A replica without a state that holds a snapshot gets one:
 /// the image says what it is.

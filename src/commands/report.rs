@@ -8,6 +8,7 @@ use blkdelta_common::digest::to_hex;
 use blkdelta_common::image::qcow2::Qcow2Image;
 use blkdelta_common::stream::{Compression, Record, SnapRef, StreamHeader};
 use blkdelta_receive::apply::ReceiveSummary;
+use blkdelta_receive::history::ReplicaSnapshot;
 use blkdelta_receive::state::{Health, ReplicaState};
 use blkdelta_send::pipeline::plan_transitions;
 use blkdelta_send::ChangeSource;
@@ -131,6 +132,7 @@ pub fn status(
     a: &StatusArgs,
     st: &ReplicaState,
     health: &Health,
+    history: &[ReplicaSnapshot],
     path: &Path,
     out: &mut dyn Write,
 ) -> Result<()> {
@@ -142,6 +144,9 @@ pub fn status(
     if a.json {
         let mut v = serde_json::to_value(st)?;
         v["replica"] = json!(replica);
+        if !history.is_empty() {
+            v["snapshots"] = serde_json::to_value(history)?;
+        }
         v["resume_token"] = json!(st
             .in_progress
             .as_ref()
@@ -154,6 +159,15 @@ pub fn status(
     writeln!(out, "state file:   {}", path.display())?;
     writeln!(out, "source:       {} {}", st.source_kind, st.source_name)?;
     writeln!(out, "virtual size: {}", st.virtual_size)?;
+    if !history.is_empty() {
+        let names: Vec<&str> = history.iter().map(|s| s.name.as_str()).collect();
+        writeln!(
+            out,
+            "history:      {} snapshot(s), oldest first: {}",
+            history.len(),
+            names.join(", ")
+        )?;
+    }
     if *health != Health::Unchanged {
         let last = st
             .snapshot
