@@ -259,7 +259,7 @@ pub struct PruneArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// Print only the summary line.
+    /// Print nothing (errors still go to stderr).
     #[arg(short, long)]
     pub quiet: bool,
 }

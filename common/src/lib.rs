@@ -22,6 +22,7 @@ pub mod hex;
 pub mod image;
 pub mod limits;
 pub mod progress;
+pub mod qmp;
 pub mod stream;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

@@ -23,10 +23,11 @@ pub fn prune(a: &PruneArgs, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "{}", report_json(&report))?;
         return Ok(());
     }
+    // Quiet, as for schedulers: nothing unless something fails.
     if !a.quiet {
         write_lines(&report, out)?;
+        writeln!(out, "{}", summary(&report))?;
     }
-    writeln!(out, "{}", summary(&report))?;
     Ok(())
 }
 
