@@ -36,4 +36,7 @@ pub enum SendError {
     /// The source is named wrongly on the command line (a usage error).
     #[error("{0}")]
     Usage(String),
+    /// The point-in-time view of a running QEMU's disk could not be taken or torn down.
+    #[error("{0}")]
+    Live(String),
 }

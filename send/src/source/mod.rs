@@ -7,6 +7,7 @@ pub mod changemap;
 mod compare;
 mod full;
 pub mod identity;
+pub mod live;
 mod qcow2_snapshots;
 mod resume;
 mod util;
