@@ -10,6 +10,7 @@ mod common;
 mod blockdev;
 mod cli;
 mod faults;
+mod history;
 mod locks;
 mod qcow2;
 mod replica_safety;
