@@ -10,6 +10,7 @@ mod common;
 mod blockdev;
 mod cli;
 mod faults;
+mod history;
 mod locks;
 mod prune;
 mod qcow2;
