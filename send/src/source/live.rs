@@ -152,7 +152,7 @@ impl Checkpoint {
             )));
         }
         // The oldest bitmap has recorded the most (the newer ones started later).
-        old.sort_by(|a, b| b.count.cmp(&a.count));
+        old.sort_by_key(|b| std::cmp::Reverse(b.count));
         let from = if opts.full || old.is_empty() {
             None
         } else {
