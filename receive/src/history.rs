@@ -55,8 +55,9 @@ pub fn load_state(
 pub struct Held {
     /// Virtual size of the active layer.
     pub virtual_size: u64,
-    /// The snapshot the active layer is (name, its own GUID in hex), if any.
-    pub snapshot: Option<(String, String)>,
+    /// The snapshots the active layer is (name, their own GUID in hex), newest first: none,
+    /// one, or several when QEMU took a snapshot of the replica as it was.
+    pub matches: Vec<(String, String)>,
     /// Names of every snapshot, oldest first.
     pub snapshots: Vec<String>,
 }
@@ -70,14 +71,15 @@ pub fn held(path: &Path, options: &OpenOptions) -> Result<Held, ReceiveError> {
         source,
     };
     let image = Qcow2Image::open_with(path, options).map_err(err)?;
-    let snapshot = image
-        .held_snapshot()
-        .map_err(err)?
-        .map(|i| &image.snapshots()[i])
-        .map(|s| (s.name.clone(), to_hex(&s.guid())));
+    let mut matches = Vec::new();
+    for (i, s) in image.snapshots().iter().enumerate().rev() {
+        if image.active_is_snapshot(i).map_err(err)? {
+            matches.push((s.name.clone(), to_hex(&s.guid())));
+        }
+    }
     Ok(Held {
         virtual_size: image.virtual_size(),
-        snapshot,
+        matches,
         snapshots: image.snapshots().iter().map(|s| s.name.clone()).collect(),
     })
 }
@@ -146,7 +148,7 @@ pub fn reconcile(
         _ => true,
     };
     let Some(mut st) = st else {
-        let (name, guid) = held.snapshot.clone()?;
+        let (name, guid) = held.matches.first().cloned()?;
         let mut st = ReplicaState::new(held.virtual_size);
         st.source_kind = "qcow2".into();
         st.source_name = name.clone();
@@ -159,10 +161,26 @@ pub fn reconcile(
         // Another file: the state's checks refuse it as it is.
         return Some(st);
     }
-    let holds = held
+    // Of the snapshots the active layer is, the one the state knows: the one it holds, else
+    // the newest it went through, else the newest.
+    let candidates: Vec<StateSnap> = held
+        .matches
+        .iter()
+        .map(|(name, guid)| st.state_of_snapshot(guid, name))
+        .collect();
+    let is = |c: &&StateSnap, g: &str| c.guid.eq_ignore_ascii_case(g);
+    let holds = st
         .snapshot
         .as_ref()
-        .map(|(name, guid)| st.state_of_snapshot(guid, name));
+        .and_then(|h| candidates.iter().find(|c| is(c, &h.guid)))
+        .or_else(|| {
+            st.history
+                .iter()
+                .rev()
+                .find_map(|g| candidates.iter().find(|c| is(c, g)))
+        })
+        .or(candidates.first())
+        .cloned();
     if let Some(p) = &st.in_progress {
         match &holds {
             Some(h) if h.guid.eq_ignore_ascii_case(&p.to.guid) => {}
@@ -177,6 +195,17 @@ pub fn reconcile(
         st.in_progress = None;
     }
     if let Some(h) = &holds {
+        // Reverted to a state it went through: what came after is no longer its past (a
+        // stream to those states again is no replay), as after `zfs rollback -r`.
+        if let Some(i) = st
+            .history
+            .iter()
+            .position(|g| g.eq_ignore_ascii_case(&h.guid))
+        {
+            if changed {
+                st.history.truncate(i + 1);
+            }
+        }
         st.remember(&h.guid);
     }
     if holds.is_none() {
@@ -197,7 +226,10 @@ mod tests {
     fn holds(snapshot: Option<(&str, &str)>) -> Held {
         Held {
             virtual_size: 1 << 20,
-            snapshot: snapshot.map(|(n, g)| (n.to_string(), g.to_string())),
+            matches: snapshot
+                .map(|(n, g)| (n.to_string(), g.to_string()))
+                .into_iter()
+                .collect(),
             snapshots: vec!["a".into(), "b".into()],
         }
     }

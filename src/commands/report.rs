@@ -9,7 +9,7 @@ use blkdelta_common::image::qcow2::Qcow2Image;
 use blkdelta_common::stream::{Compression, Record, SnapRef, StreamHeader};
 use blkdelta_receive::apply::ReceiveSummary;
 use blkdelta_receive::history::ReplicaSnapshot;
-use blkdelta_receive::state::{Health, ReplicaState};
+use blkdelta_receive::state::{self, Health, ReplicaState};
 use blkdelta_send::pipeline::plan_transitions;
 use blkdelta_send::ChangeSource;
 use serde_json::{json, Value};
@@ -144,6 +144,7 @@ pub fn status(
     if a.json {
         let mut v = serde_json::to_value(st)?;
         v["replica"] = json!(replica);
+        v["holds"] = json!(state::describe(st));
         if !history.is_empty() {
             v["snapshots"] = serde_json::to_value(history)?;
         }
@@ -224,7 +225,7 @@ pub fn status(
                 None => writeln!(out, "digest:       no block hashes kept")?,
             }
         }
-        (None, None) => writeln!(out, "state:        holds no snapshot")?,
+        (None, None) => writeln!(out, "state:        holds {}", state::describe(st))?,
     }
     Ok(())
 }

@@ -301,16 +301,20 @@ fn first_transition(
             _ => Ok(k),
         };
     }
+    // Whatever the stream goes to, its changes are from a base the replica does not hold:
+    // applying them anyway is a rebase (rewinding is what a full stream does).
     let older = ts.iter().find(|t| st.went_through(&t.to));
     let (why, switch, allowed) = match older {
         Some(t) => (
             format!(
-                "the stream goes to {}, which is older than what the replica holds ({})",
+                "the stream goes to {}, which is older than what the replica holds ({}), \
+                 from {}, which it does not hold",
                 named(&t.to),
-                describe(st)
+                describe(st),
+                named(from)
             ),
-            "--rewind",
-            overrides.rewind,
+            "--rebase",
+            overrides.rebase,
         ),
         None if st.in_progress.is_some() => (
             format!(

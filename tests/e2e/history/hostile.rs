@@ -14,7 +14,14 @@ use super::week::{Source, Untouched};
 use crate::common::{have, one_line_failure, pipe_args, run, state_of};
 
 /// Words of which an error naming the damage has one.
-const NAMES_THE_DAMAGE: [&str; 6] = ["corrupt", "refcount", "overlap", "metadata", "header", "is used as"];
+const NAMES_THE_DAMAGE: [&str; 6] = [
+    "corrupt",
+    "refcount",
+    "overlap",
+    "metadata",
+    "header",
+    "is used as",
+];
 
 /// A replica of mon..wed (holding wed), damaged by `damage` as `qemu-img check` sees it;
 /// then `send wed..fri` must be refused before any write.

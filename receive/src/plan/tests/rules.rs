@@ -176,9 +176,9 @@ fn an_incremental_applies_onto_its_base_only() {
         row("from another base", &a_b, Some(&holds_d), &unchanged(), none(), Refused(Some("--rebase"))),
         row("from another base, rewind is not rebase", &a_b, Some(&holds_d), &unchanged(), rewind(), Refused(Some("--rebase"))),
         row("from another base, rebased", &a_b, Some(&holds_d), &unchanged(), rebase(), From(0)),
-        row("older than what it holds", &a_b, Some(&holds_c), &unchanged(), none(), Refused(Some("--rewind"))),
-        row("older, rebase is not rewind", &a_b, Some(&holds_c), &unchanged(), rebase(), Refused(Some("--rewind"))),
-        row("older, rewound", &a_b, Some(&holds_c), &unchanged(), rewind(), From(0)),
+        row("older than what it holds", &a_b, Some(&holds_c), &unchanged(), none(), Refused(Some("--rebase"))),
+        row("older, rewind is not rebase", &a_b, Some(&holds_c), &unchanged(), rewind(), Refused(Some("--rebase"))),
+        row("older, rebased", &a_b, Some(&holds_c), &unchanged(), rebase(), From(0)),
         row("a later transition from the held one", &header(vec![inc(&b, &a), inc(&a, &d)]), Some(&holds_a), &unchanged(), none(), From(1)),
     ]);
 }
