@@ -200,6 +200,20 @@ fn cmd_send(a: SendArgs) -> Result<()> {
 }
 
 fn cmd_receive(a: ReceiveArgs) -> Result<()> {
+    if a.cluster_size.is_some() {
+        if a.format == Some(crate::cli::FormatArg::Raw) {
+            return Err(UsageError(
+                "--cluster-size is for a qcow2 replica, not with --format raw".into(),
+            )
+            .into());
+        }
+        if a.target.exists() {
+            eprintln!(
+                "note: --cluster-size is for a new qcow2 replica; {} exists and keeps its clusters",
+                a.target.display()
+            );
+        }
+    }
     let input: Box<dyn Read + Send> = match &a.input {
         Some(p) => Box::new(File::open(p).with_context(|| format!("cannot open {}", p.display()))?),
         None if io::stdin().is_terminal() => {

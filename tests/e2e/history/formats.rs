@@ -120,3 +120,31 @@ fn dry_run_onto_a_qcow2_replica_writes_nothing() {
     );
     assert!(status_text(&r, &[]).contains("holds snapshot 'mon'"));
 }
+
+#[test]
+fn cluster_size_is_for_a_new_qcow2_replica() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let src = Source::week(1);
+    let raw = src.s.path("disk.raw");
+    let out = pipe_args(
+        &[&src.spec("mon")],
+        &raw,
+        &["--format", "raw", "--cluster-size", "4K"],
+    );
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(!raw.exists(), "nothing made");
+    let r = src.s.path("r.qcow2");
+    pipe_args_ok(&[&src.spec("mon")], &r, &["--cluster-size", "4K"]);
+    let out = pipe_args(&[&src.spec("mon..wed")], &r, &["--cluster-size", "64K"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keeps its clusters"), "{err}");
+    let info = std::process::Command::new("qemu-img")
+        .arg("info")
+        .arg(&r)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("cluster_size: 4096"));
+}
