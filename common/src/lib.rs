@@ -26,5 +26,6 @@ pub mod qmp;
 pub mod stream;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod time;
 
 pub use error::{ImageError, StreamError};

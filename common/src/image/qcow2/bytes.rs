@@ -1,7 +1,11 @@
-//! Big-endian field readers and the cluster-table placement check, shared by every parser of
-//! the qcow2 reader (header, extensions, snapshot table, L1/L2 tables, bitmaps). A leaf module:
-//! it imports nothing from its siblings, so none of them import each other for these.
+//! Big-endian field readers, the cluster-table placement check and bounded reads, shared by
+//! every parser of the qcow2 reader (header, extensions, snapshot table, L1/L2 tables, bitmaps)
+//! and by the writer. A leaf module: it imports nothing from its siblings, so none of them
+//! import each other for these.
 
+use std::fs::File;
+
+use crate::image::raw::pread_exact;
 use crate::ImageError;
 
 /// The big-endian `u16` at `b[at..at + 2]`.
@@ -43,4 +47,25 @@ pub(crate) fn check_table(
             file_len,
         }),
     }
+}
+
+/// Reads `len` bytes at `offset`, refusing anything past the end of the file.
+pub(crate) fn read_checked(
+    file: &File,
+    file_len: u64,
+    what: &'static str,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, ImageError> {
+    if offset.checked_add(len).is_none_or(|end| end > file_len) {
+        return Err(ImageError::PastEnd {
+            what,
+            offset,
+            len,
+            file_len,
+        });
+    }
+    let mut buf = vec![0u8; len as usize];
+    pread_exact(file, &mut buf, offset)?;
+    Ok(buf)
 }

@@ -10,9 +10,10 @@
 
 use std::fs::File;
 
+use super::bytes::read_checked;
+
 use super::bytes::{be_u16, be_u32, be_u64};
 use super::header::{Header, SNAPSHOT_ENTRY_FIXED_BYTES};
-use crate::image::raw::pread_exact;
 use crate::limits::{MAX_SNAPSHOT_EXTRA_BYTES, MAX_SNAPSHOT_TABLE_BYTES, MAX_VIRTUAL_BYTES};
 use crate::ImageError;
 
@@ -126,27 +127,6 @@ impl RawSnapshotEntry {
     fn variable_len(&self) -> u64 {
         u64::from(self.extra_data_size) + u64::from(self.id_str_size) + u64::from(self.name_size)
     }
-}
-
-/// Reads `len` bytes at `offset`, refusing anything past the end of the file.
-fn read_checked(
-    file: &File,
-    file_len: u64,
-    what: &'static str,
-    offset: u64,
-    len: u64,
-) -> Result<Vec<u8>, ImageError> {
-    if offset.checked_add(len).is_none_or(|end| end > file_len) {
-        return Err(ImageError::PastEnd {
-            what,
-            offset,
-            len,
-            file_len,
-        });
-    }
-    let mut buf = vec![0u8; len as usize];
-    pread_exact(file, &mut buf, offset)?;
-    Ok(buf)
 }
 
 /// Reads the whole snapshot table named by a validated header.

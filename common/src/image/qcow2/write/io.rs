@@ -13,17 +13,7 @@ pub(crate) fn read_at(
     len: u64,
     file_len: u64,
 ) -> Result<Vec<u8>, ImageError> {
-    if offset.checked_add(len).is_none_or(|end| end > file_len) {
-        return Err(ImageError::PastEnd {
-            what,
-            offset,
-            len,
-            file_len,
-        });
-    }
-    let mut buf = vec![0u8; len as usize];
-    read_into(file, what, &mut buf, offset)?;
-    Ok(buf)
+    crate::image::qcow2::bytes::read_checked(file, file_len, what, offset, len)
 }
 
 /// Fills `buf` from `offset`; bytes past the end of the file read as zeros (a cluster
