@@ -14,7 +14,7 @@ fn qemu_img() -> bool {
 }
 
 fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().expect("runs");
+    let out = locked_retry(cmd);
     assert!(
         out.status.success(),
         "{cmd:?}: {}{}",
@@ -24,13 +24,28 @@ fn run(cmd: &mut Command) -> std::process::Output {
     out
 }
 
+/// Runs `cmd`, again while it fails on QEMU's image locks: another test's child process,
+/// forked while a writer of the same image was open, may hold its locks for an instant after
+/// the writer closes.
+fn locked_retry(cmd: &mut Command) -> std::process::Output {
+    let start = std::time::Instant::now();
+    loop {
+        let out = cmd.output().expect("runs");
+        let locked = String::from_utf8_lossy(&out.stderr).contains("Failed to get");
+        if !locked || start.elapsed() > std::time::Duration::from_secs(5) {
+            return out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// `qemu-img check` finds neither errors nor leaks.
 fn assert_clean(path: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "-U", "-f", "qcow2"])
-        .arg(path)
-        .output()
-        .expect("qemu-img runs");
+    let out = locked_retry(
+        Command::new("qemu-img")
+            .args(["check", "-U", "-f", "qcow2"])
+            .arg(path),
+    );
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -57,13 +72,45 @@ fn export(path: &Path, snapshot: Option<&str>) -> Vec<u8> {
     bytes
 }
 
+/// Opens `path` for reading. A test that another test's child process forks while the writer
+/// of `path` was open may keep that writer's locks for an instant after it closes: retried.
+fn reader(path: &Path) -> Qcow2Image {
+    let start = std::time::Instant::now();
+    loop {
+        match Qcow2Image::open(path) {
+            Err(crate::ImageError::InUse { .. })
+                if start.elapsed() < std::time::Duration::from_secs(5) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r.expect("open"),
+        }
+    }
+}
+
 /// Closes the writer (QEMU cannot open an image while it is written), lets `look` at the
 /// image, and opens it again.
 fn closed(w: Qcow2Writer, look: impl FnOnce(&Path)) -> Qcow2Writer {
     let path = w.path().to_path_buf();
     drop(w);
     look(&path);
-    Qcow2Writer::open(&path).expect("reopen")
+    open_writer(&path).expect("reopen")
+}
+
+/// [`Qcow2Writer::open`], again while another test's child holds the image's locks (see
+/// [`locked_retry`]).
+fn open_writer(path: &Path) -> Result<Qcow2Writer, crate::ImageError> {
+    let start = std::time::Instant::now();
+    loop {
+        match Qcow2Writer::open(path) {
+            Err(crate::ImageError::InUse { .. })
+                if start.elapsed() < std::time::Duration::from_secs(5) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
 
 fn meta(id: u32, name: &str, size: u64) -> SnapshotMeta {
@@ -186,7 +233,7 @@ fn snapshots_carry_their_metadata() {
     let m = meta(7, "monday", 1 << 20);
     w.create_snapshot(&m).expect("snapshot");
     drop(w);
-    let image = Qcow2Image::open(&path).expect("open");
+    let image = reader(&path);
     let s = &image.snapshots()[0];
     assert_eq!(
         (
@@ -224,7 +271,7 @@ fn qemu_made_images_are_written_by_copy_on_write() {
         .arg(&path));
     let q1 = export(&path, Some("q1"));
     let mut model = q1.clone();
-    let mut w = Qcow2Writer::open(&path).expect("open");
+    let mut w = open_writer(&path).expect("open");
     let mut rng = Rng(5);
     scribble(&mut w, &mut model, &mut rng, 60);
     w.commit().expect("commit");
@@ -247,7 +294,7 @@ fn qemu_made_images_are_written_by_copy_on_write() {
         .arg(&path));
     assert_clean(&path);
     assert!(export(&path, None) == q1);
-    let image = Qcow2Image::open(&path).expect("open");
+    let image = reader(&path);
     assert_eq!(image.held_snapshot().expect("held"), Some(0));
 }
 
@@ -267,9 +314,9 @@ fn the_active_layer_knows_which_snapshot_it_is() {
     w.write_at(&[2u8; 100], 5).expect("write");
     w.create_snapshot(&meta(2, "b", size)).expect("b");
     drop(w);
-    let held = |p: &Path| Qcow2Image::open(p).unwrap().held_snapshot().unwrap();
+    let held = |p: &Path| reader(p).held_snapshot().unwrap();
     assert_eq!(held(&path), Some(1));
-    let mut w = Qcow2Writer::open(&path).expect("open");
+    let mut w = open_writer(&path).expect("open");
     w.write_at(&[3u8; 10], 1 << 20).expect("write");
     w.commit().expect("commit");
     drop(w);
@@ -461,14 +508,12 @@ fn leaks_are_repaired_and_low_refcounts_refused() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "qemu-img check sees the leak");
-    drop(Qcow2Writer::open(&path).expect("open repairs"));
+    drop(open_writer(&path).expect("open repairs"));
     assert_clean(&path);
     // The data cluster of guest cluster 0 counted once where two layers use it.
-    let image = Qcow2Image::open(&path).unwrap();
     let map = run(Command::new("qemu-img")
         .args(["map", "--output=json"])
         .arg(&path));
-    drop(image);
     let text = String::from_utf8_lossy(&map.stdout).to_string();
     let at = text.find("\"offset\": ").map(|i| &text[i + 10..]).unwrap();
     let host: u64 = at[..at.find(|c: char| !c.is_ascii_digit()).unwrap()]
@@ -476,7 +521,7 @@ fn leaks_are_repaired_and_low_refcounts_refused() {
         .unwrap();
     patch_refcount(&path, host >> 16, 1);
     let before = std::fs::read(&path).unwrap();
-    let err = Qcow2Writer::open(&path).expect_err("refused").to_string();
+    let err = open_writer(&path).expect_err("refused").to_string();
     assert!(err.contains("refcount"), "{err}");
     assert!(std::fs::read(&path).unwrap() == before, "nothing written");
 }
