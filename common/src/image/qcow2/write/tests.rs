@@ -390,7 +390,7 @@ fn placed_runs_take_the_callers_writes() {
     let size = 4 << 20;
     let mut w = Qcow2Writer::create(&path, size, 16).expect("create");
     let mut model = vec![0u8; size as usize];
-    let mut put = |w: &mut Qcow2Writer, model: &mut [u8], off: u64, byte: u8| {
+    let put = |w: &mut Qcow2Writer, model: &mut [u8], off: u64, byte: u8| {
         let data = vec![byte; 1 << 20];
         let at = w.place(off, 1 << 20).expect("place").expect("one run");
         w.file().write_all_at(&data, at).expect("write");
