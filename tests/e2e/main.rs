@@ -11,6 +11,7 @@ mod blockdev;
 mod cli;
 mod faults;
 mod locks;
+mod nbd;
 mod prune;
 mod qcow2;
 mod replica_safety;

@@ -8,6 +8,7 @@
 //!    (export, ["base:allocation", "qemu:dirty-bitmap:NAME"])
 //! C: NBD_OPT_GO (export, [BLOCK_SIZE])   S: NBD_REP_INFO (EXPORT: size, flags; BLOCK_SIZE)*
 //!                                           then NBD_REP_ACK: the transmission phase begins
+//! C: NBD_OPT_ABORT after a refusal        S: NBD_REP_ACK (a soft disconnect)
 //! ```
 //!
 //! Every option reply is checked before its payload is read: magic, the option it answers,
@@ -84,16 +85,19 @@ pub fn handshake<S: Read + Write + ?Sized>(
     timeout_secs: u64,
 ) -> Result<Export, NbdError> {
     let mut h = Handshake { s, timeout_secs };
-    h.greeting()?;
-    h.structured_replies()?;
-    let contexts = h.meta_contexts(name, bitmap)?;
-    let (size, flags, block) = h.go(name)?;
-    Ok(Export {
-        size,
-        flags,
-        block,
-        contexts,
-    })
+    let result = h.negotiate(name, bitmap);
+    if let Err(e) = &result {
+        let still_negotiating = matches!(
+            e,
+            NbdError::Refused { .. }
+                | NbdError::NoSuchExport { .. }
+                | NbdError::ContextNotGranted { .. }
+        );
+        if still_negotiating {
+            h.abort();
+        }
+    }
+    result
 }
 
 /// One option reply: its type and payload.
@@ -114,6 +118,28 @@ struct Handshake<'a, S: ?Sized> {
 }
 
 impl<S: Read + Write + ?Sized> Handshake<'_, S> {
+    fn negotiate(&mut self, name: &str, bitmap: Option<&str>) -> Result<Export, NbdError> {
+        self.greeting()?;
+        self.structured_replies()?;
+        let contexts = self.meta_contexts(name, bitmap)?;
+        let (size, flags, block) = self.go(name)?;
+        Ok(Export {
+            size,
+            flags,
+            block,
+            contexts,
+        })
+    }
+
+    /// Ends the negotiation the way the protocol asks of a client that gives up after a
+    /// refusal (a soft disconnect): `NBD_OPT_ABORT`, whose acknowledgement is read if it
+    /// comes. Errors do not matter any more.
+    fn abort(&mut self) {
+        if self.send(wire::OPT_ABORT, &[]).is_ok() {
+            let _ = self.reply(wire::OPT_ABORT);
+        }
+    }
+
     fn read(&mut self, buf: &mut [u8], during: impl FnOnce() -> String) -> Result<(), NbdError> {
         read_exact(self.s, buf, self.timeout_secs, during)
     }

@@ -35,6 +35,8 @@ pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 /// Client flag: no zero padding.
 pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
+/// Option: end the negotiation (a soft disconnect).
+pub const OPT_ABORT: u32 = 2;
 /// Option: choose an export and enter the transmission phase, with information replies.
 pub const OPT_GO: u32 = 7;
 /// Option: structured replies in the transmission phase.
@@ -97,6 +99,7 @@ pub const CONTEXT_DIRTY_PREFIX: &str = "qemu:dirty-bitmap:";
 /// The name of an option, for messages.
 pub fn option_name(option: u32) -> &'static str {
     match option {
+        OPT_ABORT => "NBD_OPT_ABORT",
         OPT_GO => "NBD_OPT_GO",
         OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
         OPT_SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",

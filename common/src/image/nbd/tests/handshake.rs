@@ -167,6 +167,31 @@ fn nbd_refusals_of_options_carry_the_server_message() {
 }
 
 #[test]
+fn an_nbd_client_refused_an_export_says_goodbye_with_nbd_opt_abort() {
+    let script = Script::new()
+        .greeting(1)
+        .ack(OPT_STRUCTURED_REPLY)
+        .ack(OPT_SET_META_CONTEXT)
+        .opt_reply(OPT_GO, REP_ERR_UNKNOWN, &[])
+        .ack(OPT_ABORT);
+    let mut duplex = Duplex::new(script);
+    let err = NbdClient::connect(&mut duplex, "drive0", None).expect_err("no such export");
+    assert!(
+        err.to_string().contains("no export named 'drive0'"),
+        "{err}"
+    );
+    assert!(duplex.output.ends_with(&option(OPT_ABORT, &[])));
+    assert_eq!(
+        duplex.input.position() as usize,
+        duplex.input.get_ref().len()
+    );
+    // A server that breaks the protocol is not asked for anything more.
+    let mut duplex = Duplex::new(Script::new().greeting(1).raw(&[0; 20]));
+    NbdClient::connect(&mut duplex, "drive0", None).expect_err("bad magic");
+    assert!(!duplex.output.ends_with(&option(OPT_ABORT, &[])));
+}
+
+#[test]
 fn nbd_metadata_contexts_must_be_those_asked_for() {
     let contexts = |names: &[(u32, &str)]| {
         let mut s = Script::new().greeting(1).ack(OPT_STRUCTURED_REPLY);
