@@ -49,10 +49,13 @@ pub struct ProgressArgs {
 #[derive(Debug, Args)]
 pub struct SendArgs {
     /// IMAGE.qcow2@SNAP (full), IMAGE.qcow2@FROM..TO (incremental), IMAGE.qcow2 (active layer),
-    /// or a raw file or block device (full; holes are skipped).
+    /// a raw file or block device (full; holes are skipped), or an NBD export
+    /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (full; with --bitmap, what
+    /// its dirty bitmap marks).
     pub source: String,
     /// Send what the persistent dirty bitmap NAME of IMAGE.qcow2 recorded (data from the
-    /// active layer; the image must not be in use).
+    /// active layer; the image must not be in use), or what the NBD export's context
+    /// qemu:dirty-bitmap:NAME marks dirty (data from the export).
     #[arg(long, value_name = "NAME", help_heading = "Change sources")]
     pub bitmap: Option<String>,
     /// With --bitmap: accept a disabled bitmap (one that stopped recording writes).
@@ -81,7 +84,7 @@ pub struct SendArgs {
     #[arg(long, value_name = "NAME", help_heading = "Change sources")]
     pub from_name: Option<String>,
     /// Name of the state the stream produces (default: as --from-name for bitmaps and maps,
-    /// SOURCE's file name for --since and --compare).
+    /// SOURCE's file name for --since and --compare, the export's name for NBD).
     #[arg(long, value_name = "NAME", help_heading = "Change sources")]
     pub to_name: Option<String>,
     /// Write the stream to FILE instead of stdout (an existing FILE only with --force).

@@ -1,12 +1,15 @@
 //! Error types of the shared crate: one enum per boundary (images, streams). A validation
 //! error names the structure, carries the offending values and says where they are; what is
-//! wrong with a qcow2 L2 entry or bitmap is a small enum of its own ([`qcow2`]).
+//! wrong with a qcow2 L2 entry or bitmap is a small enum of its own ([`qcow2`]), and so is
+//! what went wrong talking to an NBD server ([`nbd`]).
 
+pub mod nbd;
 pub mod qcow2;
 
 use std::io;
 use std::path::PathBuf;
 
+pub use nbd::NbdError;
 pub use qcow2::{
     BitmapProblem, ClusterUse, DirectoryProblem, L1Problem, L2Problem, RefcountTableProblem,
     TableEntryProblem,
@@ -376,6 +379,9 @@ pub enum ImageError {
     /// A qcow2 image cannot be written as asked (a limit of its format or of this writer).
     #[error("cannot write the qcow2 image: {0}")]
     Unwritable(String),
+    /// Talking to an NBD server failed, or the server sent something this client refuses.
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
     /// A guest read past the virtual size.
     #[error("guest read at {offset} (+{len} bytes) past the virtual size {size}")]
     OutOfRange {

@@ -12,6 +12,7 @@ mod cli;
 mod faults;
 mod history;
 mod locks;
+mod nbd;
 mod prune;
 mod qcow2;
 mod replica_safety;

@@ -4,6 +4,7 @@
 //! and an allocation status, so that readers skip ranges that hold nothing.
 
 pub mod lock;
+pub mod nbd;
 pub mod qcow2;
 pub mod raw;
 

@@ -8,6 +8,7 @@ mod compare;
 mod full;
 pub mod identity;
 pub mod live;
+pub mod nbd;
 mod qcow2_snapshots;
 mod resume;
 mod util;
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use blkdelta_common::extent::ExtentSink;
+use blkdelta_common::image::nbd::NbdUri;
 use blkdelta_common::image::{probe_format, BlockSource, Format, OpenOptions};
 use blkdelta_common::stream::{SnapshotInfo, SourceInfo, Transition};
 
@@ -73,7 +75,8 @@ pub struct SourceOptions {
     pub from_name: Option<String>,
     /// Name of the state produced (`--to-name`).
     pub to_name: Option<String>,
-    /// Send what persistent dirty bitmap NAME recorded (`--bitmap`).
+    /// Send what persistent dirty bitmap NAME recorded (`--bitmap`), or for an NBD export
+    /// what its context `qemu:dirty-bitmap:NAME` marks dirty.
     pub bitmap: Option<String>,
     /// Accept a disabled bitmap (`--allow-disabled`).
     pub allow_disabled: bool,
@@ -134,6 +137,9 @@ fn open_changes(spec: &str, opts: &SourceOptions) -> Result<Box<dyn ChangeSource
         return Err(SendError::Usage(
             "--bitmap, --since, --changed-blocks and --compare exclude each other".into(),
         ));
+    }
+    if NbdUri::is_nbd(spec) {
+        return nbd::open(spec, opts);
     }
     let path = Path::new(spec);
     if let Some(option) = chosen_option(opts) {
@@ -198,7 +204,8 @@ fn refuse_snapshots(spec: &str, option: &str) -> Result<(), SendError> {
 }
 
 /// Opens a source as the command line names it: `IMAGE.qcow2@SNAP`, `IMAGE.qcow2@FROM..TO`,
-/// `IMAGE.qcow2` (its active layer), or a raw file or block device (a full stream). Refuses an
+/// `IMAGE.qcow2` (its active layer), a raw file or block device, or an NBD export
+/// (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`) (a full stream). Refuses an
 /// image a QEMU writer holds (see [`open_source_with`]).
 pub fn open_source(spec: &str) -> Result<Box<dyn ChangeSource>, SendError> {
     open_source_with(spec, &OpenOptions::default())
@@ -210,6 +217,13 @@ pub fn open_source_with(
     spec: &str,
     options: &OpenOptions,
 ) -> Result<Box<dyn ChangeSource>, SendError> {
+    if NbdUri::is_nbd(spec) {
+        let opts = SourceOptions {
+            open: *options,
+            ..SourceOptions::default()
+        };
+        return nbd::open(spec, &opts);
+    }
     let path = Path::new(spec);
     if path.exists() {
         return open_path(path, SnapshotSpec::Active, options);

@@ -1,12 +1,13 @@
 //! What the end-to-end tests share: fixture images built with qemu-img and qemu-io (qemu's
 //! raw export is the oracle), running blkdelta and reading what it says, file and stream
-//! helpers, child processes, loop devices and mounts undone by guards, and the tools the tests
-//! need.
+//! helpers, child processes, loop devices and mounts undone by guards, NBD servers, and the
+//! tools the tests need.
 
 pub mod child;
 pub mod devices;
 pub mod files;
 pub mod images;
+pub mod nbd;
 pub mod replica;
 pub mod run;
 pub mod stream;
@@ -21,6 +22,7 @@ pub use files::{
 pub use images::{
     delete_snapshot, drop_cache, export, io, qemu_io, random, snapshot, spec, Scratch, Write,
 };
+pub use nbd::QemuNbd;
 pub use replica::{adopt_replica, lock_held, state_of};
 pub use run::{
     arg, assert_ok, assert_refused, bin, blkdelta, blkdelta_env, blkdelta_in, blkdelta_ok,
