@@ -51,8 +51,55 @@ pub struct SendArgs {
     /// IMAGE.qcow2@SNAP (full), IMAGE.qcow2@FROM..TO (incremental), IMAGE.qcow2 (active layer),
     /// a raw file or block device (full; holes are skipped), or an NBD export
     /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (full; with --bitmap, what
-    /// its dirty bitmap marks).
-    pub source: String,
+    /// its dirty bitmap marks). Not with --qmp.
+    #[arg(required_unless_present = "qmp", conflicts_with = "qmp")]
+    pub source: Option<String>,
+    /// A running QEMU's QMP socket: send the disk --node as it is now, through a point-in-time
+    /// view (the whole disk the first time, then what changed since the last send).
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        requires = "node",
+        help_heading = "Running VM"
+    )]
+    pub qmp: Option<PathBuf>,
+    /// With --qmp: the block node (node-name) of the disk.
+    #[arg(
+        long,
+        value_name = "NODE",
+        requires = "qmp",
+        help_heading = "Running VM"
+    )]
+    pub node: Option<String>,
+    /// With --qmp: where QEMU's NBD server listens when it already runs one.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "qmp",
+        help_heading = "Running VM"
+    )]
+    pub nbd_socket: Option<PathBuf>,
+    /// With --qmp: a directory QEMU can create the scratch overlay in (default: the directory
+    /// of the disk's image).
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "qmp",
+        help_heading = "Running VM"
+    )]
+    pub scratch: Option<PathBuf>,
+    /// With --qmp: the blkdelta-GUID bitmap of the state the replica holds, when a killed run
+    /// left several.
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "qmp",
+        help_heading = "Running VM"
+    )]
+    pub from_bitmap: Option<String>,
+    /// With --qmp: send the whole disk and start a new bitmap, whatever bitmaps there are.
+    #[arg(long, requires = "qmp", help_heading = "Running VM")]
+    pub full: bool,
     /// Send what the persistent dirty bitmap NAME of IMAGE.qcow2 recorded (data from the
     /// active layer; the image must not be in use), or what the NBD export's context
     /// qemu:dirty-bitmap:NAME marks dirty (data from the export).

@@ -18,8 +18,9 @@ use blkdelta_receive::plan::{Overrides, TargetProbe};
 use blkdelta_receive::state::{self, default_state_path, Health};
 use blkdelta_receive::target::ReplicaFormat;
 use blkdelta_receive::ReceiveError;
-use blkdelta_send::pipeline::{send, SendOptions};
-use blkdelta_send::source::{open_source_opts, Resumed, SourceOptions};
+use blkdelta_send::pipeline::{send, SendOptions, SendSummary};
+use blkdelta_send::source::live::{Checkpoint, LiveOptions};
+use blkdelta_send::source::{nbd, open_source_opts, Resumed, SourceOptions};
 use blkdelta_send::SendError;
 
 use crate::cli::{ChecksumArgs, Command, ListArgs, ReceiveArgs, SendArgs, StatusArgs};
@@ -113,7 +114,7 @@ fn threads(t: Option<u16>) -> usize {
 fn cmd_send(a: SendArgs) -> Result<()> {
     let usage_or = |e: SendError| match e {
         SendError::Usage(m) => anyhow::Error::new(UsageError(m)),
-        other => anyhow::Error::new(other).context(format!("cannot send {}", a.source)),
+        other => anyhow::Error::new(other).context(format!("cannot send {}", what(&a))),
     };
     let opts = SourceOptions {
         open: share(a.force_share),
@@ -127,7 +128,11 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         compare_old: a.compare.clone(),
         against: a.against.clone(),
     };
-    let mut source = open_source_opts(&a.source, &opts).map_err(usage_or)?;
+    if let Some(qmp) = &a.qmp {
+        return send_live(&a, qmp, usage_or);
+    }
+    let spec = a.source.clone().unwrap_or_default();
+    let mut source = open_source_opts(&spec, &opts).map_err(usage_or)?;
     if let Some(token) = &a.resume {
         let token = ResumeToken::parse(token).map_err(UsageError)?;
         source = Box::new(Resumed::new(source, &token).map_err(usage_or)?);
@@ -135,12 +140,87 @@ fn cmd_send(a: SendArgs) -> Result<()> {
     if a.dry_run {
         return print_out(|out| report::send_plan(source.as_ref(), out));
     }
+    let started = std::time::Instant::now();
+    let summary = stream_out(&a, source.as_ref())?;
+    report_sent(&a, &summary, started);
+    Ok(())
+}
+
+/// What `send` sends, for messages: SOURCE, or the node of `--qmp`.
+fn what(a: &SendArgs) -> String {
+    match (&a.source, &a.node) {
+        (Some(s), _) => s.clone(),
+        (None, Some(node)) => format!("node {node}"),
+        (None, None) => String::new(),
+    }
+}
+
+/// `send --qmp SOCKET --node NODE`: a point-in-time view of the running disk, the stream, and
+/// the view torn down (the bitmaps kept or dropped by how the stream ended).
+fn send_live(
+    a: &SendArgs,
+    qmp: &std::path::Path,
+    usage_or: impl Fn(SendError) -> anyhow::Error,
+) -> Result<()> {
+    for (given, option) in [
+        (a.resume.is_some(), "--resume"),
+        (a.bitmap.is_some(), "--bitmap"),
+        (a.since.is_some(), "--since"),
+        (a.changed_blocks.is_some(), "--changed-blocks"),
+        (a.compare.is_some(), "--compare"),
+        (a.against.is_some(), "--against"),
+        (a.from_name.is_some(), "--from-name"),
+    ] {
+        if given {
+            return Err(UsageError(format!(
+                "{option} does not go with --qmp (the checkpoint finds its own base)"
+            ))
+            .into());
+        }
+    }
+    let node = a.node.clone().unwrap_or_default();
+    let live = LiveOptions {
+        qmp: qmp.to_path_buf(),
+        node: node.clone(),
+        nbd_socket: a.nbd_socket.clone(),
+        scratch: a.scratch.clone(),
+        from_bitmap: a.from_bitmap.clone(),
+        full: a.full,
+        to_name: a.to_name.clone(),
+    };
+    let cp = Checkpoint::begin(&live).map_err(&usage_or)?;
+    let source = nbd::open_checkpoint(
+        &cp.uri(),
+        cp.bitmap(),
+        cp.from().cloned(),
+        cp.to().clone(),
+        &node,
+    )
+    .map_err(&usage_or);
+    let sent = match source {
+        Ok(source) if a.dry_run => print_out(|out| report::send_plan(source.as_ref(), out)),
+        Ok(source) => {
+            let started = std::time::Instant::now();
+            stream_out(a, source.as_ref()).map(|s| report_sent(a, &s, started))
+        }
+        Err(e) => Err(e),
+    };
+    // A dry run leaves the bitmaps as they were, as a failed stream does.
+    let ended = cp.finish(sent.is_ok() && !a.dry_run);
+    sent?;
+    ended.map_err(usage_or)
+}
+
+/// Writes the stream of `source` to `-o FILE` or stdout.
+fn stream_out(
+    a: &SendArgs,
+    source: &dyn blkdelta_send::source::ChangeSource,
+) -> Result<SendSummary> {
     let opts = SendOptions {
         level: a.level,
         threads: threads(a.threads),
     };
     let progress = progress::make(a.progress, "send", false);
-    let started = std::time::Instant::now();
     let summary = match &a.output {
         Some(path) => {
             let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
@@ -154,7 +234,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
             let file =
                 File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
             let out = BufWriter::with_capacity(1 << 20, &file);
-            let s = send(source.as_ref(), &opts, out, progress.as_ref())?;
+            let s = send(source, &opts, out, progress.as_ref())?;
             // A stream file is synced; /dev/null or a FIFO cannot be, and need not be.
             let regular = file.metadata().is_ok_and(|m| m.is_file());
             if regular {
@@ -173,7 +253,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
             }
             enlarge_pipe(io::stdout());
             let out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
-            send(source.as_ref(), &opts, out, progress.as_ref()).map_err(|e| {
+            send(source, &opts, out, progress.as_ref()).map_err(|e| {
                 let e = anyhow::Error::new(e);
                 if is_broken_pipe(&e) {
                     anyhow::Error::new(ReceiverGone)
@@ -183,6 +263,11 @@ fn cmd_send(a: SendArgs) -> Result<()> {
             })?
         }
     };
+    Ok(summary)
+}
+
+/// The summary line of a send, unless quiet.
+fn report_sent(a: &SendArgs, summary: &SendSummary, started: std::time::Instant) {
     if !a.progress.quiet {
         let what = format!(
             "sent {} of data in {} records, {} zeroed or discarded; stream {}",
@@ -196,7 +281,6 @@ fn cmd_send(a: SendArgs) -> Result<()> {
             progress::summary(&what, summary.stream_bytes, started, "")
         );
     }
-    Ok(())
 }
 
 fn cmd_receive(a: ReceiveArgs) -> Result<()> {

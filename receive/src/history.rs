@@ -182,9 +182,12 @@ pub fn reconcile(
         .or(candidates.first())
         .cloned();
     if let Some(p) = &st.in_progress {
-        match &holds {
-            Some(h) if h.guid.eq_ignore_ascii_case(&p.to.guid) => {}
-            _ => return Some(st),
+        // It reached `to` (killed before it said so), or it is back at `from` (reverted with
+        // `qemu-img snapshot -a`, or nothing written yet: every write after a snapshot goes to
+        // new clusters): either is what it holds. Anything else: part way, resumable.
+        let at = |s: Option<&StateSnap>| matches!((&holds, s), (Some(h), Some(s)) if h.guid.eq_ignore_ascii_case(&s.guid));
+        if !at(Some(&p.to)) && !at(p.from.as_ref()) {
+            return Some(st);
         }
     }
     let changed = st.snapshot.as_ref().map(|s| &s.guid) != holds.as_ref().map(|h| &h.guid)
@@ -280,6 +283,31 @@ mod tests {
         let st = reconcile(Some(st), &holds(Some(("daily-2", B))), None).unwrap();
         assert_eq!(st.snapshot.unwrap().guid, "1111");
         assert_eq!(st.digest.as_deref(), Some("ff"));
+    }
+
+    #[test]
+    fn an_apply_reverted_to_its_base_holds_the_base() {
+        let mut st = holding("a", A);
+        st.snapshot = None;
+        st.in_progress = Some(crate::state::InProgress {
+            stream_id: "00".repeat(16),
+            from: Some(StateSnap {
+                name: "a".into(),
+                guid: A.into(),
+            }),
+            to: StateSnap {
+                name: "b".into(),
+                guid: B.into(),
+            },
+            transition: 0,
+            durable_offset: 1 << 20,
+            undo: None,
+        });
+        let reverted = reconcile(Some(st.clone()), &holds(Some(("a", A))), None).unwrap();
+        assert_eq!(reverted.in_progress, None);
+        assert_eq!(reverted.snapshot.unwrap().guid, A);
+        let part_way = reconcile(Some(st.clone()), &holds(None), None).unwrap();
+        assert_eq!(part_way.in_progress, st.in_progress, "resumable");
     }
 
     #[test]

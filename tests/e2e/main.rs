@@ -11,6 +11,7 @@ mod blockdev;
 mod cli;
 mod faults;
 mod history;
+mod live;
 mod locks;
 mod nbd;
 mod prune;

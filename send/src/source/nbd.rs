@@ -71,6 +71,43 @@ pub fn open(spec: &str, opts: &SourceOptions) -> Result<Box<dyn ChangeSource>, S
     }
 }
 
+/// The point-in-time export of a running QEMU's disk ([`super::live::Checkpoint`]): the whole
+/// disk when there is no base, else what `bitmap` marks dirty since `from`; the stream
+/// produces `to`, and names its source `qemu` `node`.
+pub fn open_checkpoint(
+    uri: &str,
+    bitmap: Option<&str>,
+    from: Option<SnapRef>,
+    to: SnapRef,
+    node: &str,
+) -> Result<Box<dyn ChangeSource>, SendError> {
+    let uri = NbdUri::parse(uri).map_err(|e| SendError::Live(e.to_string()))?;
+    let nbd_opts = NbdOptions {
+        dirty_bitmap: bitmap.map(str::to_string),
+        ..NbdOptions::default()
+    };
+    let image = Arc::new(NbdImage::open(&uri, &nbd_opts)?);
+    let info = SourceInfo {
+        kind: "qemu".into(),
+        name: node.to_string(),
+    };
+    match from {
+        None => Ok(Box::new(FullSource::new(image, info, to))),
+        Some(from) => {
+            let transitions = vec![Transition {
+                from: Some(from),
+                to,
+                virtual_size: image.size(),
+            }];
+            Ok(Box::new(NbdBitmapSource {
+                image,
+                info,
+                transitions,
+            }))
+        }
+    }
+}
+
 /// The name of the state a full stream of `uri` produces without `--to-name`: the export's
 /// name, or `nbd` for a server's default export.
 fn default_name(uri: &NbdUri) -> &str {

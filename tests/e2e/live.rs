@@ -1,0 +1,403 @@
+//! End to end: `send --qmp SOCKET --node NODE` from a running qemu-storage-daemon whose writable
+//! NBD export stands in for the guest (qemu-io writes through it). Each replica equals what the
+//! disk held at the moment of its send, writes made during a send are in the next stream and not
+//! in that one, a sender killed part way leaves the daemon serving and the next run correct, and
+//! a bitmap QEMU could not save is refused with the way out.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{
+    arg, assert_ok, assert_same_file, bin, blkdelta, have, one_line_failure, receive_file, run,
+    Scratch,
+};
+
+fn have_qemu() -> bool {
+    have("qemu-img") && have("qemu-io") && have("qemu-storage-daemon")
+}
+
+/// A qemu-storage-daemon serving `disk.qcow2` as node `drive0`: QMP on `qmp.sock`, the guest's
+/// writable NBD export `drive0` on `guest.sock`.
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    fn start(s: &Scratch) -> Daemon {
+        let disk = s.path("disk.qcow2");
+        if !disk.exists() {
+            run(Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&disk)
+                .arg("32M"));
+            run(Command::new("qemu-io")
+                .args(["-c", "write -P 1 0 4M", "-c", "write -P 2 20M 1M"])
+                .arg(&disk));
+        }
+        let dir = s.path("");
+        let _ = std::fs::remove_file(dir.join("qmp.sock"));
+        let _ = std::fs::remove_file(dir.join("guest.sock"));
+        let p = |n: &str| dir.join(n).display().to_string();
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=file0,filename={}",
+                p("disk.qcow2")
+            ))
+            .args(["--blockdev", "driver=qcow2,node-name=drive0,file=file0"])
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", p("guest.sock")))
+            .args([
+                "--export",
+                "type=nbd,id=guest,node-name=drive0,name=drive0,writable=on",
+            ])
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=qmp,path={},server=on,wait=off",
+                p("qmp.sock")
+            ))
+            .args(["--monitor", "chardev=qmp"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon starts");
+        let d = Daemon { child, dir };
+        let start = Instant::now();
+        while !d.path("qmp.sock").exists() || !d.path("guest.sock").exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn guest(&self) -> String {
+        format!(
+            "nbd+unix:///drive0?socket={}",
+            self.path("guest.sock").display()
+        )
+    }
+
+    /// A write through the guest's export.
+    fn write(&self, cmd: &str) {
+        run(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd])
+            .arg(self.guest()));
+    }
+
+    /// The disk as the guest sees it now.
+    fn snapshot_to(&self, out: &Path) {
+        run(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(self.guest())
+            .arg(out));
+    }
+
+    fn send_args(&self) -> Vec<String> {
+        vec![
+            "send".into(),
+            "-q".into(),
+            "--qmp".into(),
+            arg(&self.path("qmp.sock")).into(),
+            "--node".into(),
+            "drive0".into(),
+            "--nbd-socket".into(),
+            arg(&self.path("guest.sock")).into(),
+        ]
+    }
+
+    /// `send --qmp` into `stream`.
+    fn send_to(&self, stream: &Path, extra: &[&str]) -> std::process::Output {
+        let mut args = self.send_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(["-o".into(), arg(stream).into(), "--force".into()]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        blkdelta(&refs)
+    }
+
+    /// What QMP says of the daemon: block exports and jobs (both must be only the guest's).
+    fn leftovers(&self) -> (usize, usize) {
+        let q = |cmd: &str| {
+            let out = run(Command::new("python3").arg("-c").arg(format!(
+                r#"
+import json, socket
+s = socket.socket(socket.AF_UNIX); s.connect({sock:?}); f = s.makefile("rw")
+f.readline()
+for c in ["qmp_capabilities", "{cmd}"]:
+    f.write(json.dumps({{"execute": c}}) + "\n"); f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "event" not in r: break
+print(len(r["return"]))
+"#,
+                sock = self.path("qmp.sock").display().to_string()
+            )));
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<usize>()
+                .unwrap()
+        };
+        (q("query-block-exports"), q("query-block-jobs"))
+    }
+
+    /// Stops the daemon as QEMU stops cleanly (SIGTERM): persistent bitmaps are saved.
+    fn quit(mut self) {
+        run(Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string()));
+        let _ = self.child.wait();
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The replica's active layer, exported.
+fn replica_now(s: &Scratch, replica: &Path, name: &str) -> PathBuf {
+    let out = s.path(name);
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(replica)
+        .arg(&out));
+    out
+}
+
+#[test]
+fn live_sends_are_the_disk_at_their_moment() {
+    if !have_qemu() || !have("python3") {
+        return;
+    }
+    let s = Scratch::new();
+    let d = Daemon::start(&s);
+    let replica = s.path("r.qcow2");
+    let stream = s.path("s.bd");
+    // First: the whole disk.
+    d.snapshot_to(&s.path("m0.raw"));
+    assert_ok(&d.send_to(&stream, &[]), "the first live send");
+    assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+    assert_same_file(&replica_now(&s, &replica, "r0.raw"), &s.path("m0.raw"));
+    // Then what changed, twice.
+    for (round, cmd) in ["write -P 7 4M 1M", "write -z 0 64k"].iter().enumerate() {
+        d.write(cmd);
+        let moment = s.path(&format!("m{}.raw", round + 1));
+        d.snapshot_to(&moment);
+        assert_ok(&d.send_to(&stream, &[]), "a live incremental");
+        let out = blkdelta(&["dump", "--json", arg(&stream)]);
+        let header = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(header.contains("\"from\":{"), "an incremental: {header}");
+        assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+        let now = replica_now(&s, &replica, &format!("r{}.raw", round + 1));
+        assert_same_file(&now, &moment);
+    }
+    assert_eq!(d.leftovers(), (1, 0), "only the guest's export, no job");
+    let history = run(Command::new("qemu-img")
+        .args(["snapshot", "-l"])
+        .arg(&replica));
+    assert_eq!(
+        String::from_utf8_lossy(&history.stdout)
+            .matches("drive0@")
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn writes_during_a_send_are_in_the_next_stream_only() {
+    if !have_qemu() || !have("python3") {
+        return;
+    }
+    let s = Scratch::new();
+    let d = Daemon::start(&s);
+    let replica = s.path("r.raw");
+    let stream = s.path("s.bd");
+    assert_ok(&d.send_to(&stream, &[]), "the seed");
+    assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+    d.write("write -P 5 1M 1M");
+    let moment = s.path("moment.raw");
+    d.snapshot_to(&moment);
+    // The stream goes into a pipe nobody reads until the guest wrote: the sender is blocked
+    // mid-stream, past the moment.
+    let mut child = Command::new(bin())
+        .args(d.send_args())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut head = [0u8; 8];
+    out.read_exact(&mut head).unwrap();
+    d.write("write -P 6 1M 64k");
+    d.write("write -P 6 30M 64k");
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    let mut bytes = head.to_vec();
+    bytes.extend(rest);
+    std::fs::write(&stream, &bytes).unwrap();
+    assert_ok(
+        &receive_file(&stream, &replica, &[]),
+        "the stream taken during the writes",
+    );
+    assert_same_file(&replica, &moment);
+    // The next one has them.
+    let after = s.path("after.raw");
+    d.snapshot_to(&after);
+    assert_ok(&d.send_to(&stream, &[]), "the next send");
+    assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+    assert_same_file(&replica, &after);
+}
+
+#[test]
+fn a_sender_killed_part_way_leaves_the_daemon_serving_and_the_next_run_correct() {
+    if !have_qemu() || !have("python3") {
+        return;
+    }
+    let s = Scratch::new();
+    let d = Daemon::start(&s);
+    let replica = s.path("r.qcow2");
+    let stream = s.path("s.bd");
+    assert_ok(&d.send_to(&stream, &[]), "the seed");
+    assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+    d.write("write -P 3 2M 2M");
+    // Killed once the moment is taken (its stream has begun), before it ends.
+    let mut child = Command::new(bin())
+        .args(d.send_args())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 8];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The guest goes on; the next run cleans up and sends from the state the replica holds.
+    d.write("write -P 4 8M 64k");
+    let moment = s.path("moment.raw");
+    d.snapshot_to(&moment);
+    assert_ok(&d.send_to(&stream, &[]), "the next send");
+    assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+    assert_same_file(&replica_now(&s, &replica, "r.raw"), &moment);
+    assert_eq!(d.leftovers(), (1, 0), "nothing of the killed run is left");
+    d.stop();
+    let check = run(Command::new("qemu-img")
+        .arg("check")
+        .arg(s.path("disk.qcow2")));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("No errors"));
+}
+
+#[test]
+fn a_bitmap_qemu_could_not_save_is_refused_with_the_way_out() {
+    if !have_qemu() || !have("python3") {
+        return;
+    }
+    let s = Scratch::new();
+    let d = Daemon::start(&s);
+    let stream = s.path("s.bd");
+    assert_ok(&d.send_to(&stream, &[]), "the seed");
+    // Stopped cleanly, the bitmap is saved in the image; opened again, it is marked in use
+    // there; killed then, it stays so.
+    d.quit();
+    let mut d = Daemon::start(&s);
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    drop(d);
+    let d = Daemon::start(&s);
+    let out = d.send_to(&stream, &[]);
+    let err = one_line_failure(&out, "an inconsistent bitmap");
+    assert!(
+        err.contains("inconsistent") && err.contains("--full"),
+        "{err}"
+    );
+    assert_ok(&d.send_to(&stream, &["--full"]), "--full starts again");
+    let out = d.send_to(&stream, &[]);
+    assert_ok(&out, "and the next is an incremental again");
+}
+
+#[test]
+fn a_receive_cut_short_is_reverted_by_qemu_and_the_next_stream_applies() {
+    if !have_qemu() || !have("python3") {
+        return;
+    }
+    let s = Scratch::new();
+    let d = Daemon::start(&s);
+    let replica = s.path("r.qcow2");
+    let stream = s.path("s.bd");
+    assert_ok(&d.send_to(&stream, &[]), "the seed");
+    assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+    let seed = {
+        let out = run(Command::new("qemu-img")
+            .args(["snapshot", "-l"])
+            .arg(&replica));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let line = text
+            .lines()
+            .find(|l| l.contains("drive0@"))
+            .unwrap()
+            .to_string();
+        line.split_whitespace().nth(1).unwrap().to_string()
+    };
+    // The sender killed part way through an uncompressed incremental: its receiver got 2 MiB.
+    d.write("write -P 9 0 3M");
+    let mut args = d.send_args();
+    args.extend(["-l".into(), "0".into()]);
+    let mut child = Command::new(bin())
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut part = vec![0u8; 2 << 20];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut part)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let cut = s.path("cut.bd");
+    std::fs::write(&cut, &part).unwrap();
+    let out = receive_file(&cut, &replica, &["--checkpoint-bytes", "65536"]);
+    assert!(!out.status.success(), "a stream cut short fails");
+    // The next stream has another `to`: refused while the replica is part way.
+    d.write("write -P 8 10M 64k");
+    assert_ok(&d.send_to(&stream, &[]), "the next send");
+    let out = receive_file(&stream, &replica, &[]);
+    let err = one_line_failure(&out, "onto a replica part way");
+    assert!(err.contains("--rebase"), "{err}");
+    // Reverted by QEMU to the snapshot it held, it takes the stream.
+    run(Command::new("qemu-img")
+        .args(["snapshot", "-a", &seed])
+        .arg(&replica));
+    let moment = s.path("moment.raw");
+    d.snapshot_to(&moment);
+    assert_ok(&receive_file(&stream, &replica, &[]), "after the revert");
+    assert_same_file(&replica_now(&s, &replica, "r.raw"), &moment);
+}
