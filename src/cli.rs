@@ -17,8 +17,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Write a stream of a source's changes to stdout (never a terminal) or a file.
-    Send(SendArgs),
-    /// Apply a stream from stdin or a file to a raw image file or a block device.
+    Send(Box<SendArgs>),
+    /// Apply a stream from stdin or a file to a raw file, a block device or a qcow2 replica.
     Receive(ReceiveArgs),
     /// Print the content digest of a disk: a qcow2 snapshot, a raw file or a block device.
     Checksum(ChecksumArgs),

@@ -66,7 +66,7 @@ impl std::error::Error for StdoutClosed {}
 /// Runs a subcommand.
 pub fn run(command: Command) -> Result<()> {
     match command {
-        Command::Send(a) => cmd_send(a),
+        Command::Send(a) => cmd_send(*a),
         Command::Receive(a) => cmd_receive(a),
         Command::Checksum(a) => cmd_checksum(a),
         Command::Dump(a) => print_out(|out| report::dump(a, out)),
