@@ -14,6 +14,10 @@
 #   corpus/stream_decode/ streams written by `blkdelta send` from such images: full and
 #                         incremental, several transitions, zstd and plain data, zero and
 #                         discard records
+#   corpus/nbd_client/    NBD server transcripts (after the target's first byte): handshakes
+#                         with and without a dirty bitmap context and block size information,
+#                         block status, read replies in data, hole and error chunks, out of
+#                         order
 # Needs qemu-img and qemu-io (Debian: qemu-utils) and builds the blkdelta binary.
 # Usage: fuzz/seeds.sh          (from anywhere; writes under fuzz/corpus/)
 set -euo pipefail
@@ -24,7 +28,8 @@ q="$here/corpus/qcow2_image"
 s="$here/corpus/stream_decode"
 b="$here/corpus/qcow2_bitmaps"
 m="$here/corpus/change_map"
-mkdir -p "$q" "$s" "$b" "$m"
+n="$here/corpus/nbd_client"
+mkdir -p "$q" "$s" "$b" "$m" "$n"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -185,4 +190,53 @@ while at + 16 <= len(src):
         out += bytes([7, 0, 0, 0]) + struct.pack("<I", 32) + bytes(8) + bytes(32)
 open(sys.argv[2], "wb").write(out)
 PY
-ls -l "$q" "$s"
+# NBD server transcripts: byte 0 of each asks for the dirty bitmap context (bit 0) and for
+# reads after the status walk (bits 1-3); the rest is what the server sends.
+python3 - "$n" <<'PY'
+import struct, sys
+out = sys.argv[1]
+be16 = lambda v: struct.pack(">H", v)
+be32 = lambda v: struct.pack(">I", v)
+be64 = lambda v: struct.pack(">Q", v)
+def opt(option, ty, payload=b""):
+    return be64(0x3e889045565a9) + be32(option) + be32(ty) + be32(len(payload)) + payload
+def chunk(flags, ty, handle, payload=b""):
+    return be32(0x668e33ef) + be16(flags) + be16(ty) + be64(handle) + be32(len(payload)) + payload
+def handshake(size, contexts, block=True):
+    b = b"NBDMAGIC" + b"IHAVEOPT" + be16(3) + opt(8, 1)
+    for cid, name in contexts:
+        b += opt(10, 4, be32(cid) + name)
+    b += opt(10, 1) + opt(7, 3, be16(0) + be64(size) + be16(1))
+    if block:
+        b += opt(7, 3, be16(3) + be32(512) + be32(4096) + be32(1 << 20))
+    return b + opt(7, 1)
+def status(handle, cid, extents, done):
+    return chunk(int(done), 5, handle, be32(cid) + b"".join(be32(l) + be32(f) for l, f in extents))
+size = 64 << 10
+both = [(1, b"base:allocation"), (2, b"qemu:dirty-bitmap:b")]
+seeds = {
+    # Status of the whole export, then two reads: data and a hole, data.
+    "bitmap-status-reads": bytes([0x05]) + handshake(size, both)
+        + status(1, 1, [(4096, 0), (4096, 3), (57344, 0)], False)
+        + status(1, 2, [(8192, 1), (57344, 0)], True)
+        + chunk(0, 1, 2, be64(0) + bytes([1]) * 256) + chunk(1, 2, 2, be64(256) + be32(256))
+        + chunk(1, 1, 3, be64(4096) + bytes([2]) * 4096),
+    # No bitmap, no block size information; replies to reads out of order, an error chunk.
+    "plain-out-of-order": bytes([0x04]) + handshake(size, both[:1], block=False)
+        + status(1, 1, [(size, 0)], True)
+        + chunk(1, 1, 3, be64(4096) + bytes([3]) * 4096)
+        + chunk(0, 0x8001, 2, be32(5) + be16(3) + b"EIO")
+        + chunk(1, 2, 2, be64(0) + be32(512)),
+    # A server without metadata contexts, and simple replies.
+    "no-contexts": bytes([0x02]) + b"NBDMAGIC" + b"IHAVEOPT" + be16(1) + opt(8, 1)
+        + opt(10, 0x80000001) + opt(7, 3, be16(0) + be64(size) + be16(1)) + opt(7, 1)
+        + be32(0x67446698) + be32(22) + be64(1),
+    # Refusals: no such export, structured replies not supported.
+    "no-export": bytes([0x00]) + b"NBDMAGIC" + b"IHAVEOPT" + be16(3) + opt(8, 1) + opt(10, 1)
+        + opt(7, 0x80000006, b"export not present"),
+    "no-structured": bytes([0x00]) + b"NBDMAGIC" + b"IHAVEOPT" + be16(1) + opt(8, 0x80000001),
+}
+for name, data in seeds.items():
+    open(f"{out}/{name}", "wb").write(data)
+PY
+ls -l "$q" "$s" "$n"

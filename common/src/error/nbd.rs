@@ -71,6 +71,9 @@ pub enum NbdError {
         /// What was being read.
         during: String,
     },
+    /// The client ended the connection (`NBD_CMD_DISC`) before this request.
+    #[error("the NBD connection was ended by this client (NBD_CMD_DISC)")]
+    Disconnected,
     /// The server sent nothing for longer than the client waits.
     #[error("the NBD server sent nothing for {secs} s during {during}")]
     TimedOut {

@@ -79,14 +79,17 @@ impl<S: Read + Write> NbdClient<S> {
         }
     }
 
-    /// Sends `NBD_CMD_DISC` and gives the stream back.
-    pub fn disconnect(mut self) -> Result<S, NbdError> {
+    /// Sends `NBD_CMD_DISC` (dropping the client does too); later requests fail.
+    pub fn disconnect(&mut self) -> Result<(), NbdError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        self.broken = Some(NbdError::Disconnected);
         let disc = wire::request(wire::CMD_DISC, 0, 0, 0);
         self.stream
             .write_all(&disc)
             .and_then(|()| self.stream.flush())
-            .map_err(|e| NbdError::io("the request NBD_CMD_DISC", 0, e))?;
-        Ok(self.stream)
+            .map_err(|e| NbdError::io("the request NBD_CMD_DISC", 0, e))
     }
 
     /// Refuses a request the server could not serve (past the export, empty, too long).
@@ -177,6 +180,13 @@ impl<S: Read + Write> NbdClient<S> {
                 }
             }
         }
+    }
+}
+
+impl<S: Read + Write> Drop for NbdClient<S> {
+    /// Says goodbye (`NBD_CMD_DISC`) unless the connection broke or already ended.
+    fn drop(&mut self) {
+        let _ = self.disconnect();
     }
 }
 

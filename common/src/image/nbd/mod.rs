@@ -99,6 +99,34 @@ pub struct NbdImage {
     cache: Mutex<StatusCache>,
     /// Length of block status requests: [`MAX_STATUS_BYTES`] until the server refuses that.
     status_bytes: AtomicU32,
+    spare: Spare,
+}
+
+/// Read buffers kept for the next reads: a steady stream of reads allocates (and zeroes)
+/// nothing. At most [`Spare::MAX`] buffers of at most [`Spare::MAX_BYTES`] each are kept.
+#[derive(Debug, Default)]
+struct Spare(Mutex<Vec<Vec<u8>>>);
+
+impl Spare {
+    /// Most buffers kept: one per reader thread the send pipeline runs (at most 32).
+    const MAX: usize = 32;
+    /// Largest buffer kept: the send pipeline reads 1 MiB chunks.
+    const MAX_BYTES: usize = 2 << 20;
+
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .map(|mut v| v.pop().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        if let Ok(mut v) = self.0.lock() {
+            if v.len() < Self::MAX && buf.capacity() <= Self::MAX_BYTES {
+                v.push(buf);
+            }
+        }
+    }
 }
 
 impl NbdImage {
@@ -111,6 +139,7 @@ impl NbdImage {
             uri: uri.clone(),
             cache: Mutex::new(StatusCache::default()),
             status_bytes: AtomicU32::new(MAX_STATUS_BYTES),
+            spare: Spare::default(),
         })
     }
 
@@ -291,7 +320,8 @@ impl BlockSource for NbdImage {
         let pieces = self.pieces(offset, buf.len() as u64);
         let mut sent = Vec::with_capacity(pieces.len());
         for &(o, n) in &pieces {
-            sent.push(self.conn.submit(wire::CMD_READ, Pending::read(o, n))?);
+            let pending = Pending::read_into(o, n, self.spare.take());
+            sent.push(self.conn.submit(wire::CMD_READ, pending)?);
         }
         let end = offset + buf.len() as u64;
         for (&(o, n), rx) in pieces.iter().zip(&sent) {
@@ -305,6 +335,7 @@ impl BlockSource for NbdImage {
                 let src = &data[(from - o) as usize..(to - o) as usize];
                 buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
             }
+            self.spare.put(data);
         }
         Ok(())
     }

@@ -156,10 +156,18 @@ enum Kind {
 impl Pending {
     /// A read of `len` bytes at `offset`.
     pub fn read(offset: u64, len: u32) -> Pending {
+        Pending::read_into(offset, len, Vec::new())
+    }
+
+    /// A read of `len` bytes at `offset` into `buf` (a spare buffer, resized to `len`): what
+    /// it held before is never seen, since a read succeeds only when its reply covered every
+    /// byte.
+    pub fn read_into(offset: u64, len: u32, mut buf: Vec<u8>) -> Pending {
+        buf.resize(len as usize, 0);
         Pending {
             request: request_name(wire::CMD_READ, offset, len),
             kind: Kind::Read {
-                data: vec![0u8; len as usize],
+                data: buf,
                 seen: BTreeMap::new(),
                 covered: 0,
             },

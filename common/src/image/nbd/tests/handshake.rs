@@ -53,7 +53,9 @@ fn a_valid_nbd_handshake_gives_size_flags_block_sizes_and_contexts() {
 #[test]
 fn the_nbd_client_sends_flags_then_structured_replies_contexts_and_go() {
     let script = Script::new().handshake(4096, &[(1, "base:allocation")]);
-    let out = connect(script, None).unwrap().disconnect().unwrap().output;
+    let mut duplex = Duplex::new(script);
+    drop(NbdClient::connect(&mut duplex, "drive0", None).unwrap());
+    let out = duplex.output;
     let mut want = 3u32.to_be_bytes().to_vec(); // C_FIXED_NEWSTYLE | C_NO_ZEROES
     want.extend(option(OPT_STRUCTURED_REPLY, &[]));
     let mut meta = Vec::new();

@@ -356,6 +356,15 @@ fn nbd_requests_outside_the_export_are_refused_before_sending() {
 }
 
 #[test]
+fn an_nbd_client_disconnects_once_and_then_refuses_requests() {
+    let mut c = client(Script::new());
+    c.disconnect().unwrap();
+    let err = line(c.read_many(&[(0, 1)]).expect_err("disconnected"));
+    assert_has(&err, &["ended by this client (NBD_CMD_DISC)"]);
+    assert!(c.disconnect().is_err());
+}
+
+#[test]
 fn a_broken_nbd_connection_stays_broken() {
     let mut c = client(Script::new().data(7, 0, b"x", true).data(1, 0, b"x", true));
     let first = line(c.read_many(&[(0, 1)]).expect_err("unknown handle"));
