@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# blkdelta live benchmark: a qemu-storage-daemon serves a BENCH_SIZE qcow2 (~50% random data)
+# with a QMP socket and a writable NBD export (the guest). Measures, over BENCH_RUNS rounds
+# (medians, caches dropped before each):
+#   - send of the image's snapshot from the file (`send img.qcow2@s1`) against the same content
+#     through NBD (`send nbd+unix:///...` of a qemu-nbd export of that snapshot);
+#   - `send --qmp --node` with no guest write since the last one: the checkpoint's setup and
+#     teardown (transaction, scratch overlay, export; then their removal) plus an empty stream;
+#   - how long guest writes take while a point-in-time view exists (copy-before-write) against
+#     without one: qemu-io writes of 64 KiB through the guest's export.
+# Env: BENCH_DIR (/tmp/blkdelta-live) BENCH_SIZE (2G) BENCH_RUNS (3)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+W=${BENCH_DIR:-/tmp/blkdelta-live}
+SIZE_H=${BENCH_SIZE:-2G}
+RUNS=${BENCH_RUNS:-3}
+SIZE=$(numfmt --from=iec "$SIZE_H")
+log() { echo "== $*" >&2; }
+for t in qemu-img qemu-io qemu-nbd qemu-storage-daemon python3; do
+  command -v "$t" >/dev/null || { echo "bench: needs $t" >&2; exit 1; }
+done
+(cd "$root" && cargo build --release --quiet)
+BD=$root/target/release/blkdelta
+rm -rf "$W"; mkdir -p "$W"; cd "$W"
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.3f", b-a}'; }
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
+R=$W/results; mkdir -p "$R"
+rec() { echo "$2" >> "$R/$1"; }
+med() { sort -g "$R/$1" | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+log "fixture: $SIZE_H qcow2, ~50% random data"
+qemu-img create -q -f qcow2 img.qcow2 "$SIZE"
+piece=$((SIZE / 64))
+for ((off = 0; off < SIZE; off += 2 * piece)); do
+  head -c "$piece" /dev/urandom > piece.bin
+  qemu-io -f qcow2 -c "write -q -s piece.bin $off $piece" img.qcow2
+done
+rm -f piece.bin
+qemu-img snapshot -c s1 img.qcow2
+
+# ---- file against NBD, the same content
+qemu-nbd -r -t -f qcow2 -l snapshot.name=s1 -k "$W/nbd.sock" -x s1 -e 4 img.qcow2 &
+NBD_PID=$!
+trap 'kill $NBD_PID 2>/dev/null || true; [ -n "${QSD_PID:-}" ] && kill $QSD_PID 2>/dev/null || true' EXIT
+while [ ! -S "$W/nbd.sock" ]; do sleep 0.05; done
+for ((i = 1; i <= RUNS; i++)); do
+  log "round $i/$RUNS: file and NBD"
+  drop; t0=$(now); "$BD" send -q img.qcow2@s1 > /dev/null; rec file "$(secs "$t0")"
+  drop; t0=$(now); "$BD" send -q "nbd+unix:///s1?socket=$W/nbd.sock" > /dev/null; rec nbd "$(secs "$t0")"
+done
+kill $NBD_PID; wait $NBD_PID 2>/dev/null || true
+
+# ---- a running disk
+qemu-storage-daemon --blockdev "driver=file,node-name=file0,filename=$W/img.qcow2" \
+  --blockdev driver=qcow2,node-name=drive0,file=file0 \
+  --nbd-server "addr.type=unix,addr.path=$W/guest.sock" \
+  --export type=nbd,id=guest,node-name=drive0,name=drive0,writable=on \
+  --chardev "socket,id=qmp,path=$W/qmp.sock,server=on,wait=off" --monitor chardev=qmp &
+QSD_PID=$!
+while [ ! -S "$W/qmp.sock" ] || [ ! -S "$W/guest.sock" ]; do sleep 0.05; done
+G="nbd+unix:///drive0?socket=$W/guest.sock"
+LIVE=(--qmp "$W/qmp.sock" --node drive0 --nbd-socket "$W/guest.sock")
+"$BD" send -q "${LIVE[@]}" -o seed.bd                    # the first: full, starts the bitmap
+for ((i = 1; i <= RUNS; i++)); do
+  log "round $i/$RUNS: checkpoint setup and teardown"
+  t0=$(now); "$BD" send -q "${LIVE[@]}" -o empty.bd --force; rec checkpoint "$(secs "$t0")"
+done
+writes() { # 256 writes of 64 KiB at scattered offsets, through the guest's export
+  python3 - "$SIZE" "$1" > w.txt <<'PY'
+import random, sys
+size, seed = int(sys.argv[1]), int(sys.argv[2])
+r = random.Random(seed)
+for _ in range(256):
+    print(f"write -q -P {r.randrange(1, 255)} {r.randrange(0, size - 65536) // 65536 * 65536} 65536")
+PY
+  local args=() line
+  while IFS= read -r line; do args+=(-c "$line"); done < w.txt
+  local t0; t0=$(now); qemu-io -f raw "${args[@]}" "$G"; secs "$t0"
+}
+for ((i = 1; i <= RUNS; i++)); do
+  log "round $i/$RUNS: guest writes without and with a view"
+  rec writes_plain "$(writes $((i * 2)))"
+  # A view held open: the sender blocked on a pipe nobody reads.
+  mkfifo hold.fifo
+  "$BD" send -q "${LIVE[@]}" > hold.fifo &
+  SENDER=$!
+  exec 3< hold.fifo; head -c 8 <&3 > /dev/null
+  rec writes_view "$(writes $((i * 2 + 1)))"
+  cat <&3 > /dev/null; exec 3<&-; wait $SENDER; rm -f hold.fifo
+done
+
+echo
+echo "blkdelta live bench: size $SIZE_H, $RUNS round(s)"
+echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r), $(qemu-img --version | head -1)"
+echo
+printf '| %-62s | %9s |\n' "measure" "median s"
+printf '|%s|%s|\n' "$(printf -- '-%.0s' {1..64})" "$(printf -- '-%.0s' {1..11})"
+r() { printf '| %-62s | %9s |\n' "$1" "$2"; }
+r "send img.qcow2@s1 (file)" "$(med file)"
+r "send nbd+unix:///s1 (qemu-nbd -e 4 of the same snapshot)" "$(med nbd)"
+r "  NBD / file (goal <= 1.3)" "$(awk -v a="$(med nbd)" -v b="$(med file)" 'BEGIN{printf "%.2f", a/b}')"
+r "send --qmp, no change: checkpoint setup + teardown (goal < 0.5)" "$(med checkpoint)"
+r "256 guest writes of 64 KiB, no view" "$(med writes_plain)"
+r "256 guest writes of 64 KiB while a view exists" "$(med writes_view)"
