@@ -226,6 +226,12 @@ impl Refcounts {
     /// Allocates exactly `n` contiguous clusters (a table), appending if no free run is that
     /// long below the end.
     pub(crate) fn allocate_run(&mut self, file: &File, n: u64) -> Result<u64, ImageError> {
+        // Every cluster below the first free one is in use: later scans start there.
+        while self.cursor < self.end
+            && (self.get(file, self.cursor)? != 0 || self.busy.contains(&self.cursor))
+        {
+            self.cursor += 1;
+        }
         let mut c = self.cursor;
         'scan: while c < self.end {
             for i in 0..n {
