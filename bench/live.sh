@@ -3,7 +3,8 @@
 # with a QMP socket and a writable NBD export (the guest). Measures, over BENCH_RUNS rounds
 # (medians, caches dropped before each):
 #   - send of the image's snapshot from the file (`send img.qcow2@s1`) against the same content
-#     through NBD (`send nbd+unix:///...` of a qemu-nbd export of that snapshot);
+#     through NBD (`send nbd+unix:///...` of a qemu-nbd export of that snapshot), and the
+#     incremental s1..s2 from the file against `send --bitmap b1` of the export (qemu-nbd -B);
 #   - `send --qmp --node` with no guest write since the last one: the checkpoint's setup and
 #     teardown (transaction, scratch overlay, export; then their removal) plus an empty stream;
 #   - how long guest writes take while a point-in-time view exists (copy-before-write) against
@@ -38,6 +39,16 @@ for ((off = 0; off < SIZE; off += 2 * piece)); do
 done
 rm -f piece.bin
 qemu-img snapshot -c s1 img.qcow2
+qemu-img bitmap --add img.qcow2 b1
+# ~5% of the disk changed in 1 MiB pieces, then s2: an incremental s1..s2, or what b1 recorded
+head -c 1M /dev/urandom > piece.bin
+args=()
+for ((i = 0; i < SIZE / 1048576 / 20; i++)); do
+  args+=(-c "write -q -s piece.bin $(( (RANDOM * 32768 + RANDOM) % (SIZE / 1048576) * 1048576 )) 1048576")
+done
+qemu-io -f qcow2 "${args[@]}" img.qcow2
+rm -f piece.bin
+qemu-img snapshot -c s2 img.qcow2
 
 # ---- file against NBD, the same content
 qemu-nbd -r -t -f qcow2 -l snapshot.name=s1 -k "$W/nbd.sock" -x s1 -e 4 img.qcow2 &
@@ -48,6 +59,16 @@ for ((i = 1; i <= RUNS; i++)); do
   log "round $i/$RUNS: file and NBD"
   drop; t0=$(now); "$BD" send -q img.qcow2@s1 > /dev/null; rec file "$(secs "$t0")"
   drop; t0=$(now); "$BD" send -q "nbd+unix:///s1?socket=$W/nbd.sock" > /dev/null; rec nbd "$(secs "$t0")"
+done
+kill $NBD_PID; wait $NBD_PID 2>/dev/null || true
+qemu-nbd -r -t -f qcow2 -B b1 -k "$W/nbd.sock" -x cur -e 4 img.qcow2 &
+NBD_PID=$!
+while [ ! -S "$W/nbd.sock" ]; do sleep 0.05; done
+for ((i = 1; i <= RUNS; i++)); do
+  log "round $i/$RUNS: incremental from the file and through NBD"
+  drop; t0=$(now); "$BD" send -q img.qcow2@s1..s2 > /dev/null; rec file_incr "$(secs "$t0")"
+  drop; t0=$(now); "$BD" send -q --bitmap b1 "nbd+unix:///cur?socket=$W/nbd.sock" > /dev/null
+  rec nbd_incr "$(secs "$t0")"
 done
 kill $NBD_PID; wait $NBD_PID 2>/dev/null || true
 
@@ -100,6 +121,9 @@ r() { printf '| %-62s | %9s |\n' "$1" "$2"; }
 r "send img.qcow2@s1 (file)" "$(med file)"
 r "send nbd+unix:///s1 (qemu-nbd -e 4 of the same snapshot)" "$(med nbd)"
 r "  NBD / file (goal <= 1.3)" "$(awk -v a="$(med nbd)" -v b="$(med file)" 'BEGIN{printf "%.2f", a/b}')"
+r "send img.qcow2@s1..s2 (file, ~5% changed)" "$(med file_incr)"
+r "send --bitmap b1 nbd+unix:///cur (qemu-nbd -B b1 of the same)" "$(med nbd_incr)"
+r "  NBD / file (goal <= 1.3)" "$(awk -v a="$(med nbd_incr)" -v b="$(med file_incr)" 'BEGIN{printf "%.2f", a/b}')"
 r "send --qmp, no change: checkpoint setup + teardown (goal < 0.5)" "$(med checkpoint)"
 r "256 guest writes of 64 KiB, no view" "$(med writes_plain)"
 r "256 guest writes of 64 KiB while a view exists" "$(med writes_view)"

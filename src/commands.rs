@@ -131,6 +131,14 @@ fn cmd_send(a: SendArgs) -> Result<()> {
     if let Some(qmp) = &a.qmp {
         return send_live(&a, qmp, usage_or);
     }
+    if a.force_share {
+        // Safe for internal snapshots QEMU leaves alone, never for a disk it writes.
+        eprintln!(
+            "note: --force-share reads an image a running QEMU may be writing: safe for its \
+             internal snapshots, not for its active layer; 'send --qmp SOCKET --node NODE' \
+             sends a running disk at a point in time"
+        );
+    }
     let spec = a.source.clone().unwrap_or_default();
     let mut source = open_source_opts(&spec, &opts).map_err(usage_or)?;
     if let Some(token) = &a.resume {

@@ -401,3 +401,45 @@ fn a_receive_cut_short_is_reverted_by_qemu_and_the_next_stream_applies() {
     assert_ok(&receive_file(&stream, &replica, &[]), "after the revert");
     assert_same_file(&replica_now(&s, &replica, "r.raw"), &moment);
 }
+
+#[test]
+fn a_sender_killed_at_any_moment_leaves_nothing_the_next_run_trips_on() {
+    if !have_qemu() || !have("python3") {
+        return;
+    }
+    let s = Scratch::new();
+    let d = Daemon::start(&s);
+    let replica = s.path("r.raw");
+    let stream = s.path("s.bd");
+    assert_ok(&d.send_to(&stream, &[]), "the seed");
+    assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+    // Killed after 0 to 60 ms: before connecting, in the transaction, the export, the stream or
+    // the teardown, wherever it happens to be.
+    for (i, ms) in [0u64, 2, 5, 10, 20, 40, 60].iter().enumerate() {
+        d.write(&format!("write -P {} {}M 64k", 10 + i, i));
+        let mut child = Command::new(bin())
+            .args(d.send_args())
+            .arg("-o")
+            .arg(s.path("killed.bd"))
+            .arg("--force")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(*ms));
+        let _ = child.kill();
+        if child.wait().unwrap().success() {
+            // It ended before the kill: its stream is what a pipe would have carried.
+            let out = receive_file(&s.path("killed.bd"), &replica, &[]);
+            assert_ok(&out, "the stream of a run that ended before its kill");
+        }
+        let moment = s.path("moment.raw");
+        d.snapshot_to(&moment);
+        assert_ok(
+            &d.send_to(&stream, &[]),
+            &format!("the run after a kill at {ms} ms"),
+        );
+        assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+        assert_same_file(&replica, &moment);
+        assert_eq!(d.leftovers(), (1, 0), "after a kill at {ms} ms");
+    }
+}

@@ -158,7 +158,7 @@ fn force_share_sends_what_qemu_exports_of_a_running_image() {
     let img = image(&s);
     let _vm = Holder::storage_daemon(&img);
     let (full, incr) = (s.path("s1.bd"), s.path("s1-s2.bd"));
-    blkdelta_ok(&[
+    let out = blkdelta_ok(&[
         "send",
         "-q",
         "-U",
@@ -166,6 +166,11 @@ fn force_share_sends_what_qemu_exports_of_a_running_image() {
         "-o",
         full.to_str().unwrap(),
     ]);
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        note.contains("not for its active layer") && note.contains("send --qmp"),
+        "-U warns that the live path is the safe one: {note}"
+    );
     blkdelta_ok(&[
         "send",
         "-q",
