@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use blkdelta_common::qmp::Qmp;
+
 use crate::common::{
     arg, assert_ok, assert_same_file, bin, blkdelta, have, one_line_failure, receive_file, run,
     Scratch,
@@ -126,27 +128,12 @@ impl Daemon {
 
     /// What QMP says of the daemon: block exports and jobs (both must be only the guest's).
     fn leftovers(&self) -> (usize, usize) {
-        let q = |cmd: &str| {
-            let out = run(Command::new("python3").arg("-c").arg(format!(
-                r#"
-import json, socket
-s = socket.socket(socket.AF_UNIX); s.connect({sock:?}); f = s.makefile("rw")
-f.readline()
-for c in ["qmp_capabilities", "{cmd}"]:
-    f.write(json.dumps({{"execute": c}}) + "\n"); f.flush()
-    while True:
-        r = json.loads(f.readline())
-        if "event" not in r: break
-print(len(r["return"]))
-"#,
-                sock = self.path("qmp.sock").display().to_string()
-            )));
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse::<usize>()
-                .unwrap()
+        let mut q = Qmp::connect(&self.path("qmp.sock")).expect("QMP");
+        let mut count = |cmd: &str| {
+            let v: serde_json::Value = q.execute(cmd, serde_json::json!({})).expect(cmd);
+            v.as_array().map_or(0, Vec::len)
         };
-        (q("query-block-exports"), q("query-block-jobs"))
+        (count("query-block-exports"), count("query-block-jobs"))
     }
 
     /// Stops the daemon as QEMU stops cleanly (SIGTERM): persistent bitmaps are saved.
@@ -182,7 +169,7 @@ fn replica_now(s: &Scratch, replica: &Path, name: &str) -> PathBuf {
 
 #[test]
 fn live_sends_are_the_disk_at_their_moment() {
-    if !have_qemu() || !have("python3") {
+    if !have_qemu() {
         return;
     }
     let s = Scratch::new();
@@ -225,7 +212,7 @@ fn live_sends_are_the_disk_at_their_moment() {
 
 #[test]
 fn writes_during_a_send_are_in_the_next_stream_only() {
-    if !have_qemu() || !have("python3") {
+    if !have_qemu() {
         return;
     }
     let s = Scratch::new();
@@ -271,7 +258,7 @@ fn writes_during_a_send_are_in_the_next_stream_only() {
 
 #[test]
 fn a_sender_killed_part_way_leaves_the_daemon_serving_and_the_next_run_correct() {
-    if !have_qemu() || !have("python3") {
+    if !have_qemu() {
         return;
     }
     let s = Scratch::new();
@@ -314,7 +301,7 @@ fn a_sender_killed_part_way_leaves_the_daemon_serving_and_the_next_run_correct()
 
 #[test]
 fn a_bitmap_qemu_could_not_save_is_refused_with_the_way_out() {
-    if !have_qemu() || !have("python3") {
+    if !have_qemu() {
         return;
     }
     let s = Scratch::new();
@@ -342,7 +329,7 @@ fn a_bitmap_qemu_could_not_save_is_refused_with_the_way_out() {
 
 #[test]
 fn a_receive_cut_short_is_reverted_by_qemu_and_the_next_stream_applies() {
-    if !have_qemu() || !have("python3") {
+    if !have_qemu() {
         return;
     }
     let s = Scratch::new();
@@ -404,7 +391,7 @@ fn a_receive_cut_short_is_reverted_by_qemu_and_the_next_stream_applies() {
 
 #[test]
 fn a_sender_killed_at_any_moment_leaves_nothing_the_next_run_trips_on() {
-    if !have_qemu() || !have("python3") {
+    if !have_qemu() {
         return;
     }
     let s = Scratch::new();
