@@ -10,6 +10,8 @@
 # Env: BENCH_DIR (/tmp/blkdelta-history) BENCH_SIZE (2G) BENCH_DAYS (30) BENCH_PCT (1)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
 W=${BENCH_DIR:-/tmp/blkdelta-history}
 SIZE_H=${BENCH_SIZE:-2G}
 DAYS=${BENCH_DAYS:-30}
@@ -29,13 +31,7 @@ alloc() { echo $(( $(stat -c %b "$1") * $(stat -c %B "$1") )); }
 data_bytes() { "$BD" dump --json "$1" | head -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["total_data_bytes"])'; }
 
 log "fixture: $SIZE_H qcow2, ~50% random data"
-qemu-img create -q -f qcow2 img.qcow2 "$SIZE"
-piece=$((SIZE / 64))
-for ((off = 0; off < SIZE; off += 2 * piece)); do
-  head -c "$piece" /dev/urandom > piece.bin
-  qemu-io -f qcow2 -c "write -q -s piece.bin $off $piece" img.qcow2
-done
-rm -f piece.bin
+half_random_qcow2 img.qcow2 "$SIZE"
 qemu-img snapshot -c d0 img.qcow2
 "$BD" send -q img.qcow2@d0 -o s.bd
 sent=$(data_bytes s.bd)

@@ -12,6 +12,8 @@
 # Env: BENCH_DIR (/tmp/blkdelta-live) BENCH_SIZE (2G) BENCH_RUNS (3)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
 W=${BENCH_DIR:-/tmp/blkdelta-live}
 SIZE_H=${BENCH_SIZE:-2G}
 RUNS=${BENCH_RUNS:-3}
@@ -31,13 +33,7 @@ rec() { echo "$2" >> "$R/$1"; }
 med() { sort -g "$R/$1" | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 log "fixture: $SIZE_H qcow2, ~50% random data"
-qemu-img create -q -f qcow2 img.qcow2 "$SIZE"
-piece=$((SIZE / 64))
-for ((off = 0; off < SIZE; off += 2 * piece)); do
-  head -c "$piece" /dev/urandom > piece.bin
-  qemu-io -f qcow2 -c "write -q -s piece.bin $off $piece" img.qcow2
-done
-rm -f piece.bin
+half_random_qcow2 img.qcow2 "$SIZE"
 qemu-img snapshot -c s1 img.qcow2
 qemu-img bitmap --add img.qcow2 b1
 # ~5% of the disk changed in 1 MiB pieces, then s2: an incremental s1..s2, or what b1 recorded

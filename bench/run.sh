@@ -9,6 +9,8 @@
 # Env: BENCH_DIR (/tmp/blkdelta-bench) BENCH_SIZE (4G) BENCH_RUNS (3) BENCH_PCT (5)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
 W=${BENCH_DIR:-/tmp/blkdelta-bench}
 SIZE_H=${BENCH_SIZE:-4G}
 RUNS=${BENCH_RUNS:-3}
@@ -31,13 +33,7 @@ rm -rf "$W"; mkdir -p "$W"; cd "$W"
 
 # ---------------------------------------------------------------- fixture
 log "fixture: $SIZE_H qcow2, ~50% random data in pieces of $((SIZE/64)) bytes"
-qemu-img create -q -f qcow2 img.qcow2 "$SIZE"
-piece=$((SIZE / 64))
-for ((off = 0; off < SIZE; off += 2 * piece)); do
-  head -c "$piece" /dev/urandom > piece.bin
-  qemu-io -f qcow2 -c "write -q -s piece.bin $off $piece" img.qcow2
-done
-rm -f piece.bin
+half_random_qcow2 img.qcow2 "$SIZE"
 qemu-img snapshot -c s1 img.qcow2
 
 # the equivalent overlay: s1 exported to a qcow2 base, empty overlay on top

@@ -25,6 +25,8 @@
 #      1 always, 0 never)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
 W=${BENCH_DIR:-/tmp/blkdelta-trust}
 SIZE_H=${BENCH_SIZE:-4G}
 RUNS=${BENCH_RUNS:-3}
@@ -60,13 +62,7 @@ else
   # ------------------------------------------------------------ fixture (as bench/run.sh)
   find "$W" -mindepth 1 -delete
   log "fixture: $SIZE_H qcow2, ~50% random data in pieces of $((SIZE/64)) bytes"
-  qemu-img create -q -f qcow2 img.qcow2 "$SIZE"
-  piece=$((SIZE / 64))
-  for ((off = 0; off < SIZE; off += 2 * piece)); do
-    head -c "$piece" /dev/urandom > piece.bin
-    qemu-io -f qcow2 -c "write -q -s piece.bin $off $piece" img.qcow2
-  done
-  rm -f piece.bin
+  half_random_qcow2 img.qcow2 "$SIZE"
   qemu-img snapshot -c s1 img.qcow2
   python3 "$root/bench/genops.py" "$SIZE" PAT "$PCT" 42 > ops.txt
   split -l 300 -d ops.txt ops.batch.

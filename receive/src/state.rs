@@ -404,9 +404,7 @@ pub fn lock(state_path: &Path) -> Result<StateLock, ReceiveError> {
 
 /// Seconds since the epoch.
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    blkdelta_common::time::now_secs()
 }
 
 #[cfg(test)]

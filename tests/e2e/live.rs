@@ -117,6 +117,17 @@ impl Daemon {
         ]
     }
 
+    /// `send --qmp EXTRA` started, its stream on a pipe (`out`) or into a file.
+    fn spawn_send(&self, extra: &[&str], out: Stdio) -> Child {
+        Command::new(bin())
+            .args(self.send_args())
+            .args(extra)
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// `send --qmp` into `stream`.
     fn send_to(&self, stream: &Path, extra: &[&str]) -> std::process::Output {
         let mut args = self.send_args();
@@ -226,12 +237,7 @@ fn writes_during_a_send_are_in_the_next_stream_only() {
     d.snapshot_to(&moment);
     // The stream goes into a pipe nobody reads until the guest wrote: the sender is blocked
     // mid-stream, past the moment.
-    let mut child = Command::new(bin())
-        .args(d.send_args())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = d.spawn_send(&[], Stdio::piped());
     let mut out = child.stdout.take().unwrap();
     let mut head = [0u8; 8];
     out.read_exact(&mut head).unwrap();
@@ -269,12 +275,7 @@ fn a_sender_killed_part_way_leaves_the_daemon_serving_and_the_next_run_correct()
     assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
     d.write("write -P 3 2M 2M");
     // Killed once the moment is taken (its stream has begun), before it ends.
-    let mut child = Command::new(bin())
-        .args(d.send_args())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = d.spawn_send(&[], Stdio::piped());
     let mut head = [0u8; 8];
     child
         .stdout
@@ -352,14 +353,7 @@ fn a_receive_cut_short_is_reverted_by_qemu_and_the_next_stream_applies() {
     };
     // The sender killed part way through an uncompressed incremental: its receiver got 2 MiB.
     d.write("write -P 9 0 3M");
-    let mut args = d.send_args();
-    args.extend(["-l".into(), "0".into()]);
-    let mut child = Command::new(bin())
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = d.spawn_send(&["-l", "0"], Stdio::piped());
     let mut part = vec![0u8; 2 << 20];
     child
         .stdout
@@ -404,14 +398,8 @@ fn a_sender_killed_at_any_moment_leaves_nothing_the_next_run_trips_on() {
     // the teardown, wherever it happens to be.
     for (i, ms) in [0u64, 2, 5, 10, 20, 40, 60].iter().enumerate() {
         d.write(&format!("write -P {} {}M 64k", 10 + i, i));
-        let mut child = Command::new(bin())
-            .args(d.send_args())
-            .arg("-o")
-            .arg(s.path("killed.bd"))
-            .arg("--force")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let killed = s.path("killed.bd");
+        let mut child = d.spawn_send(&["-o", arg(&killed), "--force"], Stdio::null());
         std::thread::sleep(Duration::from_millis(*ms));
         let _ = child.kill();
         if child.wait().unwrap().success() {
