@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds blkdelta, makes a small qcow2 image with three snapshots, seeds a replica from the
-# first, brings it to the third incrementally, and checks the replica against qemu's export.
+# first, brings it to the third incrementally, and checks the replica against qemu's export;
+# then does the same into a qcow2 replica that keeps every snapshot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v qemu-img >/dev/null || { echo "demo: needs qemu-img (apt-get install qemu-utils)" >&2; exit 1; }
@@ -34,3 +35,11 @@ echo "== verify"
 "$bd" verify replica.raw            # reads the replica against them
 qemu-img convert -l snapshot.name=fri -O raw vm.qcow2 fri-export.raw
 cmp replica.raw fri-export.raw && echo "replica.raw is byte-identical to qemu's export of fri"
+
+echo "== a replica that keeps history: blkdelta send vm.qcow2@mon..fri | blkdelta receive history.qcow2"
+"$bd" send -q vm.qcow2@mon | "$bd" receive -q history.qcow2
+"$bd" send -q vm.qcow2@mon..fri | "$bd" receive -q history.qcow2
+qemu-img snapshot -l history.qcow2
+qemu-img convert -l snapshot.name=wed -O raw history.qcow2 wed-replica.raw
+qemu-img convert -l snapshot.name=wed -O raw vm.qcow2 wed-export.raw
+cmp wed-replica.raw wed-export.raw && echo "history.qcow2@wed is byte-identical to qemu's export of wed"
