@@ -154,3 +154,36 @@ fn a_snapshot_qemu_makes_on_the_replica_does_not_stop_the_next_incremental() {
     src.assert_exports(&r, &days, "fri..sat after QEMU's snapshot");
     src.assert_holds(&r, "sat", "fri..sat after QEMU's snapshot");
 }
+
+#[test]
+fn a_replica_qemu_wrote_into_is_repaired_over_the_link() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let src = Source::week(1);
+    let r = src.replica("r.qcow2", "wed");
+    qemu_io(
+        &r,
+        &["write -P 0x99 4M 64k".into(), "write -z 9M 1M".into()],
+    );
+    let blocks = src.s.path("blocks.txt");
+    let out = blkdelta(&["checksum", "--blocks", arg(&r)]);
+    std::fs::write(&blocks, &out.stdout).unwrap();
+    // Only the blocks that differ travel; the replica then holds wed again.
+    let spec = src.spec("wed");
+    pipe_args_ok(&["--against", arg(&blocks), &spec], &r, &["--repair"]);
+    assert_clean(&r, "after the repair");
+    src.assert_holds(&r, "wed", "after the repair");
+    let out = blkdelta(&["checksum", arg(&r)]);
+    let want = blkdelta(&["checksum", &spec]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next(),
+        String::from_utf8_lossy(&want.stdout)
+            .split_whitespace()
+            .next()
+    );
+    pipe_args_ok(&[&src.spec("wed..fri")], &r, &[]);
+    src.assert_holds(&r, "fri", "wed..fri after the repair");
+}
