@@ -277,6 +277,28 @@ fn qemu_nbd_export_reads_and_allocation_match_qemu_img() {
     assert_eq!(nbd_map(&nbd), map);
 }
 
+/// A server that takes several clients and says they see the same data is read through
+/// several connections, and reads the same bytes; one that takes one client, through one.
+#[test]
+fn reads_go_through_several_connections_when_the_server_allows_it() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), false);
+    let raw = convert(&img);
+    let sock = dir.path().join("multi.sock");
+    let _server = qemu_nbd(&img, &["-k", s(&sock), "-e", "4"]);
+    let nbd = Arc::new(open(&unix_uri(&sock), None).unwrap());
+    assert_eq!(nbd.connections(), 4);
+    assert!(whole(Arc::clone(&nbd)) == raw, "the same bytes");
+    drop(nbd);
+    let one = dir.path().join("one.sock");
+    let _single = qemu_nbd(&img, &["-k", s(&one)]);
+    let nbd = open(&unix_uri(&one), None).unwrap();
+    assert_eq!(nbd.connections(), 1);
+}
+
 #[test]
 fn qemu_nbd_over_tcp_reads_the_same_bytes() {
     if !have_qemu() {

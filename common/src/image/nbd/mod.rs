@@ -91,10 +91,20 @@ impl StatusCache {
     }
 }
 
+/// Transmission flag: the server serves the same data to every connection to this export.
+const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+
+/// Connections an export is read through, at most, when the server allows several.
+const READ_CONNECTIONS: usize = 4;
+
 /// An NBD export opened for reading.
 #[derive(Debug)]
 pub struct NbdImage {
     conn: Connection,
+    /// More connections for reads, when the server says they see the same data
+    /// (`NBD_FLAG_CAN_MULTI_CONN`): reads go round them, so the server serves them at once.
+    readers: Vec<Connection>,
+    next_reader: std::sync::atomic::AtomicUsize,
     uri: NbdUri,
     cache: Mutex<StatusCache>,
     /// Length of block status requests: [`MAX_STATUS_BYTES`] until the server refuses that.
@@ -134,13 +144,30 @@ impl NbdImage {
     pub fn open(uri: &NbdUri, options: &NbdOptions) -> Result<Self, ImageError> {
         let bitmap = options.dirty_bitmap.as_deref();
         let conn = Connection::open(uri, bitmap, options.timeout)?;
+        let mut readers = Vec::new();
+        if conn.export().flags & FLAG_CAN_MULTI_CONN != 0 {
+            for _ in 1..READ_CONNECTIONS {
+                // A server that takes fewer clients than it says: the reads share what opened.
+                match Connection::open(uri, None, options.timeout) {
+                    Ok(c) if c.export().size == conn.export().size => readers.push(c),
+                    _ => break,
+                }
+            }
+        }
         Ok(NbdImage {
             conn,
+            readers,
+            next_reader: std::sync::atomic::AtomicUsize::new(0),
             uri: uri.clone(),
             cache: Mutex::new(StatusCache::default()),
             status_bytes: AtomicU32::new(MAX_STATUS_BYTES),
             spare: Spare::default(),
         })
+    }
+
+    /// How many connections reads go through (more than one when the server allows it).
+    pub fn connections(&self) -> usize {
+        1 + self.readers.len()
     }
 
     /// The export's URI.
@@ -319,9 +346,14 @@ impl BlockSource for NbdImage {
         }
         let pieces = self.pieces(offset, buf.len() as u64);
         let mut sent = Vec::with_capacity(pieces.len());
+        let k = self.next_reader.fetch_add(1, Ordering::Relaxed) % (self.readers.len() + 1);
+        let conn = match k {
+            0 => &self.conn,
+            k => &self.readers[k - 1],
+        };
         for &(o, n) in &pieces {
             let pending = Pending::read_into(o, n, self.spare.take());
-            sent.push(self.conn.submit(wire::CMD_READ, pending)?);
+            sent.push(conn.submit(wire::CMD_READ, pending)?);
         }
         let end = offset + buf.len() as u64;
         for (&(o, n), rx) in pieces.iter().zip(&sent) {
