@@ -12,7 +12,8 @@
 //!
 //! [`NbdImage`] is a [`BlockSource`]: reads from many threads share one connection (most
 //! servers, `qemu-nbd` by default, take one client at a time), several requests in flight
-//! ([`conn`]). [`NbdClient`] is the same protocol over any byte stream, one thread.
+//! ([`conn`]); a server that says every connection sees the same data
+//! (`NBD_FLAG_CAN_MULTI_CONN`) is read through up to four, the reads going round them. [`NbdClient`] is the same protocol over any byte stream, one thread.
 //! Everything the server sends is untrusted and checked before it is used: magic numbers,
 //! lengths before any allocation, offsets and extents against the request, handles against
 //! the requests in flight; a broken promise is a one-line [`NbdError`].
