@@ -128,6 +128,12 @@ impl Daemon {
             .unwrap()
     }
 
+    /// The first live send (the whole disk) into `stream`, received into `replica`.
+    fn seed(&self, stream: &Path, replica: &Path) {
+        assert_ok(&self.send_to(stream, &[]), "the seed");
+        assert_ok(&receive_file(stream, replica, &[]), "its receive");
+    }
+
     /// `send --qmp` into `stream`.
     fn send_to(&self, stream: &Path, extra: &[&str]) -> std::process::Output {
         let mut args = self.send_args();
@@ -230,8 +236,7 @@ fn writes_during_a_send_are_in_the_next_stream_only() {
     let d = Daemon::start(&s);
     let replica = s.path("r.raw");
     let stream = s.path("s.bd");
-    assert_ok(&d.send_to(&stream, &[]), "the seed");
-    assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+    d.seed(&stream, &replica);
     d.write("write -P 5 1M 1M");
     let moment = s.path("moment.raw");
     d.snapshot_to(&moment);
@@ -271,8 +276,7 @@ fn a_sender_killed_part_way_leaves_the_daemon_serving_and_the_next_run_correct()
     let d = Daemon::start(&s);
     let replica = s.path("r.qcow2");
     let stream = s.path("s.bd");
-    assert_ok(&d.send_to(&stream, &[]), "the seed");
-    assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+    d.seed(&stream, &replica);
     d.write("write -P 3 2M 2M");
     // Killed once the moment is taken (its stream has begun), before it ends.
     let mut child = d.spawn_send(&[], Stdio::piped());
@@ -337,8 +341,7 @@ fn a_receive_cut_short_is_reverted_by_qemu_and_the_next_stream_applies() {
     let d = Daemon::start(&s);
     let replica = s.path("r.qcow2");
     let stream = s.path("s.bd");
-    assert_ok(&d.send_to(&stream, &[]), "the seed");
-    assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+    d.seed(&stream, &replica);
     let seed = {
         let out = run(Command::new("qemu-img")
             .args(["snapshot", "-l"])
@@ -392,8 +395,7 @@ fn a_sender_killed_at_any_moment_leaves_nothing_the_next_run_trips_on() {
     let d = Daemon::start(&s);
     let replica = s.path("r.raw");
     let stream = s.path("s.bd");
-    assert_ok(&d.send_to(&stream, &[]), "the seed");
-    assert_ok(&receive_file(&stream, &replica, &[]), "its receive");
+    d.seed(&stream, &replica);
     // Killed after 0 to 60 ms: before connecting, in the transaction, the export, the stream or
     // the teardown, wherever it happens to be.
     for (i, ms) in [0u64, 2, 5, 10, 20, 40, 60].iter().enumerate() {

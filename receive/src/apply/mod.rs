@@ -72,7 +72,8 @@ pub fn receive_path<R: Read + Send + 'static>(
     opts: &ReceiveOptions,
     progress: &dyn Progress,
 ) -> Result<ReceiveSummary, ReceiveError> {
-    let is_dev = TargetProbe::of(path)?.is_block_device;
+    let found = TargetProbe::of(path)?;
+    let is_dev = found.is_block_device;
     let state_path = state_path
         .map(Path::to_path_buf)
         .unwrap_or_else(|| default_state_path(path, is_dev));
@@ -92,8 +93,7 @@ pub fn receive_path<R: Read + Send + 'static>(
         let mut target = DryTarget::new(probe.size);
         return receive(reader, &mut target, None, plan, progress);
     }
-    let (_, probe) = load_state(path, &state_path).map(|(_, p)| ((), p))?;
-    refuse_missing_directory(path, &probe)?;
+    refuse_missing_directory(path, &found)?;
     let _lock = state::lock(&state_path)?;
     let (prior, probe) = load_state(path, &state_path)?;
     let plan = plan(reader.header(), prior, &probe, opts)?;
