@@ -3,7 +3,8 @@
 # with a QMP socket and a writable NBD export (the guest). Measures, over BENCH_RUNS rounds
 # (medians, caches dropped before each):
 #   - send of the image's snapshot from the file (`send img.qcow2@s1`) against the same content
-#     through NBD (`send nbd+unix:///...` of a qemu-nbd export of that snapshot), and the
+#     through NBD (`send nbd+unix:///...` of a qemu-nbd export of that snapshot), qemu-img
+#     reading both the same way (`convert` into null-co: the peer's own NBD cost), and the
 #     incremental s1..s2 from the file against `send --bitmap b1` of the export (qemu-nbd -B);
 #   - `send --qmp --node` with no guest write since the last one: the checkpoint's setup and
 #     teardown (transaction, scratch overlay, export; then their removal) plus an empty stream;
@@ -55,6 +56,11 @@ for ((i = 1; i <= RUNS; i++)); do
   log "round $i/$RUNS: file and NBD"
   drop; t0=$(now); "$BD" send -q img.qcow2@s1 > /dev/null; rec file "$(secs "$t0")"
   drop; t0=$(now); "$BD" send -q "nbd+unix:///s1?socket=$W/nbd.sock" > /dev/null; rec nbd "$(secs "$t0")"
+  # The peer: qemu-img reading the same snapshot from the file and through the same export
+  drop; t0=$(now); qemu-img convert -f qcow2 -l snapshot.name=s1 -n img.qcow2 \
+    --target-image-opts "driver=null-co,size=$SIZE"; rec qi_file "$(secs "$t0")"
+  drop; t0=$(now); qemu-img convert -f raw -n "nbd+unix:///s1?socket=$W/nbd.sock" \
+    --target-image-opts "driver=null-co,size=$SIZE"; rec qi_nbd "$(secs "$t0")"
 done
 kill $NBD_PID; wait $NBD_PID 2>/dev/null || true
 qemu-nbd -r -t -f qcow2 -B b1 -k "$W/nbd.sock" -x cur -e 4 img.qcow2 &
@@ -117,6 +123,9 @@ r() { printf '| %-62s | %9s |\n' "$1" "$2"; }
 r "send img.qcow2@s1 (file)" "$(med file)"
 r "send nbd+unix:///s1 (qemu-nbd -e 4 of the same snapshot)" "$(med nbd)"
 r "  NBD / file (goal <= 1.3)" "$(awk -v a="$(med nbd)" -v b="$(med file)" 'BEGIN{printf "%.2f", a/b}')"
+r "qemu-img convert -l snapshot.name=s1 img.qcow2 -> null-co" "$(med qi_file)"
+r "qemu-img convert nbd+unix:///s1 (same export) -> null-co" "$(med qi_nbd)"
+r "  qemu-img: NBD / file" "$(awk -v a="$(med qi_nbd)" -v b="$(med qi_file)" 'BEGIN{printf "%.2f", a/b}')"
 r "send img.qcow2@s1..s2 (file, ~5% changed)" "$(med file_incr)"
 r "send --bitmap b1 nbd+unix:///cur (qemu-nbd -B b1 of the same)" "$(med nbd_incr)"
 r "  NBD / file (goal <= 1.3)" "$(awk -v a="$(med nbd_incr)" -v b="$(med file_incr)" 'BEGIN{printf "%.2f", a/b}')"

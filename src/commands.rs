@@ -111,6 +111,15 @@ fn threads(t: Option<u16>) -> usize {
     )
 }
 
+/// Send workers: as asked, else [`threads`], raised to what keeps `source` busy (an NBD
+/// export wants reads in flight; the cap of 32 bounds memory as the CLI's does).
+fn send_threads(t: Option<u16>, source: &dyn blkdelta_send::source::ChangeSource) -> usize {
+    t.map_or_else(
+        || threads(None).max(source.reads_in_flight().min(32)),
+        usize::from,
+    )
+}
+
 fn cmd_send(a: SendArgs) -> Result<()> {
     let usage_or = |e: SendError| match e {
         SendError::Usage(m) => anyhow::Error::new(UsageError(m)),
@@ -226,7 +235,7 @@ fn stream_out(
 ) -> Result<SendSummary> {
     let opts = SendOptions {
         level: a.level,
-        threads: threads(a.threads),
+        threads: send_threads(a.threads, source),
     };
     let progress = progress::make(a.progress, "send", false);
     let summary = match &a.output {
@@ -541,4 +550,52 @@ fn verify(rec: &Record, at: u64) -> Result<()> {
         d.plain(at)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blkdelta_common::image::Allocation;
+    use blkdelta_common::stream::{SnapRef, SourceInfo};
+    use blkdelta_send::source::FullSource;
+
+    /// A source that wants `.0` reads in flight.
+    struct Wants(usize);
+
+    impl BlockSource for Wants {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_at(&self, buf: &mut [u8], _offset: u64) -> Result<(), blkdelta_common::ImageError> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn status(
+            &self,
+            _offset: u64,
+            max_len: u64,
+        ) -> Result<(Allocation, u64), blkdelta_common::ImageError> {
+            Ok((Allocation::Data, max_len.min(self.size())))
+        }
+        fn reads_in_flight(&self) -> usize {
+            self.0
+        }
+    }
+
+    fn source(wants: usize) -> FullSource {
+        let info = SourceInfo {
+            kind: "raw".into(),
+            name: "t".into(),
+        };
+        FullSource::new(Arc::new(Wants(wants)), info, SnapRef::named("t"))
+    }
+
+    #[test]
+    fn a_send_runs_as_many_workers_as_its_source_wants_unless_told() {
+        let cores = threads(None);
+        assert_eq!(send_threads(None, &source(0)), cores);
+        assert_eq!(send_threads(None, &source(8)), cores.max(8));
+        assert_eq!(send_threads(None, &source(1000)), cores.max(32), "capped");
+        assert_eq!(send_threads(Some(3), &source(8)), 3, "--threads wins");
+    }
 }

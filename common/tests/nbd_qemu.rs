@@ -291,6 +291,11 @@ fn reads_go_through_several_connections_when_the_server_allows_it() {
     let _server = qemu_nbd(&img, &["-k", s(&sock), "-e", "4"]);
     let nbd = Arc::new(open(&unix_uri(&sock), None).unwrap());
     assert_eq!(nbd.connections(), 4);
+    assert_eq!(
+        nbd.reads_in_flight(),
+        8,
+        "two reads in flight per connection"
+    );
     assert!(whole(Arc::clone(&nbd)) == raw, "the same bytes");
     drop(nbd);
     let one = dir.path().join("one.sock");

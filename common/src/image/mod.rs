@@ -53,6 +53,13 @@ pub trait BlockSource: Send + Sync {
     ///
     /// [`size`]: BlockSource::size
     fn status(&self, offset: u64, max_len: u64) -> Result<(Allocation, u64), ImageError>;
+
+    /// How many reads at once keep this source busy when that is more than the cores: a
+    /// network export answers each read a round trip later, so readers should keep several
+    /// in flight. 0 (the default): no more than the cores.
+    fn reads_in_flight(&self) -> usize {
+        0
+    }
 }
 
 impl<T: BlockSource + ?Sized> BlockSource for Arc<T> {
@@ -64,6 +71,9 @@ impl<T: BlockSource + ?Sized> BlockSource for Arc<T> {
     }
     fn status(&self, offset: u64, max_len: u64) -> Result<(Allocation, u64), ImageError> {
         (**self).status(offset, max_len)
+    }
+    fn reads_in_flight(&self) -> usize {
+        (**self).reads_in_flight()
     }
 }
 

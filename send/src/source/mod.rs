@@ -63,6 +63,17 @@ pub trait ChangeSource: Send + Sync {
     fn snapshot_info(&self, _index: usize) -> Option<SnapshotInfo> {
         None
     }
+
+    /// How many reads at once keep the source busy ([`BlockSource::reads_in_flight`] of
+    /// the first transition's reader): a sender runs at least that many workers unless told
+    /// otherwise.
+    fn reads_in_flight(&self) -> usize {
+        if self.transitions().is_empty() {
+            0
+        } else {
+            self.reader(0).reads_in_flight()
+        }
+    }
 }
 
 /// What `send` is asked for beyond SOURCE: the change source to use and the names of states
