@@ -32,6 +32,9 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Delete the internal snapshots of a qcow2 replica that no --keep rule keeps.
     Prune(PruneArgs),
+    /// One replication cycle: snapshot the source, find the newest snapshot the replica
+    /// shares with it, send what changed since (locally or over ssh), prune both sides.
+    Sync(Box<SyncArgs>),
 }
 
 /// Progress and verbosity switches shared by the long-running commands.
@@ -303,6 +306,10 @@ pub struct PruneArgs {
     /// Keep the newest snapshot of each of the W most recent ISO weeks (UTC) that have one.
     #[arg(long, value_name = "W")]
     pub keep_weekly: Option<usize>,
+    /// Count and delete only snapshots whose names start with PREFIX; keep every other one
+    /// (`sync` prunes only its own `blkdelta-` snapshots).
+    #[arg(long, value_name = "PREFIX")]
+    pub prefix: Option<String>,
     /// Print what would be deleted and what stays; change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -349,4 +356,92 @@ pub struct ListArgs {
     /// Print as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `blkdelta sync`.
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// SOURCE TARGET, or TARGET alone with --qmp. SOURCE is a qcow2 image; either end may be
+    /// [USER@]HOST:PATH on another machine (reached with ssh), not both.
+    #[arg(required = true, num_args = 1..=2, value_name = "[SOURCE] TARGET")]
+    pub ends: Vec<String>,
+    /// A running QEMU's QMP socket: sync the disk --node through a point-in-time view (the
+    /// live path of `send --qmp`); TARGET is then the only end named.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        requires = "node",
+        help_heading = "Running VM"
+    )]
+    pub qmp: Option<PathBuf>,
+    /// With --qmp: the block node (node-name) of the disk.
+    #[arg(
+        long,
+        value_name = "NODE",
+        requires = "qmp",
+        help_heading = "Running VM"
+    )]
+    pub node: Option<String>,
+    /// With --qmp: where QEMU's NBD server listens when it already runs one.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "qmp",
+        help_heading = "Running VM"
+    )]
+    pub nbd_socket: Option<PathBuf>,
+    /// With --qmp: a directory QEMU can create the scratch overlay in.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "qmp",
+        help_heading = "Running VM"
+    )]
+    pub scratch: Option<PathBuf>,
+    /// Send every snapshot between the common one and the new one (like zfs send -I);
+    /// by default the stream goes straight from one to the other.
+    #[arg(long)]
+    pub all: bool,
+    /// Keep the N newest blkdelta-* snapshots on the source (default 1), never deleting the
+    /// one the replica holds or one a user made.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub keep_source: usize,
+    /// Prune the replica (a qcow2 replica) to its N newest blkdelta-* snapshots.
+    #[arg(long, value_name = "N")]
+    pub keep: Option<usize>,
+    /// Prune the replica to the newest blkdelta-* snapshot of each of D days.
+    #[arg(long, value_name = "D")]
+    pub keep_daily: Option<usize>,
+    /// Prune the replica to the newest blkdelta-* snapshot of each of W ISO weeks.
+    #[arg(long, value_name = "W")]
+    pub keep_weekly: Option<usize>,
+    /// When the replica shares no snapshot with the source (or changed), send only the
+    /// 1 MiB blocks whose hashes differ from the replica's, and accept the replica as it is.
+    #[arg(long, conflicts_with = "rewind")]
+    pub repair: bool,
+    /// When the replica shares no snapshot with the source, seed it again in full.
+    #[arg(long)]
+    pub rewind: bool,
+    /// The ssh command for a remote end (its options too: "ssh -p 2222 -i KEY").
+    #[arg(long, value_name = "CMD", default_value = "ssh")]
+    pub ssh_command: String,
+    /// The blkdelta to run on a remote end.
+    #[arg(long, value_name = "PATH", default_value = "blkdelta")]
+    pub remote_blkdelta: String,
+    /// zstd level of the stream, 0 (none) to 22.
+    #[arg(short = 'l', long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=22))]
+    pub level: i32,
+    /// Wait for another sync of the same source or target to end, instead of refusing.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print the plan (snapshot to create, FROM..TO, bytes, what would be pruned); change
+    /// nothing on either side.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON object instead of the summary line.
+    #[arg(long)]
+    pub json: bool,
+    /// Print nothing on success (errors still go to stderr).
+    #[arg(short, long, conflicts_with = "json")]
+    pub quiet: bool,
 }

@@ -74,6 +74,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::List(a) => print_out(|out| cmd_list(a, out)),
         Command::Verify(a) => replica::verify(a),
         Command::Prune(a) => print_out(|out| prune::prune(&a, out)),
+        Command::Sync(a) => crate::sync::run(&a),
     }
 }
 
@@ -90,6 +91,11 @@ fn print_out(f: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
         }
         other => other,
     }
+}
+
+/// Prints `line` and a newline on stdout (a closed stdout is no error of the command's).
+pub(crate) fn print_line(line: &str) -> Result<()> {
+    print_out(|out| writeln!(out, "{line}").map_err(anyhow::Error::from))
 }
 
 /// How `--force-share` opens images.
@@ -113,7 +119,10 @@ fn threads(t: Option<u16>) -> usize {
 
 /// Send workers: as asked, else [`threads`], raised to what keeps `source` busy (an NBD
 /// export wants reads in flight; the cap of 32 bounds memory as the CLI's does).
-fn send_threads(t: Option<u16>, source: &dyn blkdelta_send::source::ChangeSource) -> usize {
+pub(crate) fn send_threads(
+    t: Option<u16>,
+    source: &dyn blkdelta_send::source::ChangeSource,
+) -> usize {
     t.map_or_else(
         || threads(None).max(source.reads_in_flight().min(32)),
         usize::from,
@@ -484,6 +493,19 @@ fn cmd_status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {
         .unwrap_or_else(|| default_state_path(&a.target, is_dev));
     let (st, probe) = blkdelta_receive::history::load_state(&a.target, &path)?;
     let Some(st) = st else {
+        if a.json {
+            // A machine asking what is there (sync, before a first seed) learns it on stdout.
+            let target = match (probe.exists, probe.is_empty()) {
+                (false, _) => "missing",
+                (true, true) => "empty",
+                (true, false) => "data",
+            };
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({ "replica": "none", "target": target })
+            )?;
+        }
         bail!(
             "{} is not a blkdelta replica (no state at {})",
             a.target.display(),

@@ -6,6 +6,7 @@
 mod cli;
 mod commands;
 mod progress;
+mod sync;
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -53,7 +53,7 @@ const SECS_PER_DAY: u64 = 86_400;
 
 /// Which snapshots a prune keeps besides the one the replica holds. Every rule adds to what
 /// the others keep; all zero keeps only the held snapshot.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PruneRules {
     /// The newest `keep` snapshots, by table order.
     pub keep: usize,
@@ -62,6 +62,10 @@ pub struct PruneRules {
     /// The newest snapshot of each of the `keep_weekly` most recent ISO weeks (UTC) that have
     /// one.
     pub keep_weekly: usize,
+    /// When set, only snapshots whose names start with it are counted by the rules and
+    /// deleted; every other snapshot stays (`sync` prunes only the `blkdelta-` snapshots it
+    /// made, never one a user made).
+    pub prefix: Option<String>,
 }
 
 /// What a prune did, or in a dry run would do.
@@ -108,6 +112,22 @@ impl PruneReport {
 /// The indices (into `snapshots`, in table order, ascending) of the snapshots `rules` do not
 /// keep. `held`, the snapshot the replica holds, is always kept.
 pub fn plan_prune(snapshots: &[Snapshot], held: Option<usize>, rules: &PruneRules) -> Vec<usize> {
+    if let Some(prefix) = &rules.prefix {
+        // The rules see only the matching snapshots; indices map back to the whole table.
+        let matching: Vec<usize> = (0..snapshots.len())
+            .filter(|&i| snapshots[i].name.starts_with(prefix.as_str()))
+            .collect();
+        let subset: Vec<Snapshot> = matching.iter().map(|&i| snapshots[i].clone()).collect();
+        let held = held.and_then(|h| matching.iter().position(|&i| i == h));
+        let rules = PruneRules {
+            prefix: None,
+            ..rules.clone()
+        };
+        return plan_prune(&subset, held, &rules)
+            .into_iter()
+            .map(|k| matching[k])
+            .collect();
+    }
     let n = snapshots.len();
     let mut keep = vec![false; n];
     for k in &mut keep[n.saturating_sub(rules.keep)..] {

@@ -17,6 +17,7 @@ pub fn prune(a: &PruneArgs, out: &mut dyn Write) -> Result<()> {
         keep: a.keep.unwrap_or(0),
         keep_daily: a.keep_daily.unwrap_or(0),
         keep_weekly: a.keep_weekly.unwrap_or(0),
+        prefix: a.prefix.clone(),
     };
     let report = prune::prune(&a.target, a.state.as_deref(), &rules, a.dry_run)?;
     if a.json {

@@ -10,6 +10,7 @@ use blkdelta_common::stream::{Compression, Record, SnapRef, StreamHeader};
 use blkdelta_receive::apply::ReceiveSummary;
 use blkdelta_receive::history::ReplicaSnapshot;
 use blkdelta_receive::state::{self, Health, ReplicaState};
+use blkdelta_receive::target::ReplicaFormat;
 use blkdelta_send::pipeline::plan_transitions;
 use blkdelta_send::ChangeSource;
 use serde_json::{json, Value};
@@ -145,6 +146,12 @@ pub fn status(
         let mut v = serde_json::to_value(st)?;
         v["replica"] = json!(replica);
         v["holds"] = json!(state::describe(st));
+        let format =
+            blkdelta_receive::target::replica_format(&a.target, None).map_or("raw", |f| match f {
+                ReplicaFormat::Qcow2 => "qcow2",
+                ReplicaFormat::Raw => "raw",
+            });
+        v["replica_format"] = json!(format);
         if !history.is_empty() {
             v["snapshots"] = serde_json::to_value(history)?;
         }

@@ -153,10 +153,33 @@ fn rules_add_up() {
         keep: 2,
         keep_daily: 3,
         keep_weekly: 2,
+        prefix: None,
     };
     // keep 2: d8 d9; daily 3: d7 d8 d9; weekly 2: d9 (W02 ends 2025-01-12 = d14) and d7
     // (W01 ends on Sunday 2025-01-05 = d7).
     assert_eq!(plan_prune(&snaps, Some(2), &rules), vec![0, 1, 3, 4, 5, 6]);
+}
+
+#[test]
+fn a_prefix_keeps_every_other_snapshot_and_counts_only_its_own() {
+    // blkdelta-0, user-1, blkdelta-2, user-3, blkdelta-4, blkdelta-5
+    let snaps: Vec<Snapshot> = (0..6)
+        .map(|i| {
+            let kind = if i == 1 || i == 3 { "user" } else { "blkdelta" };
+            snap(&format!("{kind}-{i}"), SUN_2024_W52 + i as u32 * HOUR)
+        })
+        .collect();
+    let rules = PruneRules {
+        keep: 2,
+        prefix: Some("blkdelta-".into()),
+        ..PruneRules::default()
+    };
+    // The two newest blkdelta- snapshots stay (4, 5); the user's are never counted or deleted.
+    assert_eq!(plan_prune(&snaps, None, &rules), vec![0, 2]);
+    // The held one stays too, whatever its age.
+    assert_eq!(plan_prune(&snaps, Some(0), &rules), vec![2]);
+    // A held snapshot that is not the prefix's changes nothing.
+    assert_eq!(plan_prune(&snaps, Some(1), &rules), vec![0, 2]);
 }
 
 /// A replica built by the qcow2 writer: snapshots s0..s{n-1}, each after writing its own

@@ -1,0 +1,637 @@
+//! `blkdelta sync`: one replication cycle, what syncoid is to `zfs send`.
+//!
+//! ```text
+//! lock source and target ─► status --json TARGET ─► list --json SOURCE ─► plan (plan.rs)
+//!   ─► qemu-img snapshot -c blkdelta-<UTC> SOURCE   (--qmp: the checkpoint of send --qmp)
+//!   ─► [qemu-img snapshot -a BASE TARGET]            (the replica holds a state the source lost)
+//!   ─► send BASE..NEW (in this process, or ssh HOST blkdelta send) │ blkdelta receive TARGET
+//!   ─► qemu-img snapshot -d on the source (--keep-source) ─► blkdelta prune TARGET (--keep)
+//! ```
+//!
+//! Orchestration only: the receiving side is a `blkdelta receive` process (local, or through
+//! ssh), so send and receive meet only in the stream and in `status --json`. Every step can be
+//! killed: the source keeps a snapshot the next cycle skips or prunes, the replica stays as
+//! receive leaves it (at a snapshot, or in progress with its resume point, which the next
+//! cycle finishes first).
+
+mod lock;
+mod plan;
+mod side;
+
+use std::io::{self, BufWriter, Write};
+use std::process::Stdio;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use blkdelta_common::stream::ResumeToken;
+use blkdelta_send::pipeline::{send, SendOptions};
+use blkdelta_send::source::live::{Checkpoint, LiveOptions};
+use blkdelta_send::source::{nbd, open_source_opts, ChangeSource, Resumed, SourceOptions};
+use blkdelta_send::NoProgress;
+use serde_json::{json, Value};
+
+use crate::cli::SyncArgs;
+use crate::UsageError;
+use plan::{SourceSnap, Start, Target};
+use side::{Location, Side, Ssh, StderrTail};
+
+/// The names of the snapshots sync makes, and the only ones it deletes.
+pub const PREFIX: &str = "blkdelta-";
+
+/// What a cycle did (or, in a dry run, would do).
+#[derive(Debug, Default)]
+struct Outcome {
+    /// `seed`, `incremental` or `repair`.
+    kind: &'static str,
+    from: Option<String>,
+    to: String,
+    bytes: u64,
+    seconds: f64,
+    /// An interrupted apply finished first: its target state.
+    finished: Option<String>,
+    /// The replica snapshot reverted to before the stream.
+    reverted: Option<String>,
+    pruned_source: Vec<String>,
+    pruned_replica: Vec<String>,
+}
+
+/// The ends as the command line names them: the source (none with --qmp) and the target.
+fn ends(a: &SyncArgs) -> Result<(Option<Location>, Location)> {
+    let usage = |m: &str| anyhow!(UsageError(m.to_string()));
+    let (source, target) = match (a.qmp.is_some(), a.ends.as_slice()) {
+        (true, [t]) => (None, Location::parse(t)),
+        (true, _) => return Err(usage("with --qmp, name only TARGET (the disk is --node)")),
+        (false, [s, t]) => (Some(Location::parse(s)), Location::parse(t)),
+        (false, _) => return Err(usage("sync needs SOURCE and TARGET (or --qmp and TARGET)")),
+    };
+    if source.as_ref().is_some_and(|s| s.host().is_some()) && target.host().is_some() {
+        return Err(usage(
+            "SOURCE and TARGET are both remote: run sync on one of the two hosts",
+        ));
+    }
+    if a.qmp.is_some() && a.repair {
+        return Err(usage(
+            "--repair reads a qcow2 SOURCE's snapshot: it does not go with --qmp",
+        ));
+    }
+    if a.repair && source.as_ref().is_some_and(|s| s.host().is_some()) {
+        return Err(usage(
+            "--repair needs the source on this machine: run sync on the source's host",
+        ));
+    }
+    Ok((source, target))
+}
+
+/// Whether a --keep rule prunes the replica.
+fn prunes_replica(a: &SyncArgs) -> bool {
+    a.keep.is_some() || a.keep_daily.is_some() || a.keep_weekly.is_some()
+}
+
+/// `blkdelta sync`.
+pub fn run(a: &SyncArgs) -> Result<()> {
+    let (source, target) = ends(a)?;
+    let what = match &source {
+        Some(s) => s.to_string(),
+        None => format!("node {}", a.node.as_deref().unwrap_or_default()),
+    };
+    let key = |loc: &Location| match loc {
+        Location::Local(p) => lock::local_key(p),
+        Location::Remote { host, path } => format!("{host}:{path}"),
+    };
+    let source_key = match (&source, &a.qmp) {
+        (Some(s), _) => key(s),
+        (None, Some(q)) => format!(
+            "qmp:{}#{}",
+            lock::local_key(q),
+            a.node.as_deref().unwrap_or("")
+        ),
+        (None, None) => unreachable!("ends() refuses that"),
+    };
+    let _locks = lock::take(
+        &[
+            (what.clone(), format!("source {source_key}")),
+            (target.to_string(), format!("target {}", key(&target))),
+        ],
+        a.wait,
+    )?;
+    let mut ssh = Ssh::new(&a.ssh_command, &a.remote_blkdelta)?;
+    for host in source.iter().chain([&target]).filter_map(Location::host) {
+        ssh.open_master(host);
+    }
+    let started = Instant::now();
+    let tside = Side::of(&target, &ssh);
+    let status = target_status(&tside, &target)?;
+    if prunes_replica(a) {
+        let raw = match &status {
+            Target::Replica(r) => !r.qcow2,
+            Target::None(_) => !target.path().ends_with(".qcow2"),
+        };
+        if raw {
+            return Err(anyhow!(UsageError(format!(
+                "--keep, --keep-daily and --keep-weekly prune a qcow2 replica; {target} keeps \
+                 no history"
+            ))));
+        }
+    }
+    let mut outcome = match &source {
+        Some(src) => offline(a, src, &target, &ssh, &status)?,
+        None => live(a, &target, &tside, &status)?,
+    };
+    outcome.seconds = started.elapsed().as_secs_f64();
+    report(a, &what, &target, &outcome)
+}
+
+/// What the target holds, from `status --json` on its side.
+fn target_status(tside: &Side, target: &Location) -> Result<Target> {
+    let out = tside.output(tside.blkdelta(&["status", "--json", &target.path()])?)?;
+    let parsed = serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| plan::target(&v));
+    match parsed {
+        Some(t) => Ok(t),
+        None => Err(tside.failure("asking what the replica holds", &out)),
+    }
+}
+
+/// The source's snapshots, from `list --json` on its side.
+fn source_snapshots(sside: &Side, source: &Location) -> Result<Vec<SourceSnap>> {
+    let out = sside.run(
+        sside.blkdelta(&["list", "--json", &source.path()])?,
+        "listing the source's snapshots",
+    )?;
+    serde_json::from_slice::<Value>(&out)
+        .ok()
+        .and_then(|v| plan::source_snapshots(&v))
+        .ok_or_else(|| anyhow!("{source}: list --json printed something else than a list"))
+}
+
+/// `blkdelta-YYYYMMDDTHHMMSSZ` now, made unique among `taken`.
+fn new_name(taken: &[SourceSnap]) -> String {
+    let stamp: String = blkdelta_common::time::utc_stamp(blkdelta_common::time::now_secs())
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .collect();
+    let base = format!("{PREFIX}{stamp}");
+    let free = |n: &String| !taken.iter().any(|s| &s.name == n);
+    std::iter::once(base.clone())
+        .chain((2..).map(|k| format!("{base}-{k}")))
+        .find(free)
+        .expect("some name is free")
+}
+
+/// The cycle of a qcow2 image at rest (here or on another host).
+fn offline(
+    a: &SyncArgs,
+    src: &Location,
+    target: &Location,
+    ssh: &Ssh,
+    status: &Target,
+) -> Result<Outcome> {
+    let sside = Side::of(src, ssh);
+    let tside = Side::of(target, ssh);
+    let mut outcome = Outcome::default();
+    let mut status = status.clone();
+    let mut snaps = source_snapshots(&sside, src)?;
+    let mut start = plan::start(&snaps, &status, a.rewind);
+    if let Ok(Start::Finish { from, to, token }) = &start {
+        // The last cycle was cut short mid-stream: its stream is sent again, from where the
+        // receiver kept its resume point, before this cycle's.
+        if a.dry_run {
+            outcome.finished = Some(to.clone());
+        } else {
+            let spec = match from {
+                Some(f) => format!("{}@{f}..{to}", src.path()),
+                None => format!("{}@{to}", src.path()),
+            };
+            transfer(a, src, &spec, token.as_deref(), None, target, &tside, &[])?;
+            outcome.finished = Some(to.clone());
+            status = target_status(&tside, target)?;
+            snaps = source_snapshots(&sside, src)?;
+            start = plan::start(&snaps, &status, a.rewind);
+        }
+    }
+    let start = match start {
+        Ok(s) => Some(s),
+        Err(_) if a.repair => None,
+        Err(e) => bail!("{target}: {}", e.0),
+    };
+    let new = new_name(&snaps);
+    let (kind, from, revert) = match &start {
+        None => ("repair", None, None),
+        Some(Start::Seed) => ("seed", None, None),
+        Some(Start::From { base, revert }) => ("incremental", Some(base.clone()), revert.clone()),
+        Some(Start::Finish { to, .. }) => ("incremental", Some(to.clone()), None),
+    };
+    outcome.kind = kind;
+    outcome.from = from.clone();
+    outcome.to = new.clone();
+    outcome.reverted = revert.clone();
+    if a.dry_run {
+        let mut after = snaps.clone();
+        after.push(SourceSnap {
+            name: new.clone(),
+            guid: String::new(),
+        });
+        outcome.pruned_source = plan::source_prune(&after, a.keep_source, &new);
+        return Ok(outcome);
+    }
+    let path = src.path();
+    sside.run(
+        sside.tool("qemu-img", &["snapshot", "-c", &new, &path]),
+        &format!("creating snapshot {new}"),
+    )?;
+    if let Some(r) = &revert {
+        tside.run(
+            tside.tool("qemu-img", &["snapshot", "-a", r, &target.path()]),
+            &format!("reverting the replica to its snapshot {r}"),
+        )?;
+    }
+    let (spec, receive_flags): (String, Vec<&str>) = match (&start, &from) {
+        (None, _) => (format!("{path}@{new}"), vec!["--repair"]),
+        (Some(Start::Seed), _) if a.rewind => (format!("{path}@{new}"), vec!["--rewind"]),
+        (_, None) => (format!("{path}@{new}"), vec![]),
+        (_, Some(f)) => (format!("{path}@{f}..{new}"), vec![]),
+    };
+    let blocks = match start {
+        None => Some(block_list(&tside, target)?),
+        Some(_) => None,
+    };
+    outcome.bytes = transfer(
+        a,
+        src,
+        &spec,
+        None,
+        blocks.as_ref().map(|b| b.path()),
+        target,
+        &tside,
+        &receive_flags,
+    )?;
+    // The replica holds `new` now: older blkdelta snapshots of the source may go.
+    snaps.push(SourceSnap {
+        name: new.clone(),
+        guid: String::new(),
+    });
+    for old in plan::source_prune(&snaps, a.keep_source, &new) {
+        sside.run(
+            sside.tool("qemu-img", &["snapshot", "-d", &old, &path]),
+            &format!("deleting the source's snapshot {old}"),
+        )?;
+        outcome.pruned_source.push(old);
+    }
+    outcome.pruned_replica = prune_replica(a, &tside, target)?;
+    Ok(outcome)
+}
+
+/// The replica's block list (`checksum --blocks` on its side), in a temporary file, for a
+/// repair stream.
+fn block_list(tside: &Side, target: &Location) -> Result<tempfile::NamedTempFile> {
+    let out = tside.run(
+        tside.blkdelta(&["checksum", "--blocks", &target.path()])?,
+        "listing the replica's block hashes",
+    )?;
+    let mut file = tempfile::NamedTempFile::new().context("cannot create a temporary file")?;
+    file.write_all(&out)
+        .context("cannot write the block list to a temporary file")?;
+    Ok(file)
+}
+
+/// Prunes the replica with the --keep rules (its `blkdelta-` snapshots only); the names
+/// deleted.
+fn prune_replica(a: &SyncArgs, tside: &Side, target: &Location) -> Result<Vec<String>> {
+    if !prunes_replica(a) {
+        return Ok(Vec::new());
+    }
+    let mut args: Vec<String> = vec![
+        "prune".into(),
+        "--json".into(),
+        "--prefix".into(),
+        PREFIX.into(),
+    ];
+    for (flag, v) in [
+        ("--keep", a.keep),
+        ("--keep-daily", a.keep_daily),
+        ("--keep-weekly", a.keep_weekly),
+    ] {
+        if let Some(n) = v {
+            args.push(flag.into());
+            args.push(n.to_string());
+        }
+    }
+    args.push(target.path());
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tside.run(tside.blkdelta(&words)?, "pruning the replica")?;
+    let v: Value = serde_json::from_slice(&out).context("prune --json printed no JSON")?;
+    Ok(v.get("deleted")
+        .and_then(Value::as_array)
+        .map(|d| {
+            d.iter()
+                .filter_map(|s| s.get("name").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The cycle of a running QEMU's disk: the checkpoint of `send --qmp`, whose old bitmap goes
+/// only once the replica has received the stream.
+fn live(a: &SyncArgs, target: &Location, tside: &Side, status: &Target) -> Result<Outcome> {
+    let bitmap = |s: &plan::State| format!("{PREFIX}{}", s.guid);
+    // (base bitmap, whole disk, receive flags)
+    let (from_bitmap, full, flags): (Option<String>, bool, Vec<&str>) = match status {
+        Target::None(what) if what == "data" && !a.rewind => {
+            bail!(
+                "{target}: the target holds data that is not a blkdelta replica; {}",
+                plan::WAY_OUT
+            )
+        }
+        Target::None(_) => (None, true, vec![]),
+        Target::Replica(_) if a.rewind => (None, true, vec!["--rewind"]),
+        Target::Replica(r) => match (&r.in_progress, &r.held, &r.changed) {
+            // Cut short: the old bitmap (merged with the one of the cut stream) covers every
+            // range that stream wrote, so a stream from it is right over what was written.
+            (Some((Some(f), _)), _, _) => (Some(bitmap(f)), false, vec!["--rebase"]),
+            (Some((None, _)), _, _) => (None, true, vec!["--rewind"]),
+            (None, _, Some(changed)) => bail!(
+                "{target}: the replica changed since blkdelta last wrote it ({changed}); {}",
+                plan::WAY_OUT
+            ),
+            (None, Some(h), None) => (Some(bitmap(h)), false, vec![]),
+            (None, None, None) => bail!("{target}: the replica holds no state; {}", plan::WAY_OUT),
+        },
+    };
+    let node = a.node.clone().unwrap_or_default();
+    let new = new_name(&[]);
+    let mut outcome = Outcome {
+        kind: if full { "seed" } else { "incremental" },
+        from: from_bitmap.clone(),
+        to: new.clone(),
+        ..Outcome::default()
+    };
+    if a.dry_run {
+        return Ok(outcome);
+    }
+    let opts = LiveOptions {
+        qmp: a.qmp.clone().expect("live() runs with --qmp"),
+        node: node.clone(),
+        nbd_socket: a.nbd_socket.clone(),
+        scratch: a.scratch.clone(),
+        from_bitmap: from_bitmap.clone(),
+        full,
+        to_name: Some(new),
+    };
+    let cp = Checkpoint::begin(&opts).map_err(|e| match &from_bitmap {
+        Some(b) => anyhow!(
+            "node {node}: {e} (the replica holds the state of bitmap {b}; {})",
+            plan::WAY_OUT
+        ),
+        None => anyhow!("node {node}: {e}"),
+    })?;
+    outcome.from = cp.from().map(|f| f.name.clone());
+    let source = nbd::open_checkpoint(
+        &cp.uri(),
+        cp.bitmap(),
+        cp.from().cloned(),
+        cp.to().clone(),
+        &node,
+    );
+    let sent = match source {
+        Ok(source) => stream_to(a, Sender::Here(source.as_ref()), target, tside, &flags),
+        Err(e) => Err(e.into()),
+    };
+    // The old bitmap goes only when the replica took the whole stream.
+    let ended = cp.finish(sent.is_ok());
+    outcome.bytes = sent?;
+    ended?;
+    outcome.pruned_replica = prune_replica(a, tside, target)?;
+    Ok(outcome)
+}
+
+/// Where the stream comes from.
+enum Sender<'a> {
+    /// This process, from a change source.
+    Here(&'a dyn ChangeSource),
+    /// `blkdelta send` on the source's host (pull mode).
+    There(Box<std::process::Command>, Side<'a>),
+}
+
+/// Sends `spec` of `src` (resumed at `token`; against the block list `against`) into
+/// `blkdelta receive FLAGS TARGET`; the stream's bytes.
+#[allow(clippy::too_many_arguments)]
+fn transfer(
+    a: &SyncArgs,
+    src: &Location,
+    spec: &str,
+    token: Option<&str>,
+    against: Option<&std::path::Path>,
+    target: &Location,
+    tside: &Side,
+    flags: &[&str],
+) -> Result<u64> {
+    if let Some(host) = src.host() {
+        // Pull: the source's host sends; this one relays to the receiver.
+        let mut args = vec!["send", "-q", "-l"];
+        let level = a.level.to_string();
+        args.push(&level);
+        if let Some(t) = token {
+            args.extend(["--resume", t]);
+        }
+        args.push(spec);
+        let sside = tside.on(host);
+        let cmd = sside.blkdelta(&args)?;
+        return stream_to(a, Sender::There(Box::new(cmd), sside), target, tside, flags);
+    }
+    let opts = SourceOptions {
+        against: against.map(std::path::Path::to_path_buf),
+        ..SourceOptions::default()
+    };
+    let mut source =
+        open_source_opts(spec, &opts).with_context(|| format!("cannot send {spec}"))?;
+    if let Some(t) = token {
+        let t = ResumeToken::parse(t).map_err(|e| anyhow!("the replica's resume token: {e}"))?;
+        source =
+            Box::new(Resumed::new(source, &t).with_context(|| format!("cannot resume {spec}"))?);
+    }
+    stream_to(a, Sender::Here(source.as_ref()), target, tside, flags)
+}
+
+/// Counts the bytes written through it.
+struct Counted<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Runs `blkdelta receive FLAGS TARGET` on the target's side and feeds it the stream of
+/// `sender`; the stream's bytes. When the receiver fails, its error is the one reported.
+fn stream_to(
+    a: &SyncArgs,
+    sender: Sender,
+    target: &Location,
+    tside: &Side,
+    flags: &[&str],
+) -> Result<u64> {
+    let path = target.path();
+    let mut args = vec!["receive", "-q"];
+    args.extend_from_slice(flags);
+    args.push(&path);
+    let mut receiver = tside
+        .blkdelta(&args)?
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start the receiver")?;
+    let tail = StderrTail::of(&mut receiver);
+    let stdin = receiver.stdin.take().expect("piped");
+    let mut out = Counted {
+        inner: BufWriter::with_capacity(1 << 20, stdin),
+        bytes: 0,
+    };
+    let sent: Result<()> = match sender {
+        Sender::Here(source) => {
+            let opts = SendOptions {
+                level: a.level,
+                threads: crate::commands::send_threads(None, source),
+            };
+            send(source, &opts, &mut out, &NoProgress)
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+                .and_then(|()| out.flush().map_err(anyhow::Error::from))
+        }
+        Sender::There(mut cmd, sside) => relay(&mut cmd, &sside, &mut out),
+    };
+    let bytes = out.bytes;
+    drop(out);
+    let status = receiver.wait().context("cannot wait for the receiver")?;
+    let said = tail.take();
+    if !status.success() {
+        return Err(tside.failed("receiving", status.code(), &said));
+    }
+    sent?;
+    Ok(bytes)
+}
+
+/// Runs the remote sender and copies its stream into `out`.
+fn relay(cmd: &mut std::process::Command, sside: &Side, out: &mut impl Write) -> Result<()> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start the sender")?;
+    let tail = StderrTail::of(&mut child);
+    let mut stream = child.stdout.take().expect("piped");
+    let copied = io::copy(&mut stream, out).and_then(|_| out.flush());
+    drop(stream);
+    let status = child.wait().context("cannot wait for the sender")?;
+    let said = tail.take();
+    if !status.success() {
+        return Err(sside.failed("sending", status.code(), &said));
+    }
+    copied.context("cannot pass the stream on to the receiver")?;
+    Ok(())
+}
+
+/// `1.5 MiB`.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The summary line (or the JSON object, or nothing when quiet).
+fn report(a: &SyncArgs, what: &str, target: &Location, o: &Outcome) -> Result<()> {
+    let range = match &o.from {
+        Some(f) => format!("{f}..{}", o.to),
+        None => o.to.clone(),
+    };
+    if a.json {
+        let v = json!({
+            "source": what,
+            "target": target.to_string(),
+            "dry_run": a.dry_run,
+            "kind": o.kind,
+            "from": o.from,
+            "to": o.to,
+            "finished": o.finished,
+            "reverted_to": o.reverted,
+            "bytes": o.bytes,
+            "seconds": (o.seconds * 1000.0).round() / 1000.0,
+            "bytes_per_second": if o.seconds > 0.0 { (o.bytes as f64 / o.seconds) as u64 } else { 0 },
+            "pruned_source": o.pruned_source,
+            "pruned_replica": o.pruned_replica,
+        });
+        return crate::commands::print_line(&v.to_string());
+    }
+    if a.quiet {
+        return Ok(());
+    }
+    let mut extra = String::new();
+    if let Some(f) = &o.finished {
+        extra += &format!("; finished the interrupted stream to {f} first");
+    }
+    if let Some(r) = &o.reverted {
+        extra += &format!("; reverted the replica to {r} first");
+    }
+    let line = if a.dry_run {
+        let snapshot = match a.qmp {
+            Some(_) => format!("checkpoint {}", o.to),
+            None => format!("snapshot {}", o.to),
+        };
+        format!(
+            "dry run: {what} -> {target}: would create {snapshot}, send {} {range}{extra}; \
+             would delete {} on the source{}",
+            o.kind,
+            list(&o.pruned_source),
+            if prunes_replica(a) {
+                ", and prune the replica by its --keep rules"
+            } else {
+                ""
+            }
+        )
+    } else {
+        let rate = if o.seconds > 0.0 {
+            o.bytes as f64 / o.seconds
+        } else {
+            0.0
+        };
+        format!(
+            "{what} -> {target}: {} {range}, {} in {:.1} s ({}/s){extra}; pruned {} on the \
+             source, {} on the replica",
+            o.kind,
+            human(o.bytes),
+            o.seconds,
+            human(rate as u64),
+            list(&o.pruned_source),
+            list(&o.pruned_replica),
+        )
+    };
+    crate::commands::print_line(&line)
+}
+
+/// `nothing`, or the names joined.
+fn list(names: &[String]) -> String {
+    if names.is_empty() {
+        "nothing".into()
+    } else {
+        names.join(", ")
+    }
+}
