@@ -38,6 +38,16 @@ use side::{Location, Side, Ssh, StderrTail};
 /// The names of the snapshots sync makes, and the only ones it deletes.
 pub const PREFIX: &str = "blkdelta-";
 
+/// For the tests of a cycle killed at each step: `BLKDELTA_SYNC_KILL_AT=STEP` kills the
+/// process with SIGKILL when the cycle reaches `STEP` (`snapshot`: before the source's snapshot
+/// is made; `stream`: after it, before the stream; `prune`: after the stream, before pruning).
+fn kill_point(step: &str) {
+    if std::env::var_os("BLKDELTA_SYNC_KILL_AT").is_some_and(|v| v == step) {
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+    }
+}
+
 /// What a cycle did (or, in a dry run, would do).
 #[derive(Debug, Default)]
 struct Outcome {
@@ -236,10 +246,12 @@ fn offline(
         return Ok(outcome);
     }
     let path = src.path();
+    kill_point("snapshot");
     sside.run(
         sside.tool("qemu-img", &["snapshot", "-c", &new, &path]),
         &format!("creating snapshot {new}"),
     )?;
+    kill_point("stream");
     if let Some(r) = &revert {
         tside.run(
             tside.tool("qemu-img", &["snapshot", "-a", r, &target.path()]),
@@ -266,6 +278,7 @@ fn offline(
         &tside,
         &receive_flags,
     )?;
+    kill_point("prune");
     // The replica holds `new` now: older blkdelta snapshots of the source may go.
     snaps.push(SourceSnap {
         name: new.clone(),
@@ -369,6 +382,7 @@ fn live(a: &SyncArgs, target: &Location, tside: &Side, status: &Target) -> Resul
     if a.dry_run {
         return Ok(outcome);
     }
+    kill_point("snapshot");
     let opts = LiveOptions {
         qmp: a.qmp.clone().expect("live() runs with --qmp"),
         node: node.clone(),
@@ -401,6 +415,7 @@ fn live(a: &SyncArgs, target: &Location, tside: &Side, status: &Target) -> Resul
     let ended = cp.finish(sent.is_ok());
     outcome.bytes = sent?;
     ended?;
+    kill_point("prune");
     outcome.pruned_replica = prune_replica(a, tside, target)?;
     Ok(outcome)
 }

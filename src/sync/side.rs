@@ -121,7 +121,7 @@ impl Ssh {
         let mut cmd = Command::new(&self.argv[0]);
         cmd.args(&self.argv[1..])
             .args(SSH_DEFAULTS)
-            .args(["-o", "ControlMaster=yes", "-o", "ControlPersist=yes", "-S"])
+            .args(["-o", "ControlMaster=yes", "-o", "ControlPersist=60", "-S"])
             .arg(&socket)
             .args(["-n", host, "true"])
             .stdin(Stdio::null())
