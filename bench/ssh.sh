@@ -13,6 +13,8 @@
 #      BENCH_IMG (a qcow2 image to use instead of building one) BENCH_SNAP (s1, its snapshot)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
 W=${BENCH_DIR:-/tmp/blkdelta-bench-ssh}
 RUNS=${BENCH_RUNS:-3}
 SIZE_H=${BENCH_SIZE:-1G}
@@ -73,32 +75,7 @@ fi
 SRC=$IMG@$SNAP
 
 # ---------------------------------------------------------------- sshd on 127.0.0.1
-rm -f host_key host_key.pub client_key client_key.pub
-ssh-keygen -q -t ed25519 -N '' -f "$W/host_key"
-ssh-keygen -q -t ed25519 -N '' -f "$W/client_key"
-cp client_key.pub authorized_keys
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cat > sshd_config <<EOF
-Port $PORT
-ListenAddress 127.0.0.1
-HostKey $W/host_key
-AuthorizedKeysFile $W/authorized_keys
-PidFile $W/sshd.pid
-StrictModes no
-UsePAM no
-PermitRootLogin yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-EOF
-mkdir -p /run/sshd
-/usr/sbin/sshd -D -e -f "$W/sshd_config" 2> sshd.log &
-SSHD_PID=$!
-trap 'kill "$SSHD_PID" 2>/dev/null || true' EXIT
-for ((i = 0; i < 100; i++)); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-  kill -0 "$SSHD_PID" 2>/dev/null || { echo "bench: sshd exited:" >&2; cat sshd.log >&2; exit 1; }
-  sleep 0.1
-done
+start_sshd "$W"
 USER_AT=$(id -un)@127.0.0.1
 SSH=(ssh -i "$W/client_key" -p "$PORT" -o BatchMode=yes -o StrictHostKeyChecking=no
      -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o Compression=no)

@@ -243,6 +243,7 @@ fn offline(
             guid: String::new(),
         });
         outcome.pruned_source = plan::source_prune(&after, a.keep_source, &new);
+        outcome.pruned_replica = replica_prune_plan(a, &status, &new);
         return Ok(outcome);
     }
     let path = src.path();
@@ -306,6 +307,27 @@ fn block_list(tside: &Side, target: &Location) -> Result<tempfile::NamedTempFile
     file.write_all(&out)
         .context("cannot write the block list to a temporary file")?;
     Ok(file)
+}
+
+/// The --keep rules of `a`, for the replica's `blkdelta-` snapshots.
+fn keep_rules(a: &SyncArgs) -> blkdelta_receive::prune::PruneRules {
+    blkdelta_receive::prune::PruneRules {
+        keep: a.keep.unwrap_or(0),
+        keep_daily: a.keep_daily.unwrap_or(0),
+        keep_weekly: a.keep_weekly.unwrap_or(0),
+        prefix: Some(PREFIX.into()),
+    }
+}
+
+/// What the --keep rules would delete from the replica once it holds `new`.
+fn replica_prune_plan(a: &SyncArgs, status: &Target, new: &str) -> Vec<String> {
+    match status {
+        Target::Replica(r) if prunes_replica(a) => {
+            let now = u32::try_from(blkdelta_common::time::now_secs()).unwrap_or(u32::MAX);
+            plan::replica_prune(&r.snapshots, new, now, &keep_rules(a))
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// Prunes the replica with the --keep rules (its `blkdelta-` snapshots only); the names
@@ -380,6 +402,7 @@ fn live(a: &SyncArgs, target: &Location, tside: &Side, status: &Target) -> Resul
         ..Outcome::default()
     };
     if a.dry_run {
+        outcome.pruned_replica = replica_prune_plan(a, status, &outcome.to);
         return Ok(outcome);
     }
     kill_point("snapshot");
@@ -613,14 +636,10 @@ fn report(a: &SyncArgs, what: &str, target: &Location, o: &Outcome) -> Result<()
         };
         format!(
             "dry run: {what} -> {target}: would create {snapshot}, send {} {range}{extra}; \
-             would delete {} on the source{}",
+             would delete {} on the source, {} on the replica",
             o.kind,
             list(&o.pruned_source),
-            if prunes_replica(a) {
-                ", and prune the replica by its --keep rules"
-            } else {
-                ""
-            }
+            list(&o.pruned_replica),
         )
     } else {
         let rate = if o.seconds > 0.0 {

@@ -50,6 +50,8 @@ pub fn source_snapshots(list: &Value) -> Option<Vec<SourceSnap>> {
 pub struct ReplicaSnap {
     /// Its name in the replica.
     pub name: String,
+    /// Its date, seconds since the epoch.
+    pub date_sec: u32,
     /// The state it holds.
     pub state: State,
 }
@@ -93,6 +95,7 @@ pub fn target(status: &Value) -> Option<Target> {
             .map(|s| {
                 Some(ReplicaSnap {
                     name: s.get("name")?.as_str()?.to_string(),
+                    date_sec: u32::try_from(s.get("date_sec")?.as_u64()?).ok()?,
                     state: State::from_json(s.get("state")?)?,
                 })
             })
@@ -238,6 +241,34 @@ pub fn source_prune(source: &[SourceSnap], keep: usize, held: &str) -> Vec<Strin
         .collect()
 }
 
+/// The replica snapshots `blkdelta prune --prefix blkdelta-` with `rules` would delete once
+/// the replica has received `new` (dated `now`), which it then holds: what a dry run shows.
+pub fn replica_prune(
+    replica: &[ReplicaSnap],
+    new: &str,
+    now: u32,
+    rules: &blkdelta_receive::prune::PruneRules,
+) -> Vec<String> {
+    let snap = |name: &str, date_sec: u32| blkdelta_common::image::qcow2::Snapshot {
+        id: String::new(),
+        name: name.to_string(),
+        l1_table_offset: 0,
+        l1_size: 0,
+        date_sec,
+        date_nsec: 0,
+        vm_clock_nsec: 0,
+        vm_state_size: 0,
+        disk_size: 0,
+    };
+    let mut all: Vec<_> = replica.iter().map(|r| snap(&r.name, r.date_sec)).collect();
+    all.push(snap(new, now));
+    let held = Some(all.len() - 1);
+    blkdelta_receive::prune::plan_prune(&all, held, rules)
+        .into_iter()
+        .map(|i| all[i].name.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +298,7 @@ mod tests {
                 .iter()
                 .map(|k| ReplicaSnap {
                     name: k.to_string(),
+                    date_sec: 1,
                     state: state(k),
                 })
                 .collect(),
@@ -377,6 +409,24 @@ mod tests {
         );
         assert!(source_prune(&src, 9, "blkdelta-4").is_empty());
     }
+
+    #[test]
+    fn a_dry_run_counts_the_new_snapshot_among_those_kept() {
+        let Target::Replica(r) = holding("b", &["blkdelta-1", "mine", "blkdelta-2"]) else {
+            unreachable!()
+        };
+        let rules = blkdelta_receive::prune::PruneRules {
+            keep: 2,
+            prefix: Some(PREFIX_FOR_TESTS.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            replica_prune(&r.snapshots, "blkdelta-3", 9, &rules),
+            vec!["blkdelta-1"]
+        );
+    }
+
+    const PREFIX_FOR_TESTS: &str = super::super::PREFIX;
 
     #[test]
     fn status_json_reads_back() {
