@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use blkdelta_send::pace::parse_rate;
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
 /// Incremental block-level replication of qcow2 images, raw images and block devices.
@@ -151,6 +152,10 @@ pub struct SendArgs {
     /// most 8).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
     pub threads: Option<u16>,
+    /// Pace the stream to RATE bytes per second, with an optional K, M or G suffix (1024-based,
+    /// as rsync's --bwlimit): 20M is 20 MiB/s.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
     /// Resume an interrupted receive: start where the token `blkdelta status TARGET` printed
     /// says (SOURCE as it was first sent).
     #[arg(long, value_name = "TOKEN")]

@@ -8,6 +8,7 @@
 mod common;
 
 mod blockdev;
+mod bwlimit;
 mod cli;
 mod faults;
 mod history;
