@@ -145,6 +145,10 @@ pub struct SendArgs {
     /// internal snapshots, not for the active layer.
     #[arg(short = 'U', long)]
     pub force_share: bool,
+    /// With IMAGE.qcow2@FROM..TO: one transition straight from FROM to TO, leaving out the
+    /// snapshots between them (as zfs send -i; without it the replica passes through each).
+    #[arg(long)]
+    pub direct: bool,
     /// zstd level for payloads, 0 to store them plain.
     #[arg(short = 'l', long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=22))]
     pub level: i32,

@@ -137,6 +137,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         era_block_bytes: a.era_block_size,
         compare_old: a.compare.clone(),
         against: a.against.clone(),
+        direct: a.direct,
     };
     if let Some(qmp) = &a.qmp {
         return send_live(&a, qmp, usage_or);
@@ -188,6 +189,7 @@ fn send_live(
         (a.compare.is_some(), "--compare"),
         (a.against.is_some(), "--against"),
         (a.from_name.is_some(), "--from-name"),
+        (a.direct, "--direct"),
     ] {
         if given {
             return Err(UsageError(format!(

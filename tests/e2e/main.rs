@@ -10,6 +10,7 @@ mod common;
 mod blockdev;
 mod bwlimit;
 mod cli;
+mod direct;
 mod faults;
 mod history;
 mod live;
