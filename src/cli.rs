@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use blkdelta_send::pace::parse_rate;
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
 /// Incremental block-level replication of qcow2 images, raw images and block devices.
@@ -147,6 +148,10 @@ pub struct SendArgs {
     /// internal snapshots, not for the active layer.
     #[arg(short = 'U', long)]
     pub force_share: bool,
+    /// With IMAGE.qcow2@FROM..TO: one transition straight from FROM to TO, leaving out the
+    /// snapshots between them (as zfs send -i; without it the replica passes through each).
+    #[arg(long)]
+    pub direct: bool,
     /// zstd level for payloads, 0 to store them plain.
     #[arg(short = 'l', long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=22))]
     pub level: i32,
@@ -154,6 +159,10 @@ pub struct SendArgs {
     /// most 8).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
     pub threads: Option<u16>,
+    /// Pace the stream to RATE bytes per second, with an optional K, M or G suffix (1024-based,
+    /// as rsync's --bwlimit): 20M is 20 MiB/s.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
     /// Resume an interrupted receive: start where the token `blkdelta status TARGET` printed
     /// says (SOURCE as it was first sent).
     #[arg(long, value_name = "TOKEN")]

@@ -18,6 +18,7 @@ use blkdelta_receive::plan::{Overrides, TargetProbe};
 use blkdelta_receive::state::{self, default_state_path, Health};
 use blkdelta_receive::target::ReplicaFormat;
 use blkdelta_receive::ReceiveError;
+use blkdelta_send::pace::Paced;
 use blkdelta_send::pipeline::{send, SendOptions, SendSummary};
 use blkdelta_send::source::live::{Checkpoint, LiveOptions};
 use blkdelta_send::source::{nbd, open_source_opts, Resumed, SourceOptions};
@@ -145,6 +146,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         era_block_bytes: a.era_block_size,
         compare_old: a.compare.clone(),
         against: a.against.clone(),
+        direct: a.direct,
     };
     if let Some(qmp) = &a.qmp {
         return send_live(&a, qmp, usage_or);
@@ -196,6 +198,7 @@ fn send_live(
         (a.compare.is_some(), "--compare"),
         (a.against.is_some(), "--against"),
         (a.from_name.is_some(), "--from-name"),
+        (a.direct, "--direct"),
     ] {
         if given {
             return Err(UsageError(format!(
@@ -259,8 +262,7 @@ fn stream_out(
             }
             let file =
                 File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-            let out = BufWriter::with_capacity(1 << 20, &file);
-            let s = send(source, &opts, out, progress.as_ref())?;
+            let s = send_into(source, &opts, &file, a.bwlimit, progress.as_ref())?;
             // A stream file is synced; /dev/null or a FIFO cannot be, and need not be.
             let regular = file.metadata().is_ok_and(|m| m.is_file());
             if regular {
@@ -278,8 +280,8 @@ fn stream_out(
                 .into());
             }
             enlarge_pipe(io::stdout());
-            let out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
-            send(source, &opts, out, progress.as_ref()).map_err(|e| {
+            let out = io::stdout().lock();
+            send_into(source, &opts, out, a.bwlimit, progress.as_ref()).map_err(|e| {
                 let e = anyhow::Error::new(e);
                 if is_broken_pipe(&e) {
                     anyhow::Error::new(ReceiverGone)
@@ -290,6 +292,36 @@ fn stream_out(
         }
     };
     Ok(summary)
+}
+
+/// Sends `source` into `out` through a 1 MiB buffer, paced to `bwlimit` bytes per second when
+/// given. The pacing sits below the buffer, so that what reaches `out` comes in pieces of at
+/// most the burst, not in a rush every megabyte.
+fn send_into<W: Write>(
+    source: &dyn blkdelta_send::source::ChangeSource,
+    opts: &SendOptions,
+    out: W,
+    bwlimit: Option<u64>,
+    progress: &dyn blkdelta_send::Progress,
+) -> Result<SendSummary, SendError> {
+    const BUFFER_BYTES: usize = 1 << 20;
+    match bwlimit {
+        Some(rate) => {
+            let paced = Paced::new(out, rate);
+            send(
+                source,
+                opts,
+                BufWriter::with_capacity(BUFFER_BYTES, paced),
+                progress,
+            )
+        }
+        None => send(
+            source,
+            opts,
+            BufWriter::with_capacity(BUFFER_BYTES, out),
+            progress,
+        ),
+    }
 }
 
 /// The summary line of a send, unless quiet.

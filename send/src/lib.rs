@@ -3,7 +3,8 @@
 //! A [`ChangeSource`] says which transitions a stream carries and, for each, pushes the sorted
 //! extents that changed (found from metadata, never by reading unchanged data). The
 //! [`pipeline`] reads only the data extents, in 1 MiB-aligned chunks, hashes and compresses
-//! them on worker threads, and frames the records in order.
+//! them on worker threads, and frames the records in order. [`pace::Paced`] holds a stream
+//! to a rate (`send --bwlimit`).
 //!
 //! ```no_run
 //! use blkdelta_send::{pipeline::{send, SendOptions}, source::open_source, NoProgress};
@@ -13,6 +14,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod pace;
 pub mod pipeline;
 pub mod source;
 

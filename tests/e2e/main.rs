@@ -8,7 +8,9 @@
 mod common;
 
 mod blockdev;
+mod bwlimit;
 mod cli;
+mod direct;
 mod faults;
 mod history;
 mod live;

@@ -102,6 +102,10 @@ pub struct SourceOptions {
     /// Send only the blocks whose hash differs from this block list's, a repair of the
     /// replica it lists (`--against`): SOURCE must be one state, sent in full otherwise.
     pub against: Option<PathBuf>,
+    /// Send `IMAGE.qcow2@FROM..TO` as one transition straight from FROM to TO, leaving out the
+    /// snapshots between them (`--direct`, as `zfs send -i`; without it the range passes
+    /// through each of them, as `zfs send -I`). Anything else as SOURCE is a usage error.
+    pub direct: bool,
 }
 
 /// Opens the source `send` is asked for: SOURCE alone (see [`open_source`]), with one of
@@ -117,10 +121,12 @@ pub fn open_source_opts(
         || opts.since.is_some()
         || opts.changed_blocks.is_some()
         || opts.compare_old.is_some()
-        || opts.from_name.is_some();
+        || opts.from_name.is_some()
+        || opts.direct;
     if others {
         return Err(SendError::Usage(
-            "--against excludes --bitmap, --since, --changed-blocks, --compare and --from-name"
+            "--against excludes --bitmap, --since, --changed-blocks, --compare, --from-name \
+             and --direct"
                 .into(),
         ));
     }
@@ -148,6 +154,9 @@ fn open_changes(spec: &str, opts: &SourceOptions) -> Result<Box<dyn ChangeSource
         return Err(SendError::Usage(
             "--bitmap, --since, --changed-blocks and --compare exclude each other".into(),
         ));
+    }
+    if opts.direct {
+        return open_direct(spec, opts);
     }
     if NbdUri::is_nbd(spec) {
         return nbd::open(spec, opts);
@@ -185,6 +194,47 @@ fn open_changes(spec: &str, opts: &SourceOptions) -> Result<Box<dyn ChangeSource
         Some(name) => FullSource::renamed(source, identity::state_of(name, &[path])),
         None => Ok(source),
     }
+}
+
+/// `--direct`: `IMAGE.qcow2@FROM..TO` as one transition, refusing (as a usage error) any other
+/// SOURCE and every option that finds changes another way or names states.
+fn open_direct(spec: &str, opts: &SourceOptions) -> Result<Box<dyn ChangeSource>, SendError> {
+    let refuse = |why: String| {
+        Err(SendError::Usage(format!(
+            "--direct sends IMAGE.qcow2@FROM..TO as one transition: {why}"
+        )))
+    };
+    let option = chosen_option(opts).or_else(|| {
+        [
+            (opts.from_name.is_some(), "--from-name"),
+            (opts.to_name.is_some(), "--to-name"),
+        ]
+        .into_iter()
+        .find_map(|(given, name)| given.then_some(name))
+    });
+    if let Some(option) = option {
+        return refuse(format!("not with {option}"));
+    }
+    let snapshots = if NbdUri::is_nbd(spec) || Path::new(spec).exists() {
+        None
+    } else {
+        spec.rsplit_once('@')
+    };
+    let Some((file, snap)) = snapshots else {
+        return refuse(format!("'{spec}' names no snapshots"));
+    };
+    let (from, to) = match SnapshotSpec::parse(snap)? {
+        SnapshotSpec::Range { from, to } => (from, to),
+        _ => return refuse(format!("'{spec}' names one snapshot, not a range")),
+    };
+    let path = Path::new(file);
+    if probe_format(path)? != Format::Qcow2 {
+        return refuse(format!("{file} is not a qcow2 image"));
+    }
+    let direct = SnapshotSpec::Direct { from, to };
+    Ok(Box::new(Qcow2Snapshots::open_with(
+        path, &direct, &opts.open,
+    )?))
 }
 
 /// The option naming how changes are found, when one is given besides SOURCE.

@@ -1,5 +1,6 @@
-//! qcow2 internal snapshots: full streams of one snapshot and incrementals between two, found
-//! by comparing L1/L2 tables.
+//! qcow2 internal snapshots: full streams of one snapshot and incrementals between two (through
+//! every snapshot between them, or straight from one to the other), found by comparing L1/L2
+//! tables.
 //!
 //! Clusters shared between snapshots are never rewritten in place (their refcount forces copy
 //! on write), so equal table entries mean equal content: an equal L1 entry skips its whole L2
@@ -28,11 +29,20 @@ pub enum SnapshotSpec {
     Active,
     /// One snapshot, in full.
     Snapshot(String),
-    /// From one snapshot to a later one, through every snapshot between them.
+    /// From one snapshot to a later one, through every snapshot between them (one transition
+    /// each, as `zfs send -I`): what `FROM..TO` parses to.
     Range {
         /// The base snapshot (the replica holds it).
         from: String,
         /// The last snapshot sent.
+        to: String,
+    },
+    /// From one snapshot straight to a later one, in one transition that leaves out the
+    /// snapshots between them (as `zfs send -i`; `send --direct`).
+    Direct {
+        /// The base snapshot (the replica holds it).
+        from: String,
+        /// The snapshot sent.
         to: String,
     },
 }
@@ -91,59 +101,24 @@ impl Qcow2Snapshots {
         options: &OpenOptions,
     ) -> Result<Self, SendError> {
         let image = Qcow2Image::open_with(path, options)?;
-        let mut steps = Vec::new();
-        let mut transitions = Vec::new();
-        match spec {
-            SnapshotSpec::Active => {
-                let to = image.layer(Layer::Active)?;
-                transitions.push(Transition {
-                    from: None,
-                    to: super::identity::state_of(&format!("{}@active", file_name(path)), &[path]),
-                    virtual_size: to.size(),
-                });
-                steps.push(Step {
-                    from: None,
-                    to,
-                    snapshot: None,
-                });
-            }
+        let made = match spec {
+            SnapshotSpec::Active => vec![full_step(&image, path, Layer::Active)?],
             SnapshotSpec::Snapshot(name) => {
                 let i = find_snapshot(&image, name)?;
-                let to = image.layer(Layer::Snapshot(i))?;
-                transitions.push(Transition {
-                    from: None,
-                    to: snap_ref(&image.snapshots()[i]),
-                    virtual_size: to.size(),
-                });
-                steps.push(Step {
-                    from: None,
-                    to,
-                    snapshot: Some(image.snapshots()[i].clone()),
-                });
+                vec![full_step(&image, path, Layer::Snapshot(i))?]
             }
             SnapshotSpec::Range { from, to } => {
-                let (fi, ti) = (find_snapshot(&image, from)?, find_snapshot(&image, to)?);
-                if fi >= ti {
-                    return Err(SendError::Usage(format!(
-                        "snapshot '{from}' is not older than '{to}'"
-                    )));
-                }
-                let snaps = image.snapshots();
-                for i in fi..ti {
-                    let to_layer = image.layer(Layer::Snapshot(i + 1))?;
-                    transitions.push(Transition {
-                        from: Some(snap_ref(&snaps[i])),
-                        to: snap_ref(&snaps[i + 1]),
-                        virtual_size: to_layer.size(),
-                    });
-                    steps.push(Step {
-                        from: Some(image.layer(Layer::Snapshot(i))?),
-                        to: to_layer,
-                        snapshot: Some(snaps[i + 1].clone()),
-                    });
-                }
+                let (fi, ti) = ordered_pair(&image, from, to)?;
+                (fi..ti)
+                    .map(|i| incremental_step(&image, i, i + 1))
+                    .collect::<Result<_, _>>()?
             }
-        }
+            SnapshotSpec::Direct { from, to } => {
+                let (fi, ti) = ordered_pair(&image, from, to)?;
+                vec![incremental_step(&image, fi, ti)?]
+            }
+        };
+        let (steps, transitions) = made.into_iter().unzip();
         Ok(Qcow2Snapshots {
             image,
             name: file_name(path),
@@ -194,6 +169,69 @@ impl ChangeSource for Qcow2Snapshots {
         let info = SnapshotInfo::from_snapshot(index as u32, snapshot);
         info.validate().is_ok().then_some(info)
     }
+}
+
+/// A full step to `layer` (the active layer or a snapshot of the image at `path`), and its
+/// transition.
+fn full_step(
+    image: &Qcow2Image,
+    path: &Path,
+    layer: Layer,
+) -> Result<(Step, Transition), SendError> {
+    let to = image.layer(layer)?;
+    let snapshot = match layer {
+        Layer::Snapshot(i) => Some(image.snapshots()[i].clone()),
+        Layer::Active => None,
+    };
+    let to_ref = match &snapshot {
+        Some(s) => snap_ref(s),
+        None => super::identity::state_of(&format!("{}@active", file_name(path)), &[path]),
+    };
+    let transition = Transition {
+        from: None,
+        to: to_ref,
+        virtual_size: to.size(),
+    };
+    let step = Step {
+        from: None,
+        to,
+        snapshot,
+    };
+    Ok((step, transition))
+}
+
+/// An incremental step from snapshot index `from` to the later snapshot index `to`, and its
+/// transition. The snapshots between them need not be looked at: a cluster (or table) that
+/// `from` and `to` both point to was shared all along, so never rewritten in place.
+fn incremental_step(
+    image: &Qcow2Image,
+    from: usize,
+    to: usize,
+) -> Result<(Step, Transition), SendError> {
+    let snaps = image.snapshots();
+    let to_layer = image.layer(Layer::Snapshot(to))?;
+    let transition = Transition {
+        from: Some(snap_ref(&snaps[from])),
+        to: snap_ref(&snaps[to]),
+        virtual_size: to_layer.size(),
+    };
+    let step = Step {
+        from: Some(image.layer(Layer::Snapshot(from))?),
+        to: to_layer,
+        snapshot: Some(snaps[to].clone()),
+    };
+    Ok((step, transition))
+}
+
+/// The indexes of snapshots `from` and `to`, refusing a `from` that is not older than `to`.
+fn ordered_pair(image: &Qcow2Image, from: &str, to: &str) -> Result<(usize, usize), SendError> {
+    let (fi, ti) = (find_snapshot(image, from)?, find_snapshot(image, to)?);
+    if fi >= ti {
+        return Err(SendError::Usage(format!(
+            "snapshot '{from}' is not older than '{to}'"
+        )));
+    }
+    Ok((fi, ti))
 }
 
 /// The index of snapshot `name` (by name, then by id); a name that matches none is refused
