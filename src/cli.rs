@@ -431,6 +431,9 @@ pub struct SyncArgs {
     /// When the replica shares no snapshot with the source, seed it again in full.
     #[arg(long)]
     pub rewind: bool,
+    /// Pace the stream to RATE bytes per second (K/M/G suffixes, 1024-based).
+    #[arg(long, value_name = "RATE", value_parser = blkdelta_send::pace::parse_rate)]
+    pub bwlimit: Option<u64>,
     /// The ssh command for a remote end (its options too: "ssh -p 2222 -i KEY").
     #[arg(long, value_name = "CMD", default_value = "ssh")]
     pub ssh_command: String,

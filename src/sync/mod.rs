@@ -24,9 +24,12 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use blkdelta_common::stream::ResumeToken;
-use blkdelta_send::pipeline::{send, SendOptions};
+use blkdelta_send::pace::Paced;
+use blkdelta_send::pipeline::{plan_totals, send, SendOptions};
 use blkdelta_send::source::live::{Checkpoint, LiveOptions};
-use blkdelta_send::source::{nbd, open_source_opts, ChangeSource, Resumed, SourceOptions};
+use blkdelta_send::source::{
+    nbd, open_source_opts, ChangeSource, Qcow2Snapshots, Resumed, SnapshotSpec, SourceOptions,
+};
 use blkdelta_send::NoProgress;
 use serde_json::{json, Value};
 
@@ -57,6 +60,8 @@ struct Outcome {
     to: String,
     bytes: u64,
     seconds: f64,
+    /// In a dry run, the data bytes the stream would carry at most (when the source is here).
+    estimate: Option<u64>,
     /// An interrupted apply finished first: its target state.
     finished: Option<String>,
     /// The replica snapshot reverted to before the stream.
@@ -244,6 +249,10 @@ fn offline(
         });
         outcome.pruned_source = plan::source_prune(&after, a.keep_source, &new);
         outcome.pruned_replica = replica_prune_plan(a, &status, &new);
+        outcome.estimate = match src {
+            Location::Local(p) => Some(planned_bytes(p, from.as_deref())?),
+            Location::Remote { .. } => None,
+        };
         return Ok(outcome);
     }
     let path = src.path();
@@ -261,7 +270,14 @@ fn offline(
     }
     let (spec, receive_flags): (String, Vec<&str>) = match (&start, &from) {
         (None, _) => (format!("{path}@{new}"), vec!["--repair"]),
-        (Some(Start::Seed), _) if a.rewind => (format!("{path}@{new}"), vec!["--rewind"]),
+        // --rewind replaces a replica, or (a seed needs --overwrite then) data of another kind.
+        (Some(Start::Seed), _) if a.rewind => {
+            let flag = match &status {
+                Target::None(_) => "--overwrite",
+                Target::Replica(_) => "--rewind",
+            };
+            (format!("{path}@{new}"), vec![flag])
+        }
         (_, None) => (format!("{path}@{new}"), vec![]),
         (_, Some(f)) => (format!("{path}@{f}..{new}"), vec![]),
     };
@@ -294,6 +310,18 @@ fn offline(
     }
     outcome.pruned_replica = prune_replica(a, &tside, target)?;
     Ok(outcome)
+}
+
+/// The data bytes a stream from snapshot `from` (none: a seed) to a snapshot of the active
+/// layer taken now would carry at most, from the image's tables alone.
+fn planned_bytes(path: &std::path::Path, from: Option<&str>) -> Result<u64> {
+    let spec = match from {
+        Some(f) => SnapshotSpec::ToActive { from: f.into() },
+        None => SnapshotSpec::Active,
+    };
+    let source = Qcow2Snapshots::open(path, &spec)
+        .with_context(|| format!("cannot plan a stream of {}", path.display()))?;
+    Ok(plan_totals(&source)?.data_bytes)
 }
 
 /// The replica's block list (`checksum --blocks` on its side), in a temporary file, for a
@@ -378,6 +406,7 @@ fn live(a: &SyncArgs, target: &Location, tside: &Side, status: &Target) -> Resul
                 plan::WAY_OUT
             )
         }
+        Target::None(what) if what == "data" => (None, true, vec!["--overwrite"]),
         Target::None(_) => (None, true, vec![]),
         Target::Replica(_) if a.rewind => (None, true, vec!["--rewind"]),
         Target::Replica(r) => match (&r.in_progress, &r.held, &r.changed) {
@@ -472,6 +501,13 @@ fn transfer(
         if let Some(t) = token {
             args.extend(["--resume", t]);
         }
+        let rate = a.bwlimit.map(|r| r.to_string());
+        if let Some(r) = &rate {
+            args.extend(["--bwlimit", r]);
+        }
+        if direct(a, spec) {
+            args.push("--direct");
+        }
         args.push(spec);
         let sside = tside.on(host);
         let cmd = sside.blkdelta(&args)?;
@@ -479,6 +515,7 @@ fn transfer(
     }
     let opts = SourceOptions {
         against: against.map(std::path::Path::to_path_buf),
+        direct: direct(a, spec),
         ..SourceOptions::default()
     };
     let mut source =
@@ -489,6 +526,15 @@ fn transfer(
             Box::new(Resumed::new(source, &t).with_context(|| format!("cannot resume {spec}"))?);
     }
     stream_to(a, Sender::Here(source.as_ref()), target, tside, flags)
+}
+
+/// Whether the stream of `spec` goes straight from its base to the new snapshot: an
+/// incremental (`@FROM..TO`) without --all.
+fn direct(a: &SyncArgs, spec: &str) -> bool {
+    !a.all
+        && spec
+            .rsplit_once('@')
+            .is_some_and(|(_, snaps)| snaps.contains(".."))
 }
 
 /// Counts the bytes written through it.
@@ -530,8 +576,14 @@ fn stream_to(
         .context("cannot start the receiver")?;
     let tail = StderrTail::of(&mut receiver);
     let stdin = receiver.stdin.take().expect("piped");
+    // Paced below the buffer, as send paces: the stream leaves in small, even pieces. A
+    // remote sender paces itself.
+    let paced: Box<dyn Write> = match (a.bwlimit, &sender) {
+        (Some(rate), Sender::Here(_)) => Box::new(Paced::new(stdin, rate)),
+        _ => Box::new(stdin),
+    };
     let mut out = Counted {
-        inner: BufWriter::with_capacity(1 << 20, stdin),
+        inner: BufWriter::with_capacity(1 << 20, paced),
         bytes: 0,
     };
     let sent: Result<()> = match sender {
@@ -612,6 +664,7 @@ fn report(a: &SyncArgs, what: &str, target: &Location, o: &Outcome) -> Result<()
             "finished": o.finished,
             "reverted_to": o.reverted,
             "bytes": o.bytes,
+            "planned_data_bytes": o.estimate,
             "seconds": (o.seconds * 1000.0).round() / 1000.0,
             "bytes_per_second": if o.seconds > 0.0 { (o.bytes as f64 / o.seconds) as u64 } else { 0 },
             "pruned_source": o.pruned_source,
@@ -635,9 +688,13 @@ fn report(a: &SyncArgs, what: &str, target: &Location, o: &Outcome) -> Result<()
             None => format!("snapshot {}", o.to),
         };
         format!(
-            "dry run: {what} -> {target}: would create {snapshot}, send {} {range}{extra}; \
+            "dry run: {what} -> {target}: would create {snapshot}, send {} {range}{}{extra}; \
              would delete {} on the source, {} on the replica",
             o.kind,
+            o.estimate.map_or(String::new(), |b| format!(
+                " ({} of data at most)",
+                human(b)
+            )),
             list(&o.pruned_source),
             list(&o.pruned_replica),
         )

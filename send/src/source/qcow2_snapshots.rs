@@ -45,6 +45,13 @@ pub enum SnapshotSpec {
         /// The snapshot sent.
         to: String,
     },
+    /// From one snapshot to the active layer: what a snapshot taken now would carry, for
+    /// plans (`sync --dry-run`) only, since the active layer has no identity a replica could
+    /// keep.
+    ToActive {
+        /// The base snapshot.
+        from: String,
+    },
 }
 
 impl SnapshotSpec {
@@ -116,6 +123,13 @@ impl Qcow2Snapshots {
             SnapshotSpec::Direct { from, to } => {
                 let (fi, ti) = ordered_pair(&image, from, to)?;
                 vec![incremental_step(&image, fi, ti)?]
+            }
+            SnapshotSpec::ToActive { from } => {
+                let fi = find_snapshot(&image, from)?;
+                let (mut step, mut transition) = full_step(&image, path, Layer::Active)?;
+                step.from = Some(image.layer(Layer::Snapshot(fi))?);
+                transition.from = Some(snap_ref(&image.snapshots()[fi]));
+                vec![(step, transition)]
             }
         };
         let (steps, transitions) = made.into_iter().unzip();
