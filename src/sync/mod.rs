@@ -104,6 +104,7 @@ fn prunes_replica(a: &SyncArgs) -> bool {
 
 /// `blkdelta sync`.
 pub fn run(a: &SyncArgs) -> Result<()> {
+    let started = Instant::now();
     let (source, target) = ends(a)?;
     let what = match &source {
         Some(s) => s.to_string(),
@@ -133,7 +134,6 @@ pub fn run(a: &SyncArgs) -> Result<()> {
     for host in source.iter().chain([&target]).filter_map(Location::host) {
         ssh.open_master(host);
     }
-    let started = Instant::now();
     let tside = Side::of(&target, &ssh);
     let status = target_status(&tside, &target)?;
     if prunes_replica(a) {
@@ -170,10 +170,18 @@ fn target_status(tside: &Side, target: &Location) -> Result<Target> {
 
 /// The source's snapshots, from `list --json` on its side.
 fn source_snapshots(sside: &Side, source: &Location) -> Result<Vec<SourceSnap>> {
-    let out = sside.run(
-        sside.blkdelta(&["list", "--json", &source.path()])?,
-        "listing the source's snapshots",
-    )?;
+    let out = sside.output(sside.blkdelta(&["list", "--json", &source.path()])?)?;
+    if !out.status.success() {
+        if String::from_utf8_lossy(&out.stderr).contains("in use by a writer") {
+            // `list` names --force-share; a cycle must not snapshot a disk a VM writes.
+            return Err(anyhow!(
+                "{source} is in use by a writer (a running VM?): sync it through QEMU with \
+                 --qmp SOCKET --node NODE"
+            ));
+        }
+        return Err(sside.failure("listing the source's snapshots", &out));
+    }
+    let out = out.stdout;
     serde_json::from_slice::<Value>(&out)
         .ok()
         .and_then(|v| plan::source_snapshots(&v))
