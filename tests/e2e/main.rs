@@ -21,4 +21,5 @@ mod resume_undo;
 mod rough_edges;
 mod sources;
 mod ssh;
+mod sync;
 mod trust;
