@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -169,7 +169,7 @@ fn is_qcow2(replica: &Path) -> bool {
 
 /// What a replica reads as: the file itself, or qemu's raw export of a qcow2 replica's active
 /// layer (after `qemu-img check`).
-pub fn replica_bytes(s: &Scratch, replica: &Path) -> std::path::PathBuf {
+pub fn replica_bytes(s: &Scratch, replica: &Path) -> PathBuf {
     if !is_qcow2(replica) {
         return replica.to_path_buf();
     }
@@ -209,7 +209,7 @@ pub fn wait_unlocked(lock: &Path) {
 }
 
 /// A source image `vm.qcow2` of `size`, with a first write.
-pub fn source(s: &Scratch, size: &str) -> std::path::PathBuf {
+pub fn source(s: &Scratch, size: &str) -> PathBuf {
     let img = s.qcow2("vm.qcow2", size, "");
     guest_writes(s, &img, 0);
     img

@@ -72,8 +72,9 @@ fn written_into(replica: &Path, allocated_before: u64, bytes: u64) -> bool {
 
 /// A cycle into `replica` (named `name`) of 48 MiB of incompressible data, killed once its
 /// receiver wrote 8 MiB; then the next cycle. Whether `status` said, in between, that the
-/// apply was in progress (else it said, truly, that the replica holds its base).
-fn killed_mid_stream(name: &str) -> bool {
+/// apply was in progress (else it said, truly, that the replica holds its base), and the next
+/// cycle's JSON.
+fn killed_mid_stream(name: &str) -> (bool, Value) {
     let s = Scratch::new();
     let img = source(&s, "64M");
     let replica = s.path(name);
@@ -126,7 +127,7 @@ fn killed_mid_stream(name: &str) -> bool {
     assert_eq!(field(&v, "finished"), finished, "{v}");
     assert_eq!(field(&v, "from"), Some(from.as_str()), "{v}");
     assert_replica_is_newest(&s, &img, &replica);
-    in_progress
+    (in_progress, v)
 }
 
 #[test]
@@ -134,7 +135,19 @@ fn a_raw_replica_cut_mid_stream_is_finished_by_the_next_cycle() {
     if !have_qemu() {
         return;
     }
-    assert!(killed_mid_stream("r.raw"), "the apply was in progress");
+    assert!(killed_mid_stream("r.raw").0, "the apply was in progress");
+}
+
+#[test]
+#[ignore = "defect: a cycle's bytes leave out the stream it finished first"]
+fn a_cycle_that_finishes_a_cut_stream_counts_its_bytes() {
+    if !have_qemu() {
+        return;
+    }
+    // At least the 40 MiB the cut stream still had to carry went to the receiver.
+    let (in_progress, v) = killed_mid_stream("r.raw");
+    assert!(in_progress);
+    assert!(v["bytes"].as_u64().unwrap() > 16 << 20, "{v}");
 }
 
 #[test]
