@@ -7,103 +7,15 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use blkdelta_common::qmp::Qmp;
+use std::time::Duration;
 
 use crate::common::{
-    arg, assert_ok, assert_same_file, bin, blkdelta, have, one_line_failure, receive_file, run,
-    Scratch,
+    arg, assert_ok, assert_same_file, bin, blkdelta, have_storage_daemon, one_line_failure,
+    receive_file, run, Daemon, Scratch,
 };
 
-fn have_qemu() -> bool {
-    have("qemu-img") && have("qemu-io") && have("qemu-storage-daemon")
-}
-
-/// A qemu-storage-daemon serving `disk.qcow2` as node `drive0`: QMP on `qmp.sock`, the guest's
-/// writable NBD export `drive0` on `guest.sock`.
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-}
-
+/// What the tests of `send --qmp` ask of the daemon.
 impl Daemon {
-    fn start(s: &Scratch) -> Daemon {
-        let disk = s.path("disk.qcow2");
-        if !disk.exists() {
-            run(Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(&disk)
-                .arg("32M"));
-            run(Command::new("qemu-io")
-                .args(["-c", "write -P 1 0 4M", "-c", "write -P 2 20M 1M"])
-                .arg(&disk));
-        }
-        let dir = s.path("");
-        let _ = std::fs::remove_file(dir.join("qmp.sock"));
-        let _ = std::fs::remove_file(dir.join("guest.sock"));
-        let p = |n: &str| dir.join(n).display().to_string();
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=file0,filename={}",
-                p("disk.qcow2")
-            ))
-            .args(["--blockdev", "driver=qcow2,node-name=drive0,file=file0"])
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", p("guest.sock")))
-            .args([
-                "--export",
-                "type=nbd,id=guest,node-name=drive0,name=drive0,writable=on",
-            ])
-            .arg("--chardev")
-            .arg(format!(
-                "socket,id=qmp,path={},server=on,wait=off",
-                p("qmp.sock")
-            ))
-            .args(["--monitor", "chardev=qmp"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-storage-daemon starts");
-        let d = Daemon { child, dir };
-        let start = Instant::now();
-        while !d.path("qmp.sock").exists() || !d.path("guest.sock").exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "the daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn guest(&self) -> String {
-        format!(
-            "nbd+unix:///drive0?socket={}",
-            self.path("guest.sock").display()
-        )
-    }
-
-    /// A write through the guest's export.
-    fn write(&self, cmd: &str) {
-        run(Command::new("qemu-io")
-            .args(["-f", "raw", "-c", cmd])
-            .arg(self.guest()));
-    }
-
-    /// The disk as the guest sees it now.
-    fn snapshot_to(&self, out: &Path) {
-        run(Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(self.guest())
-            .arg(out));
-    }
-
     fn send_args(&self) -> Vec<String> {
         vec![
             "send".into(),
@@ -142,36 +54,6 @@ impl Daemon {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         blkdelta(&refs)
     }
-
-    /// What QMP says of the daemon: block exports and jobs (both must be only the guest's).
-    fn leftovers(&self) -> (usize, usize) {
-        let mut q = Qmp::connect(&self.path("qmp.sock")).expect("QMP");
-        let mut count = |cmd: &str| {
-            let v: serde_json::Value = q.execute(cmd, serde_json::json!({})).expect(cmd);
-            v.as_array().map_or(0, Vec::len)
-        };
-        (count("query-block-exports"), count("query-block-jobs"))
-    }
-
-    /// Stops the daemon as QEMU stops cleanly (SIGTERM): persistent bitmaps are saved.
-    fn quit(mut self) {
-        run(Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string()));
-        let _ = self.child.wait();
-    }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The replica's active layer, exported.
@@ -186,7 +68,7 @@ fn replica_now(s: &Scratch, replica: &Path, name: &str) -> PathBuf {
 
 #[test]
 fn live_sends_are_the_disk_at_their_moment() {
-    if !have_qemu() {
+    if !have_storage_daemon() {
         return;
     }
     let s = Scratch::new();
@@ -229,7 +111,7 @@ fn live_sends_are_the_disk_at_their_moment() {
 
 #[test]
 fn writes_during_a_send_are_in_the_next_stream_only() {
-    if !have_qemu() {
+    if !have_storage_daemon() {
         return;
     }
     let s = Scratch::new();
@@ -269,7 +151,7 @@ fn writes_during_a_send_are_in_the_next_stream_only() {
 
 #[test]
 fn a_sender_killed_part_way_leaves_the_daemon_serving_and_the_next_run_correct() {
-    if !have_qemu() {
+    if !have_storage_daemon() {
         return;
     }
     let s = Scratch::new();
@@ -306,7 +188,7 @@ fn a_sender_killed_part_way_leaves_the_daemon_serving_and_the_next_run_correct()
 
 #[test]
 fn a_bitmap_qemu_could_not_save_is_refused_with_the_way_out() {
-    if !have_qemu() {
+    if !have_storage_daemon() {
         return;
     }
     let s = Scratch::new();
@@ -334,7 +216,7 @@ fn a_bitmap_qemu_could_not_save_is_refused_with_the_way_out() {
 
 #[test]
 fn a_receive_cut_short_is_reverted_by_qemu_and_the_next_stream_applies() {
-    if !have_qemu() {
+    if !have_storage_daemon() {
         return;
     }
     let s = Scratch::new();
@@ -388,7 +270,7 @@ fn a_receive_cut_short_is_reverted_by_qemu_and_the_next_stream_applies() {
 
 #[test]
 fn a_sender_killed_at_any_moment_leaves_nothing_the_next_run_trips_on() {
-    if !have_qemu() {
+    if !have_storage_daemon() {
         return;
     }
     let s = Scratch::new();

@@ -23,4 +23,5 @@ mod resume_undo;
 mod rough_edges;
 mod sources;
 mod ssh;
+mod sync;
 mod trust;
