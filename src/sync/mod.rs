@@ -16,6 +16,7 @@
 
 mod lock;
 mod plan;
+mod registry;
 mod side;
 
 use std::io::{self, BufWriter, Write};
@@ -123,10 +124,17 @@ pub fn run(a: &SyncArgs) -> Result<()> {
         ),
         (None, None) => unreachable!("ends() refuses that"),
     };
+    let target_key = key(&target);
+    if source_key == target_key {
+        return Err(anyhow!(UsageError(format!(
+            "SOURCE and TARGET are the same file ({target})"
+        ))));
+    }
+    // One namespace for both ends: `sync A B` and `sync B C` exclude each other too.
     let _locks = lock::take(
         &[
-            (what.clone(), format!("source {source_key}")),
-            (target.to_string(), format!("target {}", key(&target))),
+            (what.clone(), source_key),
+            (target.to_string(), target_key.clone()),
         ],
         a.wait,
     )?;
@@ -149,7 +157,7 @@ pub fn run(a: &SyncArgs) -> Result<()> {
         }
     }
     let mut outcome = match &source {
-        Some(src) => offline(a, src, &target, &ssh, &status)?,
+        Some(src) => offline(a, src, (&target, &target_key), &ssh, &status)?,
         None => live(a, &target, &tside, &status)?,
     };
     outcome.seconds = started.elapsed().as_secs_f64();
@@ -188,14 +196,25 @@ fn source_snapshots(sside: &Side, source: &Location) -> Result<Vec<SourceSnap>> 
         .ok_or_else(|| anyhow!("{source}: list --json printed something else than a list"))
 }
 
+/// The snapshot names a new one must not take: the source's, and the replica's (a name the
+/// replica keeps, reused, would make a revert to it ambiguous).
+fn taken(source: &[SourceSnap], status: &Target) -> Vec<String> {
+    let mut names: Vec<String> = source.iter().map(|s| s.name.clone()).collect();
+    if let Target::Replica(r) = status {
+        names.extend(r.snapshots.iter().map(|s| s.name.clone()));
+        names.extend(r.held.iter().map(|h| h.name.clone()));
+    }
+    names
+}
+
 /// `blkdelta-YYYYMMDDTHHMMSSZ` now, made unique among `taken`.
-fn new_name(taken: &[SourceSnap]) -> String {
+fn new_name(taken: &[String]) -> String {
     let stamp: String = blkdelta_common::time::utc_stamp(blkdelta_common::time::now_secs())
         .chars()
         .filter(|c| !matches!(c, '-' | ':'))
         .collect();
     let base = format!("{PREFIX}{stamp}");
-    let free = |n: &String| !taken.iter().any(|s| &s.name == n);
+    let free = |n: &String| !taken.contains(n);
     std::iter::once(base.clone())
         .chain((2..).map(|k| format!("{base}-{k}")))
         .find(free)
@@ -203,10 +222,11 @@ fn new_name(taken: &[SourceSnap]) -> String {
 }
 
 /// The cycle of a qcow2 image at rest (here or on another host).
+/// `target` is the replica and the key that names it among the source's replicas.
 fn offline(
     a: &SyncArgs,
     src: &Location,
-    target: &Location,
+    (target, target_key): (&Location, &str),
     ssh: &Ssh,
     status: &Target,
 ) -> Result<Outcome> {
@@ -226,7 +246,7 @@ fn offline(
                 Some(f) => format!("{}@{f}..{to}", src.path()),
                 None => format!("{}@{to}", src.path()),
             };
-            transfer(a, src, &spec, token.as_deref(), None, target, &tside, &[])?;
+            outcome.bytes += transfer(a, src, &spec, token.as_deref(), None, target, &tside, &[])?;
             outcome.finished = Some(to.clone());
             status = target_status(&tside, target)?;
             snaps = source_snapshots(&sside, src)?;
@@ -238,7 +258,7 @@ fn offline(
         Err(_) if a.repair => None,
         Err(e) => bail!("{target}: {}", e.0),
     };
-    let new = new_name(&snaps);
+    let new = new_name(&taken(&snaps, &status));
     let (kind, from, revert) = match &start {
         None => ("repair", None, None),
         Some(Start::Seed) => ("seed", None, None),
@@ -255,7 +275,9 @@ fn offline(
             name: new.clone(),
             guid: String::new(),
         });
-        outcome.pruned_source = plan::source_prune(&after, a.keep_source, &new);
+        let mut protected = registry::others(&registry::read(&sside, src), target_key);
+        protected.push(new.clone());
+        outcome.pruned_source = plan::source_prune(&after, a.keep_source, &protected);
         outcome.pruned_replica = replica_prune_plan(a, &status, &new);
         outcome.estimate = match src {
             Location::Local(p) => Some(planned_bytes(p, from.as_deref())?),
@@ -287,13 +309,16 @@ fn offline(
             (format!("{path}@{new}"), vec![flag])
         }
         (_, None) => (format!("{path}@{new}"), vec![]),
+        // Reverted by QEMU to the base just now: the replica's state may still name another
+        // snapshot of the same content (a cycle without writes), which receive would hold to.
+        (_, Some(f)) if revert.is_some() => (format!("{path}@{f}..{new}"), vec!["--rebase"]),
         (_, Some(f)) => (format!("{path}@{f}..{new}"), vec![]),
     };
     let blocks = match start {
         None => Some(block_list(&tside, target)?),
         Some(_) => None,
     };
-    outcome.bytes = transfer(
+    let sent = transfer(
         a,
         src,
         &spec,
@@ -302,14 +327,27 @@ fn offline(
         target,
         &tside,
         &receive_flags,
-    )?;
+    );
+    match sent {
+        Ok(bytes) => outcome.bytes += bytes,
+        Err(e) => {
+            forget_new(&sside, &tside, target, &path, &new);
+            return Err(e);
+        }
+    }
     kill_point("prune");
     // The replica holds `new` now: older blkdelta snapshots of the source may go.
     snaps.push(SourceSnap {
         name: new.clone(),
         guid: String::new(),
     });
-    for old in plan::source_prune(&snaps, a.keep_source, &new) {
+    let holders = registry::read(&sside, src);
+    let mut protected = registry::others(&holders, target_key);
+    protected.push(new.clone());
+    let pruned = plan::source_prune(&snaps, a.keep_source, &protected);
+    snaps.retain(|s| !pruned.contains(&s.name));
+    registry::record(&sside, src, holders, &snaps, target_key, &new)?;
+    for old in pruned {
         sside.run(
             sside.tool("qemu-img", &["snapshot", "-d", &old, &path]),
             &format!("deleting the source's snapshot {old}"),
@@ -318,6 +356,23 @@ fn offline(
     }
     outcome.pruned_replica = prune_replica(a, &tside, target)?;
     Ok(outcome)
+}
+
+/// After a failed stream: deletes the cycle's snapshot from the source, unless the replica is
+/// part way to it (the next cycle finishes that stream from its resume point). Best effort:
+/// a snapshot left behind is pruned by a later cycle.
+fn forget_new(sside: &Side, tside: &Side, target: &Location, path: &str, new: &str) {
+    let part_way = match target_status(tside, target) {
+        Ok(Target::Replica(r)) => r.in_progress.is_some_and(|(_, to)| to.name == new),
+        Ok(Target::None(_)) => false,
+        Err(_) => true,
+    };
+    if !part_way {
+        let _ = sside.run(
+            sside.tool("qemu-img", &["snapshot", "-d", new, path]),
+            "deleting the failed cycle's snapshot",
+        );
+    }
 }
 
 /// The data bytes a stream from snapshot `from` (none: a seed) to a snapshot of the active
@@ -431,10 +486,18 @@ fn live(a: &SyncArgs, target: &Location, tside: &Side, status: &Target) -> Resul
         },
     };
     let node = a.node.clone().unwrap_or_default();
-    let new = new_name(&[]);
+    let new = new_name(&taken(&[], status));
+    // What the replica holds, by the name the previous cycle gave it.
+    let from_name = match status {
+        Target::Replica(r) if !full => match &r.in_progress {
+            Some((f, _)) => f.as_ref().map(|f| f.name.clone()),
+            None => r.held.as_ref().map(|h| h.name.clone()),
+        },
+        _ => None,
+    };
     let mut outcome = Outcome {
         kind: if full { "seed" } else { "incremental" },
-        from: from_bitmap.clone(),
+        from: from_name,
         to: new.clone(),
         ..Outcome::default()
     };
@@ -459,7 +522,6 @@ fn live(a: &SyncArgs, target: &Location, tside: &Side, status: &Target) -> Resul
         ),
         None => anyhow!("node {node}: {e}"),
     })?;
-    outcome.from = cp.from().map(|f| f.name.clone());
     let source = nbd::open_checkpoint(
         &cp.uri(),
         cp.bitmap(),

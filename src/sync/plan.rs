@@ -227,8 +227,8 @@ pub fn start(source: &[SourceSnap], target: &Target, rewind: bool) -> Result<Sta
 }
 
 /// The `blkdelta-` snapshots `--keep-source N` deletes from `source` (oldest first): all but
-/// the newest `keep`, never `held` (the one the replica holds), never a user's.
-pub fn source_prune(source: &[SourceSnap], keep: usize, held: &str) -> Vec<String> {
+/// the newest `keep`, never one in `protected` (those replicas hold), never a user's.
+pub fn source_prune(source: &[SourceSnap], keep: usize, protected: &[String]) -> Vec<String> {
     let ours: Vec<&SourceSnap> = source
         .iter()
         .filter(|s| s.name.starts_with(super::PREFIX))
@@ -236,7 +236,7 @@ pub fn source_prune(source: &[SourceSnap], keep: usize, held: &str) -> Vec<Strin
     let old = ours.len().saturating_sub(keep);
     ours[..old]
         .iter()
-        .filter(|s| s.name != held)
+        .filter(|s| !protected.contains(&s.name))
         .map(|s| s.name.clone())
         .collect()
 }

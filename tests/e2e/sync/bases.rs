@@ -71,7 +71,6 @@ fn a_lost_base_reverts_the_replica_to_the_newest_common_snapshot() {
 }
 
 #[test]
-#[ignore = "defect: a revert to a kept snapshot equal to the lost one (a cycle with no writes) is refused by receive"]
 fn a_lost_base_after_an_idle_cycle_reverts_too() {
     if !have_qemu() {
         return;

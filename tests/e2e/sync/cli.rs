@@ -115,7 +115,6 @@ fn a_command_line_sync_cannot_run_exits_2_touching_nothing() {
 }
 
 #[test]
-#[ignore = "defect: SOURCE as its own TARGET is planned as an incremental into itself; the source gets a snapshot before receive refuses"]
 fn the_source_as_its_own_target_is_refused_before_any_snapshot() {
     if !have_qemu() {
         return;

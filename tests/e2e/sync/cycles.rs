@@ -75,7 +75,6 @@ fn ten_cycles_keep_the_newest_snapshots_on_both_sides() {
 }
 
 #[test]
-#[ignore = "defect: --all is ignored: every cycle sends FROM..TO, which carries every snapshot between"]
 fn a_snapshot_made_between_cycles_reaches_the_replica_only_with_all() {
     if !have_qemu() {
         return;
@@ -108,7 +107,6 @@ fn stamp(name: &str) -> &str {
 }
 
 #[test]
-#[ignore = "defect: a new snapshot takes a name the replica keeps (names are unique among the source's snapshots only)"]
 fn a_new_snapshot_never_takes_a_name_the_replica_keeps() {
     if !have_qemu() {
         return;
@@ -140,7 +138,6 @@ fn a_new_snapshot_never_takes_a_name_the_replica_keeps() {
 }
 
 #[test]
-#[ignore = "defect: --keep-source deletes the snapshot another replica of the source holds"]
 fn two_replicas_of_one_source_each_stay_incremental() {
     if !have_qemu() {
         return;

@@ -64,7 +64,6 @@ fn cycles_of_a_running_vm_are_the_disk_at_their_moment() {
 }
 
 #[test]
-#[ignore = "defect: live cycles in one second take the same name (new_name(&[]) checks no snapshot)"]
 fn live_cycles_in_one_second_name_their_snapshots_apart() {
     if !have_storage_daemon() {
         return;
@@ -84,7 +83,6 @@ fn live_cycles_in_one_second_name_their_snapshots_apart() {
 }
 
 #[test]
-#[ignore = "defect: a live cycle's JSON `from` is the bitmap blkdelta-GUID, not the previous cycle's `to`"]
 fn a_live_cycle_says_it_starts_from_the_previous_one() {
     if !have_storage_daemon() {
         return;
