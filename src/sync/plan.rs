@@ -399,15 +399,21 @@ mod tests {
             "blkdelta-3",
             "blkdelta-4",
         ]);
+        let held = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            source_prune(&src, 2, "blkdelta-4"),
+            source_prune(&src, 2, &held(&["blkdelta-4"])),
             vec!["blkdelta-1", "blkdelta-2"]
         );
         assert_eq!(
-            source_prune(&src, 1, "blkdelta-2"),
+            source_prune(&src, 1, &held(&["blkdelta-2"])),
             vec!["blkdelta-1", "blkdelta-3"]
         );
-        assert!(source_prune(&src, 9, "blkdelta-4").is_empty());
+        // Another replica holds blkdelta-1: it stays too.
+        assert_eq!(
+            source_prune(&src, 1, &held(&["blkdelta-4", "blkdelta-1"])),
+            vec!["blkdelta-2", "blkdelta-3"]
+        );
+        assert!(source_prune(&src, 9, &held(&["blkdelta-4"])).is_empty());
     }
 
     #[test]
