@@ -411,8 +411,8 @@ pub struct SyncArgs {
     /// by default the stream goes straight from one to the other.
     #[arg(long)]
     pub all: bool,
-    /// Keep the N newest blkdelta-* snapshots on the source (default 1), never deleting the
-    /// one the replica holds or one a user made.
+    /// Keep the N newest blkdelta-* snapshots on the source, never deleting one a replica of
+    /// it holds (SOURCE.blkdelta-sync lists them) or one a user made.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub keep_source: usize,
     /// Prune the replica (a qcow2 replica) to its N newest blkdelta-* snapshots.

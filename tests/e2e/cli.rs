@@ -49,6 +49,7 @@ fn help_texts_are_as_documented() {
             &["prune", "--help"],
             include_str!("../golden/prune-help.txt"),
         ),
+        (&["sync", "--help"], include_str!("../golden/sync-help.txt")),
     ] {
         let out = blkdelta_ok(args);
         assert_eq!(String::from_utf8(out.stdout).unwrap(), golden, "{args:?}");
