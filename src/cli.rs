@@ -456,4 +456,7 @@ pub struct SyncArgs {
     /// Print nothing on success (errors still go to stderr).
     #[arg(short, long, conflicts_with = "json")]
     pub quiet: bool,
+    /// Say on stderr what each step ran and how long it took.
+    #[arg(short, long)]
+    pub verbose: bool,
 }

@@ -106,6 +106,7 @@ fn prunes_replica(a: &SyncArgs) -> bool {
 /// `blkdelta sync`.
 pub fn run(a: &SyncArgs) -> Result<()> {
     let started = Instant::now();
+    side::VERBOSE.store(a.verbose, std::sync::atomic::Ordering::Relaxed);
     let (source, target) = ends(a)?;
     let what = match &source {
         Some(s) => s.to_string(),
@@ -140,7 +141,7 @@ pub fn run(a: &SyncArgs) -> Result<()> {
     )?;
     let mut ssh = Ssh::new(&a.ssh_command, &a.remote_blkdelta)?;
     for host in source.iter().chain([&target]).filter_map(Location::host) {
-        ssh.open_master(host);
+        ssh.use_host(host);
     }
     let tside = Side::of(&target, &ssh);
     let status = target_status(&tside, &target)?;
@@ -246,7 +247,13 @@ fn offline(
                 Some(f) => format!("{}@{f}..{to}", src.path()),
                 None => format!("{}@{to}", src.path()),
             };
-            outcome.bytes += transfer(a, src, &spec, token.as_deref(), None, target, &tside, &[])?;
+            let into = Receiving {
+                target,
+                side: &tside,
+                flags: &[],
+                prune: false,
+            };
+            outcome.bytes += transfer(a, src, &spec, (token.as_deref(), None), &into)?.bytes;
             outcome.finished = Some(to.clone());
             status = target_status(&tside, target)?;
             snaps = source_snapshots(&sside, src)?;
@@ -318,23 +325,29 @@ fn offline(
         None => Some(block_list(&tside, target)?),
         Some(_) => None,
     };
+    let into = Receiving {
+        target,
+        side: &tside,
+        flags: &receive_flags,
+        prune: true,
+    };
     let sent = transfer(
         a,
         src,
         &spec,
-        None,
-        blocks.as_ref().map(|b| b.path()),
-        target,
-        &tside,
-        &receive_flags,
+        (None, blocks.as_ref().map(|b| b.path())),
+        &into,
     );
-    match sent {
-        Ok(bytes) => outcome.bytes += bytes,
+    let pruned_there = match sent {
+        Ok(streamed) => {
+            outcome.bytes += streamed.bytes;
+            streamed.pruned
+        }
         Err(e) => {
             forget_new(&sside, &tside, target, &path, &new);
             return Err(e);
         }
-    }
+    };
     kill_point("prune");
     // The replica holds `new` now: older blkdelta snapshots of the source may go.
     snaps.push(SourceSnap {
@@ -354,7 +367,7 @@ fn offline(
         )?;
         outcome.pruned_source.push(old);
     }
-    outcome.pruned_replica = prune_replica(a, &tside, target)?;
+    outcome.pruned_replica = prune_replica(a, &tside, target, pruned_there)?;
     Ok(outcome)
 }
 
@@ -421,12 +434,8 @@ fn replica_prune_plan(a: &SyncArgs, status: &Target, new: &str) -> Vec<String> {
     }
 }
 
-/// Prunes the replica with the --keep rules (its `blkdelta-` snapshots only); the names
-/// deleted.
-fn prune_replica(a: &SyncArgs, tside: &Side, target: &Location) -> Result<Vec<String>> {
-    if !prunes_replica(a) {
-        return Ok(Vec::new());
-    }
+/// `prune --json --prefix blkdelta- RULES TARGET`: the replica's pruning by the --keep rules.
+fn prune_args(a: &SyncArgs, target: &Location) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "prune".into(),
         "--json".into(),
@@ -444,9 +453,12 @@ fn prune_replica(a: &SyncArgs, tside: &Side, target: &Location) -> Result<Vec<St
         }
     }
     args.push(target.path());
-    let words: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = tside.run(tside.blkdelta(&words)?, "pruning the replica")?;
-    let v: Value = serde_json::from_slice(&out).context("prune --json printed no JSON")?;
+    args
+}
+
+/// The names `prune --json` says it deleted.
+fn pruned(out: &[u8]) -> Result<Vec<String>> {
+    let v: Value = serde_json::from_slice(out).context("prune --json printed no JSON")?;
     Ok(v.get("deleted")
         .and_then(Value::as_array)
         .map(|d| {
@@ -455,6 +467,25 @@ fn prune_replica(a: &SyncArgs, tside: &Side, target: &Location) -> Result<Vec<St
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// Prunes the replica with the --keep rules (its `blkdelta-` snapshots only), unless the
+/// receiving session did (`done`); the names deleted.
+fn prune_replica(
+    a: &SyncArgs,
+    tside: &Side,
+    target: &Location,
+    done: Option<Vec<String>>,
+) -> Result<Vec<String>> {
+    if let Some(names) = done {
+        return Ok(names);
+    }
+    if !prunes_replica(a) {
+        return Ok(Vec::new());
+    }
+    let args = prune_args(a, target);
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    pruned(&tside.run(tside.blkdelta(&words)?, "pruning the replica")?)
 }
 
 /// The cycle of a running QEMU's disk: the checkpoint of `send --qmp`, whose old bitmap goes
@@ -529,16 +560,23 @@ fn live(a: &SyncArgs, target: &Location, tside: &Side, status: &Target) -> Resul
         cp.to().clone(),
         &node,
     );
+    let into = Receiving {
+        target,
+        side: tside,
+        flags: &flags,
+        prune: true,
+    };
     let sent = match source {
-        Ok(source) => stream_to(a, Sender::Here(source.as_ref()), target, tside, &flags),
+        Ok(source) => stream_to(a, Sender::Here(source.as_ref()), &into),
         Err(e) => Err(e.into()),
     };
     // The old bitmap goes only when the replica took the whole stream.
     let ended = cp.finish(sent.is_ok());
-    outcome.bytes = sent?;
+    let streamed = sent?;
+    outcome.bytes = streamed.bytes;
     ended?;
     kill_point("prune");
-    outcome.pruned_replica = prune_replica(a, tside, target)?;
+    outcome.pruned_replica = prune_replica(a, tside, target, streamed.pruned)?;
     Ok(outcome)
 }
 
@@ -550,19 +588,15 @@ enum Sender<'a> {
     There(Box<std::process::Command>, Side<'a>),
 }
 
-/// Sends `spec` of `src` (resumed at `token`; against the block list `against`) into
-/// `blkdelta receive FLAGS TARGET`; the stream's bytes.
-#[allow(clippy::too_many_arguments)]
+/// Sends `spec` of `src` (resumed at `token`; against the block list `against`) `into` the
+/// receiver.
 fn transfer(
     a: &SyncArgs,
     src: &Location,
     spec: &str,
-    token: Option<&str>,
-    against: Option<&std::path::Path>,
-    target: &Location,
-    tside: &Side,
-    flags: &[&str],
-) -> Result<u64> {
+    (token, against): (Option<&str>, Option<&std::path::Path>),
+    into: &Receiving,
+) -> Result<Streamed> {
     if let Some(host) = src.host() {
         // Pull: the source's host sends; this one relays to the receiver.
         let mut args = vec!["send", "-q", "-l"];
@@ -579,9 +613,9 @@ fn transfer(
             args.push("--direct");
         }
         args.push(spec);
-        let sside = tside.on(host);
+        let sside = into.side.on(host);
         let cmd = sside.blkdelta(&args)?;
-        return stream_to(a, Sender::There(Box::new(cmd), sside), target, tside, flags);
+        return stream_to(a, Sender::There(Box::new(cmd), sside), into);
     }
     let opts = SourceOptions {
         against: against.map(std::path::Path::to_path_buf),
@@ -595,7 +629,7 @@ fn transfer(
         source =
             Box::new(Resumed::new(source, &t).with_context(|| format!("cannot resume {spec}"))?);
     }
-    stream_to(a, Sender::Here(source.as_ref()), target, tside, flags)
+    stream_to(a, Sender::Here(source.as_ref()), into)
 }
 
 /// Whether the stream of `spec` goes straight from its base to the new snapshot: an
@@ -624,27 +658,52 @@ impl<W: Write> Write for Counted<W> {
     }
 }
 
+/// What a stream did: its bytes, and the replica snapshots pruned in the same session.
+struct Streamed {
+    bytes: u64,
+    pruned: Option<Vec<String>>,
+}
+
+/// The receiving end of a stream.
+struct Receiving<'a> {
+    target: &'a Location,
+    side: &'a Side<'a>,
+    /// `receive` switches.
+    flags: &'a [&'a str],
+    /// Prune the replica by the --keep rules once it received the stream: on a remote side,
+    /// in the same ssh session (one round trip less).
+    prune: bool,
+}
+
 /// Runs `blkdelta receive FLAGS TARGET` on the target's side and feeds it the stream of
-/// `sender`; the stream's bytes. When the receiver fails, its error is the one reported.
-fn stream_to(
-    a: &SyncArgs,
-    sender: Sender,
-    target: &Location,
-    tside: &Side,
-    flags: &[&str],
-) -> Result<u64> {
+/// `sender`. When the receiver fails, its error is the one reported.
+fn stream_to(a: &SyncArgs, sender: Sender, into: &Receiving) -> Result<Streamed> {
+    let (target, tside) = (into.target, into.side);
     let path = target.path();
     let mut args = vec!["receive", "-q"];
-    args.extend_from_slice(flags);
+    args.extend_from_slice(into.flags);
     args.push(&path);
-    let mut receiver = tside
-        .blkdelta(&args)?
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start the receiver")?;
+    let prune = prune_args(a, target);
+    let prune_words: Vec<&str> = prune.iter().map(String::as_str).collect();
+    let then = (into.prune && prunes_replica(a))
+        .then(|| tside.blkdelta_then(&args, &prune_words))
+        .flatten();
+    let pruning = then.is_some();
+    let mut receiver = match then {
+        Some(cmd) => cmd,
+        None => tside.blkdelta(&args)?,
+    }
+    .stdin(Stdio::piped())
+    .stdout(if pruning {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stderr(Stdio::piped())
+    .spawn()
+    .context("cannot start the receiver")?;
     let tail = StderrTail::of(&mut receiver);
+    let printed = StderrTail::reading(receiver.stdout.take());
     let stdin = receiver.stdin.take().expect("piped");
     // Paced below the buffer, as send paces: the stream leaves in small, even pieces. A
     // remote sender paces itself.
@@ -656,6 +715,7 @@ fn stream_to(
         inner: BufWriter::with_capacity(1 << 20, paced),
         bytes: 0,
     };
+    let streaming = Instant::now();
     let sent: Result<()> = match sender {
         Sender::Here(source) => {
             let opts = SendOptions {
@@ -672,12 +732,23 @@ fn stream_to(
     let bytes = out.bytes;
     drop(out);
     let status = receiver.wait().context("cannot wait for the receiver")?;
+    side::trace(
+        &format!("the stream into {target}, {bytes} bytes"),
+        streaming,
+    );
     let said = tail.take();
+    if pruning && status.code() == Some(side::THEN_FAILED) {
+        return Err(tside.failed("pruning the replica", None, &said));
+    }
     if !status.success() {
         return Err(tside.failed("receiving", status.code(), &said));
     }
     sent?;
-    Ok(bytes)
+    let pruned = match pruning {
+        true => Some(pruned(&printed.take())?),
+        false => None,
+    };
+    Ok(Streamed { bytes, pruned })
 }
 
 /// Runs the remote sender and copies its stream into `out`.

@@ -7,6 +7,28 @@ use std::process::{Child, Command, Output, Stdio};
 
 use anyhow::{anyhow, Context, Result};
 
+/// Whether each step says what it ran and how long it took (`sync --verbose`).
+pub static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// With `--verbose`: one line on stderr for a step that began at `started`.
+pub fn trace(what: &str, started: std::time::Instant) {
+    if VERBOSE.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!(
+            "blkdelta sync: {what}: {:.3} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// The words of `cmd`, for --verbose.
+fn words(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|w| w.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// ssh options that suit a stream that is compressed already: the fastest cipher with AES-NI
 /// first, and no second compression (see the README's ssh advice).
 const SSH_DEFAULTS: &[&str] = &[
@@ -106,50 +128,61 @@ impl Ssh {
         })
     }
 
-    /// Opens the master connection to `host` that later commands share, so that a cycle
-    /// pays for one ssh handshake. Best effort: when it cannot be opened, every command
-    /// connects on its own (and says why it failed, if it does).
-    pub fn open_master(&mut self, host: &str) {
+    /// Says that commands will go to `host`: the first of them opens the master connection
+    /// the others share (`ControlMaster=auto`, kept 60 s after the last session, closed when
+    /// this is dropped), so that a cycle pays for one ssh handshake. Best effort: without a
+    /// directory for its socket, every command connects on its own.
+    pub fn use_host(&mut self, host: &str) {
         if self.control.is_none() {
             self.control = tempfile::Builder::new()
                 .prefix("blkdelta-ssh")
                 .tempdir()
                 .ok();
         }
-        let Some(dir) = &self.control else { return };
-        let socket = dir.path().join(format!("{}", self.masters.len()));
-        let mut cmd = Command::new(&self.argv[0]);
-        cmd.args(&self.argv[1..])
-            .args(SSH_DEFAULTS)
-            .args(["-o", "ControlMaster=yes", "-o", "ControlPersist=60", "-S"])
-            .arg(&socket)
-            .args(["-n", host, "true"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if cmd.status().is_ok_and(|s| s.success()) {
+        if self.control.is_some() && !self.masters.iter().any(|h| h == host) {
             self.masters.push(host.to_string());
         }
     }
 
-    /// The socket of `host`'s master connection, if one is open.
+    /// The socket of `host`'s master connection.
     fn socket(&self, host: &str) -> Option<PathBuf> {
         let dir = self.control.as_ref()?;
         let k = self.masters.iter().position(|h| h == host)?;
         Some(dir.path().join(k.to_string()))
     }
 
-    /// `ssh [options] HOST 'word' 'word' …`: the remote shell sees each word quoted.
-    fn command(&self, host: &str, words: &[String]) -> Command {
+    /// `ssh [options] HOST LINE`: the remote shell runs LINE.
+    fn command_line(&self, host: &str, line: String) -> Command {
         let mut cmd = Command::new(&self.argv[0]);
         cmd.args(&self.argv[1..]).args(SSH_DEFAULTS);
         if let Some(socket) = self.socket(host) {
-            cmd.arg("-S").arg(socket);
+            cmd.args(["-o", "ControlMaster=auto", "-o", "ControlPersist=60", "-S"])
+                .arg(socket);
         }
-        let line: Vec<String> = words.iter().map(|w| quote(w)).collect();
-        cmd.arg("--").arg(host).arg(line.join(" "));
+        cmd.arg("--").arg(host).arg(line);
         cmd
     }
+
+    /// `ssh [options] HOST 'word' 'word' …`: the remote shell sees each word quoted.
+    fn command(&self, host: &str, words: &[String]) -> Command {
+        self.command_line(host, quoted(words))
+    }
+
+    /// `ssh [options] HOST 'a' 'b' && { 'c' 'd' || exit 97; }`: `then` runs when `first`
+    /// succeeded, and its failure exits with [`THEN_FAILED`].
+    fn command_then(&self, host: &str, first: &[String], then: &[String]) -> Command {
+        let line = format!(
+            "{} && {{ {} || exit {THEN_FAILED}; }}",
+            quoted(first),
+            quoted(then)
+        );
+        self.command_line(host, line)
+    }
+}
+
+/// Words for a POSIX shell, each quoted.
+fn quoted(words: &[String]) -> String {
+    words.iter().map(|w| quote(w)).collect::<Vec<_>>().join(" ")
 }
 
 impl Drop for Ssh {
@@ -169,6 +202,9 @@ impl Drop for Ssh {
         }
     }
 }
+
+/// The exit status of a remote pair of commands whose second failed ([`Side::blkdelta_then`]).
+pub const THEN_FAILED: i32 = 97;
 
 /// A word for a POSIX shell: as it is when it holds nothing the shell reads, else in single
 /// quotes.
@@ -225,6 +261,18 @@ impl<'a> Side<'a> {
         }
     }
 
+    /// On a remote side, `blkdelta FIRST && blkdelta THEN` in one session (the second's
+    /// failure exits with [`THEN_FAILED`]); here, `None`: run them one after the other.
+    pub fn blkdelta_then(&self, first: &[&str], then: &[&str]) -> Option<Command> {
+        let host = self.host?;
+        let words = |args: &[&str]| {
+            let mut w = self.ssh.remote_blkdelta.clone();
+            w.extend(args.iter().map(|a| a.to_string()));
+            w
+        };
+        Some(self.ssh.command_then(host, &words(first), &words(then)))
+    }
+
     /// `PROGRAM ARGS` (qemu-img) on this side.
     pub fn tool(&self, program: &str, args: &[&str]) -> Command {
         match self.host {
@@ -244,10 +292,12 @@ impl<'a> Side<'a> {
     /// Runs `cmd` to the end; its stdout when it succeeds, else an error of one line that
     /// names the host and what the command said last.
     pub fn run(&self, mut cmd: Command, what: &str) -> Result<Vec<u8>> {
+        let started = std::time::Instant::now();
         let out = cmd
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("cannot run {}", program(&cmd)))?;
+        trace(&words(&cmd), started);
         if out.status.success() {
             return Ok(out.stdout);
         }
@@ -257,9 +307,13 @@ impl<'a> Side<'a> {
     /// Runs `cmd`; its output whatever its exit status (a command that answers on stdout
     /// and fails, as `status --json` of a target with no replica).
     pub fn output(&self, mut cmd: Command) -> Result<Output> {
-        cmd.stdin(Stdio::null())
+        let started = std::time::Instant::now();
+        let out = cmd
+            .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("cannot run {}", program(&cmd)))
+            .with_context(|| format!("cannot run {}", program(&cmd)));
+        trace(&words(&cmd), started);
+        out
     }
 
     /// The error of a command that failed on this side, in one line: `HOST: WHAT: LAST LINE`.
@@ -296,21 +350,26 @@ fn program(cmd: &Command) -> String {
     Path::new(cmd.get_program()).display().to_string()
 }
 
-/// Keeps the last 64 KiB a child writes to stderr (read on a thread, so the child never
-/// blocks on a full pipe).
+/// Reads what a child writes to a pipe on a thread (so the child never blocks on a full
+/// pipe), keeping the last 64 KiB: its stderr, or the JSON a remote prune prints.
 pub struct StderrTail(Option<std::thread::JoinHandle<Vec<u8>>>);
 
 impl StderrTail {
     /// Starts reading `child`'s stderr, which must be piped.
     pub fn of(child: &mut Child) -> StderrTail {
-        let Some(mut err) = child.stderr.take() else {
+        StderrTail::reading(child.stderr.take())
+    }
+
+    /// Starts reading `pipe` (nothing when `None`).
+    pub fn reading(pipe: Option<impl Read + Send + 'static>) -> StderrTail {
+        let Some(mut pipe) = pipe else {
             return StderrTail(None);
         };
         StderrTail(Some(std::thread::spawn(move || {
             const KEEP: usize = 64 << 10;
             let mut kept = Vec::new();
             let mut buf = [0u8; 8192];
-            while let Ok(n) = err.read(&mut buf) {
+            while let Ok(n) = pipe.read(&mut buf) {
                 if n == 0 {
                     break;
                 }
@@ -323,7 +382,7 @@ impl StderrTail {
         })))
     }
 
-    /// What the child wrote, once it closed stderr.
+    /// What the child wrote, once it closed the pipe.
     pub fn take(self) -> Vec<u8> {
         self.0.and_then(|h| h.join().ok()).unwrap_or_default()
     }
@@ -370,6 +429,33 @@ mod tests {
         assert_eq!(quote("it's"), "'it'\\''s'");
         assert_eq!(quote("$(rm -rf /)"), "'$(rm -rf /)'");
         assert_eq!(quote(""), "''");
+    }
+
+    #[test]
+    fn a_remote_pair_runs_in_one_session_and_says_which_failed() {
+        let mut ssh = Ssh::new("ssh -p 2222", "sudo blkdelta").unwrap();
+        ssh.use_host("backup");
+        let loc = Location::parse("backup:/srv/my vm.qcow2");
+        let side = Side::of(&loc, &ssh);
+        let cmd = side
+            .blkdelta_then(
+                &["receive", "-q", "/srv/my vm.qcow2"],
+                &["prune", "--keep", "3"],
+            )
+            .expect("a remote side");
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args.last().unwrap(),
+            "sudo blkdelta receive -q '/srv/my vm.qcow2' && { sudo blkdelta prune --keep 3 || exit 97; }"
+        );
+        assert!(args.iter().any(|a| a == "ControlMaster=auto"), "{args:?}");
+        let here = Location::parse("/srv/r.qcow2");
+        assert!(Side::of(&here, &ssh)
+            .blkdelta_then(&["a"], &["b"])
+            .is_none());
     }
 
     #[test]
