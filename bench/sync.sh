@@ -5,7 +5,8 @@
 #   bare: `blkdelta send img@prev..new | ssh blkdelta receive` (the snapshot made beforehand)
 #   sync: `blkdelta sync --keep 3 img 127.0.0.1:replica` (snapshot, status round trip, send,
 #         source and replica pruning)
-# interleaved, cold cache; prints the medians and the cycle's overhead (goal < 0.5 s).
+# interleaved, cold cache; prints the medians and the cycle's overhead (goal < 0.5 s); then one
+# cycle of 100 MiB paced with --bwlimit 10M (about 10 s), and the rate it kept.
 # Env: BENCH_DIR (/tmp/blkdelta-bench-sync) BENCH_SIZE (1G) BENCH_DELTA (64M) BENCH_RUNS (5)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,6 +60,15 @@ for ((i = 1; i <= RUNS; i++)); do
   "$BD" sync -q --keep 3 --ssh-command "$SSHC" --remote-blkdelta "$BD" sync.qcow2 "127.0.0.1:$W/sync-replica.qcow2"
   rec sync "$(secs "$t0")"
 done
+# --bwlimit over ~10 s: 100 MiB of random data at -l 0, paced to 10 MiB/s
+head -c 100M /dev/urandom > paced.bin
+qemu-io -f qcow2 -c "write -q -s paced.bin 0 100M" sync.qcow2
+t0=$(now)
+"$BD" sync --json -l 0 --bwlimit 10M --ssh-command "$SSHC" --remote-blkdelta "$BD" sync.qcow2 \
+  "127.0.0.1:$W/sync-replica.qcow2" > paced.json
+paced_s=$(secs "$t0")
+paced_bytes=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes"])' paced.json)
+rm -f paced.bin
 [ "$("$BD" checksum "sync.qcow2@$(qemu-img snapshot -l sync.qcow2 | awk 'END{print $2}')" | cut -d' ' -f1)" = \
   "$("$BD" checksum "$W/sync-replica.qcow2" | cut -d' ' -f1)" ] || { echo "bench: sync replica differs" >&2; exit 1; }
 
@@ -72,3 +82,5 @@ r() { printf '| %-66s | %9s |\n' "$1" "$2"; }
 r "bare: send prev..new | ssh receive" "$(med bare)"
 r "sync --keep 3 (snapshot, status, send, prune both sides)" "$(med sync)"
 r "  overhead of the cycle (goal < 0.5)" "$(awk -v a="$(med sync)" -v b="$(med bare)" 'BEGIN{printf "%.3f", a-b}')"
+r "sync -l 0 --bwlimit 10M of 100 MiB: the whole cycle" "$paced_s"
+r "  stream MiB/s over the cycle (goal: 10 within 5%)" "$(awk -v b="$paced_bytes" -v t="$paced_s" 'BEGIN{printf "%.2f", b/t/1048576}')"
