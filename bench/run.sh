@@ -4,7 +4,7 @@
 # blkdelta incremental (-l 0 and default) and seed (-l 0 and default) into a raw replica, and
 # into a qcow2 replica that keeps history; qemu-img convert (as is; -t writeback, which is
 # durable: buffered writes and one fdatasync; -t none, O_DIRECT; and with its output synced
-# after), qemu-img convert -B of an equivalent overlay, rsync --inplace, btrfs send/receive (if
+# after), qemu-img convert -B of an equivalent overlay (as is, and -t writeback: durable), rsync --inplace, btrfs send/receive (if
 # a loop-mounted btrfs can be set up), and dd reading and dd writing the seed's data at once.
 # Env: BENCH_DIR (/tmp/blkdelta-bench) BENCH_SIZE (4G) BENCH_RUNS (3) BENCH_PCT (5)
 set -euo pipefail
@@ -192,6 +192,11 @@ qi_convert_B() {
   T t.s qemu-img convert -f qcow2 -O qcow2 -B s1-base.qcow2 -F qcow2 overlay.qcow2 delta.qcow2
   rec convertB "$(secs "$t0")" sec; rec convertB "$(rss t.s)" rss_send
 }
+qi_convert_B_wb() { # the same, durable: -t writeback ends with fdatasync, as a receive does
+  rm -f delta.qcow2; drop; local t0; t0=$(now)
+  T t.s qemu-img convert -t writeback -f qcow2 -O qcow2 -B s1-base.qcow2 -F qcow2 overlay.qcow2 delta.qcow2
+  rec convertBwb "$(secs "$t0")" sec; rec convertBwb "$(rss t.s)" rss_send
+}
 do_rsync() {
   rm -f rs.raw; cp --sparse=always s1.raw rs.raw; drop; local t0; t0=$(now)
   T t.s rsync --inplace --no-whole-file --stats s2.raw rs.raw > rsync.stats
@@ -206,7 +211,7 @@ do_btrfs() {
 SEED_MIB=$(( $(du -B1 s2.raw | cut -f1) / 1048576 ))   # the data a seed reads and writes
 for ((i = 1; i <= RUNS; i++)); do
   log "round $i/$RUNS"
-  bd_incr incr0 0; qi_convert_B; bd_incr incr3 3; bd_incr_qcow2; bd_seed seed 3; qi_convert_cache convwb writeback
+  bd_incr incr0 0; qi_convert_B; bd_incr incr3 3; qi_convert_B_wb; bd_incr_qcow2; bd_seed seed 3; qi_convert_cache convwb writeback
   bd_seed seed0 0; bd_seed_qcow2; qi_convert_cache convnone none; qi_convert; qi_convert_sync; disk_floor
   [ "$HAVE_RSYNC" = yes ] && do_rsync
   [ "$BTRFS" = yes ] && do_btrfs
@@ -236,12 +241,12 @@ peak() { local s r; s=$(med "$1" rss_send); r=$(med "$1" rss_recv); [ "$r" = n/a
 ratio() { [ "$1" = n/a ] || [ "$2" = n/a ] && echo n/a || awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 yn() { [ "$1" = n/a ] && echo n/a || awk -v r="$1" -v g="$2" -v d="$3" 'BEGIN{print ((d=="le" ? r<=g : r>=g) ? "yes" : "no")}'; }
 
-s0=$(med incr0 sec); s3=$(med incr3 sec); ss=$(med seed sec); sc=$(med convert sec); sB=$(med convertB sec)
+s0=$(med incr0 sec); s3=$(med incr3 sec); ss=$(med seed sec); sc=$(med convert sec); sB=$(med convertB sec); sBw=$(med convertBwb sec)
 scs=$(med convsync sec); sf=$(med floor sec); ss0=$(med seed0 sec); swb=$(med convwb sec); snone=$(med convnone sec)
 r_wb0=$(ratio "$ss0" "$swb"); r_wb3=$(ratio "$ss" "$swb")
 sr=$(med rsync sec); sb=$(med btrfs sec); sq=$(med seedq sec); s3q=$(med incrq sec)
 r_seedq=$(ratio "$sq" "$ss"); r_incrq=$(ratio "$s3q" "$s3")
-r_rs=$(ratio "$sr" "$s3"); r_B0=$(ratio "$s0" "$sB"); r_B3=$(ratio "$s3" "$sB"); r_seed=$(ratio "$ss" "$sc"); r_seeds=$(ratio "$ss" "$scs"); r_floor=$(ratio "$ss" "$sf")
+r_rs=$(ratio "$sr" "$s3"); r_B0=$(ratio "$s0" "$sB"); r_B0w=$(ratio "$s0" "$sBw"); r_B3=$(ratio "$s3" "$sB"); r_seed=$(ratio "$ss" "$sc"); r_seeds=$(ratio "$ss" "$scs"); r_floor=$(ratio "$ss" "$sf")
 maxrss=$(sort -n "$R"/incr*.rss_* "$R"/seed*.rss_* | tail -1)
 
 echo
@@ -264,6 +269,7 @@ row "qemu-img convert -t writeback (durable) ... -O raw" "$swb" "$(mib "$B_conv"
 row "qemu-img convert -t none (O_DIRECT) ... -O raw" "$snone" "$(mib "$B_conv") alloc" "$(peak convnone)"
 row "disk floor: dd read + dd write of the seed's data" "$sf" "2 x $SEED_MIB MiB" "-"
 row "qemu-img convert -O qcow2 -B s1-base overlay" "$sB" "$(mib "$B_convB")" "$(peak convertB)"
+row "qemu-img convert -t writeback -B ... (durable)" "$sBw" "$(mib "$B_convB")" "$(peak convertBwb)"
 [ "$HAVE_RSYNC" = yes ] && row "rsync --inplace --no-whole-file s2.raw s1-copy" "$sr" "$(mib "$B_rsync") lit" "$(peak rsync)"
 [ "$BTRFS" = yes ] && row "btrfs send -p snap1 snap2 | btrfs receive" "$sb" "$(mib "$B_btrfs")" "$(peak btrfs)"
 echo
@@ -272,6 +278,7 @@ printf '|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..60})" "----------" "--------" 
 g() { printf '| %-58s | %8s | %6s | %9s |\n' "$1" "$2" "$3" "$4"; }
 g "rsync time / incremental (level 3) time" "$r_rs" ">= 20" "$(yn "$r_rs" 20 ge)"
 g "incremental -l 0 time / convert -B time" "$r_B0" "<= 1.2" "$(yn "$r_B0" 1.2 le)"
+g "incremental -l 0 / convert -t writeback -B (durable)" "$r_B0w" "(info)" "-"
 g "incremental level 3 time / convert -B time" "$r_B3" "<= 3" "$(yn "$r_B3" 3 le)"
 g "seed -l 0 time / convert -t writeback time (durable)" "$r_wb0" "<= 1.1" "$(yn "$r_wb0" 1.1 le)"
 g "seed (level 3) time / convert -t writeback time" "$r_wb3" "<= 1.25" "$(yn "$r_wb3" 1.25 le)"

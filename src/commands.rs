@@ -652,4 +652,16 @@ mod tests {
         assert_eq!(send_threads(None, &source(1000)), cores.max(32), "capped");
         assert_eq!(send_threads(Some(3), &source(8)), 3, "--threads wins");
     }
+
+    #[test]
+    fn a_file_source_is_read_with_sixteen_reads_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![1u8; 1 << 20]).unwrap();
+        let raw = FullSource::raw(&path).unwrap();
+        assert_eq!(
+            send_threads(None, &raw),
+            threads(None).max(blkdelta_common::image::FILE_READS_IN_FLIGHT)
+        );
+    }
 }

@@ -297,6 +297,10 @@ impl BlockSource for RawImage {
             }
         }
     }
+
+    fn reads_in_flight(&self) -> usize {
+        super::FILE_READS_IN_FLIGHT
+    }
 }
 
 #[cfg(test)]

@@ -160,4 +160,8 @@ impl BlockSource for Qcow2Layer {
         }
         Ok((kind, len))
     }
+
+    fn reads_in_flight(&self) -> usize {
+        crate::image::FILE_READS_IN_FLIGHT
+    }
 }
