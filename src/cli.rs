@@ -58,40 +58,9 @@ pub struct SendArgs {
     /// its dirty bitmap marks). Not with --qmp.
     #[arg(required_unless_present = "qmp", conflicts_with = "qmp")]
     pub source: Option<String>,
-    /// A running QEMU's QMP socket: send the disk --node as it is now, through a point-in-time
-    /// view (the whole disk the first time, then what changed since the last send).
-    #[arg(
-        long,
-        value_name = "SOCKET",
-        requires = "node",
-        help_heading = "Running VM"
-    )]
-    pub qmp: Option<PathBuf>,
-    /// With --qmp: the block node (node-name) of the disk.
-    #[arg(
-        long,
-        value_name = "NODE",
-        requires = "qmp",
-        help_heading = "Running VM"
-    )]
-    pub node: Option<String>,
-    /// With --qmp: where QEMU's NBD server listens when it already runs one.
-    #[arg(
-        long,
-        value_name = "PATH",
-        requires = "qmp",
-        help_heading = "Running VM"
-    )]
-    pub nbd_socket: Option<PathBuf>,
-    /// With --qmp: a directory QEMU can create the scratch overlay in (default: the directory
-    /// of the disk's image).
-    #[arg(
-        long,
-        value_name = "DIR",
-        requires = "qmp",
-        help_heading = "Running VM"
-    )]
-    pub scratch: Option<PathBuf>,
+    /// The running VM whose disk to send (--qmp, --node, --nbd-socket, --scratch).
+    #[command(flatten)]
+    pub vm: VmArgs,
     /// With --qmp: the blkdelta-GUID bitmap of the state the replica holds, when a killed run
     /// left several.
     #[arg(
@@ -374,39 +343,10 @@ pub struct SyncArgs {
     /// [USER@]HOST:PATH on another machine (reached with ssh), not both.
     #[arg(required = true, num_args = 1..=2, value_name = "[SOURCE] TARGET")]
     pub ends: Vec<String>,
-    /// A running QEMU's QMP socket: sync the disk --node through a point-in-time view (the
-    /// live path of `send --qmp`); TARGET is then the only end named.
-    #[arg(
-        long,
-        value_name = "SOCKET",
-        requires = "node",
-        help_heading = "Running VM"
-    )]
-    pub qmp: Option<PathBuf>,
-    /// With --qmp: the block node (node-name) of the disk.
-    #[arg(
-        long,
-        value_name = "NODE",
-        requires = "qmp",
-        help_heading = "Running VM"
-    )]
-    pub node: Option<String>,
-    /// With --qmp: where QEMU's NBD server listens when it already runs one.
-    #[arg(
-        long,
-        value_name = "PATH",
-        requires = "qmp",
-        help_heading = "Running VM"
-    )]
-    pub nbd_socket: Option<PathBuf>,
-    /// With --qmp: a directory QEMU can create the scratch overlay in.
-    #[arg(
-        long,
-        value_name = "DIR",
-        requires = "qmp",
-        help_heading = "Running VM"
-    )]
-    pub scratch: Option<PathBuf>,
+    /// The running VM whose disk to sync (--qmp, --node, --nbd-socket, --scratch): TARGET is
+    /// then the only end named.
+    #[command(flatten)]
+    pub vm: VmArgs,
     /// Send every snapshot between the common one and the new one (like zfs send -I);
     /// by default the stream goes straight from one to the other.
     #[arg(long)]
@@ -459,4 +399,63 @@ pub struct SyncArgs {
     /// Say on stderr what each step ran and how long it took.
     #[arg(short, long)]
     pub verbose: bool,
+}
+
+/// A running QEMU's disk, reached through QMP (`send --qmp` and `sync --qmp`).
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// A running QEMU's QMP socket: the disk --node as it is now, through a point-in-time view
+    /// (the whole disk the first time, then what changed since the last time).
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        requires = "node",
+        help_heading = "Running VM"
+    )]
+    pub qmp: Option<PathBuf>,
+    /// With --qmp: the block node (node-name) of the disk.
+    #[arg(
+        long,
+        value_name = "NODE",
+        requires = "qmp",
+        help_heading = "Running VM"
+    )]
+    pub node: Option<String>,
+    /// With --qmp: where QEMU's NBD server listens when it already runs one.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "qmp",
+        help_heading = "Running VM"
+    )]
+    pub nbd_socket: Option<PathBuf>,
+    /// With --qmp: a directory QEMU can create the scratch overlay in (default: the directory
+    /// of the disk's image).
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "qmp",
+        help_heading = "Running VM"
+    )]
+    pub scratch: Option<PathBuf>,
+}
+
+impl VmArgs {
+    /// The checkpoint's options for these switches (`None` without --qmp).
+    pub fn live(
+        &self,
+        from_bitmap: Option<String>,
+        full: bool,
+        to_name: Option<String>,
+    ) -> Option<blkdelta_send::source::live::LiveOptions> {
+        Some(blkdelta_send::source::live::LiveOptions {
+            qmp: self.qmp.clone()?,
+            node: self.node.clone().unwrap_or_default(),
+            nbd_socket: self.nbd_socket.clone(),
+            scratch: self.scratch.clone(),
+            from_bitmap,
+            full,
+            to_name,
+        })
+    }
 }

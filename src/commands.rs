@@ -20,7 +20,7 @@ use blkdelta_receive::target::ReplicaFormat;
 use blkdelta_receive::ReceiveError;
 use blkdelta_send::pace::Paced;
 use blkdelta_send::pipeline::{send, SendOptions, SendSummary};
-use blkdelta_send::source::live::{Checkpoint, LiveOptions};
+use blkdelta_send::source::live::Checkpoint;
 use blkdelta_send::source::{nbd, open_source_opts, Resumed, SourceOptions};
 use blkdelta_send::SendError;
 
@@ -148,8 +148,8 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         against: a.against.clone(),
         direct: a.direct,
     };
-    if let Some(qmp) = &a.qmp {
-        return send_live(&a, qmp, usage_or);
+    if a.vm.qmp.is_some() {
+        return send_live(&a, usage_or);
     }
     if a.force_share {
         // Safe for internal snapshots QEMU leaves alone, never for a disk it writes.
@@ -176,7 +176,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
 
 /// What `send` sends, for messages: SOURCE, or the node of `--qmp`.
 fn what(a: &SendArgs) -> String {
-    match (&a.source, &a.node) {
+    match (&a.source, &a.vm.node) {
         (Some(s), _) => s.clone(),
         (None, Some(node)) => format!("node {node}"),
         (None, None) => String::new(),
@@ -185,11 +185,7 @@ fn what(a: &SendArgs) -> String {
 
 /// `send --qmp SOCKET --node NODE`: a point-in-time view of the running disk, the stream, and
 /// the view torn down (the bitmaps kept or dropped by how the stream ended).
-fn send_live(
-    a: &SendArgs,
-    qmp: &std::path::Path,
-    usage_or: impl Fn(SendError) -> anyhow::Error,
-) -> Result<()> {
+fn send_live(a: &SendArgs, usage_or: impl Fn(SendError) -> anyhow::Error) -> Result<()> {
     for (given, option) in [
         (a.resume.is_some(), "--resume"),
         (a.bitmap.is_some(), "--bitmap"),
@@ -207,16 +203,10 @@ fn send_live(
             .into());
         }
     }
-    let node = a.node.clone().unwrap_or_default();
-    let live = LiveOptions {
-        qmp: qmp.to_path_buf(),
-        node: node.clone(),
-        nbd_socket: a.nbd_socket.clone(),
-        scratch: a.scratch.clone(),
-        from_bitmap: a.from_bitmap.clone(),
-        full: a.full,
-        to_name: a.to_name.clone(),
-    };
+    let node = a.vm.node.clone().unwrap_or_default();
+    let live =
+        a.vm.live(a.from_bitmap.clone(), a.full, a.to_name.clone())
+            .expect("send_live runs with --qmp");
     let cp = Checkpoint::begin(&live).map_err(&usage_or)?;
     let source = nbd::open_checkpoint(
         &cp.uri(),

@@ -27,7 +27,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use blkdelta_common::stream::ResumeToken;
 use blkdelta_send::pace::Paced;
 use blkdelta_send::pipeline::{plan_totals, send, SendOptions};
-use blkdelta_send::source::live::{Checkpoint, LiveOptions};
+use blkdelta_send::source::live::Checkpoint;
 use blkdelta_send::source::{
     nbd, open_source_opts, ChangeSource, Qcow2Snapshots, Resumed, SnapshotSpec, SourceOptions,
 };
@@ -74,7 +74,7 @@ struct Outcome {
 /// The ends as the command line names them: the source (none with --qmp) and the target.
 fn ends(a: &SyncArgs) -> Result<(Option<Location>, Location)> {
     let usage = |m: &str| anyhow!(UsageError(m.to_string()));
-    let (source, target) = match (a.qmp.is_some(), a.ends.as_slice()) {
+    let (source, target) = match (a.vm.qmp.is_some(), a.ends.as_slice()) {
         (true, [t]) => (None, Location::parse(t)),
         (true, _) => return Err(usage("with --qmp, name only TARGET (the disk is --node)")),
         (false, [s, t]) => (Some(Location::parse(s)), Location::parse(t)),
@@ -85,7 +85,7 @@ fn ends(a: &SyncArgs) -> Result<(Option<Location>, Location)> {
             "SOURCE and TARGET are both remote: run sync on one of the two hosts",
         ));
     }
-    if a.qmp.is_some() && a.repair {
+    if a.vm.qmp.is_some() && a.repair {
         return Err(usage(
             "--repair reads a qcow2 SOURCE's snapshot: it does not go with --qmp",
         ));
@@ -110,18 +110,18 @@ pub fn run(a: &SyncArgs) -> Result<()> {
     let (source, target) = ends(a)?;
     let what = match &source {
         Some(s) => s.to_string(),
-        None => format!("node {}", a.node.as_deref().unwrap_or_default()),
+        None => format!("node {}", a.vm.node.as_deref().unwrap_or_default()),
     };
     let key = |loc: &Location| match loc {
         Location::Local(p) => lock::local_key(p),
         Location::Remote { host, path } => format!("{host}:{path}"),
     };
-    let source_key = match (&source, &a.qmp) {
+    let source_key = match (&source, &a.vm.qmp) {
         (Some(s), _) => key(s),
         (None, Some(q)) => format!(
             "qmp:{}#{}",
             lock::local_key(q),
-            a.node.as_deref().unwrap_or("")
+            a.vm.node.as_deref().unwrap_or("")
         ),
         (None, None) => unreachable!("ends() refuses that"),
     };
@@ -516,7 +516,7 @@ fn live(a: &SyncArgs, target: &Location, tside: &Side, status: &Target) -> Resul
             (None, None, None) => bail!("{target}: the replica holds no state; {}", plan::WAY_OUT),
         },
     };
-    let node = a.node.clone().unwrap_or_default();
+    let node = a.vm.node.clone().unwrap_or_default();
     let new = new_name(&taken(&[], status));
     // What the replica holds, by the name the previous cycle gave it.
     let from_name = match status {
@@ -537,15 +537,9 @@ fn live(a: &SyncArgs, target: &Location, tside: &Side, status: &Target) -> Resul
         return Ok(outcome);
     }
     kill_point("snapshot");
-    let opts = LiveOptions {
-        qmp: a.qmp.clone().expect("live() runs with --qmp"),
-        node: node.clone(),
-        nbd_socket: a.nbd_socket.clone(),
-        scratch: a.scratch.clone(),
-        from_bitmap: from_bitmap.clone(),
-        full,
-        to_name: Some(new),
-    };
+    let opts =
+        a.vm.live(from_bitmap.clone(), full, Some(new))
+            .expect("live() runs with --qmp");
     let cp = Checkpoint::begin(&opts).map_err(|e| match &from_bitmap {
         Some(b) => anyhow!(
             "node {node}: {e} (the replica holds the state of bitmap {b}; {})",
@@ -824,7 +818,7 @@ fn report(a: &SyncArgs, what: &str, target: &Location, o: &Outcome) -> Result<()
         extra += &format!("; reverted the replica to {r} first");
     }
     let line = if a.dry_run {
-        let snapshot = match a.qmp {
+        let snapshot = match a.vm.qmp {
             Some(_) => format!("checkpoint {}", o.to),
             None => format!("snapshot {}", o.to),
         };
