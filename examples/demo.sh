@@ -43,3 +43,13 @@ qemu-img snapshot -l history.qcow2
 qemu-img convert -l snapshot.name=wed -O raw history.qcow2 wed-replica.raw
 qemu-img convert -l snapshot.name=wed -O raw vm.qcow2 wed-export.raw
 cmp wed-replica.raw wed-export.raw && echo "history.qcow2@wed is byte-identical to qemu's export of wed"
+
+echo "== one command per cycle: blkdelta sync vm.qcow2 synced.qcow2 (snapshot, send, prune)"
+"$bd" sync --keep 2 vm.qcow2 synced.qcow2            # first: a seed of a new blkdelta-* snapshot
+qemu-io -f qcow2 -c "write -P 0x33 100M 8M" vm.qcow2 >/dev/null
+sleep 1                                              # snapshot names carry the second
+"$bd" sync --keep 2 vm.qcow2 synced.qcow2            # then: from the snapshot the replica holds
+newest=$(qemu-img snapshot -l vm.qcow2 | awk 'END{print $2}')
+qemu-img convert -l "snapshot.name=$newest" -O raw vm.qcow2 newest-export.raw
+qemu-img convert -O raw synced.qcow2 synced.raw
+cmp synced.raw newest-export.raw && echo "synced.qcow2 is byte-identical to qemu's export of $newest"

@@ -293,8 +293,8 @@ fn reads_go_through_several_connections_when_the_server_allows_it() {
     assert_eq!(nbd.connections(), 4);
     assert_eq!(
         nbd.reads_in_flight(),
-        8,
-        "two reads in flight per connection"
+        16,
+        "four reads in flight per connection"
     );
     assert!(whole(Arc::clone(&nbd)) == raw, "the same bytes");
     drop(nbd);
