@@ -21,7 +21,7 @@ use blkdelta_receive::ReceiveError;
 use blkdelta_send::pace::Paced;
 use blkdelta_send::pipeline::{send, SendOptions, SendSummary};
 use blkdelta_send::source::live::Checkpoint;
-use blkdelta_send::source::{nbd, open_source_opts, Resumed, SourceOptions};
+use blkdelta_send::source::{open_source_opts, Resumed, SourceOptions};
 use blkdelta_send::SendError;
 
 use crate::cli::{ChecksumArgs, Command, ListArgs, ReceiveArgs, SendArgs, StatusArgs};
@@ -203,19 +203,11 @@ fn send_live(a: &SendArgs, usage_or: impl Fn(SendError) -> anyhow::Error) -> Res
             .into());
         }
     }
-    let node = a.vm.node.clone().unwrap_or_default();
     let live =
         a.vm.live(a.from_bitmap.clone(), a.full, a.to_name.clone())
             .expect("send_live runs with --qmp");
     let cp = Checkpoint::begin(&live).map_err(&usage_or)?;
-    let source = nbd::open_checkpoint(
-        &cp.uri(),
-        cp.bitmap(),
-        cp.from().cloned(),
-        cp.to().clone(),
-        &node,
-    )
-    .map_err(&usage_or);
+    let source = cp.source().map_err(&usage_or);
     let sent = match source {
         Ok(source) if a.dry_run => print_out(|out| report::send_plan(source.as_ref(), out)),
         Ok(source) => {

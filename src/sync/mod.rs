@@ -29,7 +29,7 @@ use blkdelta_send::pace::Paced;
 use blkdelta_send::pipeline::{plan_totals, send, SendOptions};
 use blkdelta_send::source::live::Checkpoint;
 use blkdelta_send::source::{
-    nbd, open_source_opts, ChangeSource, Qcow2Snapshots, Resumed, SnapshotSpec, SourceOptions,
+    open_source_opts, ChangeSource, Qcow2Snapshots, Resumed, SnapshotSpec, SourceOptions,
 };
 use blkdelta_send::NoProgress;
 use serde_json::{json, Value};
@@ -547,13 +547,7 @@ fn live(a: &SyncArgs, target: &Location, tside: &Side, status: &Target) -> Resul
         ),
         None => anyhow!("node {node}: {e}"),
     })?;
-    let source = nbd::open_checkpoint(
-        &cp.uri(),
-        cp.bitmap(),
-        cp.from().cloned(),
-        cp.to().clone(),
-        &node,
-    );
+    let source = cp.source();
     let into = Receiving {
         target,
         side: tside,

@@ -318,6 +318,18 @@ impl Checkpoint {
         &self.to
     }
 
+    /// The change source of the view: the whole disk, or what changed since
+    /// [`Checkpoint::from`] (see [`super::nbd::open_checkpoint`]).
+    pub fn source(&self) -> Result<Box<dyn super::ChangeSource>, SendError> {
+        super::nbd::open_checkpoint(
+            &self.uri(),
+            self.bitmap(),
+            self.from.clone(),
+            self.to.clone(),
+            &self.node,
+        )
+    }
+
     /// Tears the view down. `streamed`: the stream ended well, so the replica can hold the
     /// new state: the old bitmaps go. Otherwise the new bitmap is merged into the oldest and
     /// goes, and the next run streams from the state the replica holds.
