@@ -403,13 +403,15 @@ fn planned_bytes(path: &std::path::Path, from: Option<&str>) -> Result<u64> {
 /// The replica's block list (`checksum --blocks` on its side), in a temporary file, for a
 /// repair stream.
 fn block_list(tside: &Side, target: &Location) -> Result<tempfile::NamedTempFile> {
-    let out = tside.run(
+    let file = tempfile::NamedTempFile::new().context("cannot create a temporary file")?;
+    let out = file
+        .reopen()
+        .context("cannot open the temporary file for the block list")?;
+    tside.run_into(
         tside.blkdelta(&["checksum", "--blocks", &target.path()])?,
+        out,
         "listing the replica's block hashes",
     )?;
-    let mut file = tempfile::NamedTempFile::new().context("cannot create a temporary file")?;
-    file.write_all(&out)
-        .context("cannot write the block list to a temporary file")?;
     Ok(file)
 }
 

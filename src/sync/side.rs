@@ -203,6 +203,10 @@ impl Drop for Ssh {
     }
 }
 
+/// The most a command's answer on stdout may hold (a status, a snapshot list, a prune's
+/// report); a block list goes into a file instead ([`Side::run_into`]).
+pub const MAX_ANSWER: u64 = 64 << 20;
+
 /// The exit status of a remote pair of commands whose second failed ([`Side::blkdelta_then`]).
 pub const THEN_FAILED: i32 = 97;
 
@@ -291,13 +295,8 @@ impl<'a> Side<'a> {
 
     /// Runs `cmd` to the end; its stdout when it succeeds, else an error of one line that
     /// names the host and what the command said last.
-    pub fn run(&self, mut cmd: Command, what: &str) -> Result<Vec<u8>> {
-        let started = std::time::Instant::now();
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot run {}", program(&cmd)))?;
-        trace(&words(&cmd), started);
+    pub fn run(&self, cmd: Command, what: &str) -> Result<Vec<u8>> {
+        let out = self.output(cmd)?;
         if out.status.success() {
             return Ok(out.stdout);
         }
@@ -305,15 +304,61 @@ impl<'a> Side<'a> {
     }
 
     /// Runs `cmd`; its output whatever its exit status (a command that answers on stdout
-    /// and fails, as `status --json` of a target with no replica).
+    /// and fails, as `status --json` of a target with no replica). An answer of more than
+    /// [`MAX_ANSWER`] bytes is refused (the other side is not what it should be), and only
+    /// the end of stderr is kept.
     pub fn output(&self, mut cmd: Command) -> Result<Output> {
         let started = std::time::Instant::now();
-        let out = cmd
+        let mut child = cmd
             .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot run {}", program(&cmd)));
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run {}", program(&cmd)))?;
+        let tail = StderrTail::of(&mut child);
+        let mut stdout = Vec::new();
+        let read = child
+            .stdout
+            .take()
+            .map(|o| o.take(MAX_ANSWER + 1).read_to_end(&mut stdout))
+            .transpose();
+        if stdout.len() as u64 > MAX_ANSWER {
+            let _ = child.kill();
+            let _ = child.wait();
+            let host = self.host.map_or(String::new(), |h| format!("{h}: "));
+            return Err(anyhow!(
+                "{host}{} answered more than {} MiB",
+                words(&cmd),
+                MAX_ANSWER >> 20
+            ));
+        }
+        let status = child.wait().context("cannot wait for a command")?;
+        read.context("cannot read a command's answer")?;
         trace(&words(&cmd), started);
-        out
+        Ok(Output {
+            status,
+            stdout,
+            stderr: tail.take(),
+        })
+    }
+
+    /// Runs `cmd` with its stdout into `file` (a block list, as long as the disk is large);
+    /// an error of one line naming the host when it fails.
+    pub fn run_into(&self, mut cmd: Command, file: std::fs::File, what: &str) -> Result<()> {
+        let started = std::time::Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run {}", program(&cmd)))?;
+        let tail = StderrTail::of(&mut child);
+        let status = child.wait().context("cannot wait for a command")?;
+        trace(&words(&cmd), started);
+        if status.success() {
+            return Ok(());
+        }
+        Err(self.failed(what, status.code(), &tail.take()))
     }
 
     /// The error of a command that failed on this side, in one line: `HOST: WHAT: LAST LINE`.
@@ -456,6 +501,30 @@ mod tests {
         assert!(Side::of(&here, &ssh)
             .blkdelta_then(&["a"], &["b"])
             .is_none());
+    }
+
+    #[test]
+    fn an_answer_past_the_bound_is_refused_and_a_file_takes_any_size() {
+        let ssh = Ssh::new("ssh", "blkdelta").unwrap();
+        let here = Location::parse("/srv/r.qcow2");
+        let side = Side::of(&here, &ssh);
+        let size = (MAX_ANSWER + 1).to_string();
+        let e = side
+            .output(side.tool("head", &["-c", &size, "/dev/zero"]))
+            .unwrap_err();
+        assert!(e.to_string().contains("answered more than 64 MiB"), "{e}");
+        let file = tempfile::NamedTempFile::new().unwrap();
+        side.run_into(
+            side.tool("head", &["-c", &size, "/dev/zero"]),
+            file.reopen().unwrap(),
+            "copying",
+        )
+        .unwrap();
+        assert_eq!(file.as_file().metadata().unwrap().len(), MAX_ANSWER + 1);
+        let e = side
+            .run_into(side.tool("false", &[]), file.reopen().unwrap(), "failing")
+            .unwrap_err();
+        assert_eq!(e.to_string(), "failing: exit status 1");
     }
 
     #[test]
