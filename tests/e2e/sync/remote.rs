@@ -1,5 +1,6 @@
 //! Sync over a real sshd on 127.0.0.1: pushed to `127.0.0.1:/path` and pulled from
-//! `127.0.0.1:/path/vm.qcow2`, into raw and qcow2 replicas, a few cycles each; a remote
+//! `127.0.0.1:/path/vm.qcow2`, into raw and qcow2 replicas (ten cycles pushed into a qcow2
+//! replica, three for the others); a remote
 //! failure comes back as one line naming the host.
 
 use std::path::Path;
@@ -27,13 +28,19 @@ fn there(p: &Path) -> String {
     format!("127.0.0.1:{}", p.display())
 }
 
-/// Three cycles from `from` into `to` (either may be remote) of the source `img`, with
+/// `count` cycles from `from` into `to` (either may be remote) of the source `img`, with
 /// `--keep 2` for a qcow2 replica; after each, `replica` (the local path of `to`) equals the
 /// newest snapshot.
-fn three_cycles(sshd: &Sshd, s: &Scratch, img: &Path, from: &str, to: &str, replica: &Path) {
+fn cycles(
+    count: u64,
+    (sshd, s): (&Sshd, &Scratch),
+    img: &Path,
+    (from, to): (&str, &str),
+    replica: &Path,
+) {
     let qcow2 = to.ends_with(".qcow2");
     let mut previous: Option<String> = None;
-    for step in 1..=3 {
+    for step in 1..=count {
         guest_writes(s, img, step);
         let mut args = vec![from, to];
         if qcow2 {
@@ -63,11 +70,14 @@ fn cycles_pushed_and_pulled_over_ssh() {
         let push = Scratch::new();
         let img = source(&push, "32M");
         let replica = push.path(name);
-        three_cycles(&sshd, &push, &img, arg(&img), &there(&replica), &replica);
+        let pushed = if name.ends_with(".qcow2") { 10 } else { 3 };
+        let to = there(&replica);
+        cycles(pushed, (&sshd, &push), &img, (arg(&img), &to), &replica);
         let pull = Scratch::new();
         let img = source(&pull, "32M");
         let replica = pull.path(name);
-        three_cycles(&sshd, &pull, &img, &there(&img), arg(&replica), &replica);
+        let from = there(&img);
+        cycles(3, (&sshd, &pull), &img, (&from, arg(&replica)), &replica);
     }
 }
 
