@@ -157,3 +157,46 @@ fn two_replicas_of_one_source_each_stay_incremental() {
     sync_json(&[arg(&img), arg(&b)]);
     assert_replica_is_newest(&s, &img, &b);
 }
+
+/// The list of a source's replicas (`SOURCE.blkdelta-sync`) only ever keeps snapshots: one
+/// that names a replica long gone keeps that replica's snapshot, and one that is not a list
+/// at all (written over behind sync's back) is read as empty and written anew; the cycles
+/// stay right either way.
+#[test]
+fn the_list_of_a_sources_replicas_only_keeps_snapshots() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    let img = source(&s, "32M");
+    let r = s.path("r.raw");
+    let list = s.path("vm.qcow2.blkdelta-sync");
+    sync_json(&[arg(&img), arg(&r)]);
+    let first = newest(&img);
+    // A replica that no longer exists, said to hold the first snapshot: that snapshot stays.
+    std::fs::write(&list, format!("{{\"/gone/old.raw\": \"{}\"}}", first.name)).unwrap();
+    guest_writes(&s, &img, 1);
+    let v = sync_json(&[arg(&img), arg(&r)]);
+    assert_replica_is_newest(&s, &img, &r);
+    assert_eq!(field(&v, "from"), Some(first.name.as_str()), "{v}");
+    assert!(
+        names(&img).contains(&first.name),
+        "kept for the other replica"
+    );
+    // Garbage in the list: read as empty, the cycle is right, and the list is whole again.
+    std::fs::write(&list, b"\x00 not json").unwrap();
+    guest_writes(&s, &img, 2);
+    sync_json(&[arg(&img), arg(&r)]);
+    let held = assert_replica_is_newest(&s, &img, &r);
+    let text = std::fs::read_to_string(&list).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ours = parsed
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|v| v.as_str())
+        .any(|n| n == held.name);
+    assert!(ours, "the list names what r holds: {text}");
+    // The first snapshot's holder is forgotten with the garbage: --keep-source 1 pruned it.
+    assert!(!names(&img).contains(&first.name), "{:?}", names(&img));
+}
