@@ -808,10 +808,20 @@ fn report(a: &SyncArgs, what: &str, target: &Location, o: &Outcome) -> Result<()
     }
     let mut extra = String::new();
     if let Some(f) = &o.finished {
-        extra += &format!("; finished the interrupted stream to {f} first");
+        let verb = if a.dry_run {
+            "would finish"
+        } else {
+            "finished"
+        };
+        extra += &format!("; {verb} the interrupted stream to {f} first");
     }
     if let Some(r) = &o.reverted {
-        extra += &format!("; reverted the replica to {r} first");
+        let verb = if a.dry_run {
+            "would revert"
+        } else {
+            "reverted"
+        };
+        extra += &format!("; {verb} the replica to {r} first");
     }
     let line = if a.dry_run {
         let snapshot = match a.vm.qmp {
