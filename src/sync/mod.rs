@@ -35,6 +35,7 @@ use blkdelta_send::NoProgress;
 use serde_json::{json, Value};
 
 use crate::cli::SyncArgs;
+use crate::progress::human;
 use crate::UsageError;
 use plan::{SourceSnap, Start, Target};
 use side::{Location, Side, Ssh, StderrTail};
@@ -760,22 +761,6 @@ fn relay(cmd: &mut std::process::Command, sside: &Side, out: &mut impl Write) ->
     }
     copied.context("cannot pass the stream on to the receiver")?;
     Ok(())
-}
-
-/// `1.5 MiB`.
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 /// The summary line (or the JSON object, or nothing when quiet).
