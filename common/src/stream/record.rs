@@ -109,7 +109,22 @@ impl DataRecord {
     pub fn into_plain(
         self,
         stream_offset: u64,
+        spare: AlignedBuf,
+    ) -> Result<(AlignedBuf, AlignedBuf), StreamError> {
+        self.into_plain_hashed(stream_offset, spare, |plain| {
+            *blake3::hash(plain).as_bytes()
+        })
+    }
+
+    /// Like [`DataRecord::into_plain`], with the plain bytes' blake3 computed by `hash`, for a
+    /// caller that wants more of the hash's tree than its root in the same pass (the receiver
+    /// keeps the chaining values of a whole block's 64 KiB pieces). `hash` must return the
+    /// blake3 of what it is given: the record is checked against it.
+    pub fn into_plain_hashed(
+        self,
+        stream_offset: u64,
         mut spare: AlignedBuf,
+        hash: impl FnOnce(&[u8]) -> [u8; 32],
     ) -> Result<(AlignedBuf, AlignedBuf), StreamError> {
         let (plain, left) = match self.compression {
             Compression::None => (self.payload, spare),
@@ -133,7 +148,7 @@ impl DataRecord {
                 (spare, self.payload)
             }
         };
-        if plain.len() != self.len as usize || *blake3::hash(&plain).as_bytes() != self.hash {
+        if plain.len() != self.len as usize || hash(&plain) != self.hash {
             return Err(StreamError::Checksum {
                 stream_offset,
                 disk_offset: self.offset,

@@ -296,9 +296,9 @@ impl Apply<'_> {
     fn write(&mut self, range: Range, target: &mut dyn Target) -> Result<(), ReceiveError> {
         let (off, len) = range.span();
         match range {
-            Range::Data { bytes, .. } => {
+            Range::Data { bytes, cvs, .. } => {
                 if let Some(k) = &mut self.kept {
-                    k.wrote(off, &bytes);
+                    k.wrote_hashed(off, &bytes, cvs.as_deref());
                 }
                 let placed = match &self.writers {
                     Some(_) => target.place(off, len)?,

@@ -8,10 +8,17 @@ use blkdelta_common::buf::AlignedBuf;
 use blkdelta_common::stream::{Record, SnapshotEnd, SnapshotInfo, StreamReader};
 use blkdelta_common::StreamError;
 
+use crate::hashes::{hash_block_write, Cvs};
+
 /// A range of the disk that a record changes: what the applier holds back, writes and hashes.
 pub(crate) enum Range {
-    /// Plain bytes at `offset` (decompressed, their blake3 verified).
-    Data { offset: u64, bytes: AlignedBuf },
+    /// Plain bytes at `offset` (decompressed, their blake3 verified), with the chaining values
+    /// of their 64 KiB pieces when they are a whole block (worked out by the same hashing).
+    Data {
+        offset: u64,
+        bytes: AlignedBuf,
+        cvs: Option<Box<Cvs>>,
+    },
     /// `len` bytes at `offset` read as zeros, kept allocated where cheap.
     Zero { offset: u64, len: u64 },
     /// `len` bytes at `offset` read as zeros, deallocated where the target can.
@@ -80,9 +87,14 @@ fn step(rec: Record, at: u64, out: &mut AlignedBuf) -> Decoded {
     Ok(match rec {
         Record::Data(d) => {
             let offset = d.offset;
-            let (bytes, left) = d.into_plain(at, std::mem::take(out))?;
+            let mut cvs = None;
+            let (bytes, left) = d.into_plain_hashed(at, std::mem::take(out), |plain| {
+                let (hash, pieces) = hash_block_write(offset, plain);
+                cvs = pieces;
+                hash
+            })?;
             *out = left;
-            Step::Range(Range::Data { offset, bytes })
+            Step::Range(Range::Data { offset, bytes, cvs })
         }
         Record::Zero { offset, len } => Step::Range(Range::Zero { offset, len }),
         Record::Discard { offset, len } => Step::Range(Range::Discard { offset, len }),

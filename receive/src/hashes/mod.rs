@@ -50,9 +50,23 @@ mod write;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use pieces::Cvs;
+
 use layout::{check_size, decode_header, encode_header, zero_tail};
 use pending::{Change, Pending};
 use pieces::PieceFile;
+
+/// The blake3 of `data`, about to be written at disk offset `offset`, in one pass with the
+/// chaining values of its 64 KiB pieces when it is a whole block at a block's start: a data
+/// record's check and its block's kept hashes then share the hashing
+/// ([`KeptHashes::wrote_hashed`]). Other ranges get their hash alone.
+pub(crate) fn hash_block_write(offset: u64, data: &[u8]) -> ([u8; 32], Option<Box<Cvs>>) {
+    if offset % BLOCK_BYTES != 0 || data.len() as u64 != BLOCK_BYTES {
+        return (*blake3::hash(data).as_bytes(), None);
+    }
+    let cvs = pieces::block_cvs(data);
+    (pieces::block_root(&cvs), Some(Box::new(cvs)))
+}
 
 /// Magic of a hashes file.
 pub const HASHES_MAGIC: [u8; 8] = *b"BDHASH01";

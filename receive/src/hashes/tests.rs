@@ -456,3 +456,43 @@ fn a_block_written_in_whole_pieces_is_rehashed_without_reading_the_disk() {
         *blake3::hash(&block).as_bytes()
     );
 }
+
+#[test]
+fn a_whole_block_is_hashed_once_for_its_record_and_its_kept_hash() {
+    let data = Rng(7).bytes(MIB);
+    // A whole block at a block's start: the pieces come with the hash, and the hash is blake3's.
+    let (hash, cvs) = hash_block_write(2 * MIB, &data);
+    assert_eq!(hash, *blake3::hash(&data).as_bytes());
+    let cvs = cvs.expect("a whole block gets its pieces");
+    assert_eq!(*cvs, pieces::block_cvs(&data));
+    // Anything else gets blake3 alone.
+    for (offset, len) in [(2 * MIB + 4096, MIB - 4096), (2 * MIB, MIB / 2), (0, 4096)] {
+        let part = &data[..len as usize];
+        assert_eq!(
+            hash_block_write(offset, part),
+            (*blake3::hash(part).as_bytes(), None)
+        );
+    }
+    // The kept hashes take the pieces as given: the bytes are not hashed again. Pieces of
+    // other bytes prove it, and the entry is theirs.
+    let dir = tempfile::tempdir().unwrap();
+    let mut kept = KeptHashes::open_or_create(&dir.path().join("h"), 4 * MIB).unwrap();
+    let other = vec![0x11u8; MIB as usize];
+    kept.wrote_hashed(2 * MIB, &data, Some(&pieces::block_cvs(&other)));
+    kept.settle(&Unreadable(4 * MIB)).unwrap();
+    assert_eq!(
+        kept.entries(2, 1).unwrap()[0],
+        *blake3::hash(&other).as_bytes()
+    );
+    // Pieces given for a range that is not a whole block are not used.
+    let mut disk = page_disk(4 * MIB);
+    disk.write(MIB, &data[..4096]);
+    kept.wrote_hashed(MIB, &data[..4096], Some(&pieces::block_cvs(&other)));
+    kept.settle(&disk).unwrap();
+    let mut want = vec![0u8; MIB as usize];
+    want[..4096].copy_from_slice(&data[..4096]);
+    assert_eq!(
+        kept.entries(1, 1).unwrap()[0],
+        *blake3::hash(&want).as_bytes()
+    );
+}

@@ -1,7 +1,7 @@
 //! Noting what the apply changed: the writes and zeroings gathered until the next settle.
 
 use super::pending::{Change, Piece};
-use super::pieces::{self, PIECES, PIECE_BYTES};
+use super::pieces::{self, Cvs, PIECES, PIECE_BYTES};
 use super::*;
 
 impl KeptHashes {
@@ -9,17 +9,25 @@ impl KeptHashes {
     /// from these bytes; a piece covered in part is read back at the next settle (64 KiB, not
     /// the block). A range past the disk's end is clipped (the target refuses such writes).
     pub fn wrote(&mut self, offset: u64, data: &[u8]) {
+        self.wrote_hashed(offset, data, None);
+    }
+
+    /// Like [`KeptHashes::wrote`], with the pieces' chaining values already worked out when
+    /// `data` is a whole block at a block's start (see [`hash_block_write`](super::hash_block_write)):
+    /// they are taken as they are instead of hashing `data` again.
+    pub fn wrote_hashed(&mut self, offset: u64, data: &[u8], cvs: Option<&Cvs>) {
         let Some((start, end)) = self.clip(offset, data.len() as u64) else {
             return;
         };
+        let cvs = cvs.filter(|_| offset % BLOCK_BYTES == 0 && data.len() as u64 == BLOCK_BYTES);
         self.each_piece(start, end, |block_start, i, piece_start, piece_end| {
             let covered = piece_end - piece_start == PIECE_BYTES;
             let from = (block_start + piece_start - offset) as usize;
             let to = (block_start + piece_end - offset) as usize;
-            if covered {
-                Piece::Cv(pieces::piece_cv(i, &data[from..to]))
-            } else {
-                Piece::Reread
+            match (covered, cvs) {
+                (true, Some(cvs)) => Piece::Cv(cvs[i]),
+                (true, None) => Piece::Cv(pieces::piece_cv(i, &data[from..to])),
+                (false, _) => Piece::Reread,
             }
         });
     }
