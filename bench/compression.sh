@@ -81,7 +81,7 @@ echo
 echo "blkdelta compression study: ext4 from $TREE ($(mib "$tree_bytes") MiB of files), upgrade rewrites $PCT% of the files"
 echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r)"
 echo
-printf '| %-8s | %5s | %12s | %18s |\n' "stream" "level" "stream MiB" "send | receive s"
+printf '| %-8s | %5s | %12s | %18s |\n' "stream" "level" "stream MiB" "send+receive s"
 printf '|%s|%s|%s|%s|\n' "----------" "-------" "--------------" "--------------------"
 for row in "${rows[@]}"; do
   IFS='|' read -r k l b t <<< "$row"

@@ -6,7 +6,11 @@
 # durable: buffered writes and one fdatasync; -t none, O_DIRECT; and with its output synced
 # after), qemu-img convert -B of an equivalent overlay (as is, and -t writeback: durable), rsync --inplace, btrfs send/receive (if
 # a loop-mounted btrfs can be set up), and dd reading and dd writing the seed's data at once.
+# The incremental also runs into a replica on tmpfs (another device than the source, as a
+# backup host's disk is), against convert -B writing its overlay there, and against dd reading
+# and writing its bytes at once on the one disk.
 # Env: BENCH_DIR (/tmp/blkdelta-bench) BENCH_SIZE (4G) BENCH_RUNS (3) BENCH_PCT (5)
+#      BENCH_INCR_REPEAT (3): the incrementals and their peers run that many times a round
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=bench/lib.sh
@@ -15,6 +19,7 @@ W=${BENCH_DIR:-/tmp/blkdelta-bench}
 SIZE_H=${BENCH_SIZE:-4G}
 RUNS=${BENCH_RUNS:-3}
 PCT=${BENCH_PCT:-5}
+INCR_REPEAT=${BENCH_INCR_REPEAT:-3}
 SIZE=$(numfmt --from=iec "$SIZE_H")
 K=65536
 log() { echo "== $*" >&2; }
@@ -108,11 +113,13 @@ rss() { awk '{print $2}' "$1"; }
 restore_s1() { # copy the saved s1 replica with its state and kept hashes, then make the state's
   # identity that of the copy (as a restored backup of all three would be): blkdelta refuses a
   # replica replaced behind its back
-  rm -f rep.raw rep.raw.blkdelta rep.raw.blkdelta.hashes rep.raw.blkdelta.hashes.pieces rep.raw.blkdelta.lock
-  cp --sparse=always s1-replica.raw rep.raw; cp s1-replica.raw.blkdelta rep.raw.blkdelta
-  [ ! -f s1-replica.raw.blkdelta.hashes ] || cp s1-replica.raw.blkdelta.hashes rep.raw.blkdelta.hashes
-  [ ! -f s1-replica.raw.blkdelta.hashes.pieces ] || cp s1-replica.raw.blkdelta.hashes.pieces rep.raw.blkdelta.hashes.pieces
-  python3 - rep.raw <<'PY'
+  # DIR (default .): where the replica goes
+  local r=${1:-.}/rep.raw
+  rm -f "$r" "$r.blkdelta" "$r.blkdelta.hashes" "$r.blkdelta.hashes.pieces" "$r.blkdelta.lock"
+  cp --sparse=always s1-replica.raw "$r"; cp s1-replica.raw.blkdelta "$r.blkdelta"
+  [ ! -f s1-replica.raw.blkdelta.hashes ] || cp s1-replica.raw.blkdelta.hashes "$r.blkdelta.hashes"
+  [ ! -f s1-replica.raw.blkdelta.hashes.pieces ] || cp s1-replica.raw.blkdelta.hashes.pieces "$r.blkdelta.hashes.pieces"
+  python3 - "$r" <<'PY'
 import json, os, sys
 rep = sys.argv[1]; st = rep + ".blkdelta"
 s = os.stat(rep)
@@ -157,6 +164,27 @@ bd_incr() { # NAME LEVEL
   drop; local t0; t0=$(now)
   T t.s "$BD" send -q -l "$2" img.qcow2@s1..s2 | T t.r "$BD" receive -q rep.raw
   rec "$1" "$(secs "$t0")" sec; rec "$1" "$(rss t.s)" rss_send; rec "$1" "$(rss t.r)" rss_recv
+}
+# The incremental with the replica on another device than the source, as when it is sent to a
+# backup host: tmpfs stands in for that host's disk (the source's reads and the replica's writes
+# no longer share one disk); convert -B writes its overlay there too.
+bd_incr_other() {
+  restore_s1 "$OTHER"
+  drop; local t0; t0=$(now)
+  T t.s "$BD" send -q -l 0 img.qcow2@s1..s2 | T t.r "$BD" receive -q "$OTHER/rep.raw"
+  rec incrO "$(secs "$t0")" sec; rec incrO "$(rss t.s)" rss_send; rec incrO "$(rss t.r)" rss_recv
+}
+qi_convert_B_other() {
+  rm -f "$OTHER/delta.qcow2"; drop; local t0; t0=$(now)
+  T t.s qemu-img convert -f qcow2 -O qcow2 -B "$W/s1-base.qcow2" -F qcow2 overlay.qcow2 "$OTHER/delta.qcow2"
+  rec convertBO "$(secs "$t0")" sec; rec convertBO "$(rss t.s)" rss_send
+}
+incr_floor() { # the incremental's bytes read and written at once on this one disk, O_DIRECT
+  rm -f floor.out; drop; local t0; t0=$(now)
+  dd if=img.qcow2 of=/dev/null bs=64K count="$((INCR_MIB * 16))" iflag=direct status=none &
+  dd if=/dev/zero of=floor.out bs=64K count="$((INCR_MIB * 16))" oflag=direct conv=fdatasync status=none
+  wait
+  rec floorI "$(secs "$t0")" sec; rm -f floor.out
 }
 bd_seed() { # NAME LEVEL
   rm -f new.raw new.raw.blkdelta new.raw.blkdelta.hashes new.raw.blkdelta.hashes.pieces new.raw.blkdelta.lock; drop; local t0; t0=$(now)
@@ -209,9 +237,20 @@ do_btrfs() {
 }
 
 SEED_MIB=$(( $(du -B1 s2.raw | cut -f1) / 1048576 ))   # the data a seed reads and writes
+INCR_MIB=$(( $("$BD" send -q -l 0 img.qcow2@s1..s2 | wc -c) / 1048576 ))   # and an incremental
+OTHER=${BENCH_OTHER_DIR:-/dev/shm/blkdelta-bench-other}
+if mkdir -p "$OTHER" 2>/dev/null && [ "$(stat -f -c %T "$OTHER")" != "$(stat -f -c %T "$W")" ]; then
+  HAVE_OTHER=yes; trap 'btrfs_cleanup; rm -rf "$OTHER"' EXIT
+else
+  HAVE_OTHER="skipped: no tmpfs at $OTHER"; echo "!! other device: $HAVE_OTHER" >&2
+fi
 for ((i = 1; i <= RUNS; i++)); do
   log "round $i/$RUNS"
-  bd_incr incr0 0; qi_convert_B; bd_incr incr3 3; qi_convert_B_wb; bd_incr_qcow2; bd_seed seed 3; qi_convert_cache convwb writeback
+  for ((j = 0; j < INCR_REPEAT; j++)); do  # the short ones, more samples against the noise
+    bd_incr incr0 0; qi_convert_B; bd_incr incr3 3; qi_convert_B_wb; bd_incr_qcow2; incr_floor
+    [ "$HAVE_OTHER" = yes ] && { bd_incr_other; qi_convert_B_other; }
+  done
+  bd_seed seed 3; qi_convert_cache convwb writeback
   bd_seed seed0 0; bd_seed_qcow2; qi_convert_cache convnone none; qi_convert; qi_convert_sync; disk_floor
   [ "$HAVE_RSYNC" = yes ] && do_rsync
   [ "$BTRFS" = yes ] && do_btrfs
@@ -219,6 +258,7 @@ done
 
 # correctness of what was measured
 cmp rep.raw s2.raw && cmp new.raw s2.raw && cmp conv.raw s2.raw || { echo "bench: a replica differs from s2" >&2; exit 1; }
+[ "$HAVE_OTHER" != yes ] || cmp "$OTHER/rep.raw" s2.raw || { echo "bench: $OTHER/rep.raw differs from s2" >&2; exit 1; }
 for q in rep.qcow2 new.qcow2; do
   qemu-img convert -O raw "$q" q.raw && cmp q.raw s2.raw || { echo "bench: $q differs from s2" >&2; exit 1; }
   qemu-img check -q "$q" || { echo "bench: qemu-img check $q failed" >&2; exit 1; }
@@ -251,10 +291,12 @@ r_dur0=$(ratio "$ss0" "$sdur"); r_dur3=$(ratio "$ss" "$sdur")
 sr=$(med rsync sec); sb=$(med btrfs sec); sq=$(med seedq sec); s3q=$(med incrq sec)
 r_seedq=$(ratio "$sq" "$ss"); r_incrq=$(ratio "$s3q" "$s3")
 r_rs=$(ratio "$sr" "$s3"); r_B0=$(ratio "$s0" "$sB"); r_B0w=$(ratio "$s0" "$sBw"); r_B3=$(ratio "$s3" "$sB"); r_seed=$(ratio "$ss" "$sc"); r_seeds=$(ratio "$ss" "$scs"); r_floor=$(ratio "$ss" "$sf")
+sO=$(med incrO sec); sBO=$(med convertBO sec); sfI=$(med floorI sec)
+r_BO=$(ratio "$sO" "$sBO"); r_fI=$(ratio "$s0" "$sfI")
 maxrss=$(sort -n "$R"/incr*.rss_* "$R"/seed*.rss_* | tail -1)
 
 echo
-echo "blkdelta bench: size $SIZE_H, $RUNS round(s), changes $PCT% ($nops qemu-io commands, $changed bytes differ), caches dropped before each op: $DROP"
+echo "blkdelta bench: size $SIZE_H, $RUNS round(s) (incrementals x$INCR_REPEAT), changes $PCT% ($nops qemu-io commands, $changed bytes differ), caches dropped before each op: $DROP"
 echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r), work dir fs $(stat -f -c %T "$W"), $(qemu-img --version | head -1)"
 echo "btrfs: $BTRFS; rsync: $HAVE_RSYNC"
 echo
@@ -272,6 +314,11 @@ row "qemu-img convert ... -O raw, then sync conv.raw" "$scs" "$(mib "$B_conv") a
 row "qemu-img convert -t writeback (durable) ... -O raw" "$swb" "$(mib "$B_conv") alloc" "$(peak convwb)"
 row "qemu-img convert -t none (O_DIRECT) ... -O raw" "$snone" "$(mib "$B_conv") alloc" "$(peak convnone)"
 row "disk floor: dd read + dd write of the seed's data" "$sf" "2 x $SEED_MIB MiB" "-"
+row "disk floor: dd read + dd write of the incremental's" "$sfI" "2 x $INCR_MIB MiB" "-"
+if [ "$HAVE_OTHER" = yes ]; then
+  row "blkdelta send -l 0 img@s1..s2 | receive (on tmpfs)" "$sO" "$(mib "$B_incr0")" "$(peak incrO)"
+  row "qemu-img convert -O qcow2 -B (overlay on tmpfs)" "$sBO" "$(mib "$B_convB")" "$(peak convertBO)"
+fi
 row "qemu-img convert -O qcow2 -B s1-base overlay" "$sB" "$(mib "$B_convB")" "$(peak convertB)"
 row "qemu-img convert -t writeback -B ... (durable)" "$sBw" "$(mib "$B_convB")" "$(peak convertBwb)"
 [ "$HAVE_RSYNC" = yes ] && row "rsync --inplace --no-whole-file s2.raw s1-copy" "$sr" "$(mib "$B_rsync") lit" "$(peak rsync)"
@@ -283,6 +330,8 @@ g() { printf '| %-58s | %8s | %6s | %9s |\n' "$1" "$2" "$3" "$4"; }
 g "rsync time / incremental (level 3) time" "$r_rs" ">= 20" "$(yn "$r_rs" 20 ge)"
 g "incremental -l 0 time / convert -B time" "$r_B0" "<= 1.2" "$(yn "$r_B0" 1.2 le)"
 g "incremental -l 0 / convert -t writeback -B (durable)" "$r_B0w" "(info)" "-"
+g "incremental -l 0 / its disk floor (dd read+write at once)" "$r_fI" "(info)" "-"
+[ "$HAVE_OTHER" = yes ] && g "incremental -l 0 / convert -B, replica on another device" "$r_BO" "<= 1.2" "$(yn "$r_BO" 1.2 le)"
 g "incremental level 3 time / convert -B time" "$r_B3" "<= 3" "$(yn "$r_B3" 3 le)"
 g "seed -l 0 time / fastest durable convert (-t wb or none)" "$r_dur0" "<= 1.1" "$(yn "$r_dur0" 1.1 le)"
 g "seed (level 3) time / fastest durable convert" "$r_dur3" "<= 1.25" "$(yn "$r_dur3" 1.25 le)"
