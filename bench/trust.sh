@@ -280,11 +280,14 @@ if [ "$PROFILE" = 1 ] || { [ "$PROFILE" = auto ] && [ "$(yn "$r_incr" 1.10 le)" 
     echo "profile of the receive: $W/perf.receive.txt (perf report -i $W/perf.receive.data --no-children)" >&2
     if command -v strace >/dev/null; then
       restore s1-new.raw prof.raw; drop
-      strace -f -T -e trace=pread64 -o strace.receive.txt "$BD" receive -q -i incr.stream prof.raw
-      fd=$(grep -o 'pread64([0-9]*, "[^"]*"[^,]*, 1048576' strace.receive.txt | head -1 | sed 's/pread64(\([0-9]*\).*/\1/' || true)
-      [ -z "$fd" ] || grep "pread64($fd, \"" strace.receive.txt | sed 's/.*, \([0-9]*\)) = \([0-9]*\) <\([0-9.]*\)>$/\2 \3/' \
-        | awk -v fd="$fd" '{n++; b+=$1; t+=$2} END{printf "receive: %d preads of the replica (fd %d), %.1f MiB, %.3f s inside pread64\n", n, fd, b/1048576, t}' > strace.receive.sum
-      cat strace.receive.sum >&2
+      strace -f -T -e trace=openat,pread64 -o strace.receive.txt "$BD" receive -q -i incr.stream prof.raw
+      # the replica's descriptor: the last open of prof.raw for writing
+      fd=$(grep 'openat(AT_FDCWD, "prof.raw", O_RDWR' strace.receive.txt | tail -1 | sed 's/.* = \([0-9]*\) <.*/\1/' || true)
+      if [ -n "$fd" ]; then
+        { grep "pread64($fd, \"" strace.receive.txt || true; } | sed 's/.*, \([0-9]*\)) = \([0-9]*\) <\([0-9.]*\)>$/\2 \3/' \
+          | awk -v fd="$fd" '{n++; b+=$1; t+=$2} END{printf "receive: %d preads of the replica (fd %d), %.1f MiB, %.3f s inside pread64\n", n, fd, b/1048576, t}' > strace.receive.sum
+        cat strace.receive.sum >&2
+      fi
     fi
   fi
 fi
