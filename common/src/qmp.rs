@@ -8,8 +8,12 @@
 //! ```
 //!
 //! Events that arrive while a command waits are kept, in order, for [`Qmp::wait_event`]. A
-//! line longer than [`MAX_LINE_BYTES`] is an error, as is a reply to another command: the
-//! peer is a local QEMU, but nothing it sends is trusted blindly.
+//! line longer than [`MAX_LINE_BYTES`] is an error: the peer is a local QEMU, but nothing it
+//! sends is trusted blindly.
+//!
+//! QEMU's monitor sends the reply to a command whose client went away (a killed run) to the
+//! next client of the socket. So the ids are `blkdelta-<connection nonce>-N`, and a reply with
+//! any other id is such a leftover: it is skipped, within the command's time limit.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -86,6 +90,8 @@ pub struct Qmp {
     path: PathBuf,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// Random per connection: the ids of this connection's commands carry it.
+    nonce: String,
     next_id: u64,
     events: Vec<Event>,
 }
@@ -111,12 +117,21 @@ impl Qmp {
             path: path.to_path_buf(),
             reader: BufReader::new(stream),
             writer,
+            nonce: crate::digest::to_hex(&crate::stream::random_id()[..8]),
             next_id: 1,
             events: Vec::new(),
         };
-        let greeting = qmp.read_message()?;
-        if greeting.get("QMP").is_none() {
-            return Err(qmp.protocol(format!("the greeting is not a QMP greeting: {greeting}")));
+        // Leftovers of an earlier client (replies, events) may come before the greeting.
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            let msg = qmp.read_message()?;
+            if msg.get("QMP").is_some() {
+                break;
+            }
+            let leftover = msg.get("id").is_some() || msg.get("event").is_some();
+            if !leftover || Instant::now() >= deadline {
+                return Err(qmp.protocol(format!("the greeting is not a QMP greeting: {msg}")));
+            }
         }
         qmp.execute::<Value>("qmp_capabilities", json!({}))?;
         Ok(qmp)
@@ -154,9 +169,10 @@ impl Qmp {
         command: &str,
         arguments: Value,
     ) -> Result<T, QmpError> {
-        let id = self.next_id;
+        let id = Value::String(format!("blkdelta-{}-{}", self.nonce, self.next_id));
         self.next_id += 1;
-        let mut msg = json!({"execute": command, "id": id});
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let mut msg = json!({"execute": command, "id": id.clone()});
         if arguments.as_object().is_some_and(|o| !o.is_empty()) {
             msg["arguments"] = arguments;
         }
@@ -175,8 +191,14 @@ impl Qmp {
                 self.keep_event(name, &reply);
                 continue;
             }
-            if reply.get("id").and_then(Value::as_u64) != Some(id) {
-                return Err(self.protocol(format!("a reply to another command: {reply}")));
+            if reply.get("id") != Some(&id) {
+                // A leftover reply to a command of an earlier client (see the module docs).
+                if Instant::now() >= deadline {
+                    return Err(self.protocol(format!(
+                        "no reply to {command} within {COMMAND_TIMEOUT:?}, only to other commands"
+                    )));
+                }
+                continue;
             }
             if let Some(err) = reply.get("error") {
                 let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("").to_string();
@@ -253,7 +275,8 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
 
-    /// A scripted server: sends `lines` (after reading one line for each `>`-prefixed one).
+    /// A scripted server: sends `lines` (after reading one line for each `>`-prefixed one),
+    /// `ID` in a line replaced by the id of the command read last.
     fn serve(script: &'static [&'static str]) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
@@ -262,11 +285,14 @@ mod tests {
             let (s, _) = listener.accept().unwrap();
             let mut r = BufReader::new(s.try_clone().unwrap());
             let mut w = s;
+            let mut id = Value::Null;
             for line in script {
                 if line.starts_with('>') {
                     let mut got = String::new();
                     r.read_line(&mut got).unwrap();
+                    id = serde_json::from_str::<Value>(&got).unwrap()["id"].clone();
                 } else {
+                    let line = line.replace("ID", &id.to_string());
                     w.write_all(line.as_bytes()).unwrap();
                     w.write_all(b"\n").unwrap();
                 }
@@ -282,10 +308,10 @@ mod tests {
         let (_d, path) = serve(&[
             GREETING,
             ">",
-            r#"{"return": {}, "id": 1}"#,
+            r#"{"return": {}, "id": ID}"#,
             ">",
             r#"{"event": "JOB_STATUS_CHANGE", "data": {"id": "j", "status": "running"}}"#,
-            r#"{"return": [1, 2], "id": 2}"#,
+            r#"{"return": [1, 2], "id": ID}"#,
         ]);
         let mut q = Qmp::connect(&path).unwrap();
         let v: Vec<u32> = q.execute("query-x", json!({})).unwrap();
@@ -303,9 +329,9 @@ mod tests {
         let (_d, path) = serve(&[
             GREETING,
             ">",
-            r#"{"return": {}, "id": 1}"#,
+            r#"{"return": {}, "id": ID}"#,
             ">",
-            r#"{"error": {"class": "GenericError", "desc": "Node 'x' not found"}, "id": 2}"#,
+            r#"{"error": {"class": "GenericError", "desc": "Node 'x' not found"}, "id": ID}"#,
         ]);
         let mut q = Qmp::connect(&path).unwrap();
         let e = q
@@ -315,6 +341,25 @@ mod tests {
             e.to_string(),
             "QMP command blockdev-del failed: Node 'x' not found (GenericError)"
         );
+    }
+
+    #[test]
+    fn a_reply_left_by_a_killed_client_is_skipped() {
+        // QEMU hands the next client the reply to a command of a client that went away: here
+        // one with a numeric id (an older client) and one with another connection's nonce.
+        let (_d, path) = serve(&[
+            r#"{"return": [], "id": "blkdelta-0011223344556677-5"}"#,
+            GREETING,
+            ">",
+            r#"{"return": {}, "id": 6}"#,
+            r#"{"return": {}, "id": ID}"#,
+            ">",
+            r#"{"return": {"stale": true}, "id": "blkdelta-0011223344556677-2"}"#,
+            r#"{"return": [3], "id": ID}"#,
+        ]);
+        let mut q = Qmp::connect(&path).unwrap();
+        let v: Vec<u32> = q.execute("query-x", json!({})).unwrap();
+        assert_eq!(v, [3]);
     }
 
     #[test]

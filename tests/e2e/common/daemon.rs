@@ -110,6 +110,26 @@ impl Daemon {
         (count("query-block-exports"), count("query-block-jobs"))
     }
 
+    /// The names of node `drive0`'s dirty bitmaps.
+    pub fn bitmaps(&self) -> Vec<String> {
+        let mut q = Qmp::connect(&self.path("qmp.sock")).expect("QMP");
+        let nodes: serde_json::Value = q
+            .execute("query-named-block-nodes", serde_json::json!({"flat": true}))
+            .expect("query-named-block-nodes");
+        let node = nodes
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["node-name"] == "drive0"))
+            .expect("node drive0");
+        let names = node["dirty-bitmaps"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        names
+            .iter()
+            .filter_map(|b| b["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
     /// Stops the daemon as QEMU stops cleanly (SIGTERM): persistent bitmaps are saved.
     pub fn quit(mut self) {
         run(Command::new("kill")
