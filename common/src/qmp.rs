@@ -191,8 +191,10 @@ impl Qmp {
                 self.keep_event(name, &reply);
                 continue;
             }
-            if reply.get("id") != Some(&id) {
-                // A leftover reply to a command of an earlier client (see the module docs).
+            let other = reply.get("id").is_some_and(|i| *i != id);
+            if other {
+                // A leftover reply to a command of an earlier client (see the module docs). A
+                // reply with no id is QEMU's own (it could not parse a request): taken below.
                 if Instant::now() >= deadline {
                     return Err(self.protocol(format!(
                         "no reply to {command} within {COMMAND_TIMEOUT:?}, only to other commands"
@@ -276,7 +278,8 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     /// A scripted server: sends `lines` (after reading one line for each `>`-prefixed one),
-    /// `ID` in a line replaced by the id of the command read last.
+    /// `ID` in a line replaced by the id of the command read last; `-` holds the connection
+    /// open for two minutes.
     fn serve(script: &'static [&'static str]) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
@@ -287,7 +290,9 @@ mod tests {
             let mut w = s;
             let mut id = Value::Null;
             for line in script {
-                if line.starts_with('>') {
+                if *line == "-" {
+                    std::thread::sleep(Duration::from_secs(120));
+                } else if line.starts_with('>') {
                     let mut got = String::new();
                     r.read_line(&mut got).unwrap();
                     id = serde_json::from_str::<Value>(&got).unwrap()["id"].clone();
@@ -360,6 +365,24 @@ mod tests {
         let mut q = Qmp::connect(&path).unwrap();
         let v: Vec<u32> = q.execute("query-x", json!({})).unwrap();
         assert_eq!(v, [3]);
+    }
+
+    #[test]
+    fn an_error_without_an_id_is_not_taken_for_a_leftover() {
+        // QEMU answers a request it cannot parse with an error that has no id.
+        let (_d, path) = serve(&[
+            GREETING,
+            ">",
+            r#"{"return": {}, "id": ID}"#,
+            ">",
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error"}}"#,
+            "-",
+        ]);
+        let mut q = Qmp::connect(&path).unwrap();
+        let started = Instant::now();
+        let e = q.execute::<Value>("query-x", json!({})).unwrap_err();
+        assert!(e.to_string().contains("JSON parse error"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
